@@ -1,0 +1,106 @@
+"""Loading and running a Hugging Face ``*ForSequenceClassification`` model the one right way,
+for the export's merge proof, the PyTorch engine and the tests' offline reference.
+
+Imports torch: only server-side code uses this module, never the client library.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def exact_attention(config) -> str:
+    """The attention implementation that computes what the model was trained with.
+
+    Gemma-2 caps attention logits (``attn_logit_softcapping``); transformers' SDPA path
+    silently skips the cap and changes the answer, so such models run eager attention.
+    """
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def load_sequence_classifier(model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **overrides):
+    config = AutoConfig.from_pretrained(model_dir, **overrides)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, config=config, dtype=dtype, attn_implementation=exact_attention(config)
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Pooling takes the last non-pad token, so padding must go on the right of real tokens.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    token_ids: list[int]
+    truncated: bool
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[EncodedText]:
+    """Tokenize with truncation at ``max_length`` and say which texts were cut.
+
+    One tokenizer pass: overflowing tokens come back as extra rows mapped to their source text,
+    so a text with more than one row was truncated.
+    """
+    batch = tokenizer(
+        list(texts), truncation=True, max_length=max_length, return_overflowing_tokens=True, stride=0
+    )
+    owners = batch["overflow_to_sample_mapping"]
+    encoded: list[EncodedText | None] = [None] * len(texts)
+    rows_per_text = np.bincount(owners, minlength=len(texts))
+    for row, owner in enumerate(owners):
+        if encoded[owner] is None:
+            encoded[owner] = EncodedText(batch["input_ids"][row], bool(rows_per_text[owner] > 1))
+    return encoded  # type: ignore[return-value]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` for one forward pass."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.inference_mode()
+def class_logits(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 8) -> np.ndarray:
+    """Logits in float32, shape (len(texts), num_labels): the offline reference."""
+    device = next(model.parameters()).device
+    encoded = encode_texts(tokenizer, texts, max_length)
+    rows = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = [item.token_ids for item in encoded[start : start + batch_size]]
+        input_ids, attention_mask = pad_batch(chunk, model.config.pad_token_id, device)
+        rows.append(model(input_ids=input_ids, attention_mask=attention_mask).logits.float().cpu().numpy())
+    return np.concatenate(rows)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)

@@ -1,0 +1,162 @@
+"""The KServe v2 tensors of a classification request and answer, shared by the Triton model,
+the export (which writes them into ``config.pbtxt``) and the clients.
+
+Request (give exactly one of TEXT or DOCUMENT; each holds one element per document):
+  TEXT      BYTES [n]   pre-formatted text, UTF-8
+  DOCUMENT  BYTES [n]   JSON object {"ipc", "title", "abstract", "claims"}, UTF-8
+  TOP_K     INT32 [1]   optional, how many classes to return per document (default 5)
+Answer, per document i and rank j (most likely first):
+  LABEL_CODE   BYTES [n, k]
+  LABEL_NAME   BYTES [n, k]
+  PROBABILITY  FP32  [n, k]
+  TOKEN_COUNT  INT32 [n]    tokens the model read
+  TRUNCATED    BOOL  [n]    the document was cut at the model's max length
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from core.engine import DocumentScores
+from core.errors import InvalidInput
+from core.labels import LabelSet
+from core.patent_document import MAX_DOCUMENT_BYTES, PatentDocument
+
+TEXT = "TEXT"
+DOCUMENT = "DOCUMENT"
+TOP_K = "TOP_K"
+LABEL_CODE = "LABEL_CODE"
+LABEL_NAME = "LABEL_NAME"
+PROBABILITY = "PROBABILITY"
+TOKEN_COUNT = "TOKEN_COUNT"
+TRUNCATED = "TRUNCATED"
+
+# (name, Triton data type, dims) as config.pbtxt declares them.
+INPUT_TENSORS = ((TEXT, "TYPE_STRING", (-1,)), (DOCUMENT, "TYPE_STRING", (-1,)), (TOP_K, "TYPE_INT32", (1,)))
+OUTPUT_TENSORS = (
+    (LABEL_CODE, "TYPE_STRING", (-1, -1)),
+    (LABEL_NAME, "TYPE_STRING", (-1, -1)),
+    (PROBABILITY, "TYPE_FP32", (-1, -1)),
+    (TOKEN_COUNT, "TYPE_INT32", (-1,)),
+    (TRUNCATED, "TYPE_BOOL", (-1,)),
+)
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    texts: list[str]  # rendered model input, one per document
+    top_k: int
+
+
+def decode_request(
+    text: np.ndarray | None,
+    document: np.ndarray | None,
+    top_k: np.ndarray | None,
+    *,
+    num_labels: int,
+    max_documents: int,
+    default_top_k: int,
+) -> ClassifyRequest:
+    """Validate the raw input tensors of one request; every error names the field and the limit."""
+    if (text is None) == (document is None):
+        raise InvalidInput(f"{TEXT}/{DOCUMENT}", "give exactly one of the two inputs")
+    field, elements = (TEXT, text) if text is not None else (DOCUMENT, document)
+    elements = elements.reshape(-1)
+    if elements.size == 0:
+        raise InvalidInput(field, "holds no documents; send at least 1")
+    if elements.size > max_documents:
+        raise InvalidInput(field, f"holds {elements.size} documents; the limit is {max_documents} per request")
+    texts = [_decode_element(field, index, element) for index, element in enumerate(elements)]
+    if field == DOCUMENT:
+        texts = [_parse_document(f"{DOCUMENT}[{index}]", raw).render() for index, raw in enumerate(texts)]
+    return ClassifyRequest(texts, _decode_top_k(top_k, num_labels, default_top_k))
+
+
+def _decode_element(field: str, index: int, element: object) -> str:
+    where = f"{field}[{index}]"
+    if not isinstance(element, (bytes, np.bytes_)):
+        raise InvalidInput(where, f"must be BYTES (UTF-8 text), got {type(element).__name__}")
+    if len(element) > MAX_DOCUMENT_BYTES:
+        raise InvalidInput(where, f"is {len(element)} bytes; the limit is {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        value = bytes(element).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(where, f"is not valid UTF-8 (byte {exc.start})") from None
+    if not value.strip():
+        raise InvalidInput(where, "is empty; send at least 1 non-blank character")
+    return value
+
+
+def _parse_document(where: str, raw: str) -> PatentDocument:
+    try:
+        payload = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(where, f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    return PatentDocument.parse(payload, field=where)
+
+
+def _decode_top_k(top_k: np.ndarray | None, num_labels: int, default_top_k: int) -> int:
+    if top_k is None:
+        return min(default_top_k, num_labels)
+    values = top_k.reshape(-1)
+    if values.size != 1:
+        raise InvalidInput(TOP_K, f"must hold exactly 1 value, got {values.size}")
+    k = int(values[0])
+    if not 1 <= k <= num_labels:
+        raise InvalidInput(TOP_K, f"is {k}; it must be between 1 and {num_labels} (the number of labels)")
+    return k
+
+
+def encode_answer(scores: Sequence[DocumentScores], labels: LabelSet, top_k: int) -> dict[str, np.ndarray]:
+    """The output tensors for one request."""
+    ranked = [document.top_k(top_k) for document in scores]
+    codes, names = labels.codes, labels.names
+    return {
+        LABEL_CODE: np.array([[codes[i].encode() for i in order] for order, _ in ranked], dtype=np.object_),
+        LABEL_NAME: np.array([[names[i].encode() for i in order] for order, _ in ranked], dtype=np.object_),
+        PROBABILITY: np.array([probabilities for _, probabilities in ranked], dtype=np.float32),
+        TOKEN_COUNT: np.array([document.token_count for document in scores], dtype=np.int32),
+        TRUNCATED: np.array([document.truncated for document in scores], dtype=np.bool_),
+    }
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    code: str
+    name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What a client gets back for one document."""
+
+    labels: list[LabelScore]  # most likely first
+    token_count: int
+    truncated: bool
+
+    def to_json(self) -> dict:
+        return {
+            "labels": [{"code": s.code, "name": s.name, "probability": s.probability} for s in self.labels],
+            "token_count": self.token_count,
+            "truncated": self.truncated,
+        }
+
+
+def decode_answer(outputs: dict[str, np.ndarray]) -> list[Classification]:
+    """Inverse of ``encode_answer``, for clients."""
+    codes, names, probabilities = outputs[LABEL_CODE], outputs[LABEL_NAME], outputs[PROBABILITY]
+    return [
+        Classification(
+            labels=[
+                LabelScore(code.decode(), name.decode(), float(probability))
+                for code, name, probability in zip(codes[row], names[row], probabilities[row])
+            ],
+            token_count=int(outputs[TOKEN_COUNT][row]),
+            truncated=bool(outputs[TRUNCATED][row]),
+        )
+        for row in range(codes.shape[0])
+    ]

@@ -1,0 +1,51 @@
+"""Typed configuration of one served model, validated once where it enters the system.
+
+The export writes these fields as ``parameters`` of the model's ``config.pbtxt``; the Triton
+model parses them with ``ServingConfig.from_triton_parameters`` before building the engine,
+so an operator's typo fails the model load with the field's name and its limit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ServingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: Literal["torch"] = "torch"
+    model_dir: Path = Field(description="merged model folder; relative paths are relative to the model version folder")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int = Field(ge=8, le=32768, description="tokens per document; longer input is truncated and reported")
+    max_batch_tokens: int = Field(16384, ge=8, description="padded tokens (longest × count) one forward pass may take")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="documents one forward pass may take")
+    max_documents_per_request: int = Field(64, ge=1, le=4096)
+    default_top_k: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _budget_fits_one_document(self) -> "ServingConfig":
+        if self.max_batch_tokens < self.max_length:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_length ({self.max_length}), "
+                "or a full-length document could never be scheduled"
+            )
+        return self
+
+    @classmethod
+    def from_triton_parameters(cls, parameters: dict, version_dir: Path) -> "ServingConfig":
+        """Parse ``config.pbtxt`` parameters (``{key: {"string_value": ...}}``)."""
+        values = {key: entry["string_value"] for key, entry in parameters.items()}
+        try:
+            config = cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"invalid parameters in config.pbtxt: {problems}") from None
+        if not config.model_dir.is_absolute():
+            config = config.model_copy(update={"model_dir": (version_dir / config.model_dir).resolve()})
+        return config
+
+    def to_triton_parameters(self) -> dict[str, str]:
+        return {key: str(value) for key, value in self.model_dump().items()}

@@ -1,0 +1,114 @@
+"""python -m export: build demo models, merge a LoRA adapter with proof, verify a merged folder.
+
+    python -m export demo-models --out build/demo
+    python -m export merge --base BASE_DIR --adapter ADAPTER_DIR --labels export/labels/kscst.tsv \\
+        --name kscst-gemma2 --repository model_repository [--dtype float32|bfloat16]
+    python -m export verify --base BASE_DIR --adapter ADAPTER_DIR --merged model_repository/kscst-gemma2/1/model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+
+def _demo_models(args: argparse.Namespace) -> None:
+    from export.demo_models import build_gemma2_demo
+
+    paths = build_gemma2_demo(args.out, seed=args.seed)
+    print(f"base model:   {paths.base}\nLoRA adapter: {paths.adapter}\nlabels:       {paths.labels}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from core.labels import LabelSet
+    from core.serving_config import ServingConfig
+    from export.merged_model_export import merge_lora
+    from export.triton_package import MERGED_MODEL_FOLDER, merged_model_dir, write_triton_model
+
+    # Validate the serving parameters before spending minutes on a merge.
+    serving = ServingConfig(
+        model_dir=Path(MERGED_MODEL_FOLDER),
+        max_length=args.max_length,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size,
+        device=args.serve_device,
+        dtype=args.serve_dtype,
+    )
+    started = time.perf_counter()
+    out_dir = merged_model_dir(args.repository, args.name)
+    report = merge_lora(
+        args.base,
+        args.adapter,
+        LabelSet.read_tsv(args.labels),
+        out_dir,
+        dtype=args.dtype,
+        max_length=args.max_length,
+        proof_documents=args.proof_documents,
+        device=args.device,
+    )
+    folder = write_triton_model(args.repository, args.name, serving)
+    print(json.dumps(asdict(report), indent=2))
+    print(f"merge proven and exported in {time.perf_counter() - started:.1f} s: {folder}", file=sys.stderr)
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from export.merged_model_export import verify_saved_merge
+
+    comparison = verify_saved_merge(
+        args.base, args.adapter, args.merged, tolerance=args.tolerance, proof_documents=args.proof_documents
+    )
+    print(json.dumps(asdict(comparison), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.merged_model_export import MERGE_TOLERANCE, MergeProofFailed
+
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo-models", help="build the tiny Gemma-2 base, LoRA adapter and tokenizer")
+    demo.add_argument("--out", type=Path, default=Path("build/demo"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo_models)
+
+    merge = commands.add_parser("merge", help="merge a LoRA adapter, prove it, write the Triton model")
+    merge.add_argument("--base", type=Path, required=True, help="base model folder (e.g. google/gemma-2-9b, downloaded)")
+    merge.add_argument("--adapter", type=Path, required=True, help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
+    merge.add_argument("--labels", type=Path, required=True, help="TSV with columns code, name[, placeholder]")
+    merge.add_argument("--name", required=True, help="Triton model name")
+    merge.add_argument("--repository", type=Path, default=Path("model_repository"))
+    merge.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the saved weights")
+    merge.add_argument("--max-length", type=int, default=512, help="tokens per document; longer input is truncated")
+    merge.add_argument("--max-batch-tokens", type=int, default=16384)
+    merge.add_argument("--max-batch-size", type=int, default=64)
+    merge.add_argument("--proof-documents", type=int, default=16)
+    merge.add_argument("--device", default="cpu", help="device for the merge and its proof (cpu, cuda)")
+    merge.add_argument("--serve-device", choices=["auto", "cpu", "cuda"], default="auto", help="device the server runs the model on")
+    merge.add_argument(
+        "--serve-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+        help="dtype the server computes in (auto: bfloat16 on GPU, float32 on CPU)",
+    )
+    merge.set_defaults(run=_merge)
+
+    verify = commands.add_parser("verify", help="re-run the merge proof against a merged folder on disk")
+    verify.add_argument("--base", type=Path, required=True)
+    verify.add_argument("--adapter", type=Path, required=True)
+    verify.add_argument("--merged", type=Path, required=True)
+    verify.add_argument("--tolerance", type=float, default=MERGE_TOLERANCE)
+    verify.add_argument("--proof-documents", type=int, default=16)
+    verify.set_defaults(run=_verify)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except MergeProofFailed as exc:
+        print(f"merge proof FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

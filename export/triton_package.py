@@ -1,0 +1,60 @@
+"""Write a Triton model folder for a merged classifier:
+
+    <repository>/<name>/config.pbtxt     the KServe v2 tensors and the engine's parameters
+    <repository>/<name>/1/model.py       the Triton adapter (a copy of server/triton/model.py)
+    <repository>/<name>/1/model/         the merged model (written by the merge)
+
+The folder holds everything but the Python packages of this project, which the server's
+Python environment provides (``pip install .`` in NVIDIA's Triton container).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from core import protocol
+from core.serving_config import ServingConfig
+
+TRITON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "server" / "triton" / "model.py"
+MODEL_VERSION = "1"
+MERGED_MODEL_FOLDER = "model"
+
+
+def merged_model_dir(repository: Path, name: str) -> Path:
+    return repository / name / MODEL_VERSION / MERGED_MODEL_FOLDER
+
+
+def _tensor_block(kind: str, tensors, optional: bool) -> str:
+    entries = []
+    for name, data_type, dims in tensors:
+        optional_line = "\n    optional: true" if optional else ""
+        entries.append(
+            f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: [ {", ".join(map(str, dims))} ]{optional_line}\n  }}'
+        )
+    return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
+
+
+def config_pbtxt(name: str, config: ServingConfig) -> str:
+    parameters = "".join(
+        f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+        for key, value in config.to_triton_parameters().items()
+    )
+    return (
+        f'name: "{name}"\n'
+        'backend: "python"\n'
+        # The engine batches across requests by tokens, so Triton must not batch or split them:
+        # each request reaches execute() as it arrives and is answered through its response sender.
+        "max_batch_size: 0\n"
+        + _tensor_block("input", protocol.INPUT_TENSORS, optional=True)
+        + _tensor_block("output", protocol.OUTPUT_TENSORS, optional=False)
+        + "instance_group [ { kind: KIND_MODEL count: 1 } ]\n"
+        + parameters
+    )
+
+
+def write_triton_model(repository: Path, name: str, config: ServingConfig) -> Path:
+    model_folder = repository / name
+    (model_folder / MODEL_VERSION).mkdir(parents=True, exist_ok=True)
+    (model_folder / "config.pbtxt").write_text(config_pbtxt(name, config), encoding="utf-8")
+    shutil.copyfile(TRITON_MODEL_SOURCE, model_folder / MODEL_VERSION / "model.py")
+    return model_folder

@@ -1,0 +1,186 @@
+"""Start the real ``tritonserver`` on a model repository and keep it healthy until told to stop.
+
+Two ways to get the binary: the ``nvidia-pytriton`` wheel ships tritonserver 2.51 with the
+Python backend (used here, on CPU machines without NVIDIA's container), or a ``tritonserver``
+on ``PATH`` (NVIDIA's container, where the backends live in /opt/tritonserver/backends).
+
+For the wheel's server we build a backend folder of our own with *symlinks* to the wheel's
+Python backend: its stub finds CUDA stubs through an RPATH relative to its real location,
+so a copied stub fails to load and the server hangs at "loading" with no port open.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class LaunchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_repository: Path
+    address: str = Field("127.0.0.1", description="address the three endpoints bind to; 0.0.0.0 to serve a network")
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=1, le=65535)
+    metrics_port: int = Field(8002, ge=1, le=65535)
+    tritonserver: str = Field("wheel", description="'wheel' (nvidia-pytriton's), 'path' (tritonserver on PATH) or a file")
+    backend_directory: Path = PROJECT_ROOT / "build" / "triton_backends"
+    ready_timeout_s: float = Field(600.0, gt=0, description="model loading of a 9B model from disk takes minutes")
+    exit_timeout_s: int = Field(30, ge=0, description="how long Triton drains requests in flight on shutdown")
+    log_verbose: int = Field(0, ge=0)
+
+
+def _wheel_tritonserver_root() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("nvidia-pytriton is not installed (make setup installs it)")
+    return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+
+
+def build_python_backend_directory(target: Path) -> Path:
+    """``target/python/`` holding symlinks to the wheel's Python backend and the stub for this Python."""
+    wheel = _wheel_tritonserver_root()
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    sources = {
+        "libtriton_python.so": wheel / "backends" / "python" / "libtriton_python.so",
+        "triton_python_backend_utils.py": wheel / "backends" / "python" / "triton_python_backend_utils.py",
+        "triton_python_backend_stub": wheel / "python_backend_stubs" / python_version / "triton_python_backend_stub",
+    }
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name, source in sources.items():
+        if not source.exists():
+            raise FileNotFoundError(f"the nvidia-pytriton wheel has no {source} (Python {python_version} unsupported?)")
+        link = python_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(source)
+    return target
+
+
+def _command(config: LaunchConfig) -> list[str]:
+    if config.tritonserver == "wheel":
+        binary = str(_wheel_tritonserver_root() / "bin" / "tritonserver")
+        backend_args = ["--backend-directory", str(build_python_backend_directory(config.backend_directory))]
+    else:
+        binary = shutil.which("tritonserver") if config.tritonserver == "path" else config.tritonserver
+        if not binary or not Path(binary).exists():
+            raise FileNotFoundError(f"tritonserver: {config.tritonserver!r} not found")
+        backend_args = []  # the container's own backend directory
+    return [
+        binary,
+        "--model-repository", str(config.model_repository.resolve()),
+        *backend_args,
+        "--http-address", config.address, "--http-port", str(config.http_port),
+        "--grpc-address", config.address, "--grpc-port", str(config.grpc_port),
+        "--metrics-address", config.address, "--metrics-port", str(config.metrics_port),
+        "--exit-timeout-secs", str(config.exit_timeout_s),
+        "--log-verbose", str(config.log_verbose),
+    ]
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # The Python backend's stub takes sys.path from the `python` found first on PATH: put this
+    # interpreter's environment (where torch, transformers and this project live) first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # The stub links libpython3.X.so.1.0 by soname. Without this it may load the system's copy
+    # (Debian's 3.11.2) while importing the standard library of this interpreter (e.g. pyenv's
+    # 3.11.7), whose C extensions then fail: "_ssl...so: undefined symbol: _PyModule_Add".
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and Path(libdir, sysconfig.get_config_var("LDLIBRARY")).exists():
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
+    env["PYTHONPATH"] = f"{PROJECT_ROOT}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(PROJECT_ROOT)
+    return env
+
+
+class ServerNotReady(RuntimeError):
+    pass
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver process. Use as a context manager, or ``start()`` / ``stop()``."""
+
+    config: LaunchConfig
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+    startup_seconds: float | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._host()}:{self.config.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._host()}:{self.config.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._host()}:{self.config.metrics_port}/metrics"
+
+    def _host(self) -> str:
+        return "127.0.0.1" if self.config.address in ("0.0.0.0", "::") else self.config.address
+
+    def start(self) -> "TritonServer":
+        started = time.monotonic()
+        output = open(self.log_path, "wb") if self.log_path else None
+        self.process = subprocess.Popen(
+            _command(self.config), env=_environment(), stdout=output, stderr=subprocess.STDOUT if output else None
+        )
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as answer:
+                return answer.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                where = f"; see {self.log_path}" if self.log_path else ""
+                raise ServerNotReady(f"tritonserver exited with code {self.process.returncode if self.process else None}{where}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise ServerNotReady(f"tritonserver not ready after {self.config.ready_timeout_s:.0f} s")
+
+    def stop(self) -> int | None:
+        """SIGTERM (Triton drains requests in flight for up to exit_timeout_s), then SIGKILL if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(self.config.exit_timeout_s + 15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
