@@ -81,14 +81,14 @@ def _sentences(rng: random.Random, count: int) -> str:
 def synthetic_patent(rng: random.Random, long: bool) -> PatentDocument:
     """One patent; ``long`` ones run well past 512 tokens, short ones stay well below."""
     subject = rng.choice(_SUBJECTS)
-    claim_count = rng.randint(8, 20) if long else rng.randint(1, 3)
+    claim_count = rng.randint(14, 24) if long else rng.randint(1, 3)
     claims = [f"1. {rng.choice(_PARTS)}와 {rng.choice(_PARTS)}를 포함하는 {subject}로서, {_sentences(rng, 2)}"]
     for number in range(2, claim_count + 1):
         claims.append(f"{number}. 제{rng.randint(1, number - 1)}항에 있어서, {_sentences(rng, rng.randint(1, 3))}")
     return PatentDocument(
         ipc=[ipc_code(rng) for _ in range(rng.randint(1, 3))],
         title=f"{rng.choice(_PARTS)}{rng.choice(_ACTIONS)} {subject} 및 그 제조 방법",
-        abstract=_sentences(rng, rng.randint(6, 12) if long else rng.randint(1, 3)),
+        abstract=_sentences(rng, rng.randint(8, 14) if long else rng.randint(1, 3)),
         claims=claims,
     )
 

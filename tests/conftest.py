@@ -1,0 +1,110 @@
+"""Session fixtures: the demo models, their export, and one real tritonserver on free loopback ports.
+
+Everything is built from scratch in a temporary folder, the way a user's `make serve` builds
+it, so the suite tests the same path and needs nothing prepared beforehand.
+"""
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from core.labels import LabelSet
+from core.serving_config import ServingConfig
+from export.demo_models import DemoModelPaths, build_gemma2_demo
+from export.merged_model_export import MergeReport, merge_lora
+from export.triton_package import MERGED_MODEL_FOLDER, merged_model_dir, write_triton_model
+from server.launcher import LaunchConfig, TritonServer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_PATENTS = PROJECT_ROOT / "clients" / "examples" / "patents.jsonl"
+MODEL_NAME = "kscst-gemma2"
+MAX_LENGTH = 512
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def example_records() -> list[dict]:
+    return [json.loads(line) for line in EXAMPLE_PATENTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class Export:
+    demo: DemoModelPaths
+    repository: Path
+    merged_dir: Path
+    report: MergeReport
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> DemoModelPaths:
+    return build_gemma2_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def exported(demo_models, tmp_path_factory) -> Export:
+    repository = tmp_path_factory.mktemp("model_repository")
+    merged_dir = merged_model_dir(repository, MODEL_NAME)
+    report = merge_lora(
+        demo_models.base, demo_models.adapter, LabelSet.read_tsv(demo_models.labels), merged_dir, max_length=MAX_LENGTH
+    )
+    # Small batches keep several forward passes per test, so requests really share them.
+    config = ServingConfig(model_dir=Path(MERGED_MODEL_FOLDER), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu")
+    write_triton_model(repository, MODEL_NAME, config)
+    return Export(demo_models, repository, merged_dir, report)
+
+
+@pytest.fixture(scope="session")
+def server(exported, tmp_path_factory):
+    http_port, grpc_port, metrics_port = free_ports(3)
+    config = LaunchConfig(
+        model_repository=exported.repository,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        backend_directory=tmp_path_factory.mktemp("backends"),
+        ready_timeout_s=180,
+    )
+    with TritonServer(config, log_path=tmp_path_factory.mktemp("logs") / "tritonserver.log") as running:
+        yield running
+
+
+class OfflineReference:
+    """The merged model in plain transformers, float32, eager attention, one document at a time:
+    what the served answers must equal."""
+
+    def __init__(self, merged_dir: Path):
+        self.tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            merged_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        self.labels = LabelSet.for_model_dir(merged_dir)
+
+    @torch.inference_mode()
+    def probabilities(self, text: str) -> tuple[np.ndarray, int]:
+        encoded = self.tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        logits = self.model(**encoded).logits[0]
+        return torch.softmax(logits, dim=-1).numpy(), int(encoded["input_ids"].shape[1])
+
+    def untruncated_length(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+
+@pytest.fixture(scope="session")
+def reference(exported) -> OfflineReference:
+    return OfflineReference(exported.merged_dir)

@@ -1,0 +1,70 @@
+"""Request decoding and answer encoding, without a server."""
+import json
+
+import numpy as np
+import pytest
+
+from core import protocol
+from core.engine import DocumentScores
+from core.errors import InvalidInput
+from core.labels import Label, LabelSet
+from core.patent_document import MAX_DOCUMENT_BYTES, TEXT_TEMPLATE, PatentDocument
+
+
+def texts(*values: bytes) -> np.ndarray:
+    return np.array(values, dtype=np.object_)
+
+
+def decode(text=None, document=None, top_k=None, max_documents=4):
+    return protocol.decode_request(text, document, top_k, num_labels=10, max_documents=max_documents, default_top_k=5)
+
+
+def test_template_feeds_fields_in_training_order():
+    document = PatentDocument(ipc="G06F 16/35; G06N 3/08", title="분류 장치", abstract="요약문", claims=["1. 장치", "2. 방법"])
+    assert document.render() == "IPC: G06F 16/35, G06N 3/08\n발명의 명칭: 분류 장치\n요약: 요약문\n청구범위: 1. 장치\n2. 방법"
+    assert TEXT_TEMPLATE.index("{ipc}") < TEXT_TEMPLATE.index("{title}") < TEXT_TEMPLATE.index("{abstract}") < TEXT_TEMPLATE.index("{claims}")
+
+
+def test_documents_decode_to_rendered_text_and_default_top_k():
+    payload = {"ipc": ["A61K 31/00"], "title": "약학 조성물", "abstract": "요약", "claims": "1. 조성물"}
+    request = decode(document=texts(json.dumps(payload, ensure_ascii=False).encode()))
+    assert request.texts == [PatentDocument.model_validate(payload).render()]
+    assert request.top_k == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, words",
+    [
+        ({"text": texts()}, "TEXT", "at least 1"),
+        ({"text": texts(b"a", b"b", b"c", b"d", b"e")}, "TEXT", "the limit is 4"),
+        ({"text": texts(b"ok", b"\xc3\x28")}, "TEXT[1]", "not valid UTF-8"),
+        ({"text": texts(b"x" * (MAX_DOCUMENT_BYTES + 1))}, "TEXT[0]", f"the limit is {MAX_DOCUMENT_BYTES} bytes"),
+        ({"text": texts(b"ok"), "top_k": np.array([11], dtype=np.int32)}, "TOP_K", "between 1 and 10"),
+        ({"text": texts(b"ok"), "top_k": np.array([1, 2], dtype=np.int32)}, "TOP_K", "exactly 1 value"),
+        ({"document": texts(b"[1, 2]")}, "DOCUMENT[0]", "JSON object"),
+        ({}, "TEXT/DOCUMENT", "exactly one"),
+    ],
+)
+def test_bad_requests_name_the_field_and_the_limit(kwargs, field, words):
+    with pytest.raises(InvalidInput) as error:
+        decode(**kwargs)
+    assert error.value.field == field
+    assert words in error.value.problem
+
+
+def test_answers_round_trip_with_ranked_labels():
+    labels = LabelSet(tuple(Label(f"C{i}", f"class {i}") for i in range(4)))
+    scores = [
+        DocumentScores(np.array([0.1, 0.6, 0.1, 0.2], dtype=np.float32), token_count=7, truncated=False),
+        DocumentScores(np.array([0.7, 0.1, 0.15, 0.05], dtype=np.float32), token_count=512, truncated=True),
+    ]
+    answers = protocol.decode_answer(protocol.encode_answer(scores, labels, top_k=2))
+    assert [[s.code for s in a.labels] for a in answers] == [["C1", "C3"], ["C0", "C2"]]
+    assert answers[0].labels[0].name == "class 1"
+    assert answers[1].labels[0].probability == pytest.approx(0.7)
+    assert [(a.token_count, a.truncated) for a in answers] == [(7, False), (512, True)]
+
+
+def test_ties_rank_in_label_order():
+    scores = DocumentScores(np.array([0.25, 0.25, 0.25, 0.25], dtype=np.float32), 3, False)
+    assert scores.top_k(3)[0].tolist() == [0, 1, 2]

@@ -1,0 +1,203 @@
+"""The served classifier, called the way the office's backend calls it, over gRPC and HTTP."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc
+import tritonclient.http
+
+from clients import AsyncPatentClassifier, InvalidInput, PatentClassifier, PatentDocument
+from core.errors import ModelNotFound
+from core.synthetic_patents import synthetic_patents
+from tests.conftest import MAX_LENGTH, MODEL_NAME, PROJECT_ROOT, EXAMPLE_PATENTS, example_records
+
+PROTOCOLS = ["grpc", "http"]
+
+
+def url(server, protocol: str) -> str:
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+@pytest.fixture(params=PROTOCOLS)
+def classifier(request, server):
+    with PatentClassifier(url(server, request.param), protocol=request.param, model=MODEL_NAME) as client:
+        yield client
+
+
+def example_documents() -> list[PatentDocument]:
+    return [PatentDocument.model_validate({k: v for k, v in record.items() if k != "id"}) for record in example_records()]
+
+
+def test_served_probabilities_equal_offline_transformers(classifier, reference):
+    documents = example_documents() + synthetic_patents(12, seed=99, long_share=0.5)
+    answers = classifier.classify_batch(documents, top_k=len(reference.labels))
+    for document, answer in zip(documents, answers):
+        expected, token_count = reference.probabilities(document.render())
+        served = np.zeros_like(expected)
+        for score in answer.labels:
+            served[reference.labels.codes.index(score.code)] = score.probability
+        assert np.abs(served - expected).max() < 1e-5
+        assert answer.labels[0].code == reference.labels.codes[int(expected.argmax())]
+        assert answer.token_count == token_count
+
+
+def test_long_patents_are_truncated_at_512_tokens_and_say_so(classifier, reference):
+    long_document, short_document = synthetic_patents(1, seed=5, long_share=1.0)[0], synthetic_patents(1, seed=5, long_share=0.0)[0]
+    assert reference.untruncated_length(long_document.render()) > MAX_LENGTH
+    assert reference.untruncated_length(short_document.render()) < MAX_LENGTH
+
+    long_answer, short_answer = classifier.classify_batch([long_document, short_document])
+
+    assert (long_answer.token_count, long_answer.truncated) == (MAX_LENGTH, True)
+    assert (short_answer.token_count, short_answer.truncated) == (reference.untruncated_length(short_document.render()), False)
+
+
+def test_top_k_is_ordered_and_defaults_to_five(classifier):
+    document = example_documents()[0]
+    default = classifier.classify(document)
+    three = classifier.classify(document, top_k=3)
+
+    assert len(default.labels) == 5
+    assert [s.code for s in three.labels] == [s.code for s in default.labels[:3]]
+    probabilities = [s.probability for s in default.labels]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert all(0.0 < p <= 1.0 for p in probabilities)
+    assert default.labels[0].name.startswith("과학기술표준분류")
+
+
+def test_preformatted_text_gets_the_same_answer_as_its_fields(classifier):
+    document = example_documents()[1]
+    from_fields = classifier.classify(document)
+    from_text = classifier.classify(document.render())
+    assert from_text == from_fields
+
+
+def test_ipc_codes_may_come_as_one_string(classifier):
+    record = {k: v for k, v in example_records()[2].items() if k != "id"}
+    as_list = classifier.classify(record)
+    as_string = classifier.classify({**record, "ipc": "; ".join(record["ipc"])})
+    assert as_string == as_list
+
+
+@pytest.mark.parametrize(
+    "document, field, limit_words",
+    [
+        ("", "TEXT[0]", "empty"),
+        ("   ", "TEXT[0]", "empty"),
+        ({"ipc": ["G06F 16/35"], "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "missing"),
+        ({"ipc": [], "title": "제목", "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].ipc", "empty"),
+        ({"ipc": ["G06F"], "title": 123, "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "string"),
+        ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": [""]}, "DOCUMENT[0].claims[0]", "empty"),
+        ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": "1", "inventor": "x"}, "DOCUMENT[0].inventor", "unknown"),
+    ],
+)
+def test_bad_documents_get_errors_naming_the_field(classifier, document, field, limit_words):
+    with pytest.raises(InvalidInput) as error:
+        classifier.classify(document)
+    assert error.value.field == field
+    assert limit_words in error.value.problem
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 189])
+def test_top_k_out_of_range_names_the_limit(classifier, top_k):
+    with pytest.raises(InvalidInput, match=r"between 1 and 188") as error:
+        classifier.classify("발명의 명칭: 장치", top_k=top_k)
+    assert error.value.field == "TOP_K"
+
+
+def test_too_many_documents_in_one_request(classifier):
+    with pytest.raises(InvalidInput, match="the limit is 64 per request") as error:
+        classifier.classify_batch(["특허"] * 65)
+    assert error.value.field == "TEXT"
+
+
+def test_unknown_model_is_model_not_found(server):
+    for protocol in PROTOCOLS:
+        with PatentClassifier(url(server, protocol), protocol=protocol, model="no-such-model") as client:
+            with pytest.raises(ModelNotFound):
+                client.classify("특허")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_raw_kserve_requests_with_bad_bytes_and_types(server, protocol):
+    """What a non-Python client can send: non-UTF-8 bytes, both inputs, a float TOP_K."""
+    module = tritonclient.grpc if protocol == "grpc" else tritonclient.http
+    client = module.InferenceServerClient(url(server, protocol))
+
+    def infer(*tensors):
+        inputs = []
+        for name, datatype, value in tensors:
+            tensor = module.InferInput(name, list(value.shape), datatype)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        return client.infer(MODEL_NAME, inputs)
+
+    text = np.array(["특허".encode()], dtype=np.object_)
+    cases = [
+        ([("TEXT", "BYTES", np.array([b"\xff\xfe patent"], dtype=np.object_))], "TEXT[0]: is not valid UTF-8"),
+        ([("TEXT", "BYTES", text), ("DOCUMENT", "BYTES", text)], "TEXT/DOCUMENT: give exactly one"),
+        ([("TOP_K", "INT32", np.array([3], dtype=np.int32))], "TEXT/DOCUMENT: give exactly one"),
+        ([("DOCUMENT", "BYTES", np.array([b"{not json"], dtype=np.object_))], "DOCUMENT[0]: is not valid JSON"),
+        ([("TEXT", "BYTES", text), ("TOP_K", "FP32", np.array([3.0], dtype=np.float32))], "TOP_K"),
+    ]
+    for tensors, message in cases:
+        with pytest.raises(Exception) as error:
+            infer(*tensors)
+        assert message in str(error.value)
+        assert error.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
+    # ... and the server still answers good requests.
+    answer = infer(("TEXT", "BYTES", text))
+    assert answer.as_numpy("LABEL_CODE").shape == (1, 5)
+
+
+def test_concurrent_requests_each_get_their_own_answers(server, reference):
+    """Requests from many threads share forward passes; every answer must still be its own."""
+    documents = synthetic_patents(24, seed=11, long_share=0.5)
+    expected = [reference.labels.codes[int(reference.probabilities(d.render())[0].argmax())] for d in documents]
+
+    def classify(index: int) -> str:
+        protocol = PROTOCOLS[index % 2]
+        with PatentClassifier(url(server, protocol), protocol=protocol, model=MODEL_NAME) as client:
+            return client.classify(documents[index]).labels[0].code
+
+    with ThreadPoolExecutor(12) as pool:
+        assert list(pool.map(classify, range(len(documents)))) == expected
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_asyncio_client(server, protocol):
+    documents = example_documents()[:4]
+
+    async def run():
+        async with AsyncPatentClassifier(url(server, protocol), protocol=protocol, model=MODEL_NAME) as client:
+            assert await client.is_ready()
+            singles = await asyncio.gather(*(client.classify(document) for document in documents))
+            batch = await client.classify_batch(documents)
+            return singles, batch
+
+    singles, batch = asyncio.run(run())
+    assert singles == batch
+
+
+def test_cli_prints_top5_for_each_example_patent(server, tmp_path):
+    records = example_records()
+    bad_line = tmp_path / "with_bad.jsonl"
+    bad_line.write_text(
+        EXAMPLE_PATENTS.read_text(encoding="utf-8") + json.dumps({"id": "bad", "title": "no other fields"}) + "\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "clients", "classify", "--input", str(bad_line), "--url", server.grpc_url, "--batch-size", "3"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["id"] for line in lines] == [record["id"] for record in records] + ["bad"]
+    assert all(len(line["labels"]) == 5 for line in lines[:-1])
+    assert lines[-1]["error"]["kind"] == "invalid_input" and "DOCUMENT[0].ipc" in lines[-1]["error"]["message"]
+    assert result.returncode == 1 and "1 of 9 documents failed" in result.stderr
