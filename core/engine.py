@@ -43,9 +43,13 @@ class ClassificationEngine(abc.ABC):
         """Load the model and start the engine's threads; raise if that fails."""
 
     @abc.abstractmethod
-    def submit(self, texts: Sequence[str]) -> "Future[list[DocumentScores]]":
+    def submit(self, texts: Sequence[str], deadline: float | None = None) -> "Future[list[DocumentScores]]":
         """Queue texts for classification; the future holds one ``DocumentScores`` per text, in order,
-        or a ``core.errors.ServingError``."""
+        or a ``core.errors.ServingError``.
+
+        ``deadline`` is a ``time.monotonic()`` instant: work still queued then is dropped before
+        compute and fails with ``DeadlineExceeded``. Cancelling the future drops queued work too.
+        A full queue fails the future at once with ``Overloaded``."""
 
     @abc.abstractmethod
     def is_healthy(self) -> bool:

@@ -93,7 +93,7 @@ class TorchEngine(ClassificationEngine):
         self._loop_thread = threading.Thread(target=self._run_loop, name="torch-engine", daemon=True)
         self._loop_thread.start()
 
-    def submit(self, texts: Sequence[str]) -> "Future[list[DocumentScores]]":
+    def submit(self, texts: Sequence[str], deadline: float | None = None) -> "Future[list[DocumentScores]]":
         future: Future[list[DocumentScores]] = Future()
         if self._stopping or not self.is_healthy():
             future.set_exception(ServerUnavailable("the engine is not running"))
