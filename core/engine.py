@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,24 +32,64 @@ class DocumentScores:
         return order, self.probabilities[order]
 
 
+@dataclass(frozen=True)
+class BatchStats:
+    """What one forward pass cost and how the queue looked, for metrics and benchmarks."""
+
+    documents: int
+    real_tokens: int  # tokens of the documents themselves
+    padded_tokens: int  # what the pass computed: width × documents (= real_tokens when packed)
+    queue_seconds: tuple[float, ...]  # per document: from submit to the start of compute
+    tokenize_seconds: float  # tokenizing the submissions these documents came from
+    compute_seconds: float  # the forward pass, softmax and copy back
+    expired: int  # documents dropped from the queue for their deadline before this pass
+    cancelled: int  # documents dropped because their request was cancelled
+    queue_documents: int  # still waiting after this batch was taken
+    queue_tokens: int
+
+    @property
+    def padding_ratio(self) -> float:
+        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+BatchObserver = Callable[[BatchStats], None]
+
+
 class ClassificationEngine(abc.ABC):
     """A running classifier. Implementations: ``server.torch_engine.TorchEngine``."""
 
     labels: LabelSet
     max_length: int
 
+    def __init__(self) -> None:
+        self._batch_observers: list[BatchObserver] = []
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        """Call ``observer`` with the ``BatchStats`` of every forward pass (on the engine's thread: keep it cheap)."""
+        self._batch_observers.append(observer)
+
+    def _publish(self, stats: BatchStats) -> None:
+        for observer in self._batch_observers:
+            observer(stats)
+
     @abc.abstractmethod
     def start(self) -> None:
         """Load the model and start the engine's threads; raise if that fails."""
 
     @abc.abstractmethod
-    def submit(self, texts: Sequence[str], deadline: float | None = None) -> "Future[list[DocumentScores]]":
+    def submit(
+        self,
+        texts: Sequence[str],
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> "Future[list[DocumentScores]]":
         """Queue texts for classification; the future holds one ``DocumentScores`` per text, in order,
         or a ``core.errors.ServingError``.
 
         ``deadline`` is a ``time.monotonic()`` instant: work still queued then is dropped before
-        compute and fails with ``DeadlineExceeded``. Cancelling the future drops queued work too.
-        A full queue fails the future at once with ``Overloaded``."""
+        compute and fails with ``DeadlineExceeded``. Work whose future was cancelled, or whose
+        ``is_cancelled()`` turns true while queued, is dropped before compute and fails with
+        ``Cancelled``. A full queue fails the future at once with ``Overloaded``."""
 
     @abc.abstractmethod
     def is_healthy(self) -> bool:

@@ -25,6 +25,20 @@ def exact_attention(config) -> str:
     return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
 
 
+def serving_attention(config, device: torch.device, requested: str = "auto") -> str:
+    """The attention a server runs: ``requested``, or for ``auto`` the fastest exact one here.
+
+    For softcapped models (Gemma-2) that is FlexAttention on the GPU, whose score_mod applies
+    the cap inside the fused kernel; on the CPU FlexAttention needs a minute of compilation per
+    shape before it pays off, so the CPU keeps eager attention. Other models take SDPA.
+    """
+    if requested != "auto":
+        return requested
+    if exact_attention(config) == "eager":
+        return "flex_attention" if device.type == "cuda" else "eager"
+    return "sdpa"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,10 +51,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_sequence_classifier(model_dir: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **overrides):
+def load_sequence_classifier(
+    model_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attention: str | None = None,
+    **overrides,
+):
+    """``attention`` defaults to the exact reference implementation (``exact_attention``)."""
     config = AutoConfig.from_pretrained(model_dir, **overrides)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, config=config, dtype=dtype, attn_implementation=exact_attention(config)
+        model_dir, config=config, dtype=dtype, attn_implementation=attention or exact_attention(config)
     )
     return model.to(device).eval()
 

@@ -24,6 +24,21 @@ class ServingConfig(BaseModel):
     max_batch_size: int = Field(64, ge=1, le=4096, description="documents one forward pass may take")
     max_documents_per_request: int = Field(64, ge=1, le=4096)
     default_top_k: int = Field(5, ge=1)
+    max_queue_tokens: int = Field(
+        262144, ge=8, description="tokens waiting in the queue before new requests are refused as overloaded"
+    )
+    default_timeout_ms: int = Field(
+        0, ge=0, description="deadline for requests that carry no timeout of their own; 0: none"
+    )
+    batching: Literal["engine", "triton_dynamic", "none"] = Field(
+        "engine",
+        description="engine: continuous token-budget batching across requests (production). "
+        "triton_dynamic: each execute() runs what Triton's dynamic batcher handed it, then returns. "
+        "none: one request per execute(). The last two exist to measure the first against.",
+    )
+    attention: Literal["auto", "eager", "sdpa", "flex_attention"] = Field(
+        "auto", description="auto: the fastest implementation that is exact for the model on this device"
+    )
 
     @model_validator(mode="after")
     def _budget_fits_one_document(self) -> "ServingConfig":
@@ -32,6 +47,8 @@ class ServingConfig(BaseModel):
                 f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_length ({self.max_length}), "
                 "or a full-length document could never be scheduled"
             )
+        if self.max_queue_tokens < self.max_length:
+            raise ValueError(f"max_queue_tokens ({self.max_queue_tokens}) must be at least max_length ({self.max_length})")
         return self
 
     @classmethod

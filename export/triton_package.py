@@ -44,12 +44,21 @@ def config_pbtxt(name: str, config: ServingConfig) -> str:
         'backend: "python"\n'
         # The engine batches across requests by tokens, so Triton must not batch or split them:
         # each request reaches execute() as it arrives and is answered through its response sender.
+        # (Tensors carry a document dimension of their own, so Triton's batch dimension stays off.)
         "max_batch_size: 0\n"
         + _tensor_block("input", protocol.INPUT_TENSORS, optional=True)
         + _tensor_block("output", protocol.OUTPUT_TENSORS, optional=False)
+        + _scheduling_block(config)
         + "instance_group [ { kind: KIND_MODEL count: 1 } ]\n"
         + parameters
     )
+
+
+def _scheduling_block(config: ServingConfig) -> str:
+    if config.batching != "triton_dynamic":
+        return ""
+    # Baseline only: let Triton group requests arriving within 2 ms into one execute() call.
+    return "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
 
 
 def write_triton_model(repository: Path, name: str, config: ServingConfig) -> Path:

@@ -1,15 +1,25 @@
-"""Which waiting documents go into the next forward pass. A plain object with no I/O and no
-model, so its rules are unit-tested with made-up lengths (after vLLM's scheduler split).
+"""Which waiting documents go into the next forward pass. A plain object with no I/O, no
+threads and no model, so its rules are unit-tested with made-up lengths (after vLLM's
+scheduler/executor split).
 
-The unit of work is the padded token count of a batch, ``longest × count``: that is what a
-padded forward pass costs. A batch never exceeds ``max_batch_tokens`` or ``max_batch_size``.
-The oldest waiting document always goes first, so nothing waits behind later arrivals forever.
+Rules:
+- The unit of work is the padded token count of a batch, ``widest × count``: what a padded
+  forward pass costs. A batch never exceeds ``max_batch_tokens`` or ``max_batch_size``.
+- The oldest waiting document always goes into the next batch, so no document waits behind
+  later arrivals for more than the batches needed to clear the documents ahead of it.
+- The rest of the batch is chosen, among the oldest ``window`` waiting documents, by closeness
+  of length to that oldest one: long patents ride with long ones, short with short, and
+  padding stays small without sorting the whole queue.
+- The queue is bounded in tokens (``max_queue_tokens``): ``admit`` refuses work that would
+  overflow it, so an overloaded server says so at once instead of growing latency.
+- Expired documents (past their deadline) and dropped ones (``is_dropped``, e.g. a cancelled
+  request) leave the queue without being batched, and are handed back to be failed.
 """
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
 Payload = TypeVar("Payload")
 
@@ -18,37 +28,103 @@ Payload = TypeVar("Payload")
 class ScheduledDocument(Generic[Payload]):
     token_count: int
     payload: Payload = field(repr=False)
+    deadline: float | None = None  # time.monotonic() instant after which computing it is pointless
+    enqueued_at: float = 0.0
+    sequence: int = field(default=0, repr=False)
+
+
+@dataclass
+class ScheduledBatch(Generic[Payload]):
+    documents: list[ScheduledDocument[Payload]]
+    expired: list[ScheduledDocument[Payload]]  # removed: deadline passed while queued
+    dropped: list[ScheduledDocument[Payload]]  # removed: is_dropped said so (cancelled, failed)
+
+    @property
+    def width(self) -> int:
+        return max((d.token_count for d in self.documents), default=0)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.width * len(self.documents)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(d.token_count for d in self.documents)
 
 
 class TokenBudgetScheduler(Generic[Payload]):
-    def __init__(self, max_batch_tokens: int, max_batch_size: int, max_document_tokens: int):
+    def __init__(
+        self,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        max_document_tokens: int,
+        max_queue_tokens: int | None = None,
+        window: int = 1024,
+        is_dropped: Callable[[Payload], bool] = lambda payload: False,
+    ):
         if max_batch_tokens < max_document_tokens:
             raise ValueError("max_batch_tokens must hold at least one document of max_document_tokens")
+        if max_queue_tokens is not None and max_queue_tokens < max_document_tokens:
+            raise ValueError("max_queue_tokens must hold at least one document of max_document_tokens")
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.max_document_tokens = max_document_tokens
-        self._waiting: deque[ScheduledDocument[Payload]] = deque()
+        self.max_queue_tokens = max_queue_tokens
+        self.window = max(window, max_batch_size)
+        self.is_dropped = is_dropped
+        self._waiting: dict[int, ScheduledDocument[Payload]] = {}  # insertion order = arrival order
+        self._sequence = itertools.count()
         self.waiting_tokens = 0
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, document: ScheduledDocument[Payload]) -> None:
-        if not 0 < document.token_count <= self.max_document_tokens:
-            raise ValueError(f"token_count {document.token_count} outside 1..{self.max_document_tokens}")
-        self._waiting.append(document)
-        self.waiting_tokens += document.token_count
+    def admit(self, documents: list[ScheduledDocument[Payload]]) -> bool:
+        """Queue all of ``documents`` (one request's) or none: False when the token bound would overflow."""
+        incoming = sum(d.token_count for d in documents)
+        for document in documents:
+            if not 0 < document.token_count <= self.max_document_tokens:
+                raise ValueError(f"token_count {document.token_count} outside 1..{self.max_document_tokens}")
+        if self.max_queue_tokens is not None and self.waiting_tokens + incoming > self.max_queue_tokens:
+            return False
+        for document in documents:
+            document.sequence = next(self._sequence)
+            self._waiting[document.sequence] = document
+        self.waiting_tokens += incoming
+        return True
 
-    def next_batch(self) -> list[ScheduledDocument[Payload]]:
-        """Take the longest FIFO prefix of waiting documents whose padded size fits the budget."""
+    def next_batch(self, now: float) -> ScheduledBatch[Payload]:
+        expired, dropped, candidates = [], [], []
+        for document in self._waiting.values():
+            if document.deadline is not None and document.deadline <= now:
+                expired.append(document)
+            elif self.is_dropped(document.payload):
+                dropped.append(document)
+            else:
+                candidates.append(document)
+                if len(candidates) == self.window:
+                    break
         batch: list[ScheduledDocument[Payload]] = []
-        longest = 0
-        while self._waiting and len(batch) < self.max_batch_size:
-            candidate = self._waiting[0]
-            widest = max(longest, candidate.token_count)
-            if widest * (len(batch) + 1) > self.max_batch_tokens:
-                break
-            batch.append(self._waiting.popleft())
-            self.waiting_tokens -= candidate.token_count
-            longest = widest
-        return batch
+        if candidates:
+            oldest = candidates[0]
+            by_closeness = sorted(candidates[1:], key=lambda d: (abs(d.token_count - oldest.token_count), d.sequence))
+            batch, widest = [oldest], oldest.token_count
+            for document in by_closeness:
+                if len(batch) == self.max_batch_size:
+                    break
+                wider = max(widest, document.token_count)
+                if wider * (len(batch) + 1) <= self.max_batch_tokens:
+                    batch.append(document)
+                    widest = wider
+            batch.sort(key=lambda d: d.sequence)
+        for document in itertools.chain(batch, expired, dropped):
+            del self._waiting[document.sequence]
+            self.waiting_tokens -= document.token_count
+        return ScheduledBatch(batch, expired, dropped)
+
+    def drain(self) -> list[ScheduledDocument[Payload]]:
+        """Remove and return everything waiting (shutdown)."""
+        documents = list(self._waiting.values())
+        self._waiting.clear()
+        self.waiting_tokens = 0
+        return documents

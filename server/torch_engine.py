@@ -1,23 +1,30 @@
-"""The PyTorch engine: a transformers ``*ForSequenceClassification`` model behind one loop.
+"""The PyTorch engine: a transformers ``*ForSequenceClassification`` model behind a two-stage loop.
 
-Callers tokenize on their own thread in ``submit`` (off the model's critical path) and queue
-the documents; the engine thread takes batches from the ``TokenBudgetScheduler`` and runs one
-forward pass per batch, so documents from different requests share a pass. Each submission's
-future completes when its last document is scored.
+    submit (caller's thread)   tokenize, admit into the scheduler or refuse as overloaded
+    prepare thread             take the next batch from the TokenBudgetScheduler, fail what
+                               expired or was cancelled, pad and move the tensors to the device
+    compute thread             forward pass, softmax, hand each document's scores to its request
+
+The prepare thread builds batch N+1 while the compute thread runs batch N, and holds at most
+one prepared batch, so documents are bound to a batch as late as possible (better grouping,
+fresher deadline checks). Documents from different requests share a forward pass; each
+request's future completes when its last document is scored.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from core.engine import ClassificationEngine, DocumentScores
-from core.errors import EngineFailure, ServerUnavailable
+from core.engine import BatchStats, ClassificationEngine, DocumentScores
+from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.hf_classifier import (
     EncodedText,
     encode_texts,
@@ -26,10 +33,11 @@ from core.hf_classifier import (
     pad_batch,
     resolve_device,
     resolve_dtype,
+    serving_attention,
 )
 from core.labels import LabelSet
 from core.serving_config import ServingConfig
-from server.scheduler import ScheduledDocument, TokenBudgetScheduler
+from server.scheduler import ScheduledBatch, ScheduledDocument, TokenBudgetScheduler
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,10 @@ log = logging.getLogger(__name__)
 class _Submission:
     future: "Future[list[DocumentScores]]"
     scores: list[DocumentScores | None]
+    submitted_at: float
+    tokenize_seconds: float
+    deadline: float | None = None
+    is_cancelled: Callable[[], bool] | None = None
     remaining: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +65,15 @@ class _Submission:
         if not self.future.done():
             self.future.set_exception(error)
 
+    def caller_gave_up(self) -> bool:
+        """Ask the caller (for Triton: an IPC round trip) whether the request was cancelled."""
+        if self.future.cancelled():
+            return True
+        try:
+            return bool(self.is_cancelled and self.is_cancelled())
+        except Exception:  # a failing probe must not take the engine down; compute instead
+            return False
+
 
 @dataclass(frozen=True)
 class _QueuedDocument:
@@ -61,25 +82,46 @@ class _QueuedDocument:
     encoded: EncodedText
 
 
+@dataclass
+class _PreparedBatch:
+    documents: list[_QueuedDocument]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    scheduled: ScheduledBatch
+    cancelled: int
+
+
+_STOP = object()
+
+
 class TorchEngine(ClassificationEngine):
     def __init__(self, config: ServingConfig):
+        super().__init__()
         self.config = config
         self.max_length = config.max_length
         self._device = resolve_device(config.device)
         self._dtype = resolve_dtype(config.dtype, self._device)
         self._scheduler: TokenBudgetScheduler[_QueuedDocument] = TokenBudgetScheduler(
-            config.max_batch_tokens, config.max_batch_size, config.max_length
+            config.max_batch_tokens,
+            config.max_batch_size,
+            config.max_length,
+            max_queue_tokens=config.max_queue_tokens,
+            is_dropped=lambda document: document.submission.future.done(),
         )
         self._wakeup = threading.Condition()
+        self._prepared: queue.Queue = queue.Queue(maxsize=1)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
         self._stopping = False
-        self._loop_thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._loop_error: BaseException | None = None
 
     def start(self) -> None:
         self.labels = LabelSet.for_model_dir(self.config.model_dir)
         self._tokenizer = load_tokenizer(self.config.model_dir)
-        self._model = load_sequence_classifier(self.config.model_dir, self._dtype, self._device)
+        from transformers import AutoConfig
+
+        attention = serving_attention(AutoConfig.from_pretrained(self.config.model_dir), self._device, self.config.attention)
+        self._model = load_sequence_classifier(self.config.model_dir, self._dtype, self._device, attention)
         if self._model.config.num_labels != len(self.labels):
             raise ValueError(
                 f"{self.config.model_dir}: the model has {self._model.config.num_labels} classes but "
@@ -89,71 +131,146 @@ class TorchEngine(ClassificationEngine):
         if self._pad_token_id is None:
             self._pad_token_id = self._tokenizer.pad_token_id
             self._model.config.pad_token_id = self._pad_token_id
-        log.info("torch engine: %s on %s in %s", self.config.model_dir, self._device, self._dtype)
-        self._loop_thread = threading.Thread(target=self._run_loop, name="torch-engine", daemon=True)
-        self._loop_thread.start()
+        log.info("torch engine: %s on %s, %s, %s attention", self.config.model_dir, self._device, self._dtype, attention)
+        for name, target in (("engine-prepare", self._prepare_loop), ("engine-compute", self._compute_loop)):
+            thread = threading.Thread(target=self._guarded(target), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
-    def submit(self, texts: Sequence[str], deadline: float | None = None) -> "Future[list[DocumentScores]]":
+    def submit(
+        self,
+        texts: Sequence[str],
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> "Future[list[DocumentScores]]":
         future: Future[list[DocumentScores]] = Future()
         if self._stopping or not self.is_healthy():
             future.set_exception(ServerUnavailable("the engine is not running"))
             return future
+        started = time.monotonic()
         with self._tokenizer_lock:
             encoded = encode_texts(self._tokenizer, texts, self.max_length)
-        submission = _Submission(future, [None] * len(encoded))
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            future.set_exception(DeadlineExceeded("the request's deadline passed before it was queued"))
+            return future
+        submission = _Submission(future, [None] * len(encoded), started, now - started, deadline, is_cancelled)
+        documents = [
+            ScheduledDocument(len(item.token_ids), _QueuedDocument(submission, index, item), deadline, now)
+            for index, item in enumerate(encoded)
+        ]
         with self._wakeup:
-            for index, item in enumerate(encoded):
-                self._scheduler.add(ScheduledDocument(len(item.token_ids), _QueuedDocument(submission, index, item)))
+            if not self._scheduler.admit(documents):
+                future.set_exception(Overloaded(
+                    f"queue full: {self._scheduler.waiting_tokens} tokens waiting, this request needs "
+                    f"{sum(d.token_count for d in documents)} more and the limit is max_queue_tokens="
+                    f"{self._scheduler.max_queue_tokens}; retry later"
+                ))
+                return future
             self._wakeup.notify()
         return future
 
     def is_healthy(self) -> bool:
-        return self._loop_thread is not None and self._loop_thread.is_alive() and self._loop_error is None
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and self._loop_error is None
+
+    def queue_depth(self) -> tuple[int, int]:
+        """(documents, tokens) waiting."""
+        with self._wakeup:
+            return len(self._scheduler), self._scheduler.waiting_tokens
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         with self._wakeup:
             self._stopping = True
-            self._wakeup.notify()
-        if self._loop_thread is not None:
-            self._loop_thread.join(drain_timeout_s)
+            self._wakeup.notify_all()
+        deadline = time.monotonic() + drain_timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         with self._wakeup:
-            leftovers = self._scheduler.next_batch()
-            while leftovers:
-                for document in leftovers:
-                    document.payload.submission.fail(ServerUnavailable("the server shut down before this request ran"))
-                leftovers = self._scheduler.next_batch()
+            for document in self._scheduler.drain():
+                document.payload.submission.fail(ServerUnavailable("the server shut down before this request ran"))
 
-    def _run_loop(self) -> None:
-        try:
-            while True:
-                with self._wakeup:
-                    while not len(self._scheduler) and not self._stopping:
-                        self._wakeup.wait()
-                    if not len(self._scheduler):
-                        return  # stopping, and everything queued has been answered
-                    batch = [d.payload for d in self._scheduler.next_batch() if not d.payload.submission.future.done()]
-                if batch:
-                    self._run_batch(batch)
-        except BaseException as exc:  # the loop must never die silently: callers would hang
-            self._loop_error = exc
-            log.exception("torch engine loop died")
-            raise
+    def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as exc:  # a dead loop must be visible: health turns false
+                self._loop_error = exc
+                log.exception("engine thread died")
+                raise
 
-    def _run_batch(self, batch: list[_QueuedDocument]) -> None:
+        return run
+
+    def _prepare_loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not len(self._scheduler) and not self._stopping:
+                    self._wakeup.wait()
+                scheduled = self._scheduler.next_batch(time.monotonic()) if len(self._scheduler) else None
+            if scheduled is None:  # stopping, and everything queued has been handed on
+                self._prepared.put(_STOP)  # outside the lock: the compute thread may need it to finish
+                return
+            for document in scheduled.expired:
+                document.payload.submission.fail(DeadlineExceeded("the request's deadline passed while it was queued"))
+            documents = [document.payload for document in scheduled.documents]
+            cancelled = {id(d.submission): d.submission for d in documents if d.submission.caller_gave_up()}
+            for submission in cancelled.values():
+                submission.fail(Cancelled("the request was cancelled before it was computed"))
+            live = [d for d in documents if not d.submission.future.done()]
+            if not live:
+                continue
+            input_ids, attention_mask = pad_batch([d.encoded.token_ids for d in live], self._pad_token_id, self._device)
+            dropped = len(scheduled.dropped) + len(documents) - len(live)
+            self._prepared.put(_PreparedBatch(live, input_ids, attention_mask, scheduled, dropped))
+
+    def _compute_loop(self) -> None:
+        while (batch := self._prepared.get()) is not _STOP:
+            self._compute(batch)
+
+    def _compute(self, batch: _PreparedBatch) -> None:
+        started = time.monotonic()
+        for document in batch.documents:
+            if document.submission.deadline is not None and document.submission.deadline <= started:
+                document.submission.fail(DeadlineExceeded("the request's deadline passed while it was queued"))
+        keep = [row for row, d in enumerate(batch.documents) if not d.submission.future.done()]
+        if len(keep) < len(batch.documents):  # expired, cancelled or failed while the batch waited its turn
+            batch.documents = [batch.documents[row] for row in keep]
+            width = int(batch.attention_mask[keep].sum(dim=1).max()) if keep else 0
+            batch.input_ids, batch.attention_mask = batch.input_ids[keep, :width], batch.attention_mask[keep, :width]
+        if not batch.documents:
+            return
         try:
-            probabilities = self._forward([document.encoded.token_ids for document in batch])
+            probabilities = self._forward(batch.input_ids, batch.attention_mask)
         except Exception as exc:
-            log.exception("forward pass over %d documents failed", len(batch))
-            for document in batch:
+            log.exception("forward pass over %d documents failed", len(batch.documents))
+            for document in batch.documents:
                 document.submission.fail(EngineFailure(f"the model failed on this batch: {type(exc).__name__}: {exc}"))
             return
-        for document, row in zip(batch, probabilities):
+        # Stats first: whoever is woken by an answer then sees the batch that produced it.
+        self._publish_stats(batch, started, time.monotonic() - started)
+        for document, row in zip(batch.documents, probabilities):
             document.submission.record(
                 document.index, DocumentScores(row, len(document.encoded.token_ids), document.encoded.truncated)
             )
 
+    def _publish_stats(self, batch: _PreparedBatch, started: float, compute_seconds: float) -> None:
+        if not self._batch_observers:
+            return
+        queued_documents, queued_tokens = self.queue_depth()
+        real_tokens = int(batch.attention_mask.sum())
+        self._publish(BatchStats(
+            documents=len(batch.documents),
+            real_tokens=real_tokens,
+            padded_tokens=int(batch.attention_mask.numel()),
+            queue_seconds=tuple(started - d.submission.submitted_at for d in batch.documents),
+            tokenize_seconds=sum(d.submission.tokenize_seconds / len(d.submission.scores) for d in batch.documents),
+            compute_seconds=compute_seconds,
+            expired=len(batch.scheduled.expired),
+            cancelled=batch.cancelled,
+            queue_documents=queued_documents,
+            queue_tokens=queued_tokens,
+        ))
+
     @torch.inference_mode()
-    def _forward(self, sequences: list[list[int]]) -> np.ndarray:
-        input_ids, attention_mask = pad_batch(sequences, self._pad_token_id, self._device)
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
         logits = self._model(input_ids=input_ids, attention_mask=attention_mask).logits
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()

@@ -10,6 +10,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
@@ -37,23 +38,54 @@ class TritonPythonModel:
         self.answer_thread.start()
 
     def execute(self, requests):
+        if self.config.batching != "engine":
+            return self._execute_synchronously(requests)
         for request in requests:
             sender = request.get_response_sender()
             try:
-                decoded = protocol.decode_request(
-                    _input(request, protocol.TEXT),
-                    _input(request, protocol.DOCUMENT),
-                    _input(request, protocol.TOP_K),
-                    num_labels=len(self.labels),
-                    max_documents=self.config.max_documents_per_request,
-                    default_top_k=self.config.default_top_k,
-                )
-                future = self.engine.submit(decoded.texts)
+                decoded = self._decode(request)
+                future = self.engine.submit(decoded.texts, self._deadline(request), sender.is_cancelled)
             except ServingError as error:
                 sender.send(_error_response(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             future.add_done_callback(lambda done, s=sender, k=decoded.top_k: self.answers.put((s, done, k)))
         return None
+
+    def _execute_synchronously(self, requests):
+        """Baselines only: compute exactly the requests Triton handed us, as one engine submission,
+        and return their responses, as a model without an engine of its own would."""
+        decoded, responses = {}, [None] * len(requests)
+        for position, request in enumerate(requests):
+            try:
+                decoded[position] = self._decode(request)
+            except ServingError as error:
+                responses[position] = _error_response(error)
+        texts = [text for request in decoded.values() for text in request.texts]
+        try:
+            scores = self.engine.submit(texts).result() if texts else []
+        except ServingError as error:
+            return [response or _error_response(error) for response in responses]
+        start = 0
+        for position, request in decoded.items():
+            tensors = protocol.encode_answer(scores[start : start + len(request.texts)], self.labels, request.top_k)
+            responses[position] = pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in tensors.items()])
+            start += len(request.texts)
+        return responses
+
+    def _decode(self, request):
+        return protocol.decode_request(
+            _input(request, protocol.TEXT),
+            _input(request, protocol.DOCUMENT),
+            _input(request, protocol.TOP_K),
+            num_labels=len(self.labels),
+            max_documents=self.config.max_documents_per_request,
+            default_top_k=self.config.default_top_k,
+        )
+
+    def _deadline(self, request):
+        # KServe v2 "timeout" request parameter, in microseconds (tritonclient: infer(timeout=...)).
+        timeout_us = request.timeout() or self.config.default_timeout_ms * 1000
+        return time.monotonic() + timeout_us / 1e6 if timeout_us else None
 
     def _send_answers(self):
         while (item := self.answers.get()) is not _STOP:

@@ -1,0 +1,106 @@
+"""The PyTorch engine on its own: admission, deadlines, cancellation, batching across submissions."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from core.errors import Cancelled, DeadlineExceeded, Overloaded
+from core.serving_config import ServingConfig
+from core.synthetic_patents import synthetic_patents
+from server.torch_engine import TorchEngine
+from tests.conftest import MAX_LENGTH
+
+
+@pytest.fixture
+def engine_factory(exported):
+    engines = []
+
+    def build(**overrides):
+        settings = dict(model_dir=exported.merged_dir, max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu")
+        engine = TorchEngine(ServingConfig(**{**settings, **overrides}))
+        engine.start()
+        engine.batches = []
+        engine.observe_batches(engine.batches.append)
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        engine.stop(drain_timeout_s=60)
+
+
+LONG_TEXTS = [d.render() for d in synthetic_patents(48, seed=21, long_share=1.0)]
+
+
+def computed_documents(engine) -> int:
+    return sum(batch.documents for batch in engine.batches)
+
+
+def test_submissions_share_batches_and_each_gets_its_own_scores(engine_factory, reference):
+    engine = engine_factory(max_batch_tokens=8192)
+    documents = [d.render() for d in synthetic_patents(16, seed=4, long_share=0.5)]
+    with ThreadPoolExecutor(8) as pool:
+        futures = list(pool.map(lambda text: engine.submit([text]), documents))
+    for text, future in zip(documents, futures):
+        expected, token_count = reference.probabilities(text)
+        (scores,) = future.result(timeout=120)
+        assert np.abs(scores.probabilities - expected).max() < 1e-5
+        assert scores.token_count == token_count
+    assert computed_documents(engine) == 16
+    assert len(engine.batches) < 16  # requests really were computed together
+    for batch in engine.batches:
+        assert batch.padded_tokens <= 8192 and 0 <= batch.padding_ratio < 1
+        assert batch.compute_seconds > 0 and all(wait >= 0 for wait in batch.queue_seconds)
+
+
+def test_a_full_queue_refuses_at_once(engine_factory):
+    engine = engine_factory(max_queue_tokens=4 * MAX_LENGTH)
+    backlog = [engine.submit([text]) for text in LONG_TEXTS[:8]]
+    started = time.monotonic()
+    refused = engine.submit(LONG_TEXTS[8:12])
+    with pytest.raises(Overloaded, match="max_queue_tokens=2048"):
+        refused.result(timeout=1)
+    assert time.monotonic() - started < 0.5
+    answered = sum(1 for f in backlog if f.exception(timeout=120) is None)
+    assert answered >= 4  # what fitted was served; the overflow was refused, not silently dropped
+    assert all(isinstance(f.exception(), Overloaded) for f in backlog if f.exception() is not None)
+
+
+def test_expired_requests_are_never_computed(engine_factory):
+    engine = engine_factory()
+    backlog = engine.submit(LONG_TEXTS[:32])  # several batches of work ahead
+    late = engine.submit(LONG_TEXTS[32:36], deadline=time.monotonic() + 0.05)
+    with pytest.raises(DeadlineExceeded):
+        late.result(timeout=120)
+    assert len(backlog.result(timeout=300)) == 32
+    assert computed_documents(engine) == 32
+    assert sum(batch.expired for batch in engine.batches) >= 1
+
+
+def test_cancelled_requests_are_never_computed(engine_factory):
+    engine = engine_factory()
+    backlog = engine.submit(LONG_TEXTS[:32])
+    withdrawn = engine.submit(LONG_TEXTS[32:36])
+    assert withdrawn.cancel()
+    probe_calls = threading.Event()
+
+    def client_hung_up() -> bool:
+        probe_calls.set()
+        return True
+
+    hung_up = engine.submit(LONG_TEXTS[36:40], is_cancelled=client_hung_up)
+    with pytest.raises(Cancelled):
+        hung_up.result(timeout=120)
+    assert probe_calls.is_set()
+    assert len(backlog.result(timeout=300)) == 32
+    assert computed_documents(engine) == 32
+
+
+def test_stop_answers_everything_queued(engine_factory):
+    engine = engine_factory()
+    futures = [engine.submit([text]) for text in LONG_TEXTS[:6]]
+    engine.stop(drain_timeout_s=120)
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert not engine.is_healthy()
