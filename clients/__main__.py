@@ -102,49 +102,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
         print(f"cannot evaluate: {error}", file=sys.stderr)
         return 2
     if args.start_server is None:
-        return _evaluate_against(args, samples, _server_address(args))
-
-    # `make eval` from a fresh clone: no server is running, so start one on free loopback ports.
-    from server.launcher import ServerNotReady, TritonServer, free_loopback_ports, LaunchConfig
-
-    http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = LaunchConfig(
-        model_repository=args.start_server, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
-    )
-    server = TritonServer(config, log_path=args.out / "tritonserver.log")
-    print(f"starting tritonserver on {args.start_server} (log: {server.log_path}) ...", file=sys.stderr)
-    try:
-        server.start()
-    except (ServerNotReady, FileNotFoundError) as error:
-        print(f"server failed to start: {error}", file=sys.stderr)
+        address = _server_address(args)
+        served = _classify_labelled(args, samples, address)
+    else:
+        address, served = _classify_on_own_server(args, samples)
+    if served is None:
         return 1
-    try:
-        url = server.grpc_url if args.protocol == "grpc" else server.http_url
-        print(f"tritonserver ready in {server.startup_seconds:.1f} s at {url}", file=sys.stderr)
-        return _evaluate_against(args, samples, ServerAddress(url, args.protocol, args.model, args.timeout))
-    finally:
-        server.stop()
-
-
-def _evaluate_against(args: argparse.Namespace, samples, address: ServerAddress) -> int:
-    from clients import evaluation
-
+    answers, seconds = served
     url = address.url or DEFAULT_URLS[address.protocol]
-    with PatentClassifier(url, address.protocol, address.model, address.timeout_s) as probe:
-        if not probe.is_ready():
-            print(f"cannot evaluate: model {address.model!r} is not ready at {url} ({address.protocol}); "
-                  "start the server (make serve) or pass --start-server", file=sys.stderr)
-            return 1
-    started = time.perf_counter()
-    answers = []
-    with _progress(len(samples), enabled=not args.quiet, description="served") as progress:
-        for batch in classify_in_batches(
-            [sample.document for sample in samples], address, args.top_k, args.batch_size, args.concurrency
-        ):
-            answers.extend(batch)
-            progress.update(len(batch))
-    seconds = time.perf_counter() - started
     try:
         scored = evaluation.score_answers(
             samples, answers, args.top_k,
@@ -162,6 +127,53 @@ def _evaluate_against(args: argparse.Namespace, samples, address: ServerAddress)
         return 1
     _print_summary(scored.report, written)
     return 1 if scored.report.unanswered else 0
+
+
+def _classify_on_own_server(args: argparse.Namespace, samples) -> tuple[ServerAddress, tuple | None]:
+    """`make eval` from a fresh clone: no server is running, so start one on free loopback ports.
+
+    It is stopped as soon as the documents are answered, before the offline model loads: a 9B
+    model on one GPU has no room for a second copy."""
+    from server.launcher import LaunchConfig, ServerNotReady, TritonServer, free_loopback_ports
+
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = LaunchConfig(
+        model_repository=args.start_server, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port
+    )
+    server = TritonServer(config, log_path=args.out / "tritonserver.log")
+    url = server.grpc_url if args.protocol == "grpc" else server.http_url
+    address = ServerAddress(url, args.protocol, args.model, args.timeout)
+    print(f"starting tritonserver on {args.start_server} (log: {server.log_path}) ...", file=sys.stderr)
+    try:
+        server.start()
+    except (ServerNotReady, FileNotFoundError) as error:
+        print(f"server failed to start: {error}", file=sys.stderr)
+        return address, None
+    try:
+        print(f"tritonserver ready in {server.startup_seconds:.1f} s at {url}", file=sys.stderr)
+        return address, _classify_labelled(args, samples, address)
+    finally:
+        server.stop()
+
+
+def _classify_labelled(args: argparse.Namespace, samples, address: ServerAddress) -> tuple[list, float] | None:
+    """Every document's answer (or typed error) in input order, and the seconds it took."""
+    url = address.url or DEFAULT_URLS[address.protocol]
+    with PatentClassifier(url, address.protocol, address.model, address.timeout_s) as probe:
+        if not probe.is_ready():
+            print(f"cannot evaluate: model {address.model!r} is not ready at {url} ({address.protocol}); "
+                  "start the server (make serve) or pass --start-server", file=sys.stderr)
+            return None
+    started = time.perf_counter()
+    answers = []
+    with _progress(len(samples), enabled=not args.quiet, description="served") as progress:
+        for batch in classify_in_batches(
+            [sample.document for sample in samples], address, args.top_k, args.batch_size, args.concurrency
+        ):
+            answers.extend(batch)
+            progress.update(len(batch))
+    return answers, time.perf_counter() - started
 
 
 def _print_summary(report, written: list[Path]) -> None:
