@@ -60,33 +60,29 @@ def _progress(total: int, enabled: bool, description: str | None = None):
 
 
 def _server_address(args: argparse.Namespace) -> ServerAddress:
-    return ServerAddress(args.url, args.protocol, args.model, args.timeout)
+    return ServerAddress(args.url or DEFAULT_URLS[args.protocol], args.protocol, args.model, args.timeout)
 
 
 def classify_command(args: argparse.Namespace) -> int:
     source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     with source:
         records = list(_read_lines(source))
-    identifiers = [identifier for identifier, _ in records]
     output = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     failures = 0
     progress = _progress(len(records), enabled=args.input != "-" and not args.quiet)
     batches = classify_in_batches(
         [document for _, document in records], _server_address(args), args.top_k, args.batch_size, args.concurrency
     )
+    answers = (answer for batch in batches for answer in batch)
     with output:
-        position = 0
-        for answers in batches:
-            for answer in answers:
-                identifier = identifiers[position]
-                position += 1
-                if isinstance(answer, ServingError):
-                    failures += 1
-                    line = {"id": identifier, **_error_json(answer)}
-                else:
-                    line = {"id": identifier, **answer.to_json()}
-                output.write(json.dumps(line, ensure_ascii=False) + "\n")
-            progress.update(len(answers))
+        for (identifier, _), answer in zip(records, answers):
+            if isinstance(answer, ServingError):
+                failures += 1
+                line = {"id": identifier, **_error_json(answer)}
+            else:
+                line = {"id": identifier, **answer.to_json()}
+            output.write(json.dumps(line, ensure_ascii=False) + "\n")
+            progress.update(1)
     progress.close()
     if failures:
         print(f"{failures} of {len(records)} documents failed; see their \"error\" lines", file=sys.stderr)
@@ -109,11 +105,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if served is None:
         return 1
     answers, seconds = served
-    url = address.url or DEFAULT_URLS[address.protocol]
     try:
         scored = evaluation.score_answers(
             samples, answers, args.top_k,
-            input_name=str(args.input), model=address.model, server=f"{address.protocol} {url}", seconds=seconds,
+            input_name=str(args.input), model=address.model, server=f"{address.protocol} {address.url}", seconds=seconds,
         )
         offline_top1 = None
         if args.model_dir is not None:
@@ -159,10 +154,9 @@ def _classify_on_own_server(args: argparse.Namespace, samples) -> tuple[ServerAd
 
 def _classify_labelled(args: argparse.Namespace, samples, address: ServerAddress) -> tuple[list, float] | None:
     """Every document's answer (or typed error) in input order, and the seconds it took."""
-    url = address.url or DEFAULT_URLS[address.protocol]
-    with PatentClassifier(url, address.protocol, address.model, address.timeout_s) as probe:
+    with PatentClassifier(address.url, address.protocol, address.model, address.timeout_s) as probe:
         if not probe.is_ready():
-            print(f"cannot evaluate: model {address.model!r} is not ready at {url} ({address.protocol}); "
+            print(f"cannot evaluate: model {address.model!r} is not ready at {address.url} ({address.protocol}); "
                   "start the server (make serve) or pass --start-server", file=sys.stderr)
             return None
     started = time.perf_counter()
@@ -199,6 +193,7 @@ def _print_summary(report, written: list[Path]) -> None:
 
 def web_command(args: argparse.Namespace) -> int:
     """Run the Streamlit page; it calls the server through this client library."""
+    classifier = _server_address(args)
     env = dict(os.environ)
     # Streamlit puts only the script's own folder on sys.path; the page imports `clients` and `core`.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
@@ -211,13 +206,13 @@ def web_command(args: argparse.Namespace) -> int:
         "--server.fileWatcherType", "none",
         "--client.toolbarMode", "minimal",  # no "Deploy" button: this page is served here, not on Streamlit's cloud
         "--",
-        "--url", args.url or DEFAULT_URLS[args.protocol],
-        "--protocol", args.protocol,
-        "--model", args.model,
-        "--timeout", str(args.timeout),
+        "--url", classifier.url,
+        "--protocol", classifier.protocol,
+        "--model", classifier.model,
+        "--timeout", str(classifier.timeout_s),
     ]
-    print(f"web page: http://{args.address}:{args.port}  (classifier server: {args.protocol} "
-          f"{args.url or DEFAULT_URLS[args.protocol]})", file=sys.stderr, flush=True)
+    print(f"web page: http://{args.address}:{args.port}  (classifier server: {classifier.protocol} {classifier.url})",
+          file=sys.stderr, flush=True)
     # Become Streamlit, so that Ctrl-C and a supervisor's SIGTERM reach the page's process itself.
     os.execve(sys.executable, command, env)
     return 0  # not reached

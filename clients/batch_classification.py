@@ -19,7 +19,7 @@ Answer = Union[Classification, ServingError]
 
 @dataclass(frozen=True)
 class ServerAddress:
-    url: str | None = None  # None: the protocol's default port on 127.0.0.1
+    url: str  # host:port
     protocol: Protocol = "grpc"
     model: str = DEFAULT_MODEL
     timeout_s: float = 120.0
