@@ -11,9 +11,18 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup demo-models export serve test classify-example clean
+.PHONY: setup browser demo-models export serve test eval web classify-example clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# The browser tests drive Debian's chromium through Debian's chromedriver: no browser can be
+# downloaded here, so Playwright's or Selenium's own browser fetchers are never used.
+# Only runs apt when one of the two is missing; sudo only when not already root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
 
 # torch first, pinned: `pip install torch==2.13.0` takes the local CPU wheel (see README);
 # anything that pulled torch in later would fetch a multi-GB CUDA build.
@@ -40,8 +49,25 @@ serve: export
 	$(PY) -m server --model-repository $(REPOSITORY) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(PY) -m pytest
+
+# Accuracy report of the served model on a labelled file. With no EVAL_URL it exports the demo
+# model when needed and starts its own tritonserver on free loopback ports, then stops it.
+EVAL_INPUT ?= clients/examples/labelled_patents.jsonl
+EVAL_OUT ?= build/eval
+EVAL_URL ?=
+# The merged model folder, for the agreement with offline transformers; empty to skip that part.
+EVAL_MODEL_DIR ?= $(REPOSITORY)/$(MODEL)/1/model
+eval: $(if $(EVAL_URL),$(VENV)/.installed,export)
+	$(PY) -m clients evaluate --input $(EVAL_INPUT) --out $(EVAL_OUT) --model $(MODEL) \
+		$(if $(EVAL_URL),--url $(EVAL_URL),--start-server $(REPOSITORY)) \
+		$(if $(EVAL_MODEL_DIR),--model-dir $(EVAL_MODEL_DIR))
+
+# The try-a-patent page on http://127.0.0.1:$(WEB_PORT), calling the server of `make serve`.
+WEB_PORT ?= 8501
+web: $(VENV)/.installed
+	$(PY) -m clients web --url 127.0.0.1:$(GRPC_PORT) --port $(WEB_PORT)
 
 # With `make serve` running in another shell:
 classify-example: $(VENV)/.installed

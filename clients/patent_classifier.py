@@ -140,6 +140,8 @@ class PatentClassifier(_ClassifierBase):
             result = self._client.infer(self.model, inputs, outputs=outputs, **self._timeout_kwargs())
         except InferenceServerException as exc:
             raise typed_error(exc) from None
+        except OSError as exc:  # the HTTP transport raises plain socket errors (refused, reset, timed out)
+            raise ServerUnavailable(f"server unreachable at {self.url}: {exc}") from None
         return self._answers(result)
 
     def is_ready(self) -> bool:
@@ -173,6 +175,8 @@ class AsyncPatentClassifier(_ClassifierBase):
             result = await self._client.infer(self.model, inputs, outputs=outputs, **self._timeout_kwargs())
         except InferenceServerException as exc:
             raise typed_error(exc) from None
+        except OSError as exc:  # aiohttp's connection errors are OSErrors too
+            raise ServerUnavailable(f"server unreachable at {self.url}: {exc}") from None
         return self._answers(result)
 
     async def is_ready(self) -> bool:

@@ -4,6 +4,8 @@
     python -m export merge --base BASE_DIR --adapter ADAPTER_DIR --labels export/labels/kscst.tsv \\
         --name kscst-gemma2 --repository model_repository [--dtype float32|bfloat16]
     python -m export verify --base BASE_DIR --adapter ADAPTER_DIR --merged model_repository/kscst-gemma2/1/model
+    python -m export demo-labelled-set --model-dir model_repository/kscst-gemma2/1/model \\
+        --out clients/examples/labelled_patents.jsonl
 """
 from __future__ import annotations
 
@@ -63,6 +65,16 @@ def _verify(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(comparison), indent=2))
 
 
+def _demo_labelled_set(args: argparse.Namespace) -> None:
+    from collections import Counter
+
+    from export.demo_labelled_set import write_demo_labelled_set
+
+    rows = write_demo_labelled_set(args.model_dir, args.out, count=args.count, seed=args.seed)
+    sources = Counter(row.source for row in rows)
+    print(f"{len(rows)} labelled patents in {args.out}; label sources: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+
+
 def main(argv: list[str] | None = None) -> int:
     from export.merged_model_export import MERGE_TOLERANCE, MergeProofFailed
 
@@ -100,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--tolerance", type=float, default=MERGE_TOLERANCE)
     verify.add_argument("--proof-documents", type=int, default=16)
     verify.set_defaults(run=_verify)
+
+    labelled = commands.add_parser(
+        "demo-labelled-set", help="generate the labelled patents `make eval` measures the demo model on (see export/demo_labelled_set.py)"
+    )
+    labelled.add_argument("--model-dir", type=Path, required=True, help="the merged demo model folder")
+    labelled.add_argument("--out", type=Path, default=Path("clients/examples/labelled_patents.jsonl"))
+    labelled.add_argument("--count", type=int, default=120)
+    labelled.add_argument("--seed", type=int, default=2026)
+    labelled.set_defaults(run=_demo_labelled_set)
 
     args = parser.parse_args(argv)
     try:

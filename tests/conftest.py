@@ -6,7 +6,6 @@ it, so the suite tests the same path and needs nothing prepared beforehand.
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,23 +19,12 @@ from core.serving_config import ServingConfig
 from export.demo_models import DemoModelPaths, build_gemma2_demo
 from export.merged_model_export import MergeReport, merge_lora
 from export.triton_package import MERGED_MODEL_FOLDER, merged_model_dir, write_triton_model
-from server.launcher import LaunchConfig, TritonServer
+from server.launcher import LaunchConfig, TritonServer, free_loopback_ports as free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PATENTS = PROJECT_ROOT / "clients" / "examples" / "patents.jsonl"
 MODEL_NAME = "kscst-gemma2"
 MAX_LENGTH = 512
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def example_records() -> list[dict]:

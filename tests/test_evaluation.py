@@ -1,0 +1,159 @@
+"""`python -m clients evaluate` (what `make eval` runs): metrics on labelled files whose answers are
+known by construction, through the real tritonserver."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clients import PatentClassifier
+from core.synthetic_patents import synthetic_patents
+from export.demo_labelled_set import demo_labelled_rows
+from server.launcher import free_loopback_ports
+from tests.conftest import MODEL_NAME, PROJECT_ROOT
+
+SHIPPED_LABELLED_FILE = PROJECT_ROOT / "clients" / "examples" / "labelled_patents.jsonl"
+
+
+def run_evaluate(*arguments, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "clients", "evaluate", "--quiet", *map(str, arguments)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def write_labelled_file(path: Path, documents, labels: list[str]) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for index, (document, label) in enumerate(zip(documents, labels)):
+            handle.write(json.dumps({"id": f"case-{index}", "label": label, **document.model_dump()}, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_report(out_dir: Path) -> dict:
+    return json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
+
+
+def macro_f1_by_hand(true_labels: list[str], predicted: list[str]) -> float:
+    """The textbook definition, counted out here as a check independent of scikit-learn: F1 of each
+    class that occurs as a label or a prediction, averaged without weights (0 where undefined)."""
+    scores = []
+    for cls in set(true_labels) | set(predicted):
+        hits = sum(t == p == cls for t, p in zip(true_labels, predicted))
+        false_alarms = sum(p == cls != t for t, p in zip(true_labels, predicted))
+        misses = sum(t == cls != p for t, p in zip(true_labels, predicted))
+        scores.append(2 * hits / (2 * hits + false_alarms + misses) if hits else 0.0)
+    return sum(scores) / len(scores)
+
+
+@pytest.fixture(scope="module")
+def ranked_answers(server):
+    """Ten short patents and the server's ten most likely classes for each."""
+    documents = synthetic_patents(10, seed=31, long_share=0.0)
+    with PatentClassifier(server.grpc_url, protocol="grpc", model=MODEL_NAME) as classifier:
+        answers = classifier.classify_batch(documents, top_k=10)
+    return documents, [[score.code for score in answer.labels] for answer in answers]
+
+
+def test_report_on_a_file_with_known_answers(server, exported, ranked_answers, tmp_path):
+    documents, ranked = ranked_answers
+    # Five labelled with the served top class (right), three with its second (wrong, but in the
+    # top 5), two with its tenth (wrong, outside the top 5).
+    labels = [codes[0] for codes in ranked[:5]] + [codes[1] for codes in ranked[5:8]] + [codes[9] for codes in ranked[8:]]
+    labelled = write_labelled_file(tmp_path / "known.jsonl", documents, labels)
+    out = tmp_path / "report"
+
+    result = run_evaluate(
+        "--input", labelled, "--out", out, "--url", server.grpc_url, "--model", MODEL_NAME,
+        "--top-k", 5, "--batch-size", 3, "--concurrency", 2, "--model-dir", exported.merged_dir,
+    )
+
+    assert result.returncode == 0, result.stderr
+    report = read_report(out)
+    served_top1 = [codes[0] for codes in ranked]
+    assert (report["documents"], report["answered"], report["unanswered"]) == (10, 10, [])
+    assert report["accuracy"] == pytest.approx(5 / 10)
+    assert report["top_k"] == 5 and report["top_k_accuracy"] == pytest.approx(8 / 10)
+    assert report["macro_f1"] == pytest.approx(macro_f1_by_hand(labels, served_top1))
+    assert report["classes"] == sorted(set(labels) | set(served_top1))
+    assert {code: entry["support"] for code, entry in report["per_class"].items() if entry["support"]} == Counter(labels)
+    matrix = report["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 10 and sum(matrix[i][i] for i in range(len(matrix))) == 5
+    # The same merged model offline answers as the server does.
+    assert report["offline"]["top1_agreement"] == 1.0
+    assert report["offline"]["offline_accuracy"] == pytest.approx(5 / 10)
+    assert report["offline"]["max_probability_difference"] < 1e-5
+
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [line["correct"] for line in predictions] == [True] * 5 + [False] * 5
+    assert [line["predicted"] for line in predictions] == [codes[:5] for codes in ranked]
+    with Image.open(out / "confusion_matrix.png") as picture:
+        assert picture.format == "PNG" and min(picture.size) >= 400
+    text_report = (out / "classification_report.txt").read_text(encoding="utf-8")
+    assert all(code in text_report for code in report["classes"])
+    assert "accuracy          0.5000" in result.stdout and "top-5 accuracy    0.8000" in result.stdout
+
+
+def test_a_file_labelled_with_the_served_answers_scores_one_over_http(server, ranked_answers, tmp_path):
+    documents, ranked = ranked_answers
+    labelled = write_labelled_file(tmp_path / "perfect.jsonl", documents, [codes[0] for codes in ranked])
+
+    result = run_evaluate("--input", labelled, "--out", tmp_path / "out", "--url", server.http_url, "--protocol", "http", "--top-k", 1)
+
+    assert result.returncode == 0, result.stderr
+    report = read_report(tmp_path / "out")
+    assert (report["accuracy"], report["macro_f1"], report["top_k_accuracy"]) == (1.0, 1.0, 1.0)
+    assert report["offline"] is None and report["server"] == f"http {server.http_url}"
+
+
+def test_make_eval_path_on_the_shipped_file_gives_the_documented_numbers(exported, tmp_path):
+    """`make eval` starts its own server; on the shipped file a served model equal to the offline
+    one scores exactly the shares the generator documents."""
+    prefix = 20  # row i of the generator does not depend on the file's length
+    rows = demo_labelled_rows(exported.merged_dir, count=prefix)
+    shipped = [json.loads(line) for line in SHIPPED_LABELLED_FILE.read_text(encoding="utf-8").splitlines()[:prefix]]
+    assert [row.record for row in rows] == shipped, "the shipped file is not what `python -m export demo-labelled-set` writes"
+    sources = Counter(row.source for row in rows)
+    assert set(sources) == {"model", "near_miss", "wrong"}
+    labelled = tmp_path / "prefix.jsonl"
+    labelled.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in shipped), encoding="utf-8")
+
+    result = run_evaluate(
+        "--input", labelled, "--out", tmp_path / "out", "--start-server", exported.repository, "--model", MODEL_NAME,
+    )
+
+    assert result.returncode == 0, result.stderr
+    report = read_report(tmp_path / "out")
+    assert report["accuracy"] == pytest.approx(sources["model"] / prefix)
+    assert report["top_k_accuracy"] == pytest.approx((sources["model"] + sources["near_miss"]) / prefix)
+    assert "tritonserver ready" in result.stderr and (tmp_path / "out" / "tritonserver.log").stat().st_size > 0
+
+
+def test_a_bad_labelled_line_is_named_before_anything_is_sent(tmp_path):
+    document = synthetic_patents(1, seed=1, long_share=0.0)[0].model_dump()
+    labelled = tmp_path / "bad.jsonl"
+    labelled.write_text(
+        json.dumps({"label": "KSCST-001", **document}, ensure_ascii=False) + "\n" + json.dumps(document, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
+    (unused_port,) = free_loopback_ports(1)
+
+    result = run_evaluate("--input", labelled, "--out", tmp_path / "out", "--url", f"127.0.0.1:{unused_port}")
+
+    assert result.returncode == 2
+    assert "bad.jsonl line 2.label: required" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluating_against_a_server_that_is_down_says_so(tmp_path):
+    labelled = write_labelled_file(tmp_path / "one.jsonl", synthetic_patents(1, seed=1, long_share=0.0), ["KSCST-001"])
+    (unused_port,) = free_loopback_ports(1)
+
+    result = run_evaluate("--input", labelled, "--out", tmp_path / "out", "--url", f"127.0.0.1:{unused_port}")
+
+    assert result.returncode == 1
+    assert f"is not ready at 127.0.0.1:{unused_port}" in result.stderr

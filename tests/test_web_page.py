@@ -1,0 +1,149 @@
+"""The try-a-patent page (`make web`) in headless Chromium, as a person uses it: type a patent,
+press the button, read the answer. Debian's chromium and chromedriver (installed by `make setup`),
+driven with Selenium; the page talks to the real tritonserver through the client library."""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from core.patent_document import PatentDocument
+from server.launcher import free_loopback_ports
+from tests.conftest import MODEL_NAME, PROJECT_ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+# Headless in a container as root: no sandbox, no GPU. The rest stop Chromium from calling out
+# (the machine reaches no network; as root, connections were refused without them).
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,1800",
+]
+PAGE_START_TIMEOUT_S = 60
+ANSWER_TIMEOUT_S = 60
+
+PATENT = PatentDocument(
+    ipc=["G06F 16/35", "G06N 3/08"],
+    title="특허 문서를 분류하는 장치 및 그 방법",
+    abstract="본 발명은 특허 문서의 청구범위와 요약을 입력받아 과학기술표준분류 코드를 추정하는 장치에 관한 것이다.",
+    claims=["1. 특허 문서를 입력받는 입력부와 분류 코드를 출력하는 분류부를 포함하는 장치.", "2. 제1항에 있어서, 상기 분류부는 신경망 계층을 포함하는 장치."],
+)
+
+
+@contextlib.contextmanager
+def running_page(classifier_url: str, log_path: Path):
+    """`python -m clients web` on a free loopback port, stopped afterwards."""
+    (port,) = free_loopback_ports(1)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "clients", "web", "--url", classifier_url, "--model", MODEL_NAME, "--port", str(port)],
+            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + PAGE_START_TIMEOUT_S
+        while not _page_is_healthy(base_url):
+            if process.poll() is not None:
+                raise RuntimeError(f"the page exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the page did not answer on {base_url} within {PAGE_START_TIMEOUT_S} s")
+            time.sleep(0.25)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _page_is_healthy(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/_stcore/health", timeout=2) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    # The system chromedriver, given explicitly, so Selenium never tries to fetch one.
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def fill_and_submit(browser, base_url: str, document: PatentDocument) -> None:
+    browser.get(base_url)
+    wait = WebDriverWait(browser, PAGE_START_TIMEOUT_S)
+    wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, ".st-key-claims textarea"))
+    values = {
+        ".st-key-ipc input": "; ".join(document.ipc),
+        ".st-key-title input": document.title,
+        ".st-key-abstract textarea": document.abstract,
+        ".st-key-claims textarea": "\n".join(document.claims),
+    }
+    for selector, value in values.items():
+        field = browser.find_element(By.CSS_SELECTOR, selector)
+        field.send_keys(value)
+        assert field.get_attribute("value") == value, f"{selector} did not take the typed text"
+    button = next(b for b in browser.find_elements(By.CSS_SELECTOR, "button") if "Classify" in b.text)
+    button.click()
+
+
+def text_of(browser, selector: str, timeout_s: float = ANSWER_TIMEOUT_S) -> str:
+    WebDriverWait(browser, timeout_s).until(lambda page: page.find_elements(By.CSS_SELECTOR, selector))
+    return browser.find_element(By.CSS_SELECTOR, selector).text
+
+
+@pytest.fixture(scope="module")
+def page_on_server(server, tmp_path_factory):
+    with running_page(server.grpc_url, tmp_path_factory.mktemp("web") / "page.log") as base_url:
+        yield base_url
+
+
+def test_typed_patent_shows_top_class_bars_and_token_count(browser, page_on_server, reference):
+    expected, token_count = reference.probabilities(PATENT.render())
+    ranked = [reference.labels[int(index)] for index in (-expected).argsort(kind="stable")[:5]]
+
+    fill_and_submit(browser, page_on_server, PATENT)
+
+    top_class = text_of(browser, ".st-key-top-class")
+    assert ranked[0].code in top_class and ranked[0].name in top_class
+    bars = browser.find_elements(By.CSS_SELECTOR, ".st-key-classes [data-testid='stProgress']")
+    assert len(bars) == 5
+    bar_texts = [bar.text for bar in bars]
+    assert [next(label.code for label in ranked if label.code in text) for text in bar_texts] == [label.code for label in ranked]
+    assert f"{expected.max():.1%}" in bar_texts[0]
+    assert text_of(browser, ".st-key-tokens") == f"Tokens read: {token_count} · Truncated: no: the model read the whole patent"
+    assert "not reachable" not in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_page_says_clearly_when_the_server_is_down(browser, tmp_path):
+    (nobody_listens,) = free_loopback_ports(1)
+    with running_page(f"127.0.0.1:{nobody_listens}", tmp_path / "page.log") as base_url:
+        fill_and_submit(browser, base_url, PATENT)
+
+        answer = text_of(browser, ".st-key-answer [data-testid='stAlert']")
+        banner = text_of(browser, ".st-key-server-status")
+        assert f"The classifier server is not reachable at 127.0.0.1:{nobody_listens}" in answer
+        assert "make serve" in answer
+        assert f"not reachable at 127.0.0.1:{nobody_listens}" in banner
+        assert not browser.find_elements(By.CSS_SELECTOR, ".st-key-top-class")
