@@ -11,7 +11,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser demo-models export serve test eval web classify-example clean
+.PHONY: setup browser demo-models export serve test eval web classify-example bench-batching clean
 
 setup: $(VENV)/.installed browser
 
@@ -68,6 +68,10 @@ eval: $(if $(EVAL_URL),$(VENV)/.installed,export)
 WEB_PORT ?= 8501
 web: $(VENV)/.installed
 	$(PY) -m clients web --url 127.0.0.1:$(GRPC_PORT) --port $(WEB_PORT)
+
+# Continuous batching vs Triton's dynamic batcher alone vs batch-1, one server, one run.
+bench-batching: export
+	$(PY) -m benchmarks.batching_comparison --merged-model $(REPOSITORY)/$(MODEL)/1/model
 
 # With `make serve` running in another shell:
 classify-example: $(VENV)/.installed

@@ -18,7 +18,7 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from core import protocol
-from core.errors import ErrorKind, InvalidInput, ServerUnavailable, ServingError, error_from_kind
+from core.errors import DeadlineExceeded, ErrorKind, InvalidInput, ServerUnavailable, ServingError, error_from_kind
 from core.patent_document import PatentDocument
 
 Document = Union[PatentDocument, Mapping, str]
@@ -98,16 +98,26 @@ class _ClassifierBase:
         self.timeout_s = timeout_s
         self._types, client_module = _transport(protocol, asynchronous)
         self._client = client_module.InferenceServerClient(self.url, **self._connection_timeouts(asynchronous))
+        self._batched: bool | None = None  # learnt from the model's configuration on first use
 
-    def _request(self, documents: Sequence[Document], top_k: int | None) -> tuple[list, list]:
+    def _request(self, documents: Sequence[Document], top_k: int | None, batched: bool) -> tuple[list, list]:
         name, elements = _encode_documents(documents)
-        inputs = [self._types.InferInput(name, [len(elements)], "BYTES")]
-        inputs[0].set_data_from_numpy(elements)
+        # A model whose config.pbtxt lets Triton batch (max_batch_size > 0) takes a leading batch
+        # dimension; ours leaves it off (the engine batches), the dynamic-batcher baseline has it.
+        lead = [1] if batched else []
+        inputs = [self._types.InferInput(name, lead + [len(elements)], "BYTES")]
+        inputs[0].set_data_from_numpy(elements.reshape(lead + [len(elements)]))
         if top_k is not None:
-            inputs.append(self._types.InferInput(protocol.TOP_K, [1], "INT32"))
-            inputs[-1].set_data_from_numpy(np.array([top_k], dtype=np.int32))
+            inputs.append(self._types.InferInput(protocol.TOP_K, lead + [1], "INT32"))
+            inputs[-1].set_data_from_numpy(np.array([top_k], dtype=np.int32).reshape(lead + [1]))
         outputs = [self._types.InferRequestedOutput(name) for name, _, _ in protocol.OUTPUT_TENSORS]
         return inputs, outputs
+
+    @staticmethod
+    def _has_batch_dimension(model_config) -> bool:
+        config = model_config.get("config", model_config) if isinstance(model_config, dict) else model_config.config
+        value = config.get("max_batch_size", 0) if isinstance(config, dict) else config.max_batch_size
+        return int(value) > 0
 
     def _connection_timeouts(self, asynchronous: bool) -> dict:
         if self.protocol == "grpc":
@@ -117,12 +127,15 @@ class _ClassifierBase:
         return {"connection_timeout": self.timeout_s, "network_timeout": self.timeout_s}
 
     def _timeout_kwargs(self) -> dict:
-        # gRPC takes a per-call deadline in seconds; HTTP's connection timeouts are set on the client.
-        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        # "timeout" (microseconds) travels with the request: the server drops the work if it is
+        # still queued by then. gRPC also gets a call deadline; HTTP's timeouts are on the client.
+        request_timeout = {"timeout": int(self.timeout_s * 1e6)}
+        return {**request_timeout, "client_timeout": self.timeout_s} if self.protocol == "grpc" else request_timeout
 
     @staticmethod
-    def _answers(result) -> list[protocol.Classification]:
-        return protocol.decode_answer({name: result.as_numpy(name) for name, _, _ in protocol.OUTPUT_TENSORS})
+    def _answers(result, batched: bool) -> list[protocol.Classification]:
+        tensors = {name: result.as_numpy(name) for name, _, _ in protocol.OUTPUT_TENSORS}
+        return protocol.decode_answer({name: value[0] if batched else value for name, value in tensors.items()})
 
 
 class PatentClassifier(_ClassifierBase):
@@ -135,14 +148,18 @@ class PatentClassifier(_ClassifierBase):
         return self.classify_batch([document], top_k)[0]
 
     def classify_batch(self, documents: Sequence[Document], top_k: int | None = None) -> list[protocol.Classification]:
-        inputs, outputs = self._request(documents, top_k)
         try:
+            if self._batched is None:
+                self._batched = self._has_batch_dimension(self._client.get_model_config(self.model))
+            inputs, outputs = self._request(documents, top_k, self._batched)
             result = self._client.infer(self.model, inputs, outputs=outputs, **self._timeout_kwargs())
         except InferenceServerException as exc:
             raise typed_error(exc) from None
-        except OSError as exc:  # the HTTP transport raises plain socket errors (refused, reset, timed out)
+        except TimeoutError:  # the HTTP transport's own timeout: no answer within timeout_s
+            raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s} s") from None
+        except OSError as exc:  # the HTTP transport raises plain socket errors (refused, reset)
             raise ServerUnavailable(f"server unreachable at {self.url}: {exc}") from None
-        return self._answers(result)
+        return self._answers(result, self._batched)
 
     def is_ready(self) -> bool:
         try:
@@ -170,14 +187,18 @@ class AsyncPatentClassifier(_ClassifierBase):
         return (await self.classify_batch([document], top_k))[0]
 
     async def classify_batch(self, documents: Sequence[Document], top_k: int | None = None) -> list[protocol.Classification]:
-        inputs, outputs = self._request(documents, top_k)
         try:
+            if self._batched is None:
+                self._batched = self._has_batch_dimension(await self._client.get_model_config(self.model))
+            inputs, outputs = self._request(documents, top_k, self._batched)
             result = await self._client.infer(self.model, inputs, outputs=outputs, **self._timeout_kwargs())
         except InferenceServerException as exc:
             raise typed_error(exc) from None
+        except TimeoutError:  # aiohttp's total timeout: no answer within timeout_s
+            raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s} s") from None
         except OSError as exc:  # aiohttp's connection errors are OSErrors too
             raise ServerUnavailable(f"server unreachable at {self.url}: {exc}") from None
-        return self._answers(result)
+        return self._answers(result, self._batched)
 
     async def is_ready(self) -> bool:
         try:

@@ -69,6 +69,11 @@ _ERROR_TYPES: dict[ErrorKind, type[ServingError]] = {
 
 def error_from_kind(kind: ErrorKind, message: str) -> ServingError:
     """Rebuild the typed error a server reported (used by the client's status mapping)."""
+    if kind is ErrorKind.UNAVAILABLE:
+        # The server names kinds that share the UNAVAILABLE status in front of the message.
+        for named in (ErrorKind.OVERLOADED, ErrorKind.DEADLINE_EXCEEDED):
+            if message.startswith(f"{named.value}: "):
+                return _ERROR_TYPES[named](message[len(named.value) + 2 :])
     if kind is ErrorKind.INVALID_INPUT:
         # The server always words these "field: problem", so the field survives the trip.
         field, _, problem = message.partition(": ")

@@ -97,9 +97,15 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_l
     return encoded  # type: ignore[return-value]
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` for one forward pass."""
-    width = max(len(ids) for ids in sequences)
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device, multiple_of: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` for one forward pass.
+
+    ``multiple_of`` rounds the width up so a compiled model (FlexAttention, CUDA graphs) sees a
+    few length buckets instead of a new shape, and a new compilation, per batch."""
+    longest = max(len(ids) for ids in sequences)
+    width = -(-longest // multiple_of) * multiple_of
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, ids in enumerate(sequences):

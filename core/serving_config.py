@@ -36,6 +36,9 @@ class ServingConfig(BaseModel):
         "triton_dynamic: each execute() runs what Triton's dynamic batcher handed it, then returns. "
         "none: one request per execute(). The last two exist to measure the first against.",
     )
+    pad_to_multiple_of: int = Field(
+        1, ge=1, le=512, description="round batch widths up to this many tokens (64 on GPU: few compiled shapes)"
+    )
     attention: Literal["auto", "eager", "sdpa", "flex_attention"] = Field(
         "auto", description="auto: the fastest implementation that is exact for the model on this device"
     )

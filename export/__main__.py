@@ -36,6 +36,8 @@ def _merge(args: argparse.Namespace) -> None:
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size,
+        max_queue_tokens=args.max_queue_tokens,
+        batching=args.batching,
         device=args.serve_device,
         dtype=args.serve_dtype,
     )
@@ -96,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--max-length", type=int, default=512, help="tokens per document; longer input is truncated")
     merge.add_argument("--max-batch-tokens", type=int, default=16384)
     merge.add_argument("--max-batch-size", type=int, default=64)
+    merge.add_argument("--max-queue-tokens", type=int, default=262144, help="queued tokens before requests are refused as overloaded")
+    merge.add_argument(
+        "--batching", choices=["engine", "triton_dynamic", "none"], default="engine",
+        help="engine: continuous token-budget batching (production); the others are baselines to measure it against",
+    )
     merge.add_argument("--proof-documents", type=int, default=16)
     merge.add_argument("--device", default="cpu", help="device for the merge and its proof (cpu, cuda)")
     merge.add_argument("--serve-device", choices=["auto", "cpu", "cuda"], default="auto", help="device the server runs the model on")

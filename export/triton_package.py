@@ -44,8 +44,9 @@ def config_pbtxt(name: str, config: ServingConfig) -> str:
         'backend: "python"\n'
         # The engine batches across requests by tokens, so Triton must not batch or split them:
         # each request reaches execute() as it arrives and is answered through its response sender.
-        # (Tensors carry a document dimension of their own, so Triton's batch dimension stays off.)
-        "max_batch_size: 0\n"
+        # (Tensors carry a document dimension of their own, so Triton's batch dimension stays off,
+        # except for the dynamic-batcher baseline, which needs it to batch at all.)
+        f"max_batch_size: {config.max_batch_size if config.batching == 'triton_dynamic' else 0}\n"
         + _tensor_block("input", protocol.INPUT_TENSORS, optional=True)
         + _tensor_block("output", protocol.OUTPUT_TENSORS, optional=False)
         + _scheduling_block(config)

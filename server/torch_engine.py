@@ -218,7 +218,9 @@ class TorchEngine(ClassificationEngine):
             live = [d for d in documents if not d.submission.future.done()]
             if not live:
                 continue
-            input_ids, attention_mask = pad_batch([d.encoded.token_ids for d in live], self._pad_token_id, self._device)
+            input_ids, attention_mask = pad_batch(
+                [d.encoded.token_ids for d in live], self._pad_token_id, self._device, self.config.pad_to_multiple_of
+            )
             dropped = len(scheduled.dropped) + len(documents) - len(live)
             self._prepared.put(_PreparedBatch(live, input_ids, attention_mask, scheduled, dropped))
 
@@ -234,7 +236,8 @@ class TorchEngine(ClassificationEngine):
         keep = [row for row, d in enumerate(batch.documents) if not d.submission.future.done()]
         if len(keep) < len(batch.documents):  # expired, cancelled or failed while the batch waited its turn
             batch.documents = [batch.documents[row] for row in keep]
-            width = int(batch.attention_mask[keep].sum(dim=1).max()) if keep else 0
+            longest, multiple = int(batch.attention_mask[keep].sum(dim=1).max()) if keep else 0, self.config.pad_to_multiple_of
+            width = -(-longest // multiple) * multiple
             batch.input_ids, batch.attention_mask = batch.input_ids[keep, :width], batch.attention_mask[keep, :width]
         if not batch.documents:
             return

@@ -24,6 +24,7 @@ from server.launcher import LaunchConfig, TritonServer, free_loopback_ports as f
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PATENTS = PROJECT_ROOT / "clients" / "examples" / "patents.jsonl"
 MODEL_NAME = "kscst-gemma2"
+TIGHT_MODEL_NAME = "kscst-gemma2-tight-queue"
 MAX_LENGTH = 512
 
 
@@ -54,6 +55,10 @@ def exported(demo_models, tmp_path_factory) -> Export:
     # Small batches keep several forward passes per test, so requests really share them.
     config = ServingConfig(model_dir=Path(MERGED_MODEL_FOLDER), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu")
     write_triton_model(repository, MODEL_NAME, config)
+    # The same weights behind a queue that holds two full-length patents and computes them one
+    # at a time: admission control and deadlines become observable with a handful of requests.
+    tight = config.model_copy(update={"model_dir": merged_dir, "max_batch_tokens": MAX_LENGTH, "max_queue_tokens": 2 * MAX_LENGTH})
+    write_triton_model(repository, TIGHT_MODEL_NAME, tight)
     return Export(demo_models, repository, merged_dir, report)
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from core import protocol
@@ -65,10 +66,14 @@ class TritonPythonModel:
             scores = self.engine.submit(texts).result() if texts else []
         except ServingError as error:
             return [response or _error_response(error) for response in responses]
+        # Under Triton's dynamic batcher every tensor has Triton's leading batch dimension (of 1).
+        batched = self.config.batching == "triton_dynamic"
         start = 0
         for position, request in decoded.items():
             tensors = protocol.encode_answer(scores[start : start + len(request.texts)], self.labels, request.top_k)
-            responses[position] = pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in tensors.items()])
+            responses[position] = pb_utils.InferenceResponse(
+                [pb_utils.Tensor(name, value[np.newaxis] if batched else value) for name, value in tensors.items()]
+            )
             start += len(request.texts)
         return responses
 
@@ -127,5 +132,11 @@ def _triton_error_code(kind: ErrorKind):
     }[kind]
 
 
+# Kinds that share Triton's UNAVAILABLE code travel with their name in front of the message,
+# so clients can still tell "retry later" (overloaded) from "too late" (deadline) apart.
+_NAMED_KINDS = (ErrorKind.OVERLOADED, ErrorKind.DEADLINE_EXCEEDED)
+
+
 def _error_response(error: ServingError):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(error.message, _triton_error_code(error.kind)))
+    message = f"{error.kind.value}: {error.message}" if error.kind in _NAMED_KINDS else error.message
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, _triton_error_code(error.kind)))
