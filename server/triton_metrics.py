@@ -38,7 +38,7 @@ FAMILIES = {
     "pc_request_count": ("COUNTER", "Classification requests received (each holds one or more documents)", None),
     "pc_request_success": ("COUNTER", "Requests answered with scores", None),
     "pc_request_failure": ("COUNTER", "Requests answered with an error, by err: " + ", ".join(k.value for k in ErrorKind), None),
-    "pc_request_duration": ("HISTOGRAM", "Seconds from execute() receiving a request to its answer being sent", DURATION_BUCKETS),
+    "pc_request_duration": ("HISTOGRAM", "Seconds from execute() receiving a request until its answer is ready to send", DURATION_BUCKETS),
     "pc_request_queue_duration": ("HISTOGRAM", "Seconds a document waited from submit to the start of its forward pass", DURATION_BUCKETS),
     "pc_tokenization_duration": ("COUNTER", "Seconds spent tokenizing the documents that were computed (divide by pc_documents)", None),
     "pc_documents": ("COUNTER", "Documents computed in a forward pass", None),
