@@ -11,9 +11,9 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser demo-models export serve test eval web classify-example bench-batching clean
+.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench-batching clean
 
-setup: $(VENV)/.installed browser
+setup: $(VENV)/.installed browser prometheus
 
 # The browser tests drive Debian's chromium through Debian's chromedriver: no browser can be
 # downloaded here, so Playwright's or Selenium's own browser fetchers are never used.
@@ -22,6 +22,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
+
+# Debian's prometheus (2.42, with promtool) for `make monitor` and the monitoring tests. Only the
+# binaries are used, with the project's own config and data folder: never the system service.
+prometheus:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; \
 	fi
 
 # torch first, pinned: `pip install torch==2.13.0` takes the local CPU wheel (see README);
@@ -49,8 +56,14 @@ serve: export
 	$(PY) -m server --model-repository $(REPOSITORY) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed browser prometheus
 	$(PY) -m pytest
+
+# Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) scraping the server of `make serve` (run that first,
+# in another shell), with monitoring/prometheus.yml and monitoring/alerts.yml; data in build/prometheus.
+PROMETHEUS_PORT ?= 9090
+monitor: $(VENV)/.installed prometheus
+	$(PY) -m server.prometheus_monitor --triton-metrics 127.0.0.1:$(METRICS_PORT) --port $(PROMETHEUS_PORT) --data build/prometheus
 
 # Accuracy report of the served model on a labelled file. With no EVAL_URL it exports the demo
 # model when needed and starts its own tritonserver on free loopback ports, then stops it.

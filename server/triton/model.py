@@ -20,6 +20,7 @@ from core import protocol
 from core.errors import ErrorKind, ServingError
 from core.serving_config import ServingConfig
 from server.engines import build_engine
+from server.triton_metrics import TritonModelMetrics
 
 _STOP = object()
 
@@ -34,6 +35,8 @@ class TritonPythonModel:
         self.engine = build_engine(self.config)
         self.engine.start()
         self.labels = self.engine.labels
+        self.metrics = TritonModelMetrics(pb_utils, args["model_name"], self.labels.codes, self.engine)
+        self.engine.observe_batches(self.metrics.batch)
         self.answers = queue.Queue()
         self.answer_thread = threading.Thread(target=self._send_answers, name="triton-answers", daemon=True)
         self.answer_thread.start()
@@ -42,35 +45,45 @@ class TritonPythonModel:
         if self.config.batching != "engine":
             return self._execute_synchronously(requests)
         for request in requests:
+            received = time.monotonic()
+            self.metrics.request_received()
             sender = request.get_response_sender()
             try:
                 decoded = self._decode(request)
                 future = self.engine.submit(decoded.texts, self._deadline(request), sender.is_cancelled)
             except ServingError as error:
+                self.metrics.failed(error.kind, time.monotonic() - received)
                 sender.send(_error_response(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            future.add_done_callback(lambda done, s=sender, k=decoded.top_k: self.answers.put((s, done, k)))
+            future.add_done_callback(lambda done, s=sender, k=decoded.top_k, t=received: self.answers.put((s, done, k, t)))
         return None
 
     def _execute_synchronously(self, requests):
         """Baselines only: compute exactly the requests Triton handed us, as one engine submission,
         and return their responses, as a model without an engine of its own would."""
+        received = time.monotonic()
         decoded, responses = {}, [None] * len(requests)
         for position, request in enumerate(requests):
+            self.metrics.request_received()
             try:
                 decoded[position] = self._decode(request)
             except ServingError as error:
+                self.metrics.failed(error.kind, time.monotonic() - received)
                 responses[position] = _error_response(error)
         texts = [text for request in decoded.values() for text in request.texts]
         try:
             scores = self.engine.submit(texts).result() if texts else []
         except ServingError as error:
+            for _ in decoded:
+                self.metrics.failed(error.kind, time.monotonic() - received)
             return [response or _error_response(error) for response in responses]
         # Under Triton's dynamic batcher every tensor has Triton's leading batch dimension (of 1).
         batched = self.config.batching == "triton_dynamic"
         start = 0
         for position, request in decoded.items():
-            tensors = protocol.encode_answer(scores[start : start + len(request.texts)], self.labels, request.top_k)
+            answer = scores[start : start + len(request.texts)]
+            self.metrics.answered(answer, time.monotonic() - received)
+            tensors = protocol.encode_answer(answer, self.labels, request.top_k)
             responses[position] = pb_utils.InferenceResponse(
                 [pb_utils.Tensor(name, value[np.newaxis] if batched else value) for name, value in tensors.items()]
             )
@@ -94,21 +107,26 @@ class TritonPythonModel:
 
     def _send_answers(self):
         while (item := self.answers.get()) is not _STOP:
-            sender, future, top_k = item
+            sender, future, top_k, received = item
             try:
-                tensors = protocol.encode_answer(future.result(), self.labels, top_k)
+                scores = future.result()
+                tensors = protocol.encode_answer(scores, self.labels, top_k)
                 response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
+                self.metrics.answered(scores, time.monotonic() - received)
             except ServingError as error:
                 response = _error_response(error)
+                self.metrics.failed(error.kind, time.monotonic() - received)
             except Exception as error:  # never leave a client waiting on an answer we failed to build
                 log.exception("building an answer failed")
                 response = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {error}", pb_utils.TritonError.INTERNAL))
+                self.metrics.failed(ErrorKind.ENGINE_FAILURE, time.monotonic() - received)
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
         self.engine.stop()
         self.answers.put(_STOP)
         self.answer_thread.join(timeout=30)
+        self.metrics.stop()
 
 
 def _input(request, name):

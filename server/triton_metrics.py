@@ -1,0 +1,167 @@
+"""The served model's own Prometheus metrics, through Triton's custom-metrics API, so they appear
+on Triton's metrics port beside ``nv_inference_*``; names follow TEI's ``te_*`` vocabulary with
+our prefix ``pc_`` (patent classifier). Every series carries the ``model`` label.
+
+Each update is an IPC round trip from the Python stub to tritonserver, so nothing here runs on
+the engine's threads or on ``execute``: callers put events on a queue and one ``triton-metrics``
+thread applies them (as Triton's vllm_backend does with its stat logger). The same thread samples
+the queue depth and the engine's health once a second, so the gauges move even when no batch runs.
+
+``pb_utils`` is passed in rather than imported: ``MetricFamily`` exists on the module only once
+the stub has initialized, and passing it keeps this module importable (and testable) outside Triton.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from core.engine import BatchStats, ClassificationEngine, DocumentScores
+from core.errors import ErrorKind
+
+log = logging.getLogger("patent_classifier.metrics")
+
+# Seconds: sub-millisecond CPU queues up to a 9B model's minute-long backlog.
+DURATION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+TOKEN_BUCKETS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+RATIO_BUCKETS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+
+SAMPLE_INTERVAL_S = 1.0
+
+# (name, kind, help, buckets); kinds are pb_utils.MetricFamily attribute names.
+FAMILIES = {
+    "pc_request_count": ("COUNTER", "Classification requests received (each holds one or more documents)", None),
+    "pc_request_success": ("COUNTER", "Requests answered with scores", None),
+    "pc_request_failure": ("COUNTER", "Requests answered with an error, by err: " + ", ".join(k.value for k in ErrorKind), None),
+    "pc_request_duration": ("HISTOGRAM", "Seconds from execute() receiving a request until its answer is ready to send", DURATION_BUCKETS),
+    "pc_request_queue_duration": ("HISTOGRAM", "Seconds a document waited from submit to the start of its forward pass", DURATION_BUCKETS),
+    "pc_tokenization_duration": ("COUNTER", "Seconds spent tokenizing the documents that were computed (divide by pc_documents)", None),
+    "pc_documents": ("COUNTER", "Documents computed in a forward pass", None),
+    "pc_request_truncated": ("COUNTER", "Documents longer than max_length, cut before classification", None),
+    "pc_predictions": ("COUNTER", "Documents whose most likely class was this label", None),
+    "pc_batch_next_size": ("HISTOGRAM", "Documents per forward pass", SIZE_BUCKETS),
+    "pc_batch_next_tokens": ("HISTOGRAM", "Real (unpadded) tokens per forward pass", TOKEN_BUCKETS),
+    "pc_batch_padded_tokens": ("HISTOGRAM", "Tokens a forward pass computed, padding included (width x documents)", TOKEN_BUCKETS),
+    "pc_batch_padding_ratio": ("HISTOGRAM", "Share of a forward pass's tokens that were padding", RATIO_BUCKETS),
+    "pc_batch_inference_duration": ("HISTOGRAM", "Seconds of one forward pass (softmax and copy back included)", DURATION_BUCKETS),
+    "pc_queue_size": ("GAUGE", "Documents waiting in the engine's queue", None),
+    "pc_queue_tokens": ("GAUGE", "Tokens waiting in the engine's queue (admission refuses past max_queue_tokens)", None),
+    "pc_engine_healthy": ("GAUGE", "1 while the model's engine can answer, 0 once it cannot", None),
+}
+
+_STOP = object()
+
+
+class TritonModelMetrics:
+    """One model's metrics. ``batch``, ``request_received``, ``answered`` and ``failed`` only queue."""
+
+    def __init__(self, pb_utils, model_name: str, label_codes: Sequence[str], engine: ClassificationEngine):
+        self._engine = engine
+        self._events: queue.Queue = queue.Queue()
+        self._families = {
+            name: pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
+            for name, (kind, help_text, _) in FAMILIES.items()
+        }
+        model = {"model": model_name}
+
+        def metric(name: str, **labels: str):
+            buckets = FAMILIES[name][2]
+            extra = {"buckets": buckets} if buckets is not None else {}
+            return self._families[name].Metric(labels={**model, **labels}, **extra)
+
+        self._plain = {name: metric(name) for name in FAMILIES if name not in ("pc_request_failure", "pc_predictions")}
+        # Created up front, at zero, so every error kind and every class exists as a series from the
+        # start: rates and shares are then defined before the first occurrence.
+        self._failures = {kind: metric("pc_request_failure", err=kind.value) for kind in ErrorKind}
+        self._predictions = [metric("pc_predictions", label=code) for code in label_codes]
+        self._plain["pc_engine_healthy"].set(1.0 if engine.is_healthy() else 0.0)
+        self._thread = threading.Thread(target=self._run, name="triton-metrics", daemon=True)
+        self._thread.start()
+
+    # Called from the engine's compute thread, execute() and the answer thread: enqueue only.
+    def batch(self, stats: BatchStats) -> None:
+        self._events.put(("batch", stats))
+
+    def request_received(self) -> None:
+        self._events.put(("received", None))
+
+    def answered(self, scores: Sequence[DocumentScores], seconds: float) -> None:
+        self._events.put(("answered", (scores, seconds)))
+
+    def failed(self, kind: ErrorKind, seconds: float) -> None:
+        self._events.put(("failed", (kind, seconds)))
+
+    def stop(self) -> None:
+        self._engine_healthy(False)
+        self._events.put(_STOP)
+        self._thread.join(timeout=10)
+
+    def _engine_healthy(self, healthy: bool) -> None:
+        self._plain["pc_engine_healthy"].set(1.0 if healthy else 0.0)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                event = self._events.get(timeout=SAMPLE_INTERVAL_S)
+            except queue.Empty:
+                event = None
+            if event is _STOP:
+                return
+            try:
+                if event is not None:
+                    self._apply(*event)
+                if event is None or self._events.empty():
+                    self._sample()
+            except Exception:  # a metric that fails to update must never take serving down
+                log.exception("updating metrics failed")
+
+    def _sample(self) -> None:
+        depth = getattr(self._engine, "queue_depth", None)
+        if depth is not None:
+            documents, tokens = depth()
+            self._plain["pc_queue_size"].set(float(documents))
+            self._plain["pc_queue_tokens"].set(float(tokens))
+        self._engine_healthy(self._engine.is_healthy())
+
+    def _apply(self, what: str, payload) -> None:
+        plain = self._plain
+        if what == "received":
+            plain["pc_request_count"].increment(1.0)
+        elif what == "answered":
+            scores, seconds = payload
+            plain["pc_request_success"].increment(1.0)
+            plain["pc_request_duration"].observe(seconds)
+            truncated = sum(1 for document in scores if document.truncated)
+            if truncated:
+                plain["pc_request_truncated"].increment(float(truncated))
+            for index, count in _top_classes(scores).items():
+                self._predictions[index].increment(float(count))
+        elif what == "failed":
+            kind, seconds = payload
+            self._failures[kind].increment(1.0)
+            plain["pc_request_duration"].observe(seconds)
+        elif what == "batch":
+            self._apply_batch(payload)
+
+    def _apply_batch(self, stats: BatchStats) -> None:
+        plain = self._plain
+        plain["pc_documents"].increment(float(stats.documents))
+        plain["pc_batch_next_size"].observe(float(stats.documents))
+        plain["pc_batch_next_tokens"].observe(float(stats.real_tokens))
+        plain["pc_batch_padded_tokens"].observe(float(stats.padded_tokens))
+        plain["pc_batch_padding_ratio"].observe(stats.padding_ratio)
+        plain["pc_batch_inference_duration"].observe(stats.compute_seconds)
+        plain["pc_tokenization_duration"].increment(stats.tokenize_seconds)
+        for seconds in stats.queue_seconds:
+            plain["pc_request_queue_duration"].observe(seconds)
+        plain["pc_queue_size"].set(float(stats.queue_documents))
+        plain["pc_queue_tokens"].set(float(stats.queue_tokens))
+
+
+def _top_classes(scores: Iterable[DocumentScores]) -> collections.Counter:
+    return collections.Counter(int(np.argmax(document.probabilities)) for document in scores)
