@@ -85,18 +85,42 @@ def test_ipc_codes_may_come_as_one_string(classifier):
     assert as_string == as_list
 
 
-@pytest.mark.parametrize(
-    "document, field, limit_words",
-    [
-        ("", "TEXT[0]", "empty"),
-        ("   ", "TEXT[0]", "empty"),
-        ({"ipc": ["G06F 16/35"], "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "missing"),
-        ({"ipc": [], "title": "제목", "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].ipc", "empty"),
-        ({"ipc": ["G06F"], "title": 123, "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "string"),
-        ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": [""]}, "DOCUMENT[0].claims[0]", "empty"),
-        ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": "1", "inventor": "x"}, "DOCUMENT[0].inventor", "unknown"),
-    ],
-)
+# (document, the field its error must name, a word its problem must contain)
+BAD_DOCUMENTS = [
+    ("", "TEXT[0]", "empty"),
+    ("   ", "TEXT[0]", "empty"),
+    ({"ipc": ["G06F 16/35"], "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "missing"),
+    ({"ipc": [], "title": "제목", "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].ipc", "empty"),
+    ({"ipc": ["G06F"], "title": 123, "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "string"),
+    ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": [""]}, "DOCUMENT[0].claims[0]", "empty"),
+    ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": "1", "inventor": "x"}, "DOCUMENT[0].inventor", "unknown"),
+]
+
+GOOD_TEXT = np.array(["특허".encode()], dtype=np.object_)
+# What a non-Python client can send: non-UTF-8 bytes, both inputs, a float TOP_K.
+# (tensors as (name, datatype, value), the text its error must contain)
+BAD_KSERVE_REQUESTS = [
+    ([("TEXT", "BYTES", np.array([b"\xff\xfe patent"], dtype=np.object_))], "TEXT[0]: is not valid UTF-8"),
+    ([("TEXT", "BYTES", GOOD_TEXT), ("DOCUMENT", "BYTES", GOOD_TEXT)], "TEXT/DOCUMENT: give exactly one"),
+    ([("TOP_K", "INT32", np.array([3], dtype=np.int32))], "TEXT/DOCUMENT: give exactly one"),
+    ([("DOCUMENT", "BYTES", np.array([b"{not json"], dtype=np.object_))], "DOCUMENT[0]: is not valid JSON"),
+    ([("TEXT", "BYTES", GOOD_TEXT), ("TOP_K", "FP32", np.array([3.0], dtype=np.float32))], "TOP_K"),
+]
+
+
+def raw_infer(server, protocol: str, model: str, tensors):
+    """One KServe v2 request built from raw tensors, with tritonclient as any client would."""
+    module = tritonclient.grpc if protocol == "grpc" else tritonclient.http
+    client = module.InferenceServerClient(url(server, protocol))
+    inputs = []
+    for name, datatype, value in tensors:
+        tensor = module.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return client.infer(model, inputs)
+
+
+@pytest.mark.parametrize("document, field, limit_words", BAD_DOCUMENTS)
 def test_bad_documents_get_errors_naming_the_field(classifier, document, field, limit_words):
     with pytest.raises(InvalidInput) as error:
         classifier.classify(document)
@@ -126,33 +150,13 @@ def test_unknown_model_is_model_not_found(server):
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_raw_kserve_requests_with_bad_bytes_and_types(server, protocol):
-    """What a non-Python client can send: non-UTF-8 bytes, both inputs, a float TOP_K."""
-    module = tritonclient.grpc if protocol == "grpc" else tritonclient.http
-    client = module.InferenceServerClient(url(server, protocol))
-
-    def infer(*tensors):
-        inputs = []
-        for name, datatype, value in tensors:
-            tensor = module.InferInput(name, list(value.shape), datatype)
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
-        return client.infer(MODEL_NAME, inputs)
-
-    text = np.array(["특허".encode()], dtype=np.object_)
-    cases = [
-        ([("TEXT", "BYTES", np.array([b"\xff\xfe patent"], dtype=np.object_))], "TEXT[0]: is not valid UTF-8"),
-        ([("TEXT", "BYTES", text), ("DOCUMENT", "BYTES", text)], "TEXT/DOCUMENT: give exactly one"),
-        ([("TOP_K", "INT32", np.array([3], dtype=np.int32))], "TEXT/DOCUMENT: give exactly one"),
-        ([("DOCUMENT", "BYTES", np.array([b"{not json"], dtype=np.object_))], "DOCUMENT[0]: is not valid JSON"),
-        ([("TEXT", "BYTES", text), ("TOP_K", "FP32", np.array([3.0], dtype=np.float32))], "TOP_K"),
-    ]
-    for tensors, message in cases:
+    for tensors, message in BAD_KSERVE_REQUESTS:
         with pytest.raises(Exception) as error:
-            infer(*tensors)
+            raw_infer(server, protocol, MODEL_NAME, tensors)
         assert message in str(error.value)
         assert error.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
     # ... and the server still answers good requests.
-    answer = infer(("TEXT", "BYTES", text))
+    answer = raw_infer(server, protocol, MODEL_NAME, [("TEXT", "BYTES", GOOD_TEXT)])
     assert answer.as_numpy("LABEL_CODE").shape == (1, 5)
 
 
