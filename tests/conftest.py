@@ -8,7 +8,6 @@ it, so the suite tests the same path and needs nothing prepared beforehand.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from core.serving_config import ServingConfig
 from export.demo_models import DemoModelPaths, build_gemma2_demo, build_llama_demo
 from export.merged_model_export import MergeReport, merge_lora
 from export.triton_package import MERGED_MODEL_FOLDER, merged_model_dir, write_triton_model
-from server.launcher import LaunchConfig, TritonServer
+from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PATENTS = PROJECT_ROOT / "clients" / "examples" / "patents.jsonl"
@@ -34,17 +33,6 @@ VLLM_LLAMA_MODEL = "ipc-llama-vllm"
 MAX_LENGTH = 512
 # Tiny models need little KV cache; vLLM's default would reserve a share of the whole machine.
 VLLM_KV_CACHE_MIB = 64
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def example_records() -> list[dict]:
@@ -78,7 +66,7 @@ def exported(demo_models, tmp_path_factory) -> Export:
 
 
 def start_tritonserver(repository: Path, tmp_path_factory, ready_timeout_s: float) -> TritonServer:
-    http_port, grpc_port, metrics_port = free_ports(3)
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
     config = LaunchConfig(
         model_repository=repository,
         http_port=http_port,

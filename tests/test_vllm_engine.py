@@ -19,15 +19,15 @@ import pytest
 from clients import InvalidInput, PatentClassifier
 from core.patent_document import MAX_DOCUMENT_BYTES
 from core.synthetic_patents import synthetic_patents
+from server.launcher import free_loopback_ports
 from tests.conftest import (
     MAX_LENGTH,
     MODEL_NAME,
     VLLM_GEMMA2_MODEL,
     VLLM_KV_CACHE_MIB,
-    VLLM_LLAMA_MODEL,
     PROJECT_ROOT,
+    VLLM_LLAMA_MODEL,
     OfflineReference,
-    free_ports,
 )
 from tests.test_serving import BAD_DOCUMENTS, BAD_KSERVE_REQUESTS, GOOD_TEXT, example_documents, raw_infer, url
 
@@ -138,7 +138,7 @@ def post_json(url: str, body: dict, timeout: float = 60) -> dict:
 
 
 def test_vllm_serve_on_the_exported_folder_gives_the_same_classes(exported, reference, tmp_path):
-    (port,) = free_ports(1)
+    (port,) = free_loopback_ports(1)
     log_path = tmp_path / "vllm-serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(vllm_serve_command(exported.merged_dir, "kscst-gemma2", port), stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
