@@ -63,7 +63,7 @@ def test_vllm_engine_probabilities_equal_offline_transformers(vllm_server, vllm_
 def test_over_long_input_is_truncated_and_reported_never_a_crash(vllm_server, vllm_model):
     model, reference = vllm_model
     long_document, short_document = synthetic_patents(1, seed=5, long_share=1.0)[0], synthetic_patents(1, seed=5, long_share=0.0)[0]
-    # Near the request's byte limit: tens of thousands of tokens, far past vLLM's max_model_len.
+    # 147 KB, some 15,000 tokens: about 30 times vLLM's max_model_len, within the request's byte limit.
     sentence = long_document.render()
     huge_text = (sentence * (MAX_DOCUMENT_BYTES // len(sentence.encode())))[: MAX_DOCUMENT_BYTES // 4]
     assert reference.untruncated_length(huge_text) > 20 * MAX_LENGTH
