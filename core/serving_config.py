@@ -22,7 +22,11 @@ class ServingConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int = Field(ge=8, le=32768, description="tokens per document; longer input is truncated and reported")
-    max_batch_tokens: int = Field(16384, ge=8, description="padded tokens (longest × count) one forward pass may take")
+    max_batch_tokens: int = Field(
+        16384, ge=8,
+        description="torch engine: padded tokens (longest × count) one forward pass may take; "
+        "vllm engine: tokens one scheduler step may take (vLLM does not pad)",
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="documents one forward pass may take")
     max_documents_per_request: int = Field(64, ge=1, le=4096)
     default_top_k: int = Field(5, ge=1)

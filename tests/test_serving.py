@@ -14,6 +14,7 @@ import tritonclient.http
 
 from clients import AsyncPatentClassifier, InvalidInput, PatentClassifier, PatentDocument
 from core.errors import ModelNotFound
+from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MAX_LENGTH, MODEL_NAME, PROJECT_ROOT, EXAMPLE_PATENTS, example_records
 
@@ -34,15 +35,20 @@ def example_documents() -> list[PatentDocument]:
     return [PatentDocument.model_validate({k: v for k, v in record.items() if k != "id"}) for record in example_records()]
 
 
+def served_probabilities(answer, labels: LabelSet) -> np.ndarray:
+    """An answer with every label (top_k = all) as one probability per label, in label order."""
+    served = np.zeros(len(labels), dtype=np.float32)
+    for score in answer.labels:
+        served[labels.codes.index(score.code)] = score.probability
+    return served
+
+
 def test_served_probabilities_equal_offline_transformers(classifier, reference):
     documents = example_documents() + synthetic_patents(12, seed=99, long_share=0.5)
     answers = classifier.classify_batch(documents, top_k=len(reference.labels))
     for document, answer in zip(documents, answers):
         expected, token_count = reference.probabilities(document.render())
-        served = np.zeros_like(expected)
-        for score in answer.labels:
-            served[reference.labels.codes.index(score.code)] = score.probability
-        assert np.abs(served - expected).max() < 1e-5
+        assert np.abs(served_probabilities(answer, reference.labels) - expected).max() < 1e-5
         assert answer.labels[0].code == reference.labels.codes[int(expected.argmax())]
         assert answer.token_count == token_count
 

@@ -29,7 +29,15 @@ from tests.conftest import (
     VLLM_LLAMA_MODEL,
     OfflineReference,
 )
-from tests.test_serving import BAD_DOCUMENTS, BAD_KSERVE_REQUESTS, GOOD_TEXT, example_documents, raw_infer, url
+from tests.test_serving import (
+    BAD_DOCUMENTS,
+    BAD_KSERVE_REQUESTS,
+    GOOD_TEXT,
+    example_documents,
+    raw_infer,
+    served_probabilities,
+    url,
+)
 
 # Which offline reference each vLLM-engine model must equal.
 REFERENCES = {VLLM_GEMMA2_MODEL: "reference", VLLM_LLAMA_MODEL: "llama_reference"}
@@ -40,13 +48,6 @@ def vllm_model(request, vllm_server) -> tuple[str, OfflineReference]:
     return request.param, request.getfixturevalue(REFERENCES[request.param])
 
 
-def served_probabilities(answer, reference: OfflineReference) -> np.ndarray:
-    served = np.zeros(len(reference.labels), dtype=np.float32)
-    for score in answer.labels:
-        served[reference.labels.codes.index(score.code)] = score.probability
-    return served
-
-
 def test_vllm_engine_probabilities_equal_offline_transformers(vllm_server, vllm_model):
     model, reference = vllm_model
     documents = example_documents() + synthetic_patents(12, seed=99, long_share=0.5)
@@ -55,7 +56,7 @@ def test_vllm_engine_probabilities_equal_offline_transformers(vllm_server, vllm_
     assert any(answer.truncated for answer in answers) and not all(answer.truncated for answer in answers)
     for document, answer in zip(documents, answers):
         expected, token_count = reference.probabilities(document.render())
-        assert np.abs(served_probabilities(answer, reference) - expected).max() < 1e-5
+        assert np.abs(served_probabilities(answer, reference.labels) - expected).max() < 1e-5
         assert answer.labels[0].code == reference.labels.codes[int(expected.argmax())]
         assert answer.token_count == token_count
 
