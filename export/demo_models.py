@@ -69,31 +69,9 @@ def train_patent_tokenizer(vocab_size: int = 8000, seed: int = 0) -> PreTrainedT
     )
 
 
-def tiny_gemma2_config(vocab_size: int, labels: LabelSet) -> Gemma2Config:
-    return Gemma2Config(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        attn_logit_softcapping=50.0,  # as Gemma-2-9b: the reason the reference must run eager attention
-        final_logit_softcapping=30.0,
-        sliding_window=4096,
-        max_position_embeddings=8192,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        num_labels=len(labels),
-        id2label=labels.id2label(),
-        label2id={code: index for index, code in labels.id2label().items()},
-    )
-
-
-def tiny_llama_config(vocab_size: int, labels: LabelSet) -> LlamaConfig:
-    return LlamaConfig(
+def _tiny_decoder_settings(vocab_size: int, labels: LabelSet) -> dict:
+    """What both toy decoders share: their size, Gemma's special-token ids, the labels."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
@@ -101,7 +79,6 @@ def tiny_llama_config(vocab_size: int, labels: LabelSet) -> LlamaConfig:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,  # vLLM's CPU attention takes head sizes of 32 and up
-        max_position_embeddings=2048,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
@@ -109,6 +86,21 @@ def tiny_llama_config(vocab_size: int, labels: LabelSet) -> LlamaConfig:
         id2label=labels.id2label(),
         label2id={code: index for index, code in labels.id2label().items()},
     )
+
+
+def tiny_gemma2_config(vocab_size: int, labels: LabelSet) -> Gemma2Config:
+    return Gemma2Config(
+        **_tiny_decoder_settings(vocab_size, labels),
+        query_pre_attn_scalar=32,
+        attn_logit_softcapping=50.0,  # as Gemma-2-9b: the reason the reference must run eager attention
+        final_logit_softcapping=30.0,
+        sliding_window=4096,
+        max_position_embeddings=8192,
+    )
+
+
+def tiny_llama_config(vocab_size: int, labels: LabelSet) -> LlamaConfig:
+    return LlamaConfig(**_tiny_decoder_settings(vocab_size, labels), max_position_embeddings=2048)
 
 
 def build_gemma2_demo(out_dir: Path, seed: int = 0) -> DemoModelPaths:

@@ -19,10 +19,9 @@ import torch
 from core.engine import ClassificationEngine, DocumentScores
 from core.errors import EngineFailure, ServerUnavailable
 from core.hf_classifier import (
+    DocumentEncoder,
     EncodedText,
-    encode_texts,
     load_sequence_classifier,
-    load_tokenizer,
     pad_batch,
     resolve_device,
     resolve_dtype,
@@ -71,14 +70,13 @@ class TorchEngine(ClassificationEngine):
             config.max_batch_tokens, config.max_batch_size, config.max_length
         )
         self._wakeup = threading.Condition()
-        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
         self._stopping = False
         self._loop_thread: threading.Thread | None = None
         self._loop_error: BaseException | None = None
 
     def start(self) -> None:
         self.labels = LabelSet.for_model_dir(self.config.model_dir)
-        self._tokenizer = load_tokenizer(self.config.model_dir)
+        self._encoder = DocumentEncoder(self.config.model_dir, self.max_length)
         self._model = load_sequence_classifier(self.config.model_dir, self._dtype, self._device)
         if self._model.config.num_labels != len(self.labels):
             raise ValueError(
@@ -87,7 +85,7 @@ class TorchEngine(ClassificationEngine):
             )
         self._pad_token_id = self._model.config.pad_token_id
         if self._pad_token_id is None:
-            self._pad_token_id = self._tokenizer.pad_token_id
+            self._pad_token_id = self._encoder.tokenizer.pad_token_id
             self._model.config.pad_token_id = self._pad_token_id
         log.info("torch engine: %s on %s in %s", self.config.model_dir, self._device, self._dtype)
         self._loop_thread = threading.Thread(target=self._run_loop, name="torch-engine", daemon=True)
@@ -98,8 +96,7 @@ class TorchEngine(ClassificationEngine):
         if self._stopping or not self.is_healthy():
             future.set_exception(ServerUnavailable("the engine is not running"))
             return future
-        with self._tokenizer_lock:
-            encoded = encode_texts(self._tokenizer, texts, self.max_length)
+        encoded = self._encoder.encode(texts)
         submission = _Submission(future, [None] * len(encoded))
         with self._wakeup:
             for index, item in enumerate(encoded):

@@ -2,7 +2,7 @@
 contract as the PyTorch engine.
 
 vLLM schedules and batches here; this class only adapts. Texts are tokenized with the same
-``encode_texts`` as the PyTorch engine and handed to vLLM as token ids, so both engines read
+``DocumentEncoder`` as the PyTorch engine and handed to vLLM as token ids, so both engines read
 exactly the same tokens and report the same token counts and truncation. vLLM's asyncio API
 runs on an event loop this engine owns, on a thread of its own (as Triton's vllm_backend does):
 ``submit`` schedules one coroutine per submission there and returns a
@@ -36,7 +36,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from core.engine import ClassificationEngine, DocumentScores
 from core.errors import DeadlineExceeded, EngineFailure, ServerUnavailable, ServingError
-from core.hf_classifier import EncodedText, encode_texts, load_tokenizer, resolve_dtype, softmax
+from core.hf_classifier import DocumentEncoder, EncodedText, resolve_dtype, softmax
 from core.labels import LabelSet
 from core.serving_config import ServingConfig
 
@@ -72,7 +72,6 @@ class VllmEngine(ClassificationEngine):
         self._loop = asyncio.new_event_loop()
         self._loop_thread: threading.Thread | None = None
         self._engine: AsyncLLM | None = None
-        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
         self._request_ids = itertools.count()
         self._in_flight: dict[asyncio.Task, Future] = {}  # touched only on the loop thread
         self._stopping = False
@@ -80,7 +79,7 @@ class VllmEngine(ClassificationEngine):
     def start(self) -> None:
         started = time.monotonic()
         self.labels = LabelSet.for_model_dir(self.config.model_dir)
-        self._tokenizer = load_tokenizer(self.config.model_dir)
+        self._encoder = DocumentEncoder(self.config.model_dir, self.max_length)
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
         self._loop_thread.start()
         try:
@@ -105,8 +104,7 @@ class VllmEngine(ClassificationEngine):
         if self._stopping or not self.is_healthy():
             future.set_exception(ServerUnavailable("the engine is not running"))
             return future
-        with self._tokenizer_lock:
-            encoded = encode_texts(self._tokenizer, texts, self.max_length)
+        encoded = self._encoder.encode(texts)
         try:
             self._loop.call_soon_threadsafe(self._begin, future, encoded, deadline)
         except RuntimeError:  # the loop closed after the health check above
