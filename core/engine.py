@@ -56,7 +56,7 @@ BatchObserver = Callable[[BatchStats], None]
 
 
 class ClassificationEngine(abc.ABC):
-    """A running classifier. Implementations: ``server.torch_engine.TorchEngine``."""
+    """A running classifier. Implementations: ``server.torch_engine.TorchEngine``, ``server.vllm_engine.VllmEngine``."""
 
     labels: LabelSet
     max_length: int

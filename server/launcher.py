@@ -110,7 +110,7 @@ def _environment() -> dict[str, str]:
 
 
 def free_loopback_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 right now, for a server started only for a test or an evaluation."""
+    """Ports free on 127.0.0.1 right now, for servers started by tests and benchmarks."""
     sockets = [socket.socket() for _ in range(count)]
     try:
         for sock in sockets:

@@ -26,10 +26,9 @@ import torch
 from core.engine import BatchStats, ClassificationEngine, DocumentScores
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.hf_classifier import (
+    DocumentEncoder,
     EncodedText,
-    encode_texts,
     load_sequence_classifier,
-    load_tokenizer,
     pad_batch,
     resolve_device,
     resolve_dtype,
@@ -110,14 +109,13 @@ class TorchEngine(ClassificationEngine):
         )
         self._wakeup = threading.Condition()
         self._prepared: queue.Queue = queue.Queue(maxsize=1)
-        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._loop_error: BaseException | None = None
 
     def start(self) -> None:
         self.labels = LabelSet.for_model_dir(self.config.model_dir)
-        self._tokenizer = load_tokenizer(self.config.model_dir)
+        self._encoder = DocumentEncoder(self.config.model_dir, self.max_length)
         from transformers import AutoConfig
 
         attention = serving_attention(AutoConfig.from_pretrained(self.config.model_dir), self._device, self.config.attention)
@@ -129,7 +127,7 @@ class TorchEngine(ClassificationEngine):
             )
         self._pad_token_id = self._model.config.pad_token_id
         if self._pad_token_id is None:
-            self._pad_token_id = self._tokenizer.pad_token_id
+            self._pad_token_id = self._encoder.tokenizer.pad_token_id
             self._model.config.pad_token_id = self._pad_token_id
         log.info("torch engine: %s on %s, %s, %s attention", self.config.model_dir, self._device, self._dtype, attention)
         for name, target in (("engine-prepare", self._prepare_loop), ("engine-compute", self._compute_loop)):
@@ -148,8 +146,7 @@ class TorchEngine(ClassificationEngine):
             future.set_exception(ServerUnavailable("the engine is not running"))
             return future
         started = time.monotonic()
-        with self._tokenizer_lock:
-            encoded = encode_texts(self._tokenizer, texts, self.max_length)
+        encoded = self._encoder.encode(texts)
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             future.set_exception(DeadlineExceeded("the request's deadline passed before it was queued"))

@@ -1,4 +1,6 @@
-"""Session fixtures: the demo models, their export, and one real tritonserver on free loopback ports.
+"""Session fixtures: the demo models, their export, and two real tritonservers on free loopback
+ports: one serving the PyTorch engine, one serving the vLLM engine (started only when a test
+asks for it, since vLLM takes the better part of a minute to start on 2 cores).
 
 Everything is built from scratch in a temporary folder, the way a user's `make serve` builds
 it, so the suite tests the same path and needs nothing prepared beforehand.
@@ -6,6 +8,8 @@ it, so the suite tests the same path and needs nothing prepared beforehand.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,16 +20,20 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from core.labels import LabelSet
 from core.serving_config import ServingConfig
-from export.demo_models import DemoModelPaths, build_gemma2_demo
+from export.demo_models import DemoModelPaths, build_gemma2_demo, build_llama_demo
 from export.merged_model_export import MergeReport, merge_lora
 from export.triton_package import MERGED_MODEL_FOLDER, merged_model_dir, write_triton_model
-from server.launcher import LaunchConfig, TritonServer, free_loopback_ports as free_ports
+from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PATENTS = PROJECT_ROOT / "clients" / "examples" / "patents.jsonl"
 MODEL_NAME = "kscst-gemma2"
 TIGHT_MODEL_NAME = "kscst-gemma2-tight-queue"
+VLLM_GEMMA2_MODEL = "kscst-gemma2-vllm"  # the same merged Gemma-2 as MODEL_NAME, served by the vLLM engine
+VLLM_LLAMA_MODEL = "ipc-llama-vllm"
 MAX_LENGTH = 512
+# Tiny models need little KV cache; vLLM's default would reserve a share of the whole machine.
+VLLM_KV_CACHE_MIB = 64
 
 
 def example_records() -> list[dict]:
@@ -62,18 +70,52 @@ def exported(demo_models, tmp_path_factory) -> Export:
     return Export(demo_models, repository, merged_dir, report)
 
 
-@pytest.fixture(scope="session")
-def server(exported, tmp_path_factory):
-    http_port, grpc_port, metrics_port = free_ports(3)
+def start_tritonserver(repository: Path, tmp_path_factory, ready_timeout_s: float) -> TritonServer:
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
     config = LaunchConfig(
-        model_repository=exported.repository,
+        model_repository=repository,
         http_port=http_port,
         grpc_port=grpc_port,
         metrics_port=metrics_port,
         backend_directory=tmp_path_factory.mktemp("backends"),
-        ready_timeout_s=180,
+        ready_timeout_s=ready_timeout_s,
     )
-    with TritonServer(config, log_path=tmp_path_factory.mktemp("logs") / "tritonserver.log") as running:
+    return TritonServer(config, log_path=tmp_path_factory.mktemp("logs") / "tritonserver.log")
+
+
+@pytest.fixture(scope="session")
+def server(exported, tmp_path_factory):
+    with start_tritonserver(exported.repository, tmp_path_factory, ready_timeout_s=180) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def llama_demo(tmp_path_factory) -> DemoModelPaths:
+    return build_llama_demo(tmp_path_factory.mktemp("llama-demo"))
+
+
+@pytest.fixture(scope="session")
+def vllm_repository(exported, llama_demo, tmp_path_factory) -> Path:
+    """Two vLLM-engine models: the Gemma-2 export above (its merged folder, not a copy), and the
+    Llama demo exported the way a user does, with `python -m export merge --engine vllm`."""
+    repository = tmp_path_factory.mktemp("vllm_model_repository")
+    gemma2 = ServingConfig(
+        engine="vllm", model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096,
+        vllm_kv_cache_mib=VLLM_KV_CACHE_MIB,
+    )
+    write_triton_model(repository, VLLM_GEMMA2_MODEL, gemma2)
+    subprocess.run(
+        [sys.executable, "-m", "export", "merge", "--base", str(llama_demo.base), "--adapter", str(llama_demo.adapter),
+         "--labels", str(llama_demo.labels), "--name", VLLM_LLAMA_MODEL, "--repository", str(repository),
+         "--engine", "vllm", "--vllm-kv-cache-mib", str(VLLM_KV_CACHE_MIB), "--proof-documents", "4"],
+        cwd=PROJECT_ROOT, check=True, capture_output=True, timeout=300,
+    )
+    return repository
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_repository, tmp_path_factory):
+    with start_tritonserver(vllm_repository, tmp_path_factory, ready_timeout_s=480) as running:
         yield running
 
 
@@ -101,3 +143,8 @@ class OfflineReference:
 @pytest.fixture(scope="session")
 def reference(exported) -> OfflineReference:
     return OfflineReference(exported.merged_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_reference(vllm_repository) -> OfflineReference:
+    return OfflineReference(merged_model_dir(vllm_repository, VLLM_LLAMA_MODEL))

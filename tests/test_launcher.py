@@ -5,8 +5,8 @@ import sys
 import time
 import urllib.request
 
-from server.launcher import build_python_backend_directory
-from tests.conftest import PROJECT_ROOT, free_ports
+from server.launcher import build_python_backend_directory, free_loopback_ports
+from tests.conftest import PROJECT_ROOT
 
 
 def test_backend_folder_links_the_wheels_python_backend(tmp_path):
@@ -20,7 +20,7 @@ def test_backend_folder_links_the_wheels_python_backend(tmp_path):
 
 
 def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(exported, tmp_path):
-    http_port, grpc_port, metrics_port = free_ports(3)
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "--model-repository", str(exported.repository),
          "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],

@@ -14,6 +14,7 @@ import tritonclient.http
 
 from clients import AsyncPatentClassifier, InvalidInput, PatentClassifier, PatentDocument
 from core.errors import ModelNotFound
+from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MAX_LENGTH, MODEL_NAME, PROJECT_ROOT, EXAMPLE_PATENTS, example_records
 
@@ -34,15 +35,20 @@ def example_documents() -> list[PatentDocument]:
     return [PatentDocument.model_validate({k: v for k, v in record.items() if k != "id"}) for record in example_records()]
 
 
+def served_probabilities(answer, labels: LabelSet) -> np.ndarray:
+    """An answer with every label (top_k = all) as one probability per label, in label order."""
+    served = np.zeros(len(labels), dtype=np.float32)
+    for score in answer.labels:
+        served[labels.codes.index(score.code)] = score.probability
+    return served
+
+
 def test_served_probabilities_equal_offline_transformers(classifier, reference):
     documents = example_documents() + synthetic_patents(12, seed=99, long_share=0.5)
     answers = classifier.classify_batch(documents, top_k=len(reference.labels))
     for document, answer in zip(documents, answers):
         expected, token_count = reference.probabilities(document.render())
-        served = np.zeros_like(expected)
-        for score in answer.labels:
-            served[reference.labels.codes.index(score.code)] = score.probability
-        assert np.abs(served - expected).max() < 1e-5
+        assert np.abs(served_probabilities(answer, reference.labels) - expected).max() < 1e-5
         assert answer.labels[0].code == reference.labels.codes[int(expected.argmax())]
         assert answer.token_count == token_count
 
@@ -85,18 +91,42 @@ def test_ipc_codes_may_come_as_one_string(classifier):
     assert as_string == as_list
 
 
-@pytest.mark.parametrize(
-    "document, field, limit_words",
-    [
-        ("", "TEXT[0]", "empty"),
-        ("   ", "TEXT[0]", "empty"),
-        ({"ipc": ["G06F 16/35"], "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "missing"),
-        ({"ipc": [], "title": "제목", "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].ipc", "empty"),
-        ({"ipc": ["G06F"], "title": 123, "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "string"),
-        ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": [""]}, "DOCUMENT[0].claims[0]", "empty"),
-        ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": "1", "inventor": "x"}, "DOCUMENT[0].inventor", "unknown"),
-    ],
-)
+# (document, the field its error must name, a word its problem must contain)
+BAD_DOCUMENTS = [
+    ("", "TEXT[0]", "empty"),
+    ("   ", "TEXT[0]", "empty"),
+    ({"ipc": ["G06F 16/35"], "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "missing"),
+    ({"ipc": [], "title": "제목", "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].ipc", "empty"),
+    ({"ipc": ["G06F"], "title": 123, "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "string"),
+    ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": [""]}, "DOCUMENT[0].claims[0]", "empty"),
+    ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": "1", "inventor": "x"}, "DOCUMENT[0].inventor", "unknown"),
+]
+
+GOOD_TEXT = np.array(["특허".encode()], dtype=np.object_)
+# What a non-Python client can send: non-UTF-8 bytes, both inputs, a float TOP_K.
+# (tensors as (name, datatype, value), the text its error must contain)
+BAD_KSERVE_REQUESTS = [
+    ([("TEXT", "BYTES", np.array([b"\xff\xfe patent"], dtype=np.object_))], "TEXT[0]: is not valid UTF-8"),
+    ([("TEXT", "BYTES", GOOD_TEXT), ("DOCUMENT", "BYTES", GOOD_TEXT)], "TEXT/DOCUMENT: give exactly one"),
+    ([("TOP_K", "INT32", np.array([3], dtype=np.int32))], "TEXT/DOCUMENT: give exactly one"),
+    ([("DOCUMENT", "BYTES", np.array([b"{not json"], dtype=np.object_))], "DOCUMENT[0]: is not valid JSON"),
+    ([("TEXT", "BYTES", GOOD_TEXT), ("TOP_K", "FP32", np.array([3.0], dtype=np.float32))], "TOP_K"),
+]
+
+
+def raw_infer(server, protocol: str, model: str, tensors):
+    """One KServe v2 request built from raw tensors, with tritonclient as any client would."""
+    module = tritonclient.grpc if protocol == "grpc" else tritonclient.http
+    client = module.InferenceServerClient(url(server, protocol))
+    inputs = []
+    for name, datatype, value in tensors:
+        tensor = module.InferInput(name, list(value.shape), datatype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return client.infer(model, inputs)
+
+
+@pytest.mark.parametrize("document, field, limit_words", BAD_DOCUMENTS)
 def test_bad_documents_get_errors_naming_the_field(classifier, document, field, limit_words):
     with pytest.raises(InvalidInput) as error:
         classifier.classify(document)
@@ -126,33 +156,13 @@ def test_unknown_model_is_model_not_found(server):
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_raw_kserve_requests_with_bad_bytes_and_types(server, protocol):
-    """What a non-Python client can send: non-UTF-8 bytes, both inputs, a float TOP_K."""
-    module = tritonclient.grpc if protocol == "grpc" else tritonclient.http
-    client = module.InferenceServerClient(url(server, protocol))
-
-    def infer(*tensors):
-        inputs = []
-        for name, datatype, value in tensors:
-            tensor = module.InferInput(name, list(value.shape), datatype)
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
-        return client.infer(MODEL_NAME, inputs)
-
-    text = np.array(["특허".encode()], dtype=np.object_)
-    cases = [
-        ([("TEXT", "BYTES", np.array([b"\xff\xfe patent"], dtype=np.object_))], "TEXT[0]: is not valid UTF-8"),
-        ([("TEXT", "BYTES", text), ("DOCUMENT", "BYTES", text)], "TEXT/DOCUMENT: give exactly one"),
-        ([("TOP_K", "INT32", np.array([3], dtype=np.int32))], "TEXT/DOCUMENT: give exactly one"),
-        ([("DOCUMENT", "BYTES", np.array([b"{not json"], dtype=np.object_))], "DOCUMENT[0]: is not valid JSON"),
-        ([("TEXT", "BYTES", text), ("TOP_K", "FP32", np.array([3.0], dtype=np.float32))], "TOP_K"),
-    ]
-    for tensors, message in cases:
+    for tensors, message in BAD_KSERVE_REQUESTS:
         with pytest.raises(Exception) as error:
-            infer(*tensors)
+            raw_infer(server, protocol, MODEL_NAME, tensors)
         assert message in str(error.value)
         assert error.value.status() in ("StatusCode.INVALID_ARGUMENT", "400")
     # ... and the server still answers good requests.
-    answer = infer(("TEXT", "BYTES", text))
+    answer = raw_infer(server, protocol, MODEL_NAME, [("TEXT", "BYTES", GOOD_TEXT)])
     assert answer.as_numpy("LABEL_CODE").shape == (1, 5)
 
 

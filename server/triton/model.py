@@ -7,6 +7,7 @@ while earlier ones compute, and the engine batches across them. A dedicated thre
 answers, so the engine loop never blocks on Triton's IPC.
 """
 import json
+import locale
 import logging
 import queue
 import threading
@@ -15,6 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# The stub's embedded Python starts in the C locale whatever LANG or PYTHONUTF8 say, so open()
+# without an encoding reads ASCII; torch's inductor, imported by vLLM, reads its UTF-8 templates
+# that way and the vLLM engine fails to import.
+locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 from core import protocol
 from core.errors import ErrorKind, ServingError

@@ -1,0 +1,239 @@
+"""The vLLM engine: vLLM's async engine (``AsyncLLM``) with its pooling runner, behind the same
+contract as the PyTorch engine.
+
+vLLM schedules and batches here; this class only adapts. Texts are tokenized with the same
+``DocumentEncoder`` as the PyTorch engine and handed to vLLM as token ids, so both engines read
+exactly the same tokens and report the same token counts and truncation. vLLM's asyncio API
+runs on an event loop this engine owns, on a thread of its own (as Triton's vllm_backend does):
+``submit`` schedules one coroutine per submission there and returns a
+``concurrent.futures.Future`` at once, so callers on any thread can wait on it or attach a
+callback. Each document is one vLLM request; vLLM's scheduler packs documents from different
+submissions into its steps by its own token budget (``max_batch_tokens``).
+
+vLLM runs the model in processes of its own (an engine core, and on the CPU a worker): in the
+Triton Python backend they are started from the stub process, with the venv's interpreter.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.inputs.engine import tokens_input
+from vllm.platforms import current_platform
+from vllm.pooling_params import PoolingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from core.engine import ClassificationEngine, DocumentScores
+from core.errors import Cancelled, DeadlineExceeded, EngineFailure, ServerUnavailable, ServingError
+from core.hf_classifier import DocumentEncoder, EncodedText, resolve_dtype, softmax
+from core.labels import LabelSet
+from core.serving_config import ServingConfig
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+
+
+def engine_args(config: ServingConfig) -> AsyncEngineArgs:
+    """The vLLM arguments a serving configuration means (also what `vllm serve` flags mirror)."""
+    return AsyncEngineArgs(
+        model=str(config.model_dir),
+        runner="pooling",
+        # We send token ids: vLLM never tokenizes, so it need not load a tokenizer.
+        skip_tokenizer_init=True,
+        dtype=resolve_dtype(config.dtype, torch.device(current_platform.device_type)),
+        max_model_len=config.max_length,
+        max_num_batched_tokens=config.max_batch_tokens,
+        max_num_seqs=config.max_batch_size,
+        # An explicit size: otherwise vLLM reserves a share (gpu_memory_utilization) of the whole
+        # machine's memory, which on the CPU means host memory shared with everything else.
+        kv_cache_memory_bytes=config.vllm_kv_cache_mib * MIB,
+        enforce_eager=not config.vllm_compile,
+        disable_log_stats=True,
+    )
+
+
+class VllmEngine(ClassificationEngine):
+    def __init__(self, config: ServingConfig):
+        super().__init__()
+        self.config = config
+        self.max_length = config.max_length
+        self.startup_seconds: float | None = None
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread: threading.Thread | None = None
+        self._engine: AsyncLLM | None = None
+        self._request_ids = itertools.count()
+        self._in_flight: dict[asyncio.Task, Future] = {}  # touched only on the loop thread
+        self._stopping = False
+
+    def start(self) -> None:
+        started = time.monotonic()
+        self.labels = LabelSet.for_model_dir(self.config.model_dir)
+        self._encoder = DocumentEncoder(self.config.model_dir, self.max_length)
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
+        self._loop_thread.start()
+        try:
+            self._engine = asyncio.run_coroutine_threadsafe(self._create_engine(), self._loop).result()
+            num_labels = self._engine.model_config.hf_config.num_labels
+            if num_labels != len(self.labels):
+                raise ValueError(
+                    f"{self.config.model_dir}: the model has {num_labels} classes but {len(self.labels)} labels are listed"
+                )
+        except BaseException:
+            self._shut_down()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        log.info("vllm engine: %s started in %.1f s", self.config.model_dir, self.startup_seconds)
+
+    async def _create_engine(self) -> AsyncLLM:
+        # Built on the loop it will serve: AsyncLLM starts its output handler on the running loop.
+        return AsyncLLM.from_engine_args(engine_args(self.config))
+
+    def submit(
+        self,
+        texts: Sequence[str],
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> "Future[list[DocumentScores]]":
+        future: Future[list[DocumentScores]] = Future()
+        if self._stopping or not self.is_healthy():
+            future.set_exception(ServerUnavailable("the engine is not running"))
+            return future
+        encoded = self._encoder.encode(texts)
+        try:
+            self._loop.call_soon_threadsafe(self._begin, future, encoded, deadline, is_cancelled)
+        except RuntimeError:  # the loop closed after the health check above
+            future.set_exception(ServerUnavailable("the engine is not running"))
+        return future
+
+    def is_healthy(self) -> bool:
+        return (
+            self._loop_thread is not None
+            and self._loop_thread.is_alive()
+            and self._engine is not None
+            and not self._engine.errored
+        )
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        self._stopping = True
+        if self._loop_thread is not None and self._loop_thread.is_alive():
+            drained = asyncio.run_coroutine_threadsafe(self._drain(drain_timeout_s), self._loop)
+            try:
+                drained.result(drain_timeout_s + 10)
+            except Exception:
+                log.exception("draining the vllm engine failed")
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Stop vLLM's processes, then the loop; safe to call twice."""
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+            # AsyncLLM shuts down again in __del__; let that happen now, while the modules it
+            # calls still exist, not at interpreter exit ("'NoneType' object is not callable").
+            gc.collect()
+        if self._loop.is_closed():
+            return
+        if self._loop_thread is not None and self._loop_thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(30)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    # Everything below runs on the loop thread.
+
+    def _begin(
+        self, future: Future, encoded: list[EncodedText], deadline: float | None, is_cancelled: Callable[[], bool] | None
+    ) -> None:
+        if future.done():  # cancelled while it waited for the loop
+            return
+        # vLLM schedules what it is given at once, so the caller's cancellation is asked here, once;
+        # a cancel after this point reaches vLLM through future.cancel() (below).
+        if is_cancelled is not None and is_cancelled():
+            future.set_exception(Cancelled("the request was cancelled before it was computed"))
+            return
+        task = self._loop.create_task(self._classify(encoded, deadline))
+        self._in_flight[task] = future
+        task.add_done_callback(self._finish)
+        # The caller may cancel from any thread; cancelling the task aborts its requests inside vLLM.
+        future.add_done_callback(lambda done: done.cancelled() and self._cancel_threadsafe(task))
+
+    def _cancel_threadsafe(self, task: asyncio.Task) -> None:
+        try:
+            self._loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:
+            pass  # the loop is gone, and the task with it
+
+    def _finish(self, task: asyncio.Task) -> None:
+        future = self._in_flight.pop(task)
+        if task.cancelled():
+            outcome: BaseException | None = ServerUnavailable("the request was stopped before it finished")
+        else:
+            outcome = task.exception()
+        try:
+            if outcome is None:
+                future.set_result(task.result())
+            else:
+                future.set_exception(outcome)
+        except InvalidStateError:
+            pass  # the caller cancelled it, or stop() failed it first
+
+    async def _classify(self, encoded: list[EncodedText], deadline: float | None) -> list[DocumentScores]:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        documents = [asyncio.ensure_future(self._logits(item.token_ids)) for item in encoded]
+        try:
+            async with asyncio.timeout(timeout):
+                rows = await asyncio.gather(*documents)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the deadline passed before {len(encoded)} documents were classified") from None
+        except ServingError:
+            raise
+        except EngineDeadError as exc:
+            raise EngineFailure(f"the vLLM engine died: {exc}") from exc
+        except VLLMClientError as exc:  # vLLM refused a request we built: our bug, not the caller's
+            raise EngineFailure(f"vLLM refused the request: {exc}") from exc
+        except Exception as exc:
+            log.exception("vllm classification of %d documents failed", len(encoded))
+            raise EngineFailure(f"the model failed on this request: {type(exc).__name__}: {exc}") from exc
+        finally:
+            for document in documents:
+                document.cancel()  # after a failure, abort the submission's other documents in vLLM
+        # Softmax over raw logits here, in float32, as the PyTorch engine does: vLLM's own pooler
+        # activation depends on the model config (sigmoid for one label, none for some heads).
+        probabilities = softmax(np.stack(rows))
+        return [
+            DocumentScores(row, len(item.token_ids), item.truncated) for row, item in zip(probabilities, encoded)
+        ]
+
+    async def _logits(self, token_ids: list[int]) -> np.ndarray:
+        request_id = f"document-{next(self._request_ids)}"
+        final = None
+        async for output in self._engine.encode(
+            tokens_input(token_ids), PoolingParams(task="classify", use_activation=False), request_id
+        ):
+            final = output
+        if final is None or final.error is not None:
+            reason = "no output" if final is None else f"{final.error.code}: {final.error.message}"
+            raise EngineFailure(f"vLLM request {request_id} failed: {reason}")
+        return final.outputs.data.float().cpu().numpy()
+
+    async def _drain(self, timeout_s: float) -> None:
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight), timeout=timeout_s)
+        for task, future in list(self._in_flight.items()):
+            try:
+                future.set_exception(ServerUnavailable("the server shut down before this request ran"))
+            except InvalidStateError:
+                pass
+            task.cancel()

