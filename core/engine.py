@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from core.errors import ServerUnavailable
 from core.labels import LabelSet
 
 
@@ -63,6 +64,14 @@ class ClassificationEngine(abc.ABC):
 
     def __init__(self) -> None:
         self._batch_observers: list[BatchObserver] = []
+        self._stopping = False  # set by stop(): no new work is taken from then on
+
+    def _new_submission(self) -> "Future[list[DocumentScores]]":
+        """The future for a new submission; already failed when the engine cannot take work."""
+        future: Future[list[DocumentScores]] = Future()
+        if self._stopping or not self.is_healthy():
+            future.set_exception(ServerUnavailable("the engine is not running"))
+        return future
 
     def observe_batches(self, observer: BatchObserver) -> None:
         """Call ``observer`` with the ``BatchStats`` of every forward pass (on the engine's thread: keep it cheap)."""

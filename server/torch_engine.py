@@ -109,7 +109,6 @@ class TorchEngine(ClassificationEngine):
         )
         self._wakeup = threading.Condition()
         self._prepared: queue.Queue = queue.Queue(maxsize=1)
-        self._stopping = False
         self._threads: list[threading.Thread] = []
         self._loop_error: BaseException | None = None
 
@@ -141,9 +140,8 @@ class TorchEngine(ClassificationEngine):
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> "Future[list[DocumentScores]]":
-        future: Future[list[DocumentScores]] = Future()
-        if self._stopping or not self.is_healthy():
-            future.set_exception(ServerUnavailable("the engine is not running"))
+        future = self._new_submission()
+        if future.done():
             return future
         started = time.monotonic()
         encoded = self._encoder.encode(texts)

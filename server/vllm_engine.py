@@ -75,7 +75,6 @@ class VllmEngine(ClassificationEngine):
         self._engine: AsyncLLM | None = None
         self._request_ids = itertools.count()
         self._in_flight: dict[asyncio.Task, Future] = {}  # touched only on the loop thread
-        self._stopping = False
 
     def start(self) -> None:
         started = time.monotonic()
@@ -106,9 +105,8 @@ class VllmEngine(ClassificationEngine):
         deadline: float | None = None,
         is_cancelled: Callable[[], bool] | None = None,
     ) -> "Future[list[DocumentScores]]":
-        future: Future[list[DocumentScores]] = Future()
-        if self._stopping or not self.is_healthy():
-            future.set_exception(ServerUnavailable("the engine is not running"))
+        future = self._new_submission()
+        if future.done():
             return future
         encoded = self._encoder.encode(texts)
         try:
