@@ -6,14 +6,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO := build/demo
 REPOSITORY := model_repository
+# Every served model and its settings: see the file. `make export MODELS_FILE=office.yaml` for others.
+MODELS_FILE ?= models.yaml
+# The model `make eval` measures.
 MODEL := kscst-gemma2
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
-# Padded tokens per forward pass for the demo on a CPU: two full-length patents. Eager attention
-# over bigger padded batches is memory-bound on a 2-core CPU and measured slower (README); on a
-# GPU export with the default (16384) or more.
-MAX_BATCH_TOKENS ?= 1024
 
 .PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench-batching clean
 
@@ -52,19 +51,19 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 
 demo-models: $(DEMO)/.built
 
-$(DEMO)/.built: $(VENV)/.installed export/demo_models.py export/labels/kscst.tsv core/synthetic_patents.py
+$(DEMO)/.built: $(VENV)/.installed export/demo_models.py $(wildcard export/labels/*.tsv) core/synthetic_patents.py
 	$(PY) -m export demo-models --out $(DEMO)
 	touch $@
 
-export: $(REPOSITORY)/$(MODEL)/config.pbtxt
+export: $(REPOSITORY)/.exported
 
-$(REPOSITORY)/$(MODEL)/config.pbtxt: $(DEMO)/.built server/triton/model.py export/merged_model_export.py export/triton_package.py
-	$(PY) -m export merge --base $(DEMO)/gemma2-base --adapter $(DEMO)/gemma2-kscst-lora \
-		--labels export/labels/kscst.tsv --name $(MODEL) --repository $(REPOSITORY) \
-		--max-batch-tokens $(MAX_BATCH_TOKENS)
+# Re-exported when the models file, the demo models or the export code change.
+$(REPOSITORY)/.exported: $(MODELS_FILE) $(DEMO)/.built server/triton/model.py $(wildcard export/*.py) core/models_file.py core/serving_config.py
+	$(PY) -m export models --models-file $(MODELS_FILE) --repository $(REPOSITORY)
+	touch $@
 
 serve: export
-	$(PY) -m server --model-repository $(REPOSITORY) \
+	$(PY) -m server --model-repository $(REPOSITORY) --models-file $(MODELS_FILE) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 test: $(VENV)/.installed browser prometheus
@@ -102,4 +101,4 @@ classify-example: $(VENV)/.installed
 	$(PY) -m clients classify --input clients/examples/patents.jsonl --url 127.0.0.1:$(GRPC_PORT)
 
 clean:
-	rm -rf build $(REPOSITORY)/$(MODEL)
+	rm -rf build $(REPOSITORY)/*/ $(REPOSITORY)/.exported

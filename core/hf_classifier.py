@@ -5,6 +5,7 @@ Imports torch: only server-side code uses this module, never the client library.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from core.text_preprocessing import Preprocessing, text_preprocessor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,16 +102,20 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_l
 
 
 class DocumentEncoder:
-    """``encode_texts`` with one model's tokenizer and max length, callable from any thread.
+    """One model's text cleaning, then ``encode_texts`` with its tokenizer and max length;
+    callable from any thread.
 
-    Every engine encodes through it, so all of them truncate and count tokens the same way."""
+    Every engine encodes through it, so all of them clean, truncate and count tokens the same way."""
 
-    def __init__(self, model_dir: Path, max_length: int):
+    def __init__(self, model_dir: Path, max_length: int, preprocessing: Preprocessing = "none"):
         self.tokenizer = load_tokenizer(model_dir)
         self.max_length = max_length
+        self.preprocess = text_preprocessor(preprocessing)
         self._lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
 
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
+        if self.preprocess is not None:
+            texts = [self.preprocess(text) for text in texts]
         with self._lock:
             return encode_texts(self.tokenizer, texts, self.max_length)
 
@@ -130,6 +137,15 @@ def pad_batch(
     return input_ids.to(device), attention_mask.to(device)
 
 
+def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One forward pass. Encoders with segment embeddings (BERT, ELECTRA) get ``token_type_ids``
+    explicitly: a document is one segment, type 0, padding included, as their tokenizers emit."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        inputs["token_type_ids"] = torch.zeros_like(input_ids)
+    return model(**inputs).logits
+
+
 @torch.inference_mode()
 def class_logits(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 8) -> np.ndarray:
     """Logits in float32, shape (len(texts), num_labels): the offline reference."""
@@ -139,7 +155,7 @@ def class_logits(model, tokenizer, texts: Sequence[str], max_length: int, batch_
     for start in range(0, len(encoded), batch_size):
         chunk = [item.token_ids for item in encoded[start : start + batch_size]]
         input_ids, attention_mask = pad_batch(chunk, model.config.pad_token_id, device)
-        rows.append(model(input_ids=input_ids, attention_mask=attention_mask).logits.float().cpu().numpy())
+        rows.append(classifier_logits(model, input_ids, attention_mask).float().cpu().numpy())
     return np.concatenate(rows)
 
 

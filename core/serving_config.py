@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.text_preprocessing import Preprocessing
+
 
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -22,6 +24,9 @@ class ServingConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int = Field(ge=8, le=32768, description="tokens per document; longer input is truncated and reported")
+    preprocessing: Preprocessing = Field(
+        "none", description="text cleaning before tokenizing, as the model was trained (kcbert: KcBERT's clean)"
+    )
     max_batch_tokens: int = Field(
         16384, ge=8,
         description="torch engine: padded tokens (longest × count) one forward pass may take; "

@@ -1,6 +1,7 @@
-"""python -m export: build demo models, merge a LoRA adapter with proof, verify a merged folder.
+"""python -m export: build demo models, export a models file, merge a LoRA adapter with proof, verify.
 
-    python -m export demo-models --out build/demo [--model gemma2|llama]
+    python -m export demo-models --out build/demo [--model all|gemma2|llama|kcbert|koelectra]
+    python -m export models --models-file models.yaml --repository model_repository [--only NAME ...]
     python -m export merge --base BASE_DIR --adapter ADAPTER_DIR --labels export/labels/kscst.tsv \\
         --name kscst-gemma2 --repository model_repository [--dtype float32|bfloat16] [--engine torch|vllm]
     python -m export verify --base BASE_DIR --adapter ADAPTER_DIR --merged model_repository/kscst-gemma2/1/model
@@ -18,17 +19,32 @@ from pathlib import Path
 
 
 def _demo_models(args: argparse.Namespace) -> None:
-    from export.demo_models import build_gemma2_demo, build_llama_demo
+    from export.demo_models import DEMO_BUILDERS
 
-    build = {"gemma2": build_gemma2_demo, "llama": build_llama_demo}[args.model]
-    paths = build(args.out, seed=args.seed)
-    print(f"base model:   {paths.base}\nLoRA adapter: {paths.adapter}\nlabels:       {paths.labels}")
+    for name in DEMO_BUILDERS if args.model == "all" else [args.model]:
+        paths = DEMO_BUILDERS[name](args.out, seed=args.seed)
+        print(f"{name}: model {paths.base}" + (f", LoRA adapter {paths.adapter}" if paths.adapter else " (full fine-tune)"))
+
+
+def _models(args: argparse.Namespace) -> None:
+    import logging
+
+    from core.models_file import ModelsFile
+    from export.models_file_export import export_models
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    models = ModelsFile.read(args.models_file)
+    reports = export_models(models, args.repository, only=args.only, device=args.device)
+    print(json.dumps({name: asdict(report) for name, report in reports.items()}, indent=2))
+    print(f"{len(reports)} models exported and proven in {time.perf_counter() - started:.1f} s into {args.repository}", file=sys.stderr)
 
 
 def _merge(args: argparse.Namespace) -> None:
     from core.labels import LabelSet
     from core.serving_config import ServingConfig
     from export.merged_model_export import merge_lora
+    from export.model_support import check_servable
     from export.triton_package import MERGED_MODEL_FOLDER, merged_model_dir, write_triton_model
 
     # Validate the serving parameters before spending minutes on a merge.
@@ -44,6 +60,7 @@ def _merge(args: argparse.Namespace) -> None:
         device=args.serve_device,
         dtype=args.serve_dtype,
     )
+    check_servable(args.base, args.max_length, args.adapter)
     started = time.perf_counter()
     out_dir = merged_model_dir(args.repository, args.name)
     report = merge_lora(
@@ -81,7 +98,9 @@ def _demo_labelled_set(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.models_file import ModelsFileError
     from export.merged_model_export import MERGE_TOLERANCE, MergeProofFailed
+    from export.model_support import UnsupportedModel
 
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,11 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo-models", help="build a tiny base classifier, its LoRA adapter and tokenizer")
     demo.add_argument("--out", type=Path, default=Path("build/demo"))
     demo.add_argument(
-        "--model", choices=["gemma2", "llama"], default="gemma2",
-        help="gemma2: Gemma-2 over the 188 KSCST classes; llama: Llama over 9 IPC classes",
+        "--model", choices=["all", "gemma2", "llama", "kcbert", "koelectra"], default="all",
+        help="gemma2: Gemma-2 + LoRA over the 188 KSCST classes; llama: Llama + LoRA over 9 IPC classes; "
+        "kcbert: BERT over 9 IPC classes; koelectra: ELECTRA over 3 sentiment classes",
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo_models)
+
+    from_file = commands.add_parser("models", help="export every model a models file lists into one Triton repository")
+    from_file.add_argument("--models-file", type=Path, default=Path("models.yaml"))
+    from_file.add_argument("--repository", type=Path, default=Path("model_repository"))
+    from_file.add_argument("--only", nargs="+", metavar="NAME", help="export only these models (the others are left as they are)")
+    from_file.add_argument("--device", default="cpu", help="device for the merges and their proofs (cpu, cuda)")
+    from_file.set_defaults(run=_models)
 
     merge = commands.add_parser("merge", help="merge a LoRA adapter, prove it, write the Triton model")
     merge.add_argument("--base", type=Path, required=True, help="base model folder (e.g. google/gemma-2-9b, downloaded)")
@@ -150,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except MergeProofFailed as exc:
         print(f"merge proof FAILED: {exc}", file=sys.stderr)
         return 1
+    except (UnsupportedModel, ModelsFileError) as exc:
+        print(f"cannot export: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Merge a LoRA adapter into its base classifier and prove the merged model answers the same.
+"""Merge a LoRA adapter into its base classifier and prove the merged model answers the same;
+or, for a full fine-tune (no adapter), save it for serving and prove the saved files answer the same.
 
 The proof runs the unmerged PEFT model and the merged model on the same fixed patents and
 compares class logits in float32. The export refuses to ship a merge whose max |Δlogit|
@@ -21,6 +22,7 @@ import torch
 from core.hf_classifier import class_logits, load_sequence_classifier, load_tokenizer
 from core.labels import LABELS_FILENAME, LabelSet
 from core.synthetic_patents import synthetic_patents
+from export.model_support import ensure_pad_token
 
 MERGE_TOLERANCE = 1e-4  # float32 max |Δlogit| between unmerged and merged
 PROOF_SEED = 20240531
@@ -49,12 +51,12 @@ class LogitComparison:
 @dataclass(frozen=True)
 class MergeReport:
     base: str
-    adapter: str
+    adapter: str | None  # None: a full fine-tune, exported as it is
     saved_dtype: str
     max_length: int
     tolerance: float
-    merged_in_float32: LogitComparison  # the gate: unmerged vs merged, both float32
-    saved_model: LogitComparison  # unmerged float32 vs the saved files, reloaded (cast effect included)
+    merged_in_float32: LogitComparison | None  # the gate: unmerged vs merged, both float32 (None: nothing merged)
+    saved_model: LogitComparison  # unmerged (or source) float32 vs the saved files, reloaded (cast effect included)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -106,17 +108,13 @@ def merge_lora(
     texts = proof_texts(proof_documents)
 
     model = load_unmerged(base_dir, adapter_dir, labels, device)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    ensure_pad_token(tokenizer, model.config, adapter_dir)
     unmerged = class_logits(model, tokenizer, texts, max_length)
     merged_model = model.merge_and_unload()
     merged = class_logits(merged_model, tokenizer, texts, max_length)
     merged_in_float32 = LogitComparison.between(unmerged, merged)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged_model.to(dtype=getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    labels.write_tsv(out_dir / LABELS_FILENAME)
+    _save(merged_model, tokenizer, labels, out_dir, dtype)
     del model, merged_model
     gc.collect()
 
@@ -136,6 +134,53 @@ def merge_lora(
     return report
 
 
+def export_fine_tune(
+    model_dir: Path,
+    labels: LabelSet | None,
+    out_dir: Path,
+    *,
+    dtype: str = "float32",
+    max_length: int = 512,
+    proof_documents: int = 16,
+    device: str = "cpu",
+) -> MergeReport:
+    """Save a fully fine-tuned classifier (no adapter) for serving, with the same proof on the saved files.
+
+    ``labels`` renames the classes (and must count as many as the model has); None keeps the
+    config's ``id2label``."""
+    tokenizer = load_tokenizer(model_dir)
+    texts = proof_texts(proof_documents)
+    model = load_sequence_classifier(model_dir, torch.float32, device)
+    if labels is None:
+        labels = LabelSet.from_id2label(model.config.id2label)
+    elif len(labels) != model.config.num_labels:
+        raise MergeProofFailed(f"{model_dir}: the model has {model.config.num_labels} classes but {len(labels)} labels are listed")
+    model.config.id2label = labels.id2label()
+    model.config.label2id = {code: index for index, code in labels.id2label().items()}
+    ensure_pad_token(tokenizer, model.config, model_dir)
+    source = class_logits(model, tokenizer, texts, max_length)
+    _save(model, tokenizer, labels, out_dir, dtype)
+    del model
+    gc.collect()
+
+    report = MergeReport(
+        base=str(model_dir), adapter=None, saved_dtype=dtype, max_length=max_length, tolerance=MERGE_TOLERANCE,
+        merged_in_float32=None,
+        saved_model=LogitComparison.between(source, _saved_logits(out_dir, tokenizer, texts, max_length, device)),
+    )
+    report.write(out_dir / REPORT_FILENAME)
+    if dtype == "float32":
+        _enforce(report.saved_model, MERGE_TOLERANCE, f"saved model in {out_dir}")
+    return report
+
+
+def _save(model, tokenizer, labels: LabelSet, out_dir: Path, dtype: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(dtype=getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    labels.write_tsv(out_dir / LABELS_FILENAME)
+
+
 def verify_saved_merge(
     base_dir: Path, adapter_dir: Path, merged_dir: Path, *, tolerance: float = MERGE_TOLERANCE,
     proof_documents: int = 16, device: str = "cpu",
@@ -146,7 +191,7 @@ def verify_saved_merge(
     report = json.loads((merged_dir / REPORT_FILENAME).read_text(encoding="utf-8"))
     texts = proof_texts(proof_documents)
     model = load_unmerged(base_dir, adapter_dir, labels, device)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    ensure_pad_token(tokenizer, model.config, merged_dir)
     unmerged = class_logits(model, tokenizer, texts, report["max_length"])
     del model
     gc.collect()

@@ -1,6 +1,10 @@
 """python -m server: serve a model repository with the real tritonserver until Ctrl-C or SIGTERM.
 
-    python -m server --model-repository model_repository [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+    python -m server --model-repository model_repository [--models-file models.yaml]
+        [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+
+With --models-file the server loads exactly the models that file lists (each must have been
+exported into the repository); without it, every model folder in the repository.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from core.models_file import ModelsFile, ModelsFileError
 from server.launcher import LaunchConfig, ServerNotReady, TritonServer
 
 
@@ -29,15 +34,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the models to load")
     parser.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain requests in flight on shutdown")
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--models-file", type=Path, help="serve exactly the models this file lists (see models.yaml)")
     args = parser.parse_args(argv)
 
     if not any(args.model_repository.glob("*/config.pbtxt")):
         parser.error(f"--model-repository {args.model_repository}: no model folders (run `make export` first)")
+    models: tuple[str, ...] = ()
+    if args.models_file is not None:
+        try:
+            models = tuple(ModelsFile.read(args.models_file).names)
+        except ModelsFileError as exc:
+            parser.error(str(exc))
+        missing = [name for name in models if not (args.model_repository / name / "config.pbtxt").exists()]
+        if missing:
+            parser.error(
+                f"--models-file {args.models_file} lists {missing}, which {args.model_repository} does not hold: "
+                "export them first (make export)"
+            )
     try:
         config = LaunchConfig(
             model_repository=args.model_repository, address=args.address, http_port=args.http_port,
             grpc_port=args.grpc_port, metrics_port=args.metrics_port, tritonserver=args.tritonserver,
             ready_timeout_s=args.ready_timeout, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose,
+            models=models,
         )
     except ValidationError as exc:
         parser.error(str(exc))
@@ -53,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server failed to start: {exc}", file=sys.stderr)
         return 1
     print(
-        f"ready in {server.startup_seconds:.1f} s: models in {config.model_repository}\n"
+        f"ready in {server.startup_seconds:.1f} s: "
+        f"{', '.join(models) if models else 'the models'} from {config.model_repository}\n"
         f"  HTTP     http://{server.http_url}   (KServe v2: POST /v2/models/<model>/infer)\n"
         f"  gRPC     {server.grpc_url}\n"
         f"  metrics  {server.metrics_url}\n"

@@ -41,6 +41,9 @@ class LaunchConfig(BaseModel):
     ready_timeout_s: float = Field(600.0, gt=0, description="model loading of a 9B model from disk takes minutes")
     exit_timeout_s: int = Field(30, ge=0, description="how long Triton drains requests in flight on shutdown")
     log_verbose: int = Field(0, ge=0)
+    models: tuple[str, ...] = Field(
+        (), description="serve exactly these models (Triton's explicit model control); empty: every model in the repository"
+    )
 
 
 def _wheel_tritonserver_root() -> Path:
@@ -91,6 +94,8 @@ def _command(config: LaunchConfig) -> list[str]:
         "--metrics-address", config.address, "--metrics-port", str(config.metrics_port),
         "--exit-timeout-secs", str(config.exit_timeout_s),
         "--log-verbose", str(config.log_verbose),
+        *(["--model-control-mode", "explicit"] if config.models else []),
+        *(f"--load-model={name}" for name in config.models),
     ]
 
 

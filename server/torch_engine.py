@@ -26,6 +26,7 @@ import torch
 from core.engine import BatchStats, ClassificationEngine, DocumentScores
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.hf_classifier import (
+    classifier_logits,
     DocumentEncoder,
     EncodedText,
     load_sequence_classifier,
@@ -114,7 +115,7 @@ class TorchEngine(ClassificationEngine):
 
     def start(self) -> None:
         self.labels = LabelSet.for_model_dir(self.config.model_dir)
-        self._encoder = DocumentEncoder(self.config.model_dir, self.max_length)
+        self._encoder = DocumentEncoder(self.config.model_dir, self.max_length, self.config.preprocessing)
         from transformers import AutoConfig
 
         attention = serving_attention(AutoConfig.from_pretrained(self.config.model_dir), self._device, self.config.attention)
@@ -270,5 +271,5 @@ class TorchEngine(ClassificationEngine):
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        logits = self._model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = classifier_logits(self._model, input_ids, attention_mask)
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()

@@ -79,7 +79,7 @@ class VllmEngine(ClassificationEngine):
     def start(self) -> None:
         started = time.monotonic()
         self.labels = LabelSet.for_model_dir(self.config.model_dir)
-        self._encoder = DocumentEncoder(self.config.model_dir, self.max_length)
+        self._encoder = DocumentEncoder(self.config.model_dir, self.max_length, self.config.preprocessing)
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
         self._loop_thread.start()
         try:

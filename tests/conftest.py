@@ -1,6 +1,7 @@
-"""Session fixtures: the demo models, their export, and two real tritonservers on free loopback
-ports: one serving the PyTorch engine, one serving the vLLM engine (started only when a test
-asks for it, since vLLM takes the better part of a minute to start on 2 cores).
+"""Session fixtures: the demo models, their export from a models file, and two real tritonservers
+on free loopback ports: one serving the PyTorch engine (every model family), one serving the
+vLLM engine (started only when a test asks for it, since vLLM takes the better part of a minute
+to start on 2 cores).
 
 Everything is built from scratch in a temporary folder, the way a user's `make serve` builds
 it, so the suite tests the same path and needs nothing prepared beforehand.
@@ -20,9 +21,18 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from core.labels import LabelSet
 from core.serving_config import ServingConfig
-from export.demo_models import DemoModelPaths, build_gemma2_demo, build_llama_demo
-from export.merged_model_export import MergeReport, merge_lora
-from export.triton_package import MERGED_MODEL_FOLDER, merged_model_dir, write_triton_model
+from core.models_file import ModelsFile
+from core.text_preprocessing import Preprocessing, text_preprocessor
+from export.demo_models import (
+    DemoModelPaths,
+    build_gemma2_demo,
+    build_kcbert_demo,
+    build_koelectra_demo,
+    build_llama_demo,
+)
+from export.merged_model_export import MergeReport
+from export.models_file_export import export_models
+from export.triton_package import merged_model_dir, write_triton_model
 from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +41,13 @@ MODEL_NAME = "kscst-gemma2"
 TIGHT_MODEL_NAME = "kscst-gemma2-tight-queue"
 VLLM_GEMMA2_MODEL = "kscst-gemma2-vllm"  # the same merged Gemma-2 as MODEL_NAME, served by the vLLM engine
 VLLM_LLAMA_MODEL = "ipc-llama-vllm"
+# The other families, served by the PyTorch engine beside MODEL_NAME from the same models file.
+LLAMA_MODEL = "ipc-llama"
+KCBERT_MODEL = "ipc-kcbert"
+KOELECTRA_MODEL = "sentiment-koelectra"
 MAX_LENGTH = 512
+KCBERT_MAX_LENGTH = 300  # KcBERT's position embeddings
+KOELECTRA_MAX_LENGTH = 60  # as the office trained it
 # Tiny models need little KV cache; vLLM's default would reserve a share of the whole machine.
 VLLM_KV_CACHE_MIB = 64
 
@@ -46,6 +62,8 @@ class Export:
     repository: Path
     merged_dir: Path
     report: MergeReport
+    models: ModelsFile
+    reports: dict[str, MergeReport]
 
 
 @pytest.fixture(scope="session")
@@ -54,20 +72,47 @@ def demo_models(tmp_path_factory) -> DemoModelPaths:
 
 
 @pytest.fixture(scope="session")
-def exported(demo_models, tmp_path_factory) -> Export:
+def family_demos(tmp_path_factory) -> dict[str, DemoModelPaths]:
+    """The other families' demo models, by the Triton model name they are served under."""
+    folder = tmp_path_factory.mktemp("family-demos")
+    return {
+        LLAMA_MODEL: build_llama_demo(folder),
+        KCBERT_MODEL: build_kcbert_demo(folder),
+        KOELECTRA_MODEL: build_koelectra_demo(folder),
+    }
+
+
+def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]) -> dict:
+    """The tests' models file: what models.yaml says, with the tests' demo folders and small batches
+    (several forward passes per test, so requests really share them)."""
+    def entry(name: str, paths: DemoModelPaths, **serving) -> dict:
+        return {"name": name, "base": str(paths.base), "adapter": str(paths.adapter) if paths.adapter else None,
+                "labels": str(paths.labels), "serving": serving}
+
+    return {
+        "defaults": {"max_batch_tokens": 4096, "device": "cpu"},
+        "models": [
+            entry(MODEL_NAME, gemma2, max_length=MAX_LENGTH),
+            entry(LLAMA_MODEL, families[LLAMA_MODEL], max_length=MAX_LENGTH),
+            entry(KCBERT_MODEL, families[KCBERT_MODEL], max_length=KCBERT_MAX_LENGTH, preprocessing="kcbert"),
+            entry(KOELECTRA_MODEL, families[KOELECTRA_MODEL], max_length=KOELECTRA_MAX_LENGTH),
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def exported(demo_models, family_demos, tmp_path_factory) -> Export:
     repository = tmp_path_factory.mktemp("model_repository")
+    models = ModelsFile.parse(demo_models_file(demo_models, family_demos))
+    reports = export_models(models, repository)
     merged_dir = merged_model_dir(repository, MODEL_NAME)
-    report = merge_lora(
-        demo_models.base, demo_models.adapter, LabelSet.read_tsv(demo_models.labels), merged_dir, max_length=MAX_LENGTH
-    )
-    # Small batches keep several forward passes per test, so requests really share them.
-    config = ServingConfig(model_dir=Path(MERGED_MODEL_FOLDER), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu")
-    write_triton_model(repository, MODEL_NAME, config)
-    # The same weights behind a queue that holds two full-length patents and computes them one
+    # The Gemma-2 weights behind a queue that holds two full-length patents and computes them one
     # at a time: admission control and deadlines become observable with a handful of requests.
-    tight = config.model_copy(update={"model_dir": merged_dir, "max_batch_tokens": MAX_LENGTH, "max_queue_tokens": 2 * MAX_LENGTH})
+    tight = models.model(MODEL_NAME).serving.model_copy(
+        update={"model_dir": merged_dir, "max_batch_tokens": MAX_LENGTH, "max_queue_tokens": 2 * MAX_LENGTH}
+    )
     write_triton_model(repository, TIGHT_MODEL_NAME, tight)
-    return Export(demo_models, repository, merged_dir, report)
+    return Export(demo_models, repository, merged_dir, reports[MODEL_NAME], models, reports)
 
 
 def start_tritonserver(repository: Path, tmp_path_factory, ready_timeout_s: float) -> TritonServer:
@@ -90,8 +135,8 @@ def server(exported, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def llama_demo(tmp_path_factory) -> DemoModelPaths:
-    return build_llama_demo(tmp_path_factory.mktemp("llama-demo"))
+def llama_demo(family_demos) -> DemoModelPaths:
+    return family_demos[LLAMA_MODEL]
 
 
 @pytest.fixture(scope="session")
@@ -120,24 +165,31 @@ def vllm_server(vllm_repository, tmp_path_factory):
 
 
 class OfflineReference:
-    """The merged model in plain transformers, float32, eager attention, one document at a time:
-    what the served answers must equal."""
+    """The merged model in plain transformers, float32, eager attention, one document at a time,
+    on the text after the model's own cleaning: what the served answers must equal."""
 
-    def __init__(self, merged_dir: Path):
+    def __init__(self, merged_dir: Path, max_length: int = MAX_LENGTH, preprocessing: Preprocessing = "none"):
         self.tokenizer = AutoTokenizer.from_pretrained(merged_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             merged_dir, dtype=torch.float32, attn_implementation="eager"
         ).eval()
         self.labels = LabelSet.for_model_dir(merged_dir)
+        self.max_length = max_length
+        self.preprocess = text_preprocessor(preprocessing) or (lambda text: text)
 
     @torch.inference_mode()
     def probabilities(self, text: str) -> tuple[np.ndarray, int]:
-        encoded = self.tokenizer(text, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        encoded = self.tokenizer(self.preprocess(text), truncation=True, max_length=self.max_length, return_tensors="pt")
         logits = self.model(**encoded).logits[0]
         return torch.softmax(logits, dim=-1).numpy(), int(encoded["input_ids"].shape[1])
 
     def untruncated_length(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+        return len(self.tokenizer(self.preprocess(text))["input_ids"])
+
+    @classmethod
+    def for_served_model(cls, export: "Export", name: str) -> "OfflineReference":
+        serving = export.models.model(name).serving
+        return cls(merged_model_dir(export.repository, name), serving.max_length, serving.preprocessing)
 
 
 @pytest.fixture(scope="session")
