@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from core import access_token
 from core.errors import InvalidInput, ServingError
 from clients.batch_classification import ServerAddress, classify_in_batches
-from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS, PatentClassifier
+from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WEB_PAGE_SCRIPT = Path(__file__).resolve().parent / "web_page.py"
@@ -60,7 +61,10 @@ def _progress(total: int, enabled: bool, description: str | None = None):
 
 
 def _server_address(args: argparse.Namespace) -> ServerAddress:
-    return ServerAddress(args.url or DEFAULT_URLS[args.protocol], args.protocol, args.model, args.timeout)
+    return ServerAddress(
+        args.url or DEFAULT_URLS[args.protocol], args.protocol, args.model, args.timeout,
+        tls=getattr(args, "tls", False), tls_ca=getattr(args, "tls_ca", None), token=getattr(args, "token", None),
+    )
 
 
 def classify_command(args: argparse.Namespace) -> int:
@@ -154,7 +158,7 @@ def _classify_on_own_server(args: argparse.Namespace, samples) -> tuple[ServerAd
 
 def _classify_labelled(args: argparse.Namespace, samples, address: ServerAddress) -> tuple[list, float] | None:
     """Every document's answer (or typed error) in input order, and the seconds it took."""
-    with PatentClassifier(address.url, address.protocol, address.model, address.timeout_s) as probe:
+    with address.connect() as probe:
         if not probe.is_ready():
             print(f"cannot evaluate: model {address.model!r} is not ready at {address.url} ({address.protocol}); "
                   "start the server (make serve) or pass --start-server", file=sys.stderr)
@@ -225,6 +229,15 @@ def _add_server_arguments(parser: argparse.ArgumentParser, timeout_s: float) -> 
     parser.add_argument("--timeout", type=float, default=timeout_s, help="seconds per request")
 
 
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server against the system's CAs")
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA certificate to verify the server with (implies --tls)")
+    parser.add_argument(
+        "--token-file", type=Path, default=None,
+        help=f"file holding the server's access token (default: ${access_token.TOKEN_ENV} when set)",
+    )
+
+
 def _add_batching_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="documents per request")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
@@ -239,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("--input", default="-", help="JSON-lines file, or - for standard input")
     classify.add_argument("--output", default="-", help="JSON-lines file, or - for standard output")
     _add_server_arguments(classify, timeout_s=120.0)
+    _add_security_arguments(classify)
     classify.add_argument("--top-k", type=int, default=None, help="classes per document (server default: 5)")
     _add_batching_arguments(classify)
     classify.set_defaults(run=classify_command)
@@ -247,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--input", type=Path, required=True, help='JSON-lines file: patents with their true class code in "label"')
     evaluate.add_argument("--out", type=Path, required=True, help="folder for report.json, classification_report.txt, confusion_matrix.png, predictions.jsonl")
     _add_server_arguments(evaluate, timeout_s=120.0)
+    _add_security_arguments(evaluate)
     evaluate.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default 5)")
     _add_batching_arguments(evaluate)
     evaluate.add_argument(
@@ -268,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     web.set_defaults(run=web_command)
 
     args = parser.parse_args(argv)
+    if hasattr(args, "token_file"):
+        try:
+            args.token = access_token.read_token(args.token_file)
+        except access_token.TokenError as exc:
+            parser.error(str(exc))
     if getattr(args, "batch_size", 1) < 1 or getattr(args, "concurrency", 1) < 1:
         parser.error("--batch-size and --concurrency must be at least 1")
     if args.command == "evaluate":

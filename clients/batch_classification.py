@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 from core.errors import InvalidInput, ServingError
@@ -23,6 +24,14 @@ class ServerAddress:
     protocol: Protocol = "grpc"
     model: str = DEFAULT_MODEL
     timeout_s: float = 120.0
+    tls: bool = False  # verify the server against the system's CAs (or tls_ca)
+    tls_ca: Path | None = None
+    token: str | None = None
+
+    def connect(self) -> PatentClassifier:
+        return PatentClassifier(
+            self.url, self.protocol, self.model, self.timeout_s, tls=self.tls, tls_ca=self.tls_ca, token=self.token
+        )
 
 
 def classify_in_batches(
@@ -43,7 +52,7 @@ def classify_in_batches(
 
     def client() -> PatentClassifier:
         if not hasattr(local, "client"):
-            local.client = PatentClassifier(server.url, server.protocol, server.model, server.timeout_s)
+            local.client = server.connect()
         return local.client
 
     def classify_one(document: Document | ServingError) -> Answer:

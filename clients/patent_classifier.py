@@ -8,17 +8,26 @@
 A document is a ``PatentDocument``, a mapping with its fields (the server renders it with the
 template the model was trained on) or a ``str`` of already formatted text. Failures raise the
 typed errors of ``core.errors`` (``InvalidInput`` names the field and the limit).
+
+A server with TLS and an access token: ``PatentClassifier(url, tls_ca="ca.pem", token=...)``
+(``tls=True`` alone trusts the system's CAs); ``core.access_token.read_token`` reads the token
+from a file or ``$PATENT_CLASSIFIER_TOKEN``.
 """
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
+from pathlib import Path
 from typing import Literal, Mapping, Sequence, Union
 
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from core import protocol
-from core.errors import DeadlineExceeded, ErrorKind, InvalidInput, ServerUnavailable, ServingError, error_from_kind
+from core import access_token, protocol
+from core.errors import (
+    AccessDenied, DeadlineExceeded, ErrorKind, InvalidInput, ServerUnavailable, ServingError, error_from_kind,
+)
 from core.patent_document import PatentDocument
 
 Document = Union[PatentDocument, Mapping, str]
@@ -35,9 +44,13 @@ _GRPC_STATUS = {
     "StatusCode.DEADLINE_EXCEEDED": ErrorKind.DEADLINE_EXCEEDED,
     "StatusCode.CANCELLED": ErrorKind.CANCELLED,
     "StatusCode.INTERNAL": ErrorKind.ENGINE_FAILURE,
+    "StatusCode.UNAUTHENTICATED": ErrorKind.ACCESS_DENIED,
+    "StatusCode.PERMISSION_DENIED": ErrorKind.ACCESS_DENIED,
 }
 _HTTP_STATUS = {
     "400": ErrorKind.INVALID_INPUT,
+    "401": ErrorKind.ACCESS_DENIED,
+    "403": ErrorKind.ACCESS_DENIED,
     "404": ErrorKind.MODEL_NOT_FOUND,
     "429": ErrorKind.OVERLOADED,
     "499": ErrorKind.CANCELLED,
@@ -51,6 +64,8 @@ def typed_error(exc: InferenceServerException) -> ServingError:
     status, message = str(exc.status()), exc.message() or str(exc)
     if "unknown model" in message or "is not found" in message:
         return error_from_kind(ErrorKind.MODEL_NOT_FOUND, message)
+    if access_token.is_refusal(message):  # Triton refuses a missing token with gRPC UNAVAILABLE
+        return AccessDenied(f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV}); {message}")
     kind = _GRPC_STATUS.get(status) or _HTTP_STATUS.get(status)
     if kind is None:  # no status: the server could not be reached
         return ServerUnavailable(f"server unreachable or failed: {message}")
@@ -91,14 +106,31 @@ def _encode_documents(documents: Sequence[Document]) -> tuple[str, np.ndarray]:
 
 
 class _ClassifierBase:
-    def __init__(self, url: str | None, protocol: Protocol, model: str, timeout_s: float, asynchronous: bool):
+    def __init__(
+        self, url: str | None, protocol: Protocol, model: str, timeout_s: float, asynchronous: bool,
+        tls: bool, tls_ca: str | Path | None, token: str | None,
+    ):
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.model = model
         self.timeout_s = timeout_s
         self._types, client_module = _transport(protocol, asynchronous)
-        self._client = client_module.InferenceServerClient(self.url, **self._connection_timeouts(asynchronous))
+        self._headers = access_token.request_headers(token, protocol)
+        self._client = client_module.InferenceServerClient(
+            self.url, **self._connection_timeouts(asynchronous), **self._tls_options(asynchronous, tls or tls_ca is not None, tls_ca)
+        )
         self._batched: bool | None = None  # learnt from the model's configuration on first use
+
+    def _tls_options(self, asynchronous: bool, tls: bool, tls_ca: str | Path | None) -> dict:
+        """TLS with the server verified against ``tls_ca`` (or the system's CAs), in each transport's own words."""
+        if not tls:
+            return {}
+        ca = str(tls_ca) if tls_ca is not None else None
+        if self.protocol == "grpc":
+            return {"ssl": True, "root_certificates": ca}
+        if asynchronous:
+            return {"ssl": True, "ssl_context": ssl.create_default_context(cafile=ca)}
+        return {"ssl": True, "ssl_options": {"ca_certs": ca} if ca else {}}
 
     def _request(self, documents: Sequence[Document], top_k: int | None, batched: bool) -> tuple[list, list]:
         name, elements = _encode_documents(documents)
@@ -141,8 +173,11 @@ class _ClassifierBase:
 class PatentClassifier(_ClassifierBase):
     """Blocking client. Thread-safe for concurrent calls over gRPC; use one per thread over HTTP."""
 
-    def __init__(self, url: str | None = None, protocol: Protocol = "grpc", model: str = DEFAULT_MODEL, timeout_s: float = 60.0):
-        super().__init__(url, protocol, model, timeout_s, asynchronous=False)
+    def __init__(
+        self, url: str | None = None, protocol: Protocol = "grpc", model: str = DEFAULT_MODEL, timeout_s: float = 60.0,
+        *, tls: bool = False, tls_ca: str | Path | None = None, token: str | None = None,
+    ):
+        super().__init__(url, protocol, model, timeout_s, False, tls, tls_ca, token)
 
     def classify(self, document: Document, top_k: int | None = None) -> protocol.Classification:
         return self.classify_batch([document], top_k)[0]
@@ -150,21 +185,21 @@ class PatentClassifier(_ClassifierBase):
     def classify_batch(self, documents: Sequence[Document], top_k: int | None = None) -> list[protocol.Classification]:
         try:
             if self._batched is None:
-                self._batched = self._has_batch_dimension(self._client.get_model_config(self.model))
+                self._batched = self._has_batch_dimension(self._client.get_model_config(self.model, headers=self._headers))
             inputs, outputs = self._request(documents, top_k, self._batched)
-            result = self._client.infer(self.model, inputs, outputs=outputs, **self._timeout_kwargs())
+            result = self._client.infer(self.model, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
         except InferenceServerException as exc:
             raise typed_error(exc) from None
         except TimeoutError:  # the HTTP transport's own timeout: no answer within timeout_s
             raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s} s") from None
-        except OSError as exc:  # the HTTP transport raises plain socket errors (refused, reset)
-            raise ServerUnavailable(f"server unreachable at {self.url}: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:  # the HTTP transport's socket and protocol errors
+            raise ServerUnavailable(f"server unreachable at {self.url}: {type(exc).__name__} {exc}") from None
         return self._answers(result, self._batched)
 
     def is_ready(self) -> bool:
         try:
             return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model))
-        except (InferenceServerException, ConnectionError, OSError):
+        except (InferenceServerException, OSError, http.client.HTTPException):
             return False
 
     def close(self) -> None:
@@ -180,8 +215,11 @@ class PatentClassifier(_ClassifierBase):
 class AsyncPatentClassifier(_ClassifierBase):
     """asyncio client: ``await classifier.classify(...)``; many calls may be in flight at once."""
 
-    def __init__(self, url: str | None = None, protocol: Protocol = "grpc", model: str = DEFAULT_MODEL, timeout_s: float = 60.0):
-        super().__init__(url, protocol, model, timeout_s, asynchronous=True)
+    def __init__(
+        self, url: str | None = None, protocol: Protocol = "grpc", model: str = DEFAULT_MODEL, timeout_s: float = 60.0,
+        *, tls: bool = False, tls_ca: str | Path | None = None, token: str | None = None,
+    ):
+        super().__init__(url, protocol, model, timeout_s, True, tls, tls_ca, token)
 
     async def classify(self, document: Document, top_k: int | None = None) -> protocol.Classification:
         return (await self.classify_batch([document], top_k))[0]
@@ -189,9 +227,9 @@ class AsyncPatentClassifier(_ClassifierBase):
     async def classify_batch(self, documents: Sequence[Document], top_k: int | None = None) -> list[protocol.Classification]:
         try:
             if self._batched is None:
-                self._batched = self._has_batch_dimension(await self._client.get_model_config(self.model))
+                self._batched = self._has_batch_dimension(await self._client.get_model_config(self.model, headers=self._headers))
             inputs, outputs = self._request(documents, top_k, self._batched)
-            result = await self._client.infer(self.model, inputs, outputs=outputs, **self._timeout_kwargs())
+            result = await self._client.infer(self.model, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
         except InferenceServerException as exc:
             raise typed_error(exc) from None
         except TimeoutError:  # aiohttp's total timeout: no answer within timeout_s

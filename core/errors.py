@@ -16,6 +16,7 @@ class ErrorKind(enum.Enum):
     MODEL_NOT_FOUND = "model_not_found"  # HTTP 400/404, gRPC NOT_FOUND
     ENGINE_FAILURE = "engine_failure"  # HTTP 500, gRPC INTERNAL
     UNAVAILABLE = "unavailable"  # server down or not ready
+    ACCESS_DENIED = "access_denied"  # no or wrong access token: HTTP 403, gRPC UNAVAILABLE/PERMISSION_DENIED
 
 
 class ServingError(Exception):
@@ -61,9 +62,15 @@ class ServerUnavailable(ServingError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class AccessDenied(ServingError):
+    """The request lacks the access token the server requires (or carries a wrong one)."""
+
+    kind = ErrorKind.ACCESS_DENIED
+
+
 _ERROR_TYPES: dict[ErrorKind, type[ServingError]] = {
     error_type.kind: error_type
-    for error_type in (Overloaded, DeadlineExceeded, Cancelled, ModelNotFound, EngineFailure, ServerUnavailable)
+    for error_type in (Overloaded, DeadlineExceeded, Cancelled, ModelNotFound, EngineFailure, ServerUnavailable, AccessDenied)
 }
 
 

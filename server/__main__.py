@@ -2,13 +2,16 @@
 
     python -m server --model-repository model_repository [--models-file models.yaml]
         [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+        [--tls-certificate server.pem --tls-key server.key] [--token-file token.txt]
 
 With --models-file the server loads exactly the models that file lists (each must have been
 exported into the repository); without it, every model folder in the repository.
+The access token comes from --token-file or $PATENT_CLASSIFIER_TOKEN, never from the command line.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from core import access_token
 from core.models_file import ModelsFile, ModelsFileError
 from server.launcher import LaunchConfig, ServerNotReady, TritonServer
 
@@ -35,7 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain requests in flight on shutdown")
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--models-file", type=Path, help="serve exactly the models this file lists (see models.yaml)")
+    parser.add_argument("--tls-certificate", type=Path, help="PEM server certificate: gRPC with TLS, HTTPS instead of HTTP")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-certificate")
+    parser.add_argument(
+        "--token-file", type=Path,
+        help=f"file holding the access token that inference requires (else ${access_token.TOKEN_ENV}; neither: no token)",
+    )
+    parser.add_argument(
+        "--no-model-reload", dest="reload_dead_models", action="store_false",
+        help="do not reload a model whose Python-backend stub died (keeps Triton's model control mode 'none')",
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if not any(args.model_repository.glob("*/config.pbtxt")):
         parser.error(f"--model-repository {args.model_repository}: no model folders (run `make export` first)")
@@ -52,11 +67,16 @@ def main(argv: list[str] | None = None) -> int:
                 "export them first (make export)"
             )
     try:
+        token = access_token.read_token(args.token_file)
+    except access_token.TokenError as exc:
+        parser.error(str(exc))
+    try:
         config = LaunchConfig(
             model_repository=args.model_repository, address=args.address, http_port=args.http_port,
             grpc_port=args.grpc_port, metrics_port=args.metrics_port, tritonserver=args.tritonserver,
             ready_timeout_s=args.ready_timeout, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose,
             models=models,
+            tls_certificate=args.tls_certificate, tls_key=args.tls_key, token=token, reload_dead_models=args.reload_dead_models,
         )
     except ValidationError as exc:
         parser.error(str(exc))
@@ -71,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerNotReady, FileNotFoundError) as exc:
         print(f"server failed to start: {exc}", file=sys.stderr)
         return 1
+    scheme = "https" if config.tls else "http"
     print(
         f"ready in {server.startup_seconds:.1f} s: "
         f"{', '.join(models) if models else 'the models'} from {config.model_repository}\n"
-        f"  HTTP     http://{server.http_url}   (KServe v2: POST /v2/models/<model>/infer)\n"
-        f"  gRPC     {server.grpc_url}\n"
+        f"  HTTP     {scheme}://{server.http_url}   (KServe v2: POST /v2/models/<model>/infer)\n"
+        f"  gRPC     {server.grpc_url}{' (TLS)' if config.tls else ''}\n"
         f"  metrics  {server.metrics_url}\n"
+        f"  access   {'inference requires the token (authorization: Bearer ...)' if token else 'open: no token configured'}\n"
         "Ctrl-C to stop.",
         flush=True,
     )

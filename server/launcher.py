@@ -7,9 +7,17 @@ on ``PATH`` (NVIDIA's container, where the backends live in /opt/tritonserver/ba
 For the wheel's server we build a backend folder of our own with *symlinks* to the wheel's
 Python backend: its stub finds CUDA stubs through an RPATH relative to its real location,
 so a copied stub fails to load and the server hangs at "loading" with no port open.
+
+Security: with a certificate and key, gRPC speaks TLS (Triton's own ``--grpc-use-ssl``) and
+HTTP becomes HTTPS through ``server.tls_front`` (Triton 2.51's HTTP endpoint has no TLS: it is
+then bound to loopback on a private port behind the front). With an access token, Triton's
+restricted-API options refuse inference, the repository API and the other mutating APIs to
+requests without ``authorization: Bearer <token>``; health and metadata stay open for probes.
+The metrics endpoint stays plain HTTP, for Prometheus on the same host or network.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -23,9 +31,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from core import access_token
+from server.model_watchdog import DeadStubWatchdog
+from server.tls_front import TlsFront, server_tls_context
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 
 class LaunchConfig(BaseModel):
@@ -44,6 +57,38 @@ class LaunchConfig(BaseModel):
     models: tuple[str, ...] = Field(
         (), description="serve exactly these models (Triton's explicit model control); empty: every model in the repository"
     )
+    tls_certificate: Path | None = Field(None, description="PEM server certificate (chain): gRPC and HTTP then need TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_certificate")
+    token: SecretStr | None = Field(None, description="inference and the mutating APIs require 'authorization: Bearer <token>'")
+    reload_dead_models: bool = Field(
+        True, description="reload a model whose Python-backend stub died (runs Triton with --model-control-mode=explicit)"
+    )
+
+    @model_validator(mode="after")
+    def _certificate_and_key_together(self) -> "LaunchConfig":
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ValueError("tls_certificate and tls_key: give both for TLS, or neither")
+        for field in ("tls_certificate", "tls_key"):
+            path = getattr(self, field)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{field}: {path} is not a file")
+        return self
+
+    @field_validator("token")
+    @classmethod
+    def _token_is_usable(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None:
+            access_token.validate_token(token.get_secret_value(), "token")
+        return token
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certificate is not None
+
+
+# Everything a client could use to change or read out the server's state; health, metadata,
+# model-config and statistics stay open (load balancers and dashboards probe them).
+RESTRICTED_APIS = ("inference", "model-repository", "shared-memory", "trace", "logging")
 
 
 def _wheel_tritonserver_root() -> Path:
@@ -76,7 +121,8 @@ def build_python_backend_directory(target: Path) -> Path:
     return target
 
 
-def _command(config: LaunchConfig) -> list[str]:
+def _command(config: LaunchConfig, triton_http_port: int | None = None) -> list[str]:
+    """The tritonserver command line; ``triton_http_port``: where Triton's plain HTTP listens behind the TLS front."""
     if config.tritonserver == "wheel":
         binary = str(_wheel_tritonserver_root() / "bin" / "tritonserver")
         backend_args = ["--backend-directory", str(build_python_backend_directory(config.backend_directory))]
@@ -89,14 +135,41 @@ def _command(config: LaunchConfig) -> list[str]:
         binary,
         "--model-repository", str(config.model_repository.resolve()),
         *backend_args,
-        "--http-address", config.address, "--http-port", str(config.http_port),
+        *(["--http-address", "127.0.0.1", "--http-port", str(triton_http_port)] if config.tls
+          else ["--http-address", config.address, "--http-port", str(config.http_port)]),
         "--grpc-address", config.address, "--grpc-port", str(config.grpc_port),
         "--metrics-address", config.address, "--metrics-port", str(config.metrics_port),
         "--exit-timeout-secs", str(config.exit_timeout_s),
         "--log-verbose", str(config.log_verbose),
-        *(["--model-control-mode", "explicit"] if config.models else []),
-        *(f"--load-model={name}" for name in config.models),
+        *_model_control_args(config),
+        *(["--grpc-use-ssl=true", f"--grpc-server-cert={config.tls_certificate.resolve()}",
+           f"--grpc-server-key={config.tls_key.resolve()}"] if config.tls else []),
+        *_restricted_api_args(config),
     ]
+
+
+def _model_control_args(config: LaunchConfig) -> list[str]:
+    # Explicit model control serves exactly the listed models, and lets the watchdog reload a
+    # model whose stub died (through the repository API, which mode "none" refuses).
+    if config.models:
+        return ["--model-control-mode=explicit", *(f"--load-model={name}" for name in config.models)]
+    return ["--model-control-mode=explicit", "--load-model=*"] if config.reload_dead_models else []
+
+
+def _restricted_api_args(config: LaunchConfig) -> list[str]:
+    if config.token is None:
+        return []
+    # Triton's help says "<apis>,<key>=<value>"; 2.51 takes "<apis>:<key>=<value>".
+    rule = f"{','.join(RESTRICTED_APIS)}:{access_token.HEADER}={access_token.header_value(config.token.get_secret_value())}"
+    return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+
+
+def describe_command(command: list[str]) -> str:
+    """The command line as it may be logged: the token's value left out."""
+    return " ".join(
+        argument.split("=", 1)[0] + "=<apis>:authorization=Bearer ***" if "restricted" in argument else argument
+        for argument in command
+    )
 
 
 def _environment() -> dict[str, str]:
@@ -132,12 +205,16 @@ class ServerNotReady(RuntimeError):
 
 @dataclass
 class TritonServer:
-    """A running tritonserver process. Use as a context manager, or ``start()`` / ``stop()``."""
+    """A running tritonserver process (with its TLS front and stub watchdog when configured).
+    Use as a context manager, or ``start()`` / ``stop()``."""
 
     config: LaunchConfig
     log_path: Path | None = None
     process: subprocess.Popen | None = None
     startup_seconds: float | None = None
+    watchdog: DeadStubWatchdog | None = None
+    _front: TlsFront | None = None
+    _triton_http_port: int | None = None  # Triton's own HTTP port: the public one, or the loopback one behind the front
 
     @property
     def http_url(self) -> str:
@@ -151,17 +228,32 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self._host()}:{self.config.metrics_port}/metrics"
 
+    @property
+    def triton_http_url(self) -> str:
+        """Triton's plain HTTP endpoint (behind the TLS front when there is one), for health probes."""
+        return f"127.0.0.1:{self._triton_http_port}" if self.config.tls else self.http_url
+
     def _host(self) -> str:
         return "127.0.0.1" if self.config.address in ("0.0.0.0", "::") else self.config.address
 
     def start(self) -> "TritonServer":
         started = time.monotonic()
+        self._triton_http_port = free_loopback_ports(1)[0] if self.config.tls else self.config.http_port
         output = open(self.log_path, "wb") if self.log_path else None
+        command = _command(self.config, self._triton_http_port)
+        log.info("starting %s", describe_command(command))
         self.process = subprocess.Popen(
-            _command(self.config), env=_environment(), stdout=output, stderr=subprocess.STDOUT if output else None
+            command, env=_environment(), stdout=output,
+            stderr=subprocess.STDOUT if output else None,
         )
         try:
             self.wait_until_ready()
+            if self.config.tls:
+                context = server_tls_context(self.config.tls_certificate, self.config.tls_key)
+                self._front = TlsFront(self.config.address, self.config.http_port, self._triton_http_port, context).start()
+            if self.config.reload_dead_models:
+                token = self.config.token.get_secret_value() if self.config.token else None
+                self.watchdog = DeadStubWatchdog(self.process.pid, self.triton_http_url, access_token.request_headers(token)).start()
         except BaseException:
             self.stop()
             raise
@@ -170,7 +262,7 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as answer:
+            with urllib.request.urlopen(f"http://{self.triton_http_url}/v2/health/ready", timeout=2) as answer:
                 return answer.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
@@ -187,15 +279,22 @@ class TritonServer:
         raise ServerNotReady(f"tritonserver not ready after {self.config.ready_timeout_s:.0f} s")
 
     def stop(self) -> int | None:
-        """SIGTERM (Triton drains requests in flight for up to exit_timeout_s), then SIGKILL if it hangs."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
+        """SIGTERM (Triton drains requests in flight for up to exit_timeout_s), then SIGKILL if it hangs.
+        The TLS front stays up until Triton has exited, so HTTPS requests in flight are answered too."""
+        if self.watchdog is not None:
+            self.watchdog.stop()  # a stub stopping at shutdown is no fault to recover from
         try:
-            return self.process.wait(self.config.exit_timeout_s + 15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+            if self.process is None or self.process.poll() is not None:
+                return None if self.process is None else self.process.returncode
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(self.config.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait()
+        finally:
+            if self._front is not None:
+                self._front.stop()
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -200,3 +200,40 @@ def reference(exported) -> OfflineReference:
 @pytest.fixture(scope="session")
 def llama_reference(vllm_repository) -> OfflineReference:
     return OfflineReference(merged_model_dir(vllm_repository, VLLM_LLAMA_MODEL))
+
+
+# --- TLS, access token, faults: one extra server shared by test_security.py and test_faults.py ---
+ACCESS_TOKEN = "test-token-0123456789abcdef"
+
+
+@dataclass
+class SecureServer:
+    server: TritonServer
+    certificates: "CertificateFiles"
+    token: str
+    token_file: Path
+
+
+@pytest.fixture(scope="session")
+def secure_server(exported, tmp_path_factory):
+    """The demo model alone, behind TLS (gRPC and HTTPS) and the access token, with dead-stub reload on."""
+    from pydantic import SecretStr
+
+    from tests.tls_certificates import write_test_certificates
+
+    folder = tmp_path_factory.mktemp("secure")
+    certificates = write_test_certificates(folder / "certificates")
+    token_file = folder / "token"
+    token_file.write_text(ACCESS_TOKEN + "\n", encoding="utf-8")
+    repository = folder / "model_repository"
+    write_triton_model(repository, MODEL_NAME, ServingConfig(
+        model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu"
+    ))
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
+    config = LaunchConfig(
+        model_repository=repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+        backend_directory=folder / "backends", ready_timeout_s=180, exit_timeout_s=5,
+        tls_certificate=certificates.server_certificate, tls_key=certificates.server_key, token=SecretStr(ACCESS_TOKEN),
+    )
+    with TritonServer(config, log_path=folder / "tritonserver.log") as running:
+        yield SecureServer(running, certificates, ACCESS_TOKEN, token_file)

@@ -1,0 +1,61 @@
+"""The shared secret that inference requests must carry, read the same way by server and clients.
+
+The token travels as ``authorization: Bearer <token>`` (HTTP header; over gRPC the metadata key is
+``triton-grpc-protocol-authorization``, the name tritonserver looks for); the
+server refuses inference without it (tritonserver's restricted-API options). It is read from a
+file or an environment variable, never from a command-line argument, so it stays out of shell
+history, ``ps`` of the launcher and logs.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+HEADER = "authorization"
+# Triton matches restricted gRPC calls on metadata named with this prefix before the key.
+GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"
+TOKEN_ENV = "PATENT_CLASSIFIER_TOKEN"
+MIN_TOKEN_CHARACTERS = 16
+# Triton parses "--http-restricted-api=<apis>:<header>=<value>" by its separators, so the token
+# keeps to characters that cannot be taken for one.
+_TOKEN_CHARACTERS = re.compile(r"[A-Za-z0-9._~+/-]+")
+
+
+class TokenError(ValueError):
+    pass
+
+
+def validate_token(token: str, source: str) -> str:
+    if len(token) < MIN_TOKEN_CHARACTERS:
+        raise TokenError(f"{source}: the token has {len(token)} characters; it needs at least {MIN_TOKEN_CHARACTERS}")
+    if not _TOKEN_CHARACTERS.fullmatch(token):
+        raise TokenError(f"{source}: the token may hold only letters, digits and . _ ~ + / -")
+    return token
+
+
+def read_token(token_file: Path | None, environment: dict[str, str] | None = None) -> str | None:
+    """The token from ``token_file`` (surrounding whitespace ignored) or else ``$PATENT_CLASSIFIER_TOKEN``; None if neither."""
+    if token_file is not None:
+        try:
+            return validate_token(Path(token_file).read_text(encoding="utf-8").strip(), f"--token-file {token_file}")
+        except OSError as exc:
+            raise TokenError(f"--token-file {token_file}: cannot read it ({exc.strerror})") from None
+    value = (os.environ if environment is None else environment).get(TOKEN_ENV, "").strip()
+    return validate_token(value, f"${TOKEN_ENV}") if value else None
+
+
+def header_value(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def request_headers(token: str | None, protocol: str = "http") -> dict[str, str] | None:
+    """HTTP headers or gRPC metadata that carry the token (None without a token)."""
+    if not token:
+        return None
+    return {GRPC_HEADER if protocol == "grpc" else HEADER: header_value(token)}
+
+
+def is_refusal(message: str) -> bool:
+    """Whether a server error says the request lacked the token (Triton words both protocols alike)."""
+    return "is restricted, expecting header" in message

@@ -1,0 +1,140 @@
+"""Bring a model back when its Python-backend stub process dies, without restarting tritonserver.
+
+What tritonserver 2.51 (python_backend r24.10) does on its own when a stub dies (SIGKILL,
+out-of-memory kill, a crash in native code), seen here and in its source: it keeps reporting
+the model READY, fails every new request at once with INTERNAL "Stub process '<instance>' is not
+healthy.", never restarts the stub (``TRITONBACKEND_ModelInstanceExecute`` has only a TODO for
+it), and never answers the requests that the dead stub held: their response factories lived in
+the dead process, so those clients wait for their own deadline. A reload with unchanged files is
+a no-op, so the watchdog unloads the model (it turns not-ready) and loads it again, which starts
+a new stub. The server must run with ``--model-control-mode=explicit`` for the repository API.
+
+A stub that died is told apart from one that Triton stopped on purpose (an unload, a new
+version) by its corpse: Triton reaps a stub it stops (``waitpid``), but one that died stays a
+zombie child of tritonserver until the instance is destroyed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STUB_EXECUTABLE = "triton_python_backend_stub"
+
+
+@dataclass(frozen=True)
+class StubProcess:
+    pid: int
+    model: str
+    instance: str
+
+
+@dataclass(frozen=True)
+class Recovery:
+    model: str
+    dead_stub_pid: int
+    detected_after_s: float  # from the watchdog's previous look (stub alive) to noticing the corpse
+    reload_seconds: float  # unload + load, until the model answered ready again
+    ready: bool
+
+
+def _children(parent_pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of the processes whose parent is ``parent_pid``."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if int(fields[1]) == parent_pid:
+            children.append((int(stat.parent.name), fields[0]))
+    return children
+
+
+def _stub_of(pid: int) -> StubProcess | None:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    # triton_python_backend_stub <repository>/<model>/<version>/model.py <shm> <sizes> <parent pid> <backend dir> <ipc> <instance> ...
+    if len(argv) < 9 or not argv[0].decode(errors="replace").endswith(STUB_EXECUTABLE):
+        return None
+    model_py = Path(argv[1].decode(errors="replace"))
+    return StubProcess(pid, model_py.parent.parent.name, argv[8].decode(errors="replace"))
+
+
+class DeadStubWatchdog:
+    """Polls tritonserver's children; reloads the model of any stub that died. ``recoveries`` records each."""
+
+    def __init__(self, server_pid: int, http_url: str, headers: dict[str, str] | None = None, poll_s: float = 0.5,
+                 reload_timeout_s: float = 600.0):
+        self.server_pid, self.http_url, self.headers = server_pid, http_url, headers or {}
+        self.poll_s, self.reload_timeout_s = poll_s, reload_timeout_s
+        self.recoveries: list[Recovery] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "DeadStubWatchdog":
+        self._thread = threading.Thread(target=self._watch, name="stub-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.reload_timeout_s)
+
+    def _watch(self) -> None:
+        live: dict[int, StubProcess] = {}  # stubs seen running, by pid (a zombie's cmdline is empty)
+        handled: set[int] = set()
+        looked_at = time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            children = _children(self.server_pid)
+            now = time.monotonic()
+            for pid, state in children:
+                if state == "Z" and pid in live and pid not in handled:
+                    handled.add(pid)
+                    self._recover(live.pop(pid), now - looked_at)
+                elif state != "Z" and pid not in live and (stub := _stub_of(pid)) is not None:
+                    live[pid] = stub
+            alive = {pid for pid, state in children if state != "Z"}
+            live = {pid: stub for pid, stub in live.items() if pid in alive}
+            handled &= {pid for pid, _ in children}
+            looked_at = time.monotonic()
+
+    def _recover(self, stub: StubProcess, detected_after_s: float) -> None:
+        log.error("stub %d of model %s (%s) died; reloading the model", stub.pid, stub.model, stub.instance)
+        started = time.monotonic()
+        ready = False
+        try:
+            self._repository(stub.model, "unload")
+            self._repository(stub.model, "load")
+            ready = self._model_ready(stub.model)
+        except (urllib.error.URLError, OSError) as exc:
+            log.error("reloading model %s failed: %s", stub.model, exc)
+        recovery = Recovery(stub.model, stub.pid, detected_after_s, time.monotonic() - started, ready)
+        self.recoveries.append(recovery)
+        log.warning("model %s %s %.1f s after its stub died", stub.model, "ready again" if ready else "NOT ready",
+                    recovery.detected_after_s + recovery.reload_seconds)
+
+    def _repository(self, model: str, action: str) -> None:
+        request = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/models/{model}/{action}", data=json.dumps({}).encode(),
+            headers={"Content-Type": "application/json", **self.headers}, method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=self.reload_timeout_s):
+            pass
+
+    def _model_ready(self, model: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=5) as answer:
+                return answer.status == 200
+        except (urllib.error.URLError, OSError):
+            return False

@@ -1,0 +1,112 @@
+"""HTTPS in front of tritonserver's HTTP endpoint.
+
+tritonserver 2.51 speaks TLS on gRPC (``--grpc-use-ssl``) but its HTTP endpoint has no TLS
+option, so HTTPS is terminated here: a TLS listener on the public port that relays each
+connection's bytes, unchanged, to Triton's HTTP endpoint bound to loopback only. Headers (the
+access token among them) pass through untouched, so Triton still enforces its restricted APIs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 64 * 1024
+
+
+def server_tls_context(certificate: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certificate, key)
+    return context
+
+
+class TlsFront:
+    """A TLS-terminating TCP relay on its own thread and event loop. ``start()`` returns once it listens."""
+
+    def __init__(self, listen_host: str, listen_port: int, backend_port: int, context: ssl.SSLContext):
+        self.listen_host, self.listen_port, self.backend_port = listen_host, listen_port, backend_port
+        self._context = context
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._listening = threading.Event()
+        self._start_error: BaseException | None = None
+
+    def start(self) -> "TlsFront":
+        self._thread = threading.Thread(target=self._run, name="tls-front", daemon=True)
+        self._thread.start()
+        self._listening.wait(30)
+        if self._start_error is not None:
+            raise self._start_error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._close_connections(), self._loop).result(10)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._relay, self.listen_host, self.listen_port, ssl=self._context)
+            )
+        except BaseException as exc:  # the port is taken, the key does not match the certificate, ...
+            self._start_error = exc
+            self._listening.set()
+            return
+        self._listening.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._server.close()
+            self._loop.close()
+
+    async def _close_connections(self) -> None:
+        self._server.close()
+        relays = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
+        except OSError as exc:
+            log.warning("tls front: Triton's HTTP endpoint refused the connection: %s", exc)
+            client_writer.close()
+            return
+        await asyncio.gather(_pipe(client_reader, backend_writer), _pipe(backend_reader, client_writer))
+        for writer in (backend_writer, client_writer):
+            _close(writer)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(_CHUNK):
+            writer.write(data)
+            await writer.drain()
+        # Pass the end of the stream on: a half-close where the transport has one (plain TCP to
+        # Triton), else a close (TLS has no half-close), which also ends the other direction.
+        if writer.can_write_eof():
+            writer.write_eof()
+        else:
+            _close(writer)
+    except (ConnectionError, ssl.SSLError, OSError):
+        _close(writer)  # the peer went away; so does our side
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.close()
+    except (ConnectionError, OSError, RuntimeError):
+        pass
