@@ -45,6 +45,11 @@ class Recovery:
     ready: bool
 
 
+def stub_processes(server_pid: int) -> list[StubProcess]:
+    """The running (not dead) Python-backend stubs of a tritonserver."""
+    return [stub for pid, state in _children(server_pid) if state != "Z" and (stub := _stub_of(pid)) is not None]
+
+
 def _children(parent_pid: int) -> list[tuple[int, str]]:
     """(pid, state) of the processes whose parent is ``parent_pid``."""
     children = []
