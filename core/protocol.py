@@ -95,6 +95,8 @@ def _parse_document(where: str, raw: str) -> PatentDocument:
         payload = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidInput(where, f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:  # "[[[[…" within the byte limit is deeper than Python's parser goes
+        raise InvalidInput(where, "is JSON nested too deeply; a document is one flat object") from None
     return PatentDocument.parse(payload, field=where)
 
 
@@ -102,6 +104,8 @@ def _decode_top_k(top_k: np.ndarray | None, num_labels: int, default_top_k: int)
     if top_k is None:
         return min(default_top_k, num_labels)
     values = top_k.reshape(-1)
+    if not np.issubdtype(values.dtype, np.integer):  # Triton enforces INT32; other callers may not
+        raise InvalidInput(TOP_K, f"must be INT32, got {values.dtype}")
     if values.size != 1:
         raise InvalidInput(TOP_K, f"must hold exactly 1 value, got {values.size}")
     k = int(values[0])
