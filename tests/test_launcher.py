@@ -5,7 +5,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+from clients import PatentClassifier
+from core.synthetic_patents import synthetic_patents
 from server.launcher import build_python_backend_directory, free_loopback_ports
 from tests.conftest import LLAMA_MODEL, MODEL_NAME, PROJECT_ROOT
 
@@ -28,8 +31,9 @@ def model_is_ready(http_port: int, model: str) -> bool:
         return False
 
 
-def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(exported, tmp_path):
-    """With a models file, the server loads the models it lists and no other folder of the repository."""
+def test_serve_prints_endpoints_and_drains_requests_in_flight_on_sigterm(exported, tmp_path):
+    """With a models file, the server loads the models it lists and no other folder of the repository;
+    SIGTERM answers the requests in flight before it exits."""
     gemma2 = exported.models.model(MODEL_NAME)
     models_file = tmp_path / "models.yaml"
     models_file.write_text(
@@ -57,7 +61,22 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(exported, tmp_path)
         assert not model_is_ready(http_port, LLAMA_MODEL)  # exported into the repository, but not listed
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
             assert b"nv_inference_request_success" in answer.read()
-        process.send_signal(signal.SIGTERM)
+
+        # SIGTERM with requests in flight: each is answered before the server exits.
+        patents = synthetic_patents(24, seed=41, long_share=1.0)
+
+        def classify(index: int):
+            protocol, port = ("grpc", grpc_port) if index % 2 == 0 else ("http", http_port)
+            with PatentClassifier(f"127.0.0.1:{port}", protocol, MODEL_NAME, timeout_s=120) as client:
+                return client.classify(patents[index])
+
+        with ThreadPoolExecutor(len(patents)) as pool:
+            in_flight = [pool.submit(classify, index) for index in range(len(patents))]
+            wait(in_flight, return_when=FIRST_COMPLETED)  # the engine is busy with them
+            assert not all(future.done() for future in in_flight), "all answered before SIGTERM: nothing was in flight"
+            process.send_signal(signal.SIGTERM)
+            answers = [future.result(timeout=120) for future in in_flight]
+        assert [answer.token_count for answer in answers] == [512] * len(patents)
         assert process.wait(timeout=60) == 0
         assert "tritonserver stopped (exit code 0)" in process.stdout.read()
     finally:
