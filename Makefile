@@ -14,7 +14,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench-batching clean
+.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench-batching soak clean
 
 setup: $(VENV)/.installed browser prometheus
 
@@ -95,6 +95,12 @@ web: $(VENV)/.installed
 # Continuous batching vs Triton's dynamic batcher alone vs batch-1, one server, one run.
 bench-batching: export
 	$(PY) -m benchmarks.batching_comparison --merged-model $(REPOSITORY)/$(MODEL)/1/model
+
+# Good and bad requests at high concurrency against its own tritonserver, every outcome counted.
+SOAK_REQUESTS ?= 50000
+SOAK_CONCURRENCY ?= 128
+soak: export
+	$(PY) -m benchmarks.soak --start-server $(REPOSITORY) --requests $(SOAK_REQUESTS) --concurrency $(SOAK_CONCURRENCY) --time-limit 900
 
 # With `make serve` running in another shell:
 classify-example: $(VENV)/.installed

@@ -117,13 +117,16 @@ BAD_KSERVE_REQUESTS = [
 def raw_infer(server, protocol: str, model: str, tensors):
     """One KServe v2 request built from raw tensors, with tritonclient as any client would."""
     module = tritonclient.grpc if protocol == "grpc" else tritonclient.http
-    client = module.InferenceServerClient(url(server, protocol))
     inputs = []
     for name, datatype, value in tensors:
         tensor = module.InferInput(name, list(value.shape), datatype)
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
-    return client.infer(model, inputs)
+    client = module.InferenceServerClient(url(server, protocol))
+    try:
+        return client.infer(model, inputs)
+    finally:
+        client.close()  # an open HTTP connection would hold the server's shutdown until its exit timeout
 
 
 @pytest.mark.parametrize("document, field, limit_words", BAD_DOCUMENTS)
