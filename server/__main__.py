@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-model-reload", dest="reload_dead_models", action="store_false",
-        help="do not reload a model whose Python-backend stub died (keeps Triton's model control mode 'none')",
+        help="do not reload a model whose Python-backend stub died (without --models-file, Triton's model control mode stays 'none')",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
