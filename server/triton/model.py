@@ -153,6 +153,8 @@ def _triton_error_code(kind: ErrorKind):
         ErrorKind.MODEL_NOT_FOUND: codes.NOT_FOUND,
         ErrorKind.ENGINE_FAILURE: codes.INTERNAL,
         ErrorKind.UNAVAILABLE: codes.UNAVAILABLE,
+        # Triton checks the access token before a request reaches the model; listed so the table is total.
+        ErrorKind.ACCESS_DENIED: codes.UNAVAILABLE,
     }[kind]
 
 
