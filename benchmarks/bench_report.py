@@ -120,13 +120,16 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5), dpi=100)
-    for name in dict.fromkeys(row["configuration"] for row in report["points"]):
-        for mode, marker, style in (("closed", "o", "-"), ("open", "^", ":")):
+    names = list(dict.fromkeys(row["configuration"] for row in report["points"]))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, name in enumerate(names):
+        colour = colours[index % len(colours)]
+        for mode, marker, style in (("closed", "o", "-"), ("open", "^", "")):
             rows = [r for r in report["points"] if r["configuration"] == name and r["mode"] == mode and r["p99_ms"] is not None]
             if rows:
-                rows.sort(key=lambda r: r["p99_ms"])
+                rows.sort(key=lambda r: (r["concurrency"], r["arrival_rate"] or 0))
                 axes.plot([r["p99_ms"] for r in rows], [r["samples_per_second"] for r in rows], marker=marker,
-                          linestyle=style, label=f"{name} ({mode} loop)")
+                          linestyle=style, color=colour, label=f"{name} ({mode} loop)")
     axes.axhline(report["baseline_samples_per_second"], color="grey", linestyle="--", label="training baseline 0.785/s")
     axes.set_xscale("log")
     axes.set_yscale("log")

@@ -71,14 +71,16 @@ class LoadResult:
 
 
 class _Tally:
-    """What the loops count, and the progress bar that shows it."""
+    """What the loops count, and the progress bar that shows it (over the time bound, which usually ends a run)."""
 
-    def __init__(self, label: str, total: int, progress: bool):
+    def __init__(self, label: str, max_seconds: float, progress: bool):
         from tqdm import tqdm
 
         self.latencies: list[float] = []
         self.failures = self.documents = self.tokens = 0
-        self.bar = tqdm(total=total, unit="req", desc=label, disable=not progress, file=sys.stderr, leave=False)
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=max_seconds, desc=label, disable=not progress, file=sys.stderr, leave=False,
+                        bar_format="{desc}: {bar} {elapsed} of " + f"{max_seconds:.0f} s" + " {postfix}")
 
     async def send(self, send: Sender, documents: Sequence[Document]) -> None:
         sent = time.perf_counter()
@@ -90,7 +92,8 @@ class _Tally:
             self.latencies.append(time.perf_counter() - sent)
             self.documents += len(documents)
             self.tokens += tokens
-        self.bar.update()
+        self.bar.set_postfix_str(f"{len(self.latencies)} answered, {self.failures} failed", refresh=False)
+        self.bar.update(min(time.perf_counter() - self.started, self.bar.total) - self.bar.n)
 
     def result(self, label: str, concurrency: int, seconds: float, **extra) -> LoadResult:
         self.bar.close()
@@ -109,9 +112,9 @@ async def run_closed_loop(
 ) -> LoadResult:
     """``max_requests`` (default: ``len(requests)``) requests taken from ``requests`` in turn, ``concurrency`` in flight."""
     total = len(requests) if max_requests is None else max_requests
-    tally = _Tally(label, total, progress)
+    tally = _Tally(label, max_seconds, progress)
     next_index = 0
-    started = time.perf_counter()
+    started = tally.started
     stop_at = started + max_seconds
 
     async def client() -> None:
@@ -137,11 +140,11 @@ async def run_open_loop(
 ) -> LoadResult:
     """Requests arrive as a Poisson process of ``rate`` per second; see the module's docstring for the bounds."""
     total = len(requests) if max_requests is None else max_requests
-    tally = _Tally(label, total, progress)
+    tally = _Tally(label, max_seconds, progress)
     gaps = random.Random(seed)
     in_flight: set[asyncio.Task] = set()
     most_in_flight = 0
-    started = time.perf_counter()
+    started = tally.started
     stop_at = started + max_seconds
     next_arrival = started
     for index in range(total):
