@@ -80,7 +80,7 @@ class _Tally:
         self.failures = self.documents = self.tokens = 0
         self.started = time.perf_counter()
         self.bar = tqdm(total=max_seconds, desc=label, disable=not progress, file=sys.stderr, leave=False,
-                        bar_format="{desc}: {bar} {elapsed} of " + f"{max_seconds:.0f} s" + " {postfix}")
+                        bar_format="{desc}: {bar} {elapsed} of " + f"{max_seconds:.0f} s" + "{postfix}")
 
     async def send(self, send: Sender, documents: Sequence[Document]) -> None:
         sent = time.perf_counter()
@@ -143,6 +143,7 @@ async def run_open_loop(
     tally = _Tally(label, max_seconds, progress)
     gaps = random.Random(seed)
     in_flight: set[asyncio.Task] = set()
+    sent: list[asyncio.Task] = []
     most_in_flight = 0
     started = tally.started
     stop_at = started + max_seconds
@@ -153,6 +154,7 @@ async def run_open_loop(
             break
         await asyncio.sleep(max(0.0, next_arrival - time.perf_counter()))
         task = asyncio.create_task(tally.send(send, requests[index % len(requests)]))
+        sent.append(task)
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
         most_in_flight = max(most_in_flight, len(in_flight))
@@ -160,7 +162,13 @@ async def run_open_loop(
         _, unfinished = await asyncio.wait(set(in_flight), timeout=drain_seconds)
         for task in unfinished:
             task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
         tally.failures += len(unfinished)
+    # A sender's bug (anything but a ServingError) must stop the run, as it does the closed loop.
+    # Every task's exception is read, so none is left to be logged when the task is collected.
+    errors = [task.exception() for task in sent if not task.cancelled()]
+    if any(errors):
+        raise next(error for error in errors if error is not None)
     return tally.result(label, most_in_flight, time.perf_counter() - started, mode="open", arrival_rate=rate)
 
 

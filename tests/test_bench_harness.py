@@ -205,3 +205,11 @@ def test_the_report_names_every_configuration_and_point(tmp_path):
     assert "| triton-torch | 40.00 | closed c=4 | 50 | 51.0 | 3.00 | – |" in table
     assert "| triton-torch | open 5 req/s | 1 | 0 | 5.00 |" in table and "| 5.0 % |" in table
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_open_loop_does_not_hide_a_broken_sender():
+    async def broken(documents) -> int:
+        raise KeyError("usage")
+
+    with pytest.raises(KeyError):
+        asyncio.run(run_open_loop("broken", broken, [["a"]], rate=100.0, max_seconds=0.2, max_requests=5))
