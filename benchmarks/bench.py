@@ -131,6 +131,7 @@ async def measure(target: peers.Target, documents: list, args: argparse.Namespac
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
+    load_at_start = os.getloadavg()[0]  # others' work on the same cores moves every figure: say how busy it was
     documents = synthetic_patents(args.documents, seed=2026, long_share=args.long_share)
     folder = args.out / time.strftime("%Y%m%d-%H%M%S")
     points: list[Point] = []
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 startup[name] = target.startup_seconds
                 points += asyncio.run(measure(target, documents, args))
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-               "gpu": _gpu_name()}
+               "gpu": _gpu_name(), "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]}}
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     report = build_report(points, startup, args.p99_bound_ms, machine, settings)
     report["taken"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")

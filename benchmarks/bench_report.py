@@ -111,6 +111,11 @@ def markdown(report: dict) -> str:
         )
     starts = ", ".join(f"{name} {_number(s, 1)} s" for name, s in report["startup_seconds"].items())
     lines += ["", f"Start-up (model load, server ready): {starts}."]
+    machine = report["machine"]
+    if "load_average_1min" in machine:
+        load = machine["load_average_1min"]
+        lines.append(f"Machine: {machine['cpus']} CPUs, GPU {machine.get('gpu') or 'none'}; "
+                     f"load average (1 min) {load['start']:.2f} at the start, {load['end']:.2f} at the end.")
     return "\n".join(lines) + "\n"
 
 
