@@ -14,7 +14,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench-batching soak clean
+.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench bench-batching soak clean
 
 setup: $(VENV)/.installed browser prometheus
 
@@ -91,6 +91,26 @@ eval: $(if $(EVAL_URL),$(VENV)/.installed,export)
 WEB_PORT ?= 8501
 web: $(VENV)/.installed
 	$(PY) -m clients web --url 127.0.0.1:$(GRPC_PORT) --port $(WEB_PORT)
+
+# Throughput and latency of our server (both engines) against transformers one document at a time,
+# transformers static batches, `vllm serve` and the 0.785 samples/s training baseline, on the same
+# documents, in one run (a few minutes on 2 cores). With BENCH_URL only the server there is measured.
+# BENCH_ARGS takes any other flag of `python -m benchmarks.bench --help` (README "Benchmark").
+BENCH_CONFIGURATIONS ?= hf-single,hf-static,triton-torch,triton-vllm,vllm-serve
+BENCH_DURATION ?= 8
+BENCH_CONCURRENCY ?= 1,8
+BENCH_RATES ?= 4
+BENCH_LONG_SHARE ?= 0.7
+BENCH_MODEL_DIR ?= $(REPOSITORY)/$(MODEL)/1/model
+# The budget of the servers the bench starts: the CPU demo's, as in models.yaml.
+BENCH_MAX_BATCH_TOKENS ?= 1024
+BENCH_URL ?=
+BENCH_ARGS ?=
+bench: $(if $(BENCH_URL),$(VENV)/.installed,export)
+	$(PY) -m benchmarks.bench --model-dir $(BENCH_MODEL_DIR) --configurations $(BENCH_CONFIGURATIONS) \
+		--duration $(BENCH_DURATION) --concurrency $(BENCH_CONCURRENCY) $(if $(BENCH_RATES),--rates $(BENCH_RATES)) \
+		--long-share $(BENCH_LONG_SHARE) --max-batch-tokens $(BENCH_MAX_BATCH_TOKENS) \
+		$(if $(BENCH_URL),--url $(BENCH_URL) --model $(MODEL)) $(BENCH_ARGS)
 
 # Continuous batching vs Triton's dynamic batcher alone vs batch-1, one server, one run.
 bench-batching: export

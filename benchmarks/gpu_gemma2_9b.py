@@ -1,4 +1,4 @@
-"""The real Gemma-2-9b classifier architecture on one GPU: engine and real tritonserver throughput.
+"""The real Gemma-2-9b classifier architecture on one GPU: the ceiling and the engine alone.
 
 Speed does not depend on weight values, so the model is Gemma-2-9b's published configuration
 with random bf16 weights (188 KSCST classes). In one run it measures:
@@ -6,13 +6,15 @@ with random bf16 weights (188 KSCST classes). In one run it measures:
   1. a bf16 matmul's TFLOP/s on this GPU (the ceiling MFU is measured against);
   2. attention parity: fp32 eager (softcap applied) vs the serving path (bf16, FlexAttention),
      top-1 agreement and max |Δprob| on the same patents;
-  3. the PyTorch engine alone: samples/s, tokens/s and MFU at 512 tokens, and on a realistic mix;
-  4. the same through the real tritonserver over gRPC (closed loop): samples/s, p50/p99.
+  3. the PyTorch engine alone: samples/s, tokens/s and MFU at 512 tokens, and on a realistic mix.
 
-On the lent GPU machine (torch and transformers are there; carry the rest as wheels, see
-README "GPU benchmark"):
+Through the real tritonserver, and against the peers, the same model is measured by the
+benchmark harness (``benchmarks.bench``) on the folder ``--write-model`` leaves behind:
 
-    python -m benchmarks.gpu_gemma2_9b [--documents 512] [--concurrency 64] [--skip-server]
+    python -m benchmarks.gpu_gemma2_9b [--documents 512] [--skip-parity]
+    python -m benchmarks.gpu_gemma2_9b --write-model build/gemma2-9b-random    # then benchmarks.bench on it
+
+README "GPU recipe" has the whole sequence for the lent GPU machine.
 """
 from __future__ import annotations
 
@@ -113,13 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, default=512)
     parser.add_argument("--max-batch-tokens", type=int, default=65536)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--write-model", type=Path, help="only save the random Gemma-2-9b classifier there, for benchmarks.bench")
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("build/bench/gpu_gemma2_9b.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (run it on the lent GPU machine)")
+    if args.write_model:
+        _, non_embedding = build_random_model(args.write_model)
+        print(f"random Gemma-2-9b classifier ({non_embedding / 1e9:.2f} B non-embedding parameters) in {args.write_model}")
+        return 0
 
     from benchmarks.attention_parity import compare
     from core.synthetic_patents import synthetic_patents
@@ -141,9 +146,6 @@ def main(argv: list[str] | None = None) -> int:
             row["mfu"] = round(row["tokens_per_second"] * flop_per_token / (report["matmul_tflops"] * 1e12), 3)
             report[name] = row
             print(json.dumps({name: row}), flush=True)
-        if not args.skip_server:
-            report["server_realistic_mix"] = server_throughput(model_dir, mix, args)
-            print(json.dumps({"server_realistic_mix": report["server_realistic_mix"]}), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["baseline_samples_per_second"] = 0.785
@@ -151,25 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")
     return 0
-
-
-def server_throughput(model_dir: Path, texts: list[str], args) -> dict:
-    from benchmarks.load_generator import closed_loop
-    from core.serving_config import ServingConfig
-    from export.triton_package import write_triton_model
-    from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
-
-    repository = model_dir.parent / "repository"
-    write_triton_model(repository, "gemma2-9b", ServingConfig(
-        model_dir=model_dir, max_length=512, max_batch_tokens=args.max_batch_tokens, max_batch_size=256,
-        device="cuda", dtype="bfloat16", pad_to_multiple_of=64,
-    ))
-    http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    with TritonServer(LaunchConfig(model_repository=repository, http_port=http_port, grpc_port=grpc_port,
-                                   metrics_port=metrics_port, ready_timeout_s=900)) as server:
-        closed_loop("warm-up", server.grpc_url, "gemma2-9b", [[t] for t in texts[:64]], concurrency=64)
-        result = closed_loop("server", server.grpc_url, "gemma2-9b", [[t] for t in texts], args.concurrency, max_seconds=300)
-    return result.summary()
 
 
 if __name__ == "__main__":

