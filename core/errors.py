@@ -41,6 +41,14 @@ class InvalidInput(ServingError):
 class Overloaded(ServingError):
     kind = ErrorKind.OVERLOADED
 
+    @classmethod
+    def queue_full(cls, queued_tokens: int, needed_tokens: int, max_queue_tokens: int) -> "Overloaded":
+        """The one wording of a refused admission, whichever engine refuses."""
+        return cls(
+            f"queue full: {queued_tokens} tokens queued, this request needs {needed_tokens} more and the limit "
+            f"is max_queue_tokens={max_queue_tokens}; retry later"
+        )
+
 
 class DeadlineExceeded(ServingError):
     kind = ErrorKind.DEADLINE_EXCEEDED

@@ -36,7 +36,9 @@ class ServingConfig(BaseModel):
     max_documents_per_request: int = Field(64, ge=1, le=4096)
     default_top_k: int = Field(5, ge=1)
     max_queue_tokens: int = Field(
-        262144, ge=8, description="tokens waiting in the queue before new requests are refused as overloaded"
+        262144, ge=8,
+        description="tokens queued before new requests are refused as overloaded (torch engine: waiting for a "
+        "forward pass; vllm engine: handed to vLLM and not yet answered)",
     )
     default_timeout_ms: int = Field(
         0, ge=0, description="deadline for requests that carry no timeout of their own; 0: none"

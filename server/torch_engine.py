@@ -157,10 +157,8 @@ class TorchEngine(ClassificationEngine):
         ]
         with self._wakeup:
             if not self._scheduler.admit(documents):
-                future.set_exception(Overloaded(
-                    f"queue full: {self._scheduler.waiting_tokens} tokens waiting, this request needs "
-                    f"{sum(d.token_count for d in documents)} more and the limit is max_queue_tokens="
-                    f"{self._scheduler.max_queue_tokens}; retry later"
+                future.set_exception(Overloaded.queue_full(
+                    self._scheduler.waiting_tokens, sum(d.token_count for d in documents), self._scheduler.max_queue_tokens
                 ))
                 return future
             self._wakeup.notify()

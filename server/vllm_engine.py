@@ -35,7 +35,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from core.engine import ClassificationEngine, DocumentScores
-from core.errors import Cancelled, DeadlineExceeded, EngineFailure, ServerUnavailable, ServingError
+from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable, ServingError
 from core.hf_classifier import DocumentEncoder, EncodedText, resolve_dtype, softmax
 from core.labels import LabelSet
 from core.serving_config import ServingConfig
@@ -75,6 +75,10 @@ class VllmEngine(ClassificationEngine):
         self._engine: AsyncLLM | None = None
         self._request_ids = itertools.count()
         self._in_flight: dict[asyncio.Task, Future] = {}  # touched only on the loop thread
+        # vLLM queues whatever it is given; admission is bounded here instead, in tokens handed
+        # to vLLM and not yet answered, so overload is refused at once as by the PyTorch engine.
+        self._admission = threading.Lock()
+        self._admitted_tokens = 0
 
     def start(self) -> None:
         started = time.monotonic()
@@ -109,11 +113,26 @@ class VllmEngine(ClassificationEngine):
         if future.done():
             return future
         encoded = self._encoder.encode(texts)
+        if not self._admit(future, sum(len(item.token_ids) for item in encoded)):
+            return future
         try:
             self._loop.call_soon_threadsafe(self._begin, future, encoded, deadline, is_cancelled)
         except RuntimeError:  # the loop closed after the health check above
             future.set_exception(ServerUnavailable("the engine is not running"))
         return future
+
+    def _admit(self, future: Future, tokens: int) -> bool:
+        with self._admission:
+            if self._admitted_tokens + tokens > self.config.max_queue_tokens:
+                future.set_exception(Overloaded.queue_full(self._admitted_tokens, tokens, self.config.max_queue_tokens))
+                return False
+            self._admitted_tokens += tokens
+        future.add_done_callback(lambda _: self._release(tokens))  # whatever the outcome
+        return True
+
+    def _release(self, tokens: int) -> None:
+        with self._admission:
+            self._admitted_tokens -= tokens
 
     def is_healthy(self) -> bool:
         return (

@@ -3,6 +3,7 @@ the exported model folder under `vllm serve`: the same answers as transformers, 
 as the PyTorch engine."""
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from benchmarks.peers import vllm_serve_command, vllm_serve_process
-from clients import InvalidInput, PatentClassifier
+from clients import AsyncPatentClassifier, InvalidInput, PatentClassifier
+from core.errors import Overloaded
 from core.patent_document import MAX_DOCUMENT_BYTES
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
@@ -21,6 +23,7 @@ from tests.conftest import (
     VLLM_GEMMA2_MODEL,
     VLLM_KV_CACHE_MIB,
     VLLM_LLAMA_MODEL,
+    VLLM_MAX_QUEUE_TOKENS,
     OfflineReference,
 )
 from tests.test_serving import (
@@ -114,6 +117,33 @@ def test_concurrent_requests_through_the_vllm_engine_each_get_their_own_answers(
 
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(classify, range(len(documents)))) == expected
+
+
+def test_the_vllm_engine_refuses_overload_and_loses_nothing(vllm_server, reference):
+    """vLLM would queue without bound; the engine admits at most max_queue_tokens and refuses the
+    rest with the PyTorch engine's Overloaded, while what it admitted is answered."""
+    long_documents = synthetic_patents(60, seed=31, long_share=1.0)
+    too_many = len(long_documents[:30]) * MAX_LENGTH
+    assert too_many > VLLM_MAX_QUEUE_TOKENS
+    for protocol in ("grpc", "http"):  # one request over the bound alone, whatever else is in flight
+        with PatentClassifier(url(vllm_server, protocol), protocol=protocol, model=VLLM_GEMMA2_MODEL) as client:
+            with pytest.raises(Overloaded, match=f"this request needs {too_many} more and the limit is "
+                               f"max_queue_tokens={VLLM_MAX_QUEUE_TOKENS}; retry later"):
+                client.classify_batch(long_documents[:30])
+
+    async def burst() -> list:
+        async with AsyncPatentClassifier(vllm_server.grpc_url, model=VLLM_GEMMA2_MODEL) as client:
+            return await asyncio.gather(*(client.classify(document) for document in long_documents), return_exceptions=True)
+
+    outcomes = asyncio.run(burst())  # 60 full-length patents at once: 2.5 times what may be queued
+    refused = [outcome for outcome in outcomes if isinstance(outcome, Overloaded)]
+    answered = [(document, outcome) for document, outcome in zip(long_documents, outcomes) if not isinstance(outcome, Exception)]
+    assert refused and answered and len(refused) + len(answered) == len(long_documents)  # nothing lost, no other error
+    for document, answer in answered:
+        assert answer.labels[0].code == reference.labels.codes[int(reference.probabilities(document.render())[0].argmax())]
+    # The refused tokens were never counted, and the answered ones were released.
+    with PatentClassifier(vllm_server.grpc_url, model=VLLM_GEMMA2_MODEL) as client:
+        assert len(client.classify_batch(long_documents[:20])) == 20
 
 
 def post_json(url: str, body: dict, timeout: float = 60) -> dict:
