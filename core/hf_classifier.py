@@ -5,6 +5,7 @@ Imports torch: only server-side code uses this module, never the client library.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from dataclasses import dataclass
@@ -137,11 +138,17 @@ def pad_batch(
     return input_ids.to(device), attention_mask.to(device)
 
 
+@functools.cache
+def _takes_token_type_ids(model_class: type) -> bool:
+    # Asked once per class, not on every forward pass of the engine.
+    return "token_type_ids" in inspect.signature(model_class.forward).parameters
+
+
 def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One forward pass. Encoders with segment embeddings (BERT, ELECTRA) get ``token_type_ids``
     explicitly: a document is one segment, type 0, padding included, as their tokenizers emit."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "token_type_ids" in inspect.signature(model.forward).parameters:
+    if _takes_token_type_ids(type(model)):
         inputs["token_type_ids"] = torch.zeros_like(input_ids)
     return model(**inputs).logits
 
