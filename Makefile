@@ -14,7 +14,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench bench-batching soak clean
+.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench bench-batching soak gpu-wheels clean
 
 setup: $(VENV)/.installed browser prometheus
 
@@ -121,6 +121,24 @@ SOAK_REQUESTS ?= 50000
 SOAK_CONCURRENCY ?= 128
 soak: export
 	$(PY) -m benchmarks.soak --start-server $(REPOSITORY) --requests $(SOAK_REQUESTS) --concurrency $(SOAK_CONCURRENCY) --time-limit 900
+
+# Wheels that benchmarks/gpu_session.sh installs on the lent GPU machine, which has torch and
+# transformers but no registry: the versions this venv runs, built for that machine's Python.
+# base (client, config, corpus) and numpy1 travel in one device call, triton (53 MB) in the next.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS_BASE := tritonclient grpcio protobuf python-rapidjson ml-dtypes pydantic pydantic-core annotated-types \
+	typing-inspection prometheus-client konlpy
+GPU_WHEEL_PLATFORMS := $(foreach tag,manylinux_2_35 manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014,--platform $(tag)_x86_64)
+gpu-wheels: $(VENV)/.installed
+	rm -rf .whl
+	mkdir -p build && $(PIP) freeze > build/venv-freeze.txt
+	pinned() { for name in "$$@"; do grep -iE "^$$(echo $$name | sed 's/[-_]/[-_]/g')==" build/venv-freeze.txt \
+		|| { echo "$$name is not in $(VENV)" >&2; return 1; }; done; } && \
+	for group in "base:$(GPU_WHEELS_BASE)" "numpy1:numpy" "triton:nvidia-pytriton"; do \
+		$(PIP) download --quiet --no-deps --only-binary=:all: --implementation cp --python-version $(GPU_PYTHON_VERSION) \
+			$(GPU_WHEEL_PLATFORMS) -d .whl/$${group%%:*} $$(pinned $${group#*:}) || exit 1; \
+	done
+	du -sh .whl/*
 
 # With `make serve` running in another shell:
 classify-example: $(VENV)/.installed

@@ -20,30 +20,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import causal_flex_attention
 from core.hf_classifier import DTYPES, encode_texts, load_sequence_classifier, load_tokenizer, pad_batch
 from core.synthetic_patents import synthetic_patents
 
 
 @torch.inference_mode()
-def probabilities(model_dir: Path, attention: str, texts: list[str], device: str, dtype: torch.dtype, max_length: int) -> tuple[np.ndarray, float]:
-    tokenizer = load_tokenizer(model_dir)
-    model = load_sequence_classifier(model_dir, dtype, device, attention)
-    encoded = encode_texts(tokenizer, texts, max_length)
-    input_ids, attention_mask = pad_batch([e.token_ids for e in encoded], model.config.pad_token_id, torch.device(device))
+def _probabilities(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[np.ndarray, float]:
     model(input_ids=input_ids, attention_mask=attention_mask)  # warm-up (FlexAttention compiles here)
+    if input_ids.device.type == "cuda":
+        torch.cuda.synchronize()
     started = time.perf_counter()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    seconds = time.perf_counter() - started
-    del model
-    return torch.softmax(logits.float(), dim=-1).cpu().numpy(), seconds
+    probabilities = torch.softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), dim=-1)
+    return probabilities.cpu().numpy(), time.perf_counter() - started
 
 
 def compare(model_dir: Path, candidates: list[tuple[str, str]], device: str, documents: int, max_length: int) -> list[dict]:
+    """One load: the float32 eager reference first, then the same model object switched to each
+    candidate's attention and cast down to its dtype (float32 candidates before 16-bit ones), so
+    a 9B model is read from disk once and one float32 copy is the most the device must hold."""
     texts = [d.render() for d in synthetic_patents(documents, seed=31, long_share=0.7)]
-    reference, reference_seconds = probabilities(model_dir, "eager", texts, device, torch.float32, max_length)
+    encoded = encode_texts(load_tokenizer(model_dir), texts, max_length)
+    model = load_sequence_classifier(model_dir, torch.float32, device, "eager")
+    batch = pad_batch([e.token_ids for e in encoded], model.config.pad_token_id, torch.device(device))
+    reference, reference_seconds = _probabilities(model, *batch)
     rows = [{"attention": "eager", "dtype": "float32", "seconds": round(reference_seconds, 4), "top1_agreement": 1.0, "max_abs_prob_diff": 0.0}]
-    for attention, dtype in candidates:
-        candidate, seconds = probabilities(model_dir, attention, texts, device, DTYPES[dtype], max_length)
+    for attention, dtype in sorted(candidates, key=lambda candidate: candidate[1] != "float32"):
+        if attention == causal_flex_attention.NAME:
+            causal_flex_attention.register()
+        model.set_attn_implementation(attention)
+        candidate, seconds = _probabilities(model.to(DTYPES[dtype]), *batch)
         rows.append({
             "attention": attention,
             "dtype": dtype,
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--softcap-demo", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="dtype of the fast candidates")
-    parser.add_argument("--candidates", default="sdpa,flex_attention")
+    parser.add_argument("--candidates", default="sdpa,flex_attention,causal_flex")
     parser.add_argument("--documents", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     args = parser.parse_args(argv)

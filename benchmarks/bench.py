@@ -73,6 +73,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vllm-kv-cache-mib", type=int, default=256)
     parser.add_argument("--p99-bound-ms", type=float, help="speedups compare the best samples/s with p99 under this")
     parser.add_argument("--out", type=Path, default=Path("build/bench"), help="a folder named by the run's time is made in it")
+    parser.add_argument("--mfu", choices=("auto", "yes", "no"), default="auto",
+                        help="model FLOP utilisation per point, against a matmul measured in this run (auto: on a GPU)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     unknown = set(args.configurations) - set(CONFIGURATIONS)
@@ -150,11 +152,33 @@ def main(argv: list[str] | None = None) -> int:
                "gpu": _gpu_name(), "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]}}
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     report = build_report(points, startup, args.p99_bound_ms, machine, settings)
+    if _wants_mfu(args):
+        add_mfu(report, args.model_dir, args.device)
     report["taken"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     paths = write_report(report, folder)
     print(markdown(report))
     print("written: " + ", ".join(str(path) for path in paths.values()))
     return 0
+
+
+def _wants_mfu(args: argparse.Namespace) -> bool:
+    if args.mfu == "auto":
+        from core.hf_classifier import resolve_device
+
+        return not args.url and resolve_device(args.device).type == "cuda"
+    return args.mfu == "yes"
+
+
+def add_mfu(report: dict, model_dir: Path, device: str) -> None:
+    """After the loads, so the matmul competes with nothing; every configuration ran this model."""
+    from benchmarks.model_flops import flop_per_token, matmul_tflops, mfu
+    from core.hf_classifier import resolve_device
+
+    tflops = matmul_tflops(str(resolve_device(device)))
+    per_token = flop_per_token(model_dir)
+    report["mfu"] = {"matmul_tflops": round(tflops, 2), "flop_per_token": per_token}
+    for row in report["points"] + list(report["best"].values()):
+        row["mfu"] = round(mfu(row["tokens_per_second"], per_token, tflops), 4)
 
 
 def _gpu_name() -> str | None:

@@ -95,12 +95,14 @@ def markdown(report: dict) -> str:
         ratios = [("–" if other == name else f"{report['speedups'][name][other]:.2f}") for other in names]
         lines.append(f"| {name} | {_number(row['samples_per_second'], 2)} | {row['load']} | {_number(row['p99_ms'], 0)} | "
                      f"{row['speedup_over_baseline']:.1f} | " + " | ".join(ratios) + " |")
+    with_mfu = "mfu" in report
     lines += [
         "",
         "Every point:",
         "",
-        "| configuration | load | requests | failures | samples/s | tokens/s | p50 ms | p95 ms | p99 ms | padding waste | × 0.785 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | load | requests | failures | samples/s | tokens/s | p50 ms | p95 ms | p99 ms | padding waste | × 0.785 |"
+        + (" MFU |" if with_mfu else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_mfu else ""),
     ]
     for row in report["points"]:
         waste = "–" if row["padding_waste"] is None else f"{100 * row['padding_waste']:.1f} %"
@@ -108,9 +110,13 @@ def markdown(report: dict) -> str:
             f"| {row['configuration']} | {row['load']} | {row['requests']} | {row['failures']} | "
             f"{_number(row['samples_per_second'], 2)} | {_number(row['tokens_per_second'], 0)} | {_number(row['p50_ms'], 0)} | "
             f"{_number(row['p95_ms'], 0)} | {_number(row['p99_ms'], 0)} | {waste} | {row['speedup_over_baseline']:.1f} |"
+            + (f" {100 * row['mfu']:.1f} % |" if with_mfu else "")
         )
     starts = ", ".join(f"{name} {_number(s, 1)} s" for name, s in report["startup_seconds"].items())
     lines += ["", f"Start-up (model load, server ready): {starts}."]
+    if with_mfu:
+        lines.append(f"MFU: tokens/s × {report['mfu']['flop_per_token'] / 1e9:.3g} GFLOP per token over a matmul's "
+                     f"{report['mfu']['matmul_tflops']:g} TFLOP/s measured in this run (benchmarks/model_flops.py).")
     machine = report["machine"]
     if "load_average_1min" in machine:
         load = machine["load_average_1min"]

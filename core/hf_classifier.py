@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from core import causal_flex_attention
 from core.text_preprocessing import Preprocessing, text_preprocessor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,14 +34,16 @@ def exact_attention(config) -> str:
 def serving_attention(config, device: torch.device, requested: str = "auto") -> str:
     """The attention a server runs: ``requested``, or for ``auto`` the fastest exact one here.
 
-    For softcapped models (Gemma-2) that is FlexAttention on the GPU, whose score_mod applies
-    the cap inside the fused kernel; on the CPU FlexAttention needs a minute of compilation per
-    shape before it pays off, so the CPU keeps eager attention. Other models take SDPA.
+    For softcapped causal models (Gemma-2) on the GPU that is ``causal_flex``
+    (``core.causal_flex_attention``): one compiled FlexAttention kernel that applies the cap.
+    On the CPU its compilation costs tens of seconds per shape family and a 2-core CPU gains
+    little from fusion, so the CPU keeps eager attention. Other models take SDPA.
     """
     if requested != "auto":
         return requested
     if exact_attention(config) == "eager":
-        return "flex_attention" if device.type == "cuda" else "eager"
+        causal = not getattr(config, "use_bidirectional_attention", False)
+        return causal_flex_attention.NAME if device.type == "cuda" and causal else "eager"
     return "sdpa"
 
 
@@ -65,6 +68,8 @@ def load_sequence_classifier(
 ):
     """``attention`` defaults to the exact reference implementation (``exact_attention``)."""
     config = AutoConfig.from_pretrained(model_dir, **overrides)
+    if attention == causal_flex_attention.NAME:
+        causal_flex_attention.register()
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, config=config, dtype=dtype, attn_implementation=attention or exact_attention(config)
     )

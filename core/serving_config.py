@@ -52,8 +52,9 @@ class ServingConfig(BaseModel):
     pad_to_multiple_of: int = Field(
         1, ge=1, le=512, description="round batch widths up to this many tokens (64 on GPU: few compiled shapes)"
     )
-    attention: Literal["auto", "eager", "sdpa", "flex_attention"] = Field(
-        "auto", description="auto: the fastest implementation that is exact for the model on this device"
+    attention: Literal["auto", "eager", "sdpa", "flex_attention", "causal_flex"] = Field(
+        "auto", description="auto: the fastest implementation that is exact for the model on this device "
+        "(causal_flex for Gemma-2 on a GPU: core/causal_flex_attention.py); flex_attention is transformers' own"
     )
     vllm_kv_cache_mib: int = Field(
         1024, ge=1,

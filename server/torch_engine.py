@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from core import causal_flex_attention
 from core.engine import BatchStats, ClassificationEngine, DocumentScores
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.hf_classifier import (
@@ -40,6 +41,9 @@ from core.serving_config import ServingConfig
 from server.scheduler import ScheduledBatch, ScheduledDocument, TokenBudgetScheduler
 
 log = logging.getLogger(__name__)
+
+# Attention implementations that compile kernels on first use; the engine compiles them at start.
+COMPILED_ATTENTION = frozenset({causal_flex_attention.NAME, "flex_attention"})
 
 
 @dataclass(eq=False)
@@ -130,6 +134,8 @@ class TorchEngine(ClassificationEngine):
             self._pad_token_id = self._encoder.tokenizer.pad_token_id
             self._model.config.pad_token_id = self._pad_token_id
         log.info("torch engine: %s on %s, %s, %s attention", self.config.model_dir, self._device, self._dtype, attention)
+        if attention in COMPILED_ATTENTION:
+            self._warm_up()
         for name, target in (("engine-prepare", self._prepare_loop), ("engine-compute", self._compute_loop)):
             thread = threading.Thread(target=self._guarded(target), name=name, daemon=True)
             thread.start()
@@ -266,6 +272,24 @@ class TorchEngine(ClassificationEngine):
             queue_documents=queued_documents,
             queue_tokens=queued_tokens,
         ))
+
+    def _warm_up_shapes(self) -> list[tuple[int, int]]:
+        """(documents, width) of the forward passes run at start: with dynamic shapes the kernel
+        compiles a general graph plus dynamo's specialisations for a batch of one (measured: four
+        graphs on the CPU for these shapes, none after them), all paid before the model is ready."""
+        step = self.config.pad_to_multiple_of
+        widest = -(-self.max_length // step) * step
+        shapes = [(1, step), (2, 2 * step), (3, 3 * step), (1, widest), (2, widest)]
+        return [(min(count, self.config.max_batch_size), min(width, widest)) for count, width in shapes
+                if min(count, self.config.max_batch_size) * min(width, widest) <= self.config.max_batch_tokens]
+
+    def _warm_up(self) -> None:
+        started = time.monotonic()
+        token = (self._pad_token_id + 1) % self._model.config.vocab_size
+        for count, width in self._warm_up_shapes():
+            self._forward(*pad_batch([[token] * width] * count, self._pad_token_id, self._device))
+        log.info("torch engine: attention compiled for every batch shape in %.1f s (%d graphs)",
+                 time.monotonic() - started, causal_flex_attention.compiled_graphs())
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:

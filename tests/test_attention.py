@@ -1,30 +1,62 @@
 """Gemma-2's attention softcap: why the reference runs eager attention and what a server may run."""
 import numpy as np
+import pytest
 import torch
-from transformers import AutoConfig, BertConfig, Gemma2ForSequenceClassification
+from transformers import AutoConfig, BertConfig, BertForSequenceClassification, Gemma2ForSequenceClassification
 
+from core import causal_flex_attention
 from core.hf_classifier import encode_texts, load_tokenizer, pad_batch, serving_attention
 from core.synthetic_patents import synthetic_patents
 
 
-def test_sdpa_changes_a_softcapped_models_answers_and_eager_does_not(exported):
+def softcapped_logits(merged_dir, attention: str, input_ids, attention_mask) -> np.ndarray:
+    """The demo Gemma-2 with attention logits well past the 50.0 cap, as in trained Gemma-2."""
+    if attention == causal_flex_attention.NAME:
+        causal_flex_attention.register()
+    model = Gemma2ForSequenceClassification.from_pretrained(merged_dir, attn_implementation=attention).eval()
+    with torch.inference_mode():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+            layer.self_attn.k_proj.weight.mul_(40.0)
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def mixed_length_batch(exported):
+    """Right-padded patents of different lengths, some cut at 512: padding inside the batch."""
     tokenizer = load_tokenizer(exported.merged_dir)
-    encoded = encode_texts(tokenizer, [d.render() for d in synthetic_patents(4, seed=3)], 512)
-    input_ids, attention_mask = pad_batch([e.token_ids for e in encoded], 0, torch.device("cpu"))
-    logits = {}
-    for attention in ("eager", "sdpa"):
-        model = Gemma2ForSequenceClassification.from_pretrained(exported.merged_dir, attn_implementation=attention).eval()
-        with torch.no_grad():
-            for layer in model.model.layers:  # attention logits well past the 50.0 cap, as in trained Gemma-2
-                layer.self_attn.q_proj.weight.mul_(40.0)
-                layer.self_attn.k_proj.weight.mul_(40.0)
-            logits[attention] = model(input_ids=input_ids, attention_mask=attention_mask).logits.numpy()
-    assert np.abs(logits["eager"] - logits["sdpa"]).max() > 1e-2
+    encoded = encode_texts(tokenizer, [d.render() for d in synthetic_patents(6, seed=3, long_share=0.5)], 512)
+    assert len({len(e.token_ids) for e in encoded}) > 3
+    return pad_batch([e.token_ids for e in encoded], 0, torch.device("cpu"))
+
+
+def test_sdpa_changes_a_softcapped_models_answers_and_eager_does_not(exported, mixed_length_batch):
+    eager = softcapped_logits(exported.merged_dir, "eager", *mixed_length_batch)
+    sdpa = softcapped_logits(exported.merged_dir, "sdpa", *mixed_length_batch)
+    assert np.abs(eager - sdpa).max() > 1e-2
+
+
+def test_causal_flex_attention_keeps_the_softcap_and_ignores_right_padding_exactly(exported, mixed_length_batch):
+    # Compiled FlexAttention with no padding mask at all: exact because padding sits right of
+    # every real token and attention is causal (core/causal_flex_attention.py).
+    eager = softcapped_logits(exported.merged_dir, "eager", *mixed_length_batch)
+    flex = softcapped_logits(exported.merged_dir, causal_flex_attention.NAME, *mixed_length_batch)
+    assert np.abs(eager - flex).max() < 1e-4
+    assert (eager.argmax(-1) == flex.argmax(-1)).all()
+
+
+def test_causal_flex_attention_refuses_a_bidirectional_encoder():
+    causal_flex_attention.register()
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32)
+    config._attn_implementation = causal_flex_attention.NAME
+    model = BertForSequenceClassification(config).eval()
+    with pytest.raises(ValueError, match="exact only for causal"):
+        model(input_ids=torch.ones((1, 8), dtype=torch.long))
 
 
 def test_servers_pick_an_exact_attention_per_device(exported):
     gemma2 = AutoConfig.from_pretrained(exported.merged_dir)
     assert serving_attention(gemma2, torch.device("cpu")) == "eager"
-    assert serving_attention(gemma2, torch.device("cuda")) == "flex_attention"
+    assert serving_attention(gemma2, torch.device("cuda")) == causal_flex_attention.NAME
     assert serving_attention(BertConfig(), torch.device("cuda")) == "sdpa"
     assert serving_attention(gemma2, torch.device("cpu"), "sdpa") == "sdpa"  # an operator's explicit choice stands

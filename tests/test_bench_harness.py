@@ -213,3 +213,25 @@ def test_an_open_loop_does_not_hide_a_broken_sender():
 
     with pytest.raises(KeyError):
         asyncio.run(run_open_loop("broken", broken, [["a"]], rate=100.0, max_seconds=0.2, max_requests=5))
+
+
+def test_mfu_is_tokens_per_second_times_flop_per_token_over_the_measured_matmul(exported, monkeypatch):
+    from benchmarks import bench, model_flops
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(exported.merged_dir)
+    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    assert model_flops.flop_per_token(exported.merged_dir) == 2 * non_embedding
+
+    # 1000 tokens in 0.5 s on a machine whose matmul, as if measured, makes that 30 % of its ceiling.
+    ceiling_tflops = 2000.0 * 2 * non_embedding / 0.3 / 1e12
+    monkeypatch.setattr(model_flops, "matmul_tflops", lambda device: ceiling_tflops)
+    points = [Point("triton-torch", result("b", [40.0, 50.0], documents=2, seconds=0.5, tokens=1000), 0.05)]
+    report = build_report(points, {"triton-torch": 1.0}, None, {"cpus": 2}, {})
+    bench.add_mfu(report, exported.merged_dir, "cpu")
+    assert report["points"][0]["mfu"] == pytest.approx(0.3)
+    assert report["best"]["triton-torch"]["mfu"] == report["points"][0]["mfu"]
+    from benchmarks.bench_report import markdown
+
+    assert f" {100 * report['points'][0]['mfu']:.1f} % |" in markdown(report)
+    assert "TFLOP/s measured in this run" in markdown(report)

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from core import causal_flex_attention
 from core.errors import Cancelled, DeadlineExceeded, Overloaded
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
@@ -55,8 +56,28 @@ def test_submissions_share_batches_and_each_gets_its_own_scores(engine_factory, 
         assert batch.compute_seconds > 0 and all(wait >= 0 for wait in batch.queue_seconds)
 
 
+def test_compiled_attention_compiles_at_start_and_never_while_serving(engine_factory, reference):
+    # The GPU's attention (causal_flex), here on the CPU: every batch shape the scheduler forms
+    # afterwards runs on the graphs compiled before start() returned, with offline's answers.
+    engine = engine_factory(attention=causal_flex_attention.NAME, pad_to_multiple_of=64, max_batch_tokens=4096)
+    compiled_at_start = causal_flex_attention.compiled_graphs()
+    documents = [d.render() for d in synthetic_patents(20, seed=8, long_share=0.4)]
+    with ThreadPoolExecutor(6) as pool:
+        futures = list(pool.map(lambda text: engine.submit([text]), documents))
+    for text, future in zip(documents, futures):
+        expected, token_count = reference.probabilities(text)
+        (scores,) = future.result(timeout=300)
+        assert np.abs(scores.probabilities - expected).max() < 1e-5
+        assert scores.token_count == token_count
+    assert len({(batch.documents, batch.padded_tokens) for batch in engine.batches}) >= 3
+    assert causal_flex_attention.compiled_graphs() == compiled_at_start
+
+
 def test_a_full_queue_refuses_at_once(engine_factory):
-    engine = engine_factory(max_queue_tokens=4 * MAX_LENGTH)
+    # One document per forward pass: at most two leave the queue (one computing, one prepared)
+    # while the backlog is tokenized, so the queue is still full when the overflow arrives, however
+    # slowly a loaded machine tokenizes.
+    engine = engine_factory(max_queue_tokens=4 * MAX_LENGTH, max_batch_tokens=MAX_LENGTH)
     backlog = [engine.submit([text]) for text in LONG_TEXTS[:8]]
     started = time.monotonic()
     refused = engine.submit(LONG_TEXTS[8:12])

@@ -1,0 +1,48 @@
+"""benchmarks/gpu_gemma2_9b.py, the script a session with a lent GPU runs, rehearsed whole on the
+CPU with the same architecture at a tiny size: every stage but the CUDA kernels themselves."""
+from __future__ import annotations
+
+import json
+
+from benchmarks import gpu_gemma2_9b
+from benchmarks.model_flops import flop_per_token
+from core import causal_flex_attention
+
+
+def test_the_gpu_script_measures_parity_throughput_and_mfu_end_to_end(tmp_path):
+    model_dir, out = tmp_path / "model", tmp_path / "gpu.json"
+    exit_code = gpu_gemma2_9b.main([
+        "--architecture", "tiny", "--device", "cpu", "--dtype", "float32", "--attention", causal_flex_attention.NAME,
+        "--model-dir", str(model_dir), "--documents", "12", "--max-batch-tokens", "2048", "--max-batch-size", "16",
+        "--out", str(out),
+    ])
+    assert exit_code == 0
+    report = json.loads(out.read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architectures"] == ["Gemma2ForSequenceClassification"] and len(config["id2label"]) == 188
+    assert config["attn_logit_softcapping"] == 50.0 and config["dtype"] == "bfloat16"
+    assert report["flop_per_token"] == flop_per_token(model_dir) > 0 and report["matmul_tflops"] > 0
+
+    reference, *candidates = report["attention_parity"]
+    assert (reference["attention"], reference["dtype"]) == ("eager", "float32")
+    assert [c["attention"] for c in candidates] == [causal_flex_attention.NAME, "eager"]
+    assert all(c["top1_agreement"] == 1.0 and c["max_abs_prob_diff"] < 1e-5 for c in candidates)
+
+    for name in ("engine_512_tokens", "engine_realistic_mix"):
+        row = report[name]
+        assert row["documents"] == 12 and row["batches"] >= 1
+        assert row["samples_per_second"] > 0 and 0 < row["mfu"] < 1
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["speedup_over_baseline"] == round(row["samples_per_second"] / 0.785, 1)
+    assert report["engine_512_tokens"]["padding_waste"] == 0.0  # every patent is 512 tokens: nothing to pad
+    full = report["engine_512_tokens"]
+    assert abs(full["tokens_per_second"] - 512 * 12 / full["seconds"]) <= 0.01 * full["tokens_per_second"]
+
+
+def test_the_random_model_is_written_once_and_then_reused(tmp_path):
+    model_dir = tmp_path / "model"
+    gpu_gemma2_9b.main(["--architecture", "tiny", "--device", "cpu", "--model-dir", str(model_dir), "--write-only"])
+    weights = model_dir / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    gpu_gemma2_9b.main(["--architecture", "tiny", "--device", "cpu", "--model-dir", str(model_dir), "--write-only"])
+    assert weights.stat().st_mtime_ns == written
