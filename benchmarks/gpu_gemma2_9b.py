@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.model_flops import flop_per_token, matmul_tflops, mfu
+from benchmarks.peers import GPU_PAD_TO_MULTIPLE_OF
 
 TOKENIZER_SPECIALS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # the demo tokenizer's ids
 
@@ -109,7 +110,7 @@ def engine_throughput(model_dir: Path, texts: list[str], args: argparse.Namespac
     engine = TorchEngine(ServingConfig(model_dir=model_dir, max_length=512, max_batch_tokens=args.max_batch_tokens,
                                        max_batch_size=args.max_batch_size, max_queue_tokens=max(len(texts) * 512, 512),
                                        device=args.device, dtype=args.dtype, attention=args.attention,
-                                       pad_to_multiple_of=64 if on_gpu else 1))
+                                       pad_to_multiple_of=GPU_PAD_TO_MULTIPLE_OF if on_gpu else 1))
     started_loading = time.perf_counter()
     engine.start()  # loads, and compiles the attention for every batch shape (engine warm-up)
     load_seconds = time.perf_counter() - started_loading
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", help="the engine's and the parity candidates' dtype")
     parser.add_argument("--attention", default="auto", help="the engine's attention (auto: causal_flex on a GPU)")
     parser.add_argument("--documents", type=int, default=512)
-    parser.add_argument("--max-batch-tokens", type=int, default=65536)
-    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--parity-candidates", default="causal_flex,eager",
                         help="attentions compared with fp32 eager, in --dtype")

@@ -31,7 +31,7 @@ install_wheels() {
 }
 
 if [ "$device" = cuda ]; then
-    dtype=bfloat16 documents=512 max_batch_tokens=65536 max_batch_size=256 duration=15
+    dtype=bfloat16 documents=512 max_batch_tokens=16384 max_batch_size=64 duration=15
     concurrency=16,64,128 rates=35 hf_batch_size=16
 else
     dtype=float32 documents=16 max_batch_tokens=2048 max_batch_size=16 duration=2

@@ -36,6 +36,10 @@ from export.triton_package import write_triton_model
 from server.launcher import PROJECT_ROOT, LaunchConfig, TritonServer, free_loopback_ports
 
 MIB = 1 << 20
+# Batch widths on a GPU round up to this: tensor-core friendly, and causal_flex compiles with
+# dynamic shapes, so finer widths cost no compilations; the scheduler alone on the realistic mix
+# wasted 4.6 % at 16 against 5.7 % at 64 (16,384-token budget, 512 patents queued; README).
+GPU_PAD_TO_MULTIPLE_OF = 16
 
 
 def serving_config(engine: str, merged: Path, max_length: int, max_batch_tokens: int, max_batch_size: int = 64,
@@ -48,7 +52,7 @@ def serving_config(engine: str, merged: Path, max_length: int, max_batch_tokens:
         max_batch_size=max_batch_size, device="auto" if engine == "vllm" else device, dtype=dtype,
         vllm_kv_cache_mib=vllm_kv_cache_mib,
         # On a GPU, FlexAttention compiles once per batch width: a few width buckets, not one per batch.
-        pad_to_multiple_of=64 if resolve_device(device).type == "cuda" else 1,
+        pad_to_multiple_of=GPU_PAD_TO_MULTIPLE_OF if resolve_device(device).type == "cuda" else 1,
     )
 
 

@@ -50,7 +50,7 @@ class ServingConfig(BaseModel):
         "none: one request per execute(). The last two exist to measure the first against.",
     )
     pad_to_multiple_of: int = Field(
-        1, ge=1, le=512, description="round batch widths up to this many tokens (64 on GPU: few compiled shapes)"
+        1, ge=1, le=512, description="round batch widths up to this many tokens (16 on a GPU: tensor-core friendly widths)"
     )
     attention: Literal["auto", "eager", "sdpa", "flex_attention", "causal_flex"] = Field(
         "auto", description="auto: the fastest implementation that is exact for the model on this device "
