@@ -26,7 +26,8 @@ from tritonclient.utils import InferenceServerException
 
 from core import access_token, protocol
 from core.errors import (
-    AccessDenied, DeadlineExceeded, ErrorKind, InvalidInput, ServerUnavailable, ServingError, error_from_kind,
+    AccessDenied, DeadlineExceeded, ErrorKind, InvalidInput, ModelNotFound, ServerUnavailable, ServingError,
+    error_from_kind,
 )
 from core.patent_document import PatentDocument
 
@@ -164,6 +165,24 @@ class _ClassifierBase:
         request_timeout = {"timeout": int(self.timeout_s * 1e6)}
         return {**request_timeout, "client_timeout": self.timeout_s} if self.protocol == "grpc" else request_timeout
 
+    def _not_loaded(self, error: ModelNotFound, repository_index) -> ServingError:
+        """Triton answers "unknown model" alike for a name it never had and for a model of its
+        repository that is not loaded right now (the watchdog reloading it, say). The repository
+        index tells them apart: the second is a server unavailable for a while, worth a retry."""
+        if not isinstance(repository_index, list):  # gRPC's as_json form
+            repository_index = repository_index.get("models", [])
+        for entry in repository_index:
+            if entry.get("name") == self.model and entry.get("state", "READY") != "READY":
+                reason = f": {entry['reason']}" if entry.get("reason") else ""
+                return ServerUnavailable(
+                    f"model {self.model!r} is in the server's repository but not loaded (state {entry['state']}{reason}); "
+                    "it may be reloading: retry"
+                )
+        return error
+
+    def _repository_index_kwargs(self) -> dict:
+        return {"headers": self._headers, **({"as_json": True} if self.protocol == "grpc" else {})}
+
     @staticmethod
     def _answers(result, batched: bool) -> list[protocol.Classification]:
         tensors = {name: result.as_numpy(name) for name, _, _ in protocol.OUTPUT_TENSORS}
@@ -189,12 +208,21 @@ class PatentClassifier(_ClassifierBase):
             inputs, outputs = self._request(documents, top_k, self._batched)
             result = self._client.infer(self.model, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
         except InferenceServerException as exc:
-            raise typed_error(exc) from None
+            error = typed_error(exc)
+            if isinstance(error, ModelNotFound):
+                error = self._not_loaded(error, self._repository_index())
+            raise error from None
         except TimeoutError:  # the HTTP transport's own timeout: no answer within timeout_s
             raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s} s") from None
         except (OSError, http.client.HTTPException) as exc:  # the HTTP transport's socket and protocol errors
             raise ServerUnavailable(f"server unreachable at {self.url}: {type(exc).__name__} {exc}") from None
         return self._answers(result, self._batched)
+
+    def _repository_index(self) -> list | dict:
+        try:
+            return self._client.get_model_repository_index(**self._repository_index_kwargs())
+        except (InferenceServerException, OSError, http.client.HTTPException):
+            return []  # the index is only a hint: without it the error stands as reported
 
     def is_ready(self) -> bool:
         try:
@@ -231,12 +259,21 @@ class AsyncPatentClassifier(_ClassifierBase):
             inputs, outputs = self._request(documents, top_k, self._batched)
             result = await self._client.infer(self.model, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
         except InferenceServerException as exc:
-            raise typed_error(exc) from None
+            error = typed_error(exc)
+            if isinstance(error, ModelNotFound):
+                error = self._not_loaded(error, await self._repository_index())
+            raise error from None
         except TimeoutError:  # aiohttp's total timeout: no answer within timeout_s
             raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s} s") from None
         except OSError as exc:  # aiohttp's connection errors are OSErrors too
             raise ServerUnavailable(f"server unreachable at {self.url}: {exc}") from None
         return self._answers(result, self._batched)
+
+    async def _repository_index(self) -> list | dict:
+        try:
+            return await self._client.get_model_repository_index(**self._repository_index_kwargs())
+        except (InferenceServerException, ConnectionError, OSError):
+            return []
 
     async def is_ready(self) -> bool:
         try:
