@@ -88,9 +88,11 @@ eval: $(if $(EVAL_URL),$(VENV)/.installed,export)
 		$(if $(EVAL_MODEL_DIR),--model-dir $(EVAL_MODEL_DIR))
 
 # The try-a-patent page on http://127.0.0.1:$(WEB_PORT), calling the server of `make serve`.
+# WEB_ARGS takes the client's TLS and token options, e.g. "--tls-ca ca.pem --token-file token".
 WEB_PORT ?= 8501
+WEB_ARGS ?=
 web: $(VENV)/.installed
-	$(PY) -m clients web --url 127.0.0.1:$(GRPC_PORT) --port $(WEB_PORT)
+	$(PY) -m clients web --url 127.0.0.1:$(GRPC_PORT) --port $(WEB_PORT) $(WEB_ARGS)
 
 # Throughput and latency of our server (both engines) against transformers one document at a time,
 # transformers static batches, `vllm serve` and the 0.785 samples/s training baseline, on the same

@@ -214,7 +214,12 @@ def web_command(args: argparse.Namespace) -> int:
         "--protocol", classifier.protocol,
         "--model", classifier.model,
         "--timeout", str(classifier.timeout_s),
+        *(["--tls"] if classifier.tls else []),
+        *(["--tls-ca", str(classifier.tls_ca)] if classifier.tls_ca else []),
     ]
+    # The token goes to the page through its environment, never its command line (which `ps` shows).
+    if classifier.token:
+        env[access_token.TOKEN_ENV] = classifier.token
     print(f"web page: http://{args.address}:{args.port}  (classifier server: {classifier.protocol} {classifier.url})",
           file=sys.stderr, flush=True)
     # Become Streamlit, so that Ctrl-C and a supervisor's SIGTERM reach the page's process itself.
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     web = commands.add_parser("web", help="the web page to try a patent (Streamlit), calling a running server")
     _add_server_arguments(web, timeout_s=60.0)
+    _add_security_arguments(web)
     web.add_argument("--address", default="127.0.0.1", help="address the page binds to")
     web.add_argument("--port", type=int, default=8501)
     web.set_defaults(run=web_command)

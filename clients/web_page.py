@@ -15,7 +15,8 @@ import sys
 import streamlit as st
 
 from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS, PatentClassifier
-from core.errors import InvalidInput, ServerUnavailable, ServingError
+from core import access_token
+from core.errors import AccessDenied, InvalidInput, ServerUnavailable, ServingError
 from core.protocol import Classification
 
 TOP_K = 5
@@ -35,7 +36,11 @@ def page_settings(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--timeout", type=float, default=60.0)
-    return parser.parse_args(argv)
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--tls-ca", default=None)
+    settings = parser.parse_args(argv)
+    settings.token = access_token.read_token(None)  # from the environment `python -m clients web` set
+    return settings
 
 
 def server_down_message(settings: argparse.Namespace) -> str:
@@ -75,7 +80,8 @@ def main() -> None:
     st.title("특허 분류 · Patent classifier")
     st.caption(f"Model `{settings.model}` on {settings.protocol} `{settings.url}` · top {TOP_K} of the KSCST classes")
 
-    with PatentClassifier(settings.url, settings.protocol, settings.model, settings.timeout) as classifier:
+    with PatentClassifier(settings.url, settings.protocol, settings.model, settings.timeout,
+                          tls=settings.tls, tls_ca=settings.tls_ca, token=settings.token) as classifier:
         with st.container(key="server-status"):
             if not classifier.is_ready():
                 st.error(server_down_message(settings))
@@ -101,6 +107,9 @@ def main() -> None:
                     answer = classifier.classify(document, top_k=TOP_K)
             except ServerUnavailable:
                 st.error(server_down_message(settings))
+            except AccessDenied:
+                st.error("**The server requires an access token.** Start this page with `--token-file` "
+                         f"(or `${access_token.TOKEN_ENV}` set), as for the other clients.")
             except InvalidInput as error:
                 st.warning(form_error_message(error))
             except ServingError as error:

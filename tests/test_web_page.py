@@ -41,12 +41,14 @@ PATENT = PatentDocument(
 
 
 @contextlib.contextmanager
-def running_page(classifier_url: str, log_path: Path):
-    """`python -m clients web` on a free loopback port, stopped afterwards."""
+def running_page(classifier_url: str, log_path: Path, *options: str):
+    """`python -m clients web` on a free loopback port, stopped afterwards; ``options`` go to it
+    as given (TLS, token file). Yields the page's address and its process."""
     (port,) = free_loopback_ports(1)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "clients", "web", "--url", classifier_url, "--model", MODEL_NAME, "--port", str(port)],
+            [sys.executable, "-m", "clients", "web", "--url", classifier_url, "--model", MODEL_NAME, "--port", str(port),
+             *options],
             cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
         )
     base_url = f"http://127.0.0.1:{port}"
@@ -58,7 +60,7 @@ def running_page(classifier_url: str, log_path: Path):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the page did not answer on {base_url} within {PAGE_START_TIMEOUT_S} s")
             time.sleep(0.25)
-        yield base_url
+        yield base_url, process
     finally:
         process.terminate()
         try:
@@ -115,7 +117,7 @@ def text_of(browser, selector: str, timeout_s: float = ANSWER_TIMEOUT_S) -> str:
 
 @pytest.fixture(scope="module")
 def page_on_server(server, tmp_path_factory):
-    with running_page(server.grpc_url, tmp_path_factory.mktemp("web") / "page.log") as base_url:
+    with running_page(server.grpc_url, tmp_path_factory.mktemp("web") / "page.log") as (base_url, _):
         yield base_url
 
 
@@ -136,9 +138,22 @@ def test_typed_patent_shows_top_class_bars_and_token_count(browser, page_on_serv
     assert "not reachable" not in browser.find_element(By.TAG_NAME, "body").text
 
 
+def test_page_classifies_through_tls_with_the_token_which_stays_off_its_command_line(browser, secure_server, reference, tmp_path):
+    secure = secure_server
+    options = ("--tls-ca", str(secure.certificates.ca), "--token-file", str(secure.token_file))
+    with running_page(secure.server.grpc_url, tmp_path / "page.log", *options) as (base_url, process):
+        fill_and_submit(browser, base_url, PATENT)
+        expected, _ = reference.probabilities(PATENT.render())
+        top = reference.labels[int(expected.argmax())]
+        assert top.code in text_of(browser, ".st-key-top-class")
+        command_line = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode()
+        assert "streamlit" in command_line and "--tls-ca" in command_line
+        assert secure.token not in command_line
+
+
 def test_page_says_clearly_when_the_server_is_down(browser, tmp_path):
     (nobody_listens,) = free_loopback_ports(1)
-    with running_page(f"127.0.0.1:{nobody_listens}", tmp_path / "page.log") as base_url:
+    with running_page(f"127.0.0.1:{nobody_listens}", tmp_path / "page.log") as (base_url, _):
         fill_and_submit(browser, base_url, PATENT)
 
         answer = text_of(browser, ".st-key-answer [data-testid='stAlert']")
