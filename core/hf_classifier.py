@@ -70,8 +70,11 @@ def load_sequence_classifier(
     config = AutoConfig.from_pretrained(model_dir, **overrides)
     if attention == causal_flex_attention.NAME:
         causal_flex_attention.register()
+    device = torch.device(device)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, config=config, dtype=dtype, attn_implementation=attention or exact_attention(config)
+        model_dir, config=config, dtype=dtype, attn_implementation=attention or exact_attention(config),
+        # Straight onto the GPU: a 9B model otherwise passes through host memory first (37 GB in float32).
+        device_map=str(device) if device.type == "cuda" else None,
     )
     return model.to(device).eval()
 
