@@ -39,16 +39,20 @@ def computed_documents(engine) -> int:
     return sum(batch.documents for batch in engine.batches)
 
 
-def test_submissions_share_batches_and_each_gets_its_own_scores(engine_factory, reference):
-    engine = engine_factory(max_batch_tokens=8192)
-    documents = [d.render() for d in synthetic_patents(16, seed=4, long_share=0.5)]
-    with ThreadPoolExecutor(8) as pool:
+def submit_concurrently_and_match_offline(engine, reference, documents: list[str], threads: int) -> None:
+    """One document per submission from ``threads`` callers; each answer is offline's (fp32, eager)."""
+    with ThreadPoolExecutor(threads) as pool:
         futures = list(pool.map(lambda text: engine.submit([text]), documents))
     for text, future in zip(documents, futures):
         expected, token_count = reference.probabilities(text)
-        (scores,) = future.result(timeout=120)
+        (scores,) = future.result(timeout=300)
         assert np.abs(scores.probabilities - expected).max() < 1e-5
         assert scores.token_count == token_count
+
+
+def test_submissions_share_batches_and_each_gets_its_own_scores(engine_factory, reference):
+    engine = engine_factory(max_batch_tokens=8192)
+    submit_concurrently_and_match_offline(engine, reference, [d.render() for d in synthetic_patents(16, seed=4, long_share=0.5)], 8)
     assert computed_documents(engine) == 16
     assert len(engine.batches) < 16  # requests really were computed together
     for batch in engine.batches:
@@ -61,14 +65,7 @@ def test_compiled_attention_compiles_at_start_and_never_while_serving(engine_fac
     # afterwards runs on the graphs compiled before start() returned, with offline's answers.
     engine = engine_factory(attention=causal_flex_attention.NAME, pad_to_multiple_of=64, max_batch_tokens=4096)
     compiled_at_start = causal_flex_attention.compiled_graphs()
-    documents = [d.render() for d in synthetic_patents(20, seed=8, long_share=0.4)]
-    with ThreadPoolExecutor(6) as pool:
-        futures = list(pool.map(lambda text: engine.submit([text]), documents))
-    for text, future in zip(documents, futures):
-        expected, token_count = reference.probabilities(text)
-        (scores,) = future.result(timeout=300)
-        assert np.abs(scores.probabilities - expected).max() < 1e-5
-        assert scores.token_count == token_count
+    submit_concurrently_and_match_offline(engine, reference, [d.render() for d in synthetic_patents(20, seed=8, long_share=0.4)], 6)
     assert len({(batch.documents, batch.padded_tokens) for batch in engine.batches}) >= 3
     assert causal_flex_attention.compiled_graphs() == compiled_at_start
 
