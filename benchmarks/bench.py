@@ -67,6 +67,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch-tokens", type=int, default=1024,
                         help="our engines' token budget per forward pass (1024 suits a 2-core CPU; 16384+ on a GPU)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="our engines' documents per forward pass, at most")
+    parser.add_argument("--cpu-threads", default="auto",
+                        help="the PyTorch engine's serving field cpu_threads: auto (its cores ÷ hosted models: all of them "
+                        "here, where it is the only model) or a thread count")
     parser.add_argument("--hf-batch-size", type=int, default=8, help="hf-static: documents per static batch")
     parser.add_argument("--device", default="auto", help="transformers peers and the PyTorch engine: auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
@@ -95,7 +98,7 @@ def start(name: str, args: argparse.Namespace, workdir: Path) -> AbstractContext
     if name in ("triton-torch", "triton-vllm"):
         engine = name.removeprefix("triton-")
         config = peers.serving_config(engine, model_dir, args.max_length, args.max_batch_tokens, args.max_batch_size,
-                                      args.vllm_kv_cache_mib, args.device, args.dtype)
+                                      args.vllm_kv_cache_mib, args.device, args.dtype, args.cpu_threads)
         return peers.triton_target(name, config, args.protocol, workdir)
     dtype = "float32" if args.dtype == "auto" and args.device in ("auto", "cpu") else args.dtype
     return peers.vllm_serve_target(name, model_dir, args.max_length, args.vllm_kv_cache_mib, dtype, workdir)

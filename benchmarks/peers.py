@@ -43,14 +43,16 @@ GPU_PAD_TO_MULTIPLE_OF = 16
 
 
 def serving_config(engine: str, merged: Path, max_length: int, max_batch_tokens: int, max_batch_size: int = 64,
-                   vllm_kv_cache_mib: int = 256, device: str = "auto", dtype: str = "auto") -> ServingConfig:
-    """The same limits for both engines; device and dtype as each engine resolves "auto" (CPU, float32 here)."""
+                   vllm_kv_cache_mib: int = 256, device: str = "auto", dtype: str = "auto",
+                   cpu_threads: int | str = "auto") -> ServingConfig:
+    """The same limits for both engines; device and dtype as each engine resolves "auto" (CPU, float32 here);
+    cpu_threads for the PyTorch engine only (vLLM places its own threads)."""
     from core.hf_classifier import resolve_device
 
     return ServingConfig(
         engine=engine, model_dir=merged, max_length=max_length, max_batch_tokens=max_batch_tokens,
         max_batch_size=max_batch_size, device="auto" if engine == "vllm" else device, dtype=dtype,
-        vllm_kv_cache_mib=vllm_kv_cache_mib,
+        vllm_kv_cache_mib=vllm_kv_cache_mib, cpu_threads=cpu_threads if engine == "torch" else "auto",
         # On a GPU, FlexAttention compiles once per batch width: a few width buckets, not one per batch.
         pad_to_multiple_of=GPU_PAD_TO_MULTIPLE_OF if resolve_device(device).type == "cuda" else 1,
     )

@@ -61,6 +61,9 @@ class ClassificationEngine(abc.ABC):
 
     labels: LabelSet
     max_length: int
+    # Intra-op CPU threads of the forward passes, as the computing thread sees them once started;
+    # None where the engine leaves its threads to a library of its own (vLLM).
+    cpu_threads: int | None = None
 
     def __init__(self) -> None:
         self._batch_observers: list[BatchObserver] = []

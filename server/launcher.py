@@ -34,6 +34,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from core import access_token
+from server.cpu_share import HOSTED_MODELS_ENV
 from server.model_watchdog import DeadStubWatchdog
 from server.tls_front import TlsFront, server_tls_context
 
@@ -84,6 +85,11 @@ class LaunchConfig(BaseModel):
     @property
     def tls(self) -> bool:
         return self.tls_certificate is not None
+
+    @property
+    def hosted_models(self) -> int:
+        """How many models the server loads: the listed ones, else every model folder of the repository."""
+        return len(self.models) or len(list(self.model_repository.glob("*/config.pbtxt")))
 
 
 # Everything a client could use to change or read out the server's state; health, metadata,
@@ -172,8 +178,10 @@ def describe_command(command: list[str]) -> str:
     )
 
 
-def _environment() -> dict[str, str]:
+def _environment(config: LaunchConfig) -> dict[str, str]:
     env = dict(os.environ)
+    # For the PyTorch engines' cpu_threads "auto": the stubs share the cores (server.cpu_share).
+    env[HOSTED_MODELS_ENV] = str(max(1, config.hosted_models))
     # The Python backend's stub takes sys.path from the `python` found first on PATH: put this
     # interpreter's environment (where torch, transformers and this project live) first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -243,7 +251,7 @@ class TritonServer:
         command = _command(self.config, self._triton_http_port)
         log.info("starting %s", describe_command(command))
         self.process = subprocess.Popen(
-            command, env=_environment(), stdout=output,
+            command, env=_environment(self.config), stdout=output,
             stderr=subprocess.STDOUT if output else None,
         )
         try:

@@ -38,6 +38,7 @@ from core.hf_classifier import (
 )
 from core.labels import LabelSet
 from core.serving_config import ServingConfig
+from server.cpu_share import engine_cpu_threads
 from server.scheduler import ScheduledBatch, ScheduledDocument, TokenBudgetScheduler
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class TorchEngine(ClassificationEngine):
         self._prepared: queue.Queue = queue.Queue(maxsize=1)
         self._threads: list[threading.Thread] = []
         self._loop_error: BaseException | None = None
+        self._cpu_threads_applied = threading.Event()
 
     def start(self) -> None:
         self.labels = LabelSet.for_model_dir(self.config.model_dir)
@@ -133,13 +135,19 @@ class TorchEngine(ClassificationEngine):
         if self._pad_token_id is None:
             self._pad_token_id = self._encoder.tokenizer.pad_token_id
             self._model.config.pad_token_id = self._pad_token_id
-        log.info("torch engine: %s on %s, %s, %s attention", self.config.model_dir, self._device, self._dtype, attention)
+        # On a GPU the forward pass is not the CPU's work, so torch's default stays.
+        self._wanted_cpu_threads = engine_cpu_threads(self.config.cpu_threads) if self._device.type == "cpu" else None
         if attention in COMPILED_ATTENTION:
             self._warm_up()
         for name, target in (("engine-prepare", self._prepare_loop), ("engine-compute", self._compute_loop)):
             thread = threading.Thread(target=self._guarded(target), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._cpu_threads_applied.wait()
+        log.info(
+            "torch engine: %s on %s, %s, %s attention, %d CPU threads",
+            self.config.model_dir, self._device, self._dtype, attention, self.cpu_threads,
+        )
 
     def submit(
         self,
@@ -225,6 +233,14 @@ class TorchEngine(ClassificationEngine):
             self._prepared.put(_PreparedBatch(live, input_ids, attention_mask, scheduled, dropped))
 
     def _compute_loop(self) -> None:
+        # OpenMP keeps the thread count per calling thread, so it is set on the thread that runs the
+        # forward passes: it then holds for this engine even beside another one in the same process.
+        # Inter-op threads stay as they are: eager forward passes never use that pool, and torch lets
+        # a process set its size only once.
+        if self._wanted_cpu_threads is not None:
+            torch.set_num_threads(self._wanted_cpu_threads)
+        self.cpu_threads = torch.get_num_threads()
+        self._cpu_threads_applied.set()
         while (batch := self._prepared.get()) is not _STOP:
             self._compute(batch)
 

@@ -52,6 +52,7 @@ FAMILIES = {
     "pc_queue_size": ("GAUGE", "Documents waiting in the engine's queue", None),
     "pc_queue_tokens": ("GAUGE", "Tokens waiting in the engine's queue (admission refuses past max_queue_tokens)", None),
     "pc_engine_healthy": ("GAUGE", "1 while the model's engine can answer, 0 once it cannot", None),
+    "pc_engine_cpu_threads": ("GAUGE", "Intra-op CPU threads of the PyTorch engine's forward passes (serving field cpu_threads)", None),
 }
 
 _STOP = object()
@@ -74,12 +75,16 @@ class TritonModelMetrics:
             extra = {"buckets": buckets} if buckets is not None else {}
             return self._families[name].Metric(labels={**model, **labels}, **extra)
 
-        self._plain = {name: metric(name) for name in FAMILIES if name not in ("pc_request_failure", "pc_predictions")}
+        made_below = ("pc_request_failure", "pc_predictions", "pc_engine_cpu_threads")
+        self._plain = {name: metric(name) for name in FAMILIES if name not in made_below}
         # Created up front, at zero, so every error kind and every class exists as a series from the
         # start: rates and shares are then defined before the first occurrence.
         self._failures = {kind: metric("pc_request_failure", err=kind.value) for kind in ErrorKind}
         self._predictions = [metric("pc_predictions", label=code) for code in label_codes]
         self._plain["pc_engine_healthy"].set(1.0 if engine.is_healthy() else 0.0)
+        if engine.cpu_threads is not None:  # fixed once the engine has started; none for vLLM's own threads
+            self._plain["pc_engine_cpu_threads"] = metric("pc_engine_cpu_threads")
+            self._plain["pc_engine_cpu_threads"].set(float(engine.cpu_threads))
         self._thread = threading.Thread(target=self._run, name="triton-metrics", daemon=True)
         self._thread.start()
 

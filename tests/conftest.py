@@ -48,6 +48,7 @@ KOELECTRA_MODEL = "sentiment-koelectra"
 MAX_LENGTH = 512
 KCBERT_MAX_LENGTH = 300  # KcBERT's position embeddings
 KOELECTRA_MAX_LENGTH = 60  # as the office trained it
+KOELECTRA_CPU_THREADS = 2
 # Tiny models need little KV cache; vLLM's default would reserve a share of the whole machine.
 VLLM_KV_CACHE_MIB = 64
 # The vLLM-engine Gemma-2 admits 24 full-length patents at a time: more than any of its tests
@@ -87,7 +88,8 @@ def family_demos(tmp_path_factory) -> dict[str, DemoModelPaths]:
 
 def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]) -> dict:
     """The tests' models file: what models.yaml says, with the tests' demo folders and small batches
-    (several forward passes per test, so requests really share them)."""
+    (several forward passes per test, so requests really share them), and one model with a thread
+    count of its own, unlike its neighbours' "auto" share (tests/test_model_families.py)."""
     def entry(name: str, paths: DemoModelPaths, **serving) -> dict:
         return {"name": name, "base": str(paths.base), "adapter": str(paths.adapter) if paths.adapter else None,
                 "labels": str(paths.labels), "serving": serving}
@@ -98,7 +100,7 @@ def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]
             entry(MODEL_NAME, gemma2, max_length=MAX_LENGTH),
             entry(LLAMA_MODEL, families[LLAMA_MODEL], max_length=MAX_LENGTH),
             entry(KCBERT_MODEL, families[KCBERT_MODEL], max_length=KCBERT_MAX_LENGTH, preprocessing="kcbert"),
-            entry(KOELECTRA_MODEL, families[KOELECTRA_MODEL], max_length=KOELECTRA_MAX_LENGTH),
+            entry(KOELECTRA_MODEL, families[KOELECTRA_MODEL], max_length=KOELECTRA_MAX_LENGTH, cpu_threads=KOELECTRA_CPU_THREADS),
         ],
     }
 

@@ -1,4 +1,5 @@
 """`python -m server`, as `make serve` runs it."""
+import os
 import signal
 import subprocess
 import sys
@@ -32,8 +33,9 @@ def model_is_ready(http_port: int, model: str) -> bool:
 
 
 def test_serve_prints_endpoints_and_drains_requests_in_flight_on_sigterm(exported, tmp_path):
-    """With a models file, the server loads the models it lists and no other folder of the repository;
-    SIGTERM answers the requests in flight before it exits."""
+    """With a models file, the server loads the models it lists and no other folder of the repository,
+    and its one model's "auto" CPU threads are every usable core; SIGTERM answers the requests in
+    flight before it exits."""
     gemma2 = exported.models.model(MODEL_NAME)
     models_file = tmp_path / "models.yaml"
     models_file.write_text(
@@ -60,7 +62,9 @@ def test_serve_prints_endpoints_and_drains_requests_in_flight_on_sigterm(exporte
         assert model_is_ready(http_port, MODEL_NAME)
         assert not model_is_ready(http_port, LLAMA_MODEL)  # exported into the repository, but not listed
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
-            assert b"nv_inference_request_success" in answer.read()
+            metrics = answer.read().decode()
+        assert "nv_inference_request_success" in metrics
+        assert f'pc_engine_cpu_threads{{model="{MODEL_NAME}"}} {len(os.sched_getaffinity(0))}\n' in metrics
 
         # SIGTERM with requests in flight: each is answered before the server exits.
         patents = synthetic_patents(24, seed=41, long_share=1.0)

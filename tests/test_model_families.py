@@ -4,6 +4,7 @@ Gemma-2 + LoRA, Llama + LoRA (9 IPC classes), KcBERT (its own text cleaning) and
 cleaned text."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from export.merged_model_export import MERGE_TOLERANCE
 from export.model_support import UnsupportedModel, check_servable
 from tests.conftest import (
     KCBERT_MODEL,
+    KOELECTRA_CPU_THREADS,
     KOELECTRA_MAX_LENGTH,
     KOELECTRA_MODEL,
     LLAMA_MODEL,
@@ -26,6 +28,7 @@ from tests.conftest import (
     PROJECT_ROOT,
     OfflineReference,
 )
+from tests.test_monitoring import scrape, value
 from tests.test_serving import example_documents, served_probabilities
 
 FAMILIES = [MODEL_NAME, LLAMA_MODEL, KCBERT_MODEL, KOELECTRA_MODEL]
@@ -99,6 +102,19 @@ def test_llama_merge_is_proven_like_gemma(exported):
     reference = OfflineReference.for_served_model(exported, LLAMA_MODEL)
     assert reference.tokenizer.pad_token == reference.tokenizer.eos_token
     assert reference.model.config.pad_token_id == reference.tokenizer.eos_token_id
+
+
+def test_cpu_threads_go_from_the_models_file_to_each_models_engine(exported, server):
+    """The export writes each model's cpu_threads into its config.pbtxt, and each engine reports on
+    Triton's metrics port the threads its forward passes run with: the models file's count, or for
+    "auto" this machine's usable cores divided among the models the server hosts."""
+    for name, setting in ((MODEL_NAME, "auto"), (KOELECTRA_MODEL, KOELECTRA_CPU_THREADS)):
+        config = (exported.repository / name / "config.pbtxt").read_text()
+        assert f'parameters {{ key: "cpu_threads" value {{ string_value: "{setting}" }} }}' in config
+    hosted = len(list(exported.repository.glob("*/config.pbtxt")))
+    samples, _ = scrape(server.metrics_url)
+    assert value(samples, "pc_engine_cpu_threads", model=MODEL_NAME) == max(1, len(os.sched_getaffinity(0)) // hosted)
+    assert value(samples, "pc_engine_cpu_threads", model=KOELECTRA_MODEL) == KOELECTRA_CPU_THREADS
 
 
 def test_models_file_errors_name_the_model_and_the_field():

@@ -114,7 +114,7 @@ def test_the_models_metrics_have_the_documented_types(server):
         "pc_predictions": "counter", "pc_batch_next_size": "histogram", "pc_batch_next_tokens": "histogram",
         "pc_batch_padded_tokens": "histogram", "pc_batch_padding_ratio": "histogram",
         "pc_batch_inference_duration": "histogram", "pc_queue_size": "gauge", "pc_queue_tokens": "gauge",
-        "pc_engine_healthy": "gauge",
+        "pc_engine_healthy": "gauge", "pc_engine_cpu_threads": "gauge",
     }
     assert {name: types.get(name) for name in expected} == expected
     assert "nv_inference_count" in types  # beside Triton's own

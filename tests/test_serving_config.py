@@ -30,6 +30,25 @@ def test_vllm_refuses_a_device_because_its_build_picks_one():
 
 
 def test_written_parameters_read_back_the_same(tmp_path):
-    config = ServingConfig(engine="vllm", model_dir=tmp_path, max_length=256, vllm_kv_cache_mib=128, vllm_compile=True)
-    written = {key: {"string_value": value} for key, value in config.to_triton_parameters().items()}
-    assert ServingConfig.from_triton_parameters(written, tmp_path) == config
+    for config in (
+        ServingConfig(engine="vllm", model_dir=tmp_path, max_length=256, vllm_kv_cache_mib=128, vllm_compile=True),
+        ServingConfig(model_dir=tmp_path, max_length=256, cpu_threads=3),
+    ):
+        written = {key: {"string_value": value} for key, value in config.to_triton_parameters().items()}
+        assert ServingConfig.from_triton_parameters(written, tmp_path) == config
+
+
+def test_cpu_threads_is_auto_or_a_thread_count(tmp_path):
+    def cpu_threads(value):
+        return ServingConfig.from_triton_parameters(parameters(model_dir="model", max_length=512, cpu_threads=value), tmp_path).cpu_threads
+
+    assert (cpu_threads("auto"), cpu_threads(3)) == ("auto", 3)
+    assert ServingConfig.from_triton_parameters(parameters(model_dir="model", max_length=512), tmp_path).cpu_threads == "auto"
+    for wrong in ("0", "-2", "1.5", "all"):
+        with pytest.raises(ValueError, match=r"cpu_threads: .*it must be 'auto' or a whole number of threads, at least 1"):
+            cpu_threads(wrong)
+
+
+def test_vllm_refuses_a_cpu_thread_count_because_it_places_its_own_threads():
+    with pytest.raises(ValueError, match="cpu_threads: is 2; with engine vllm it must be 'auto'.*VLLM_CPU_OMP_THREADS_BIND"):
+        ServingConfig(engine="vllm", model_dir=Path("model"), max_length=512, cpu_threads=2)

@@ -122,3 +122,13 @@ def test_stop_answers_everything_queued(engine_factory):
     engine.stop(drain_timeout_s=120)
     assert all(f.done() and f.exception() is None for f in futures)
     assert not engine.is_healthy()
+
+
+def test_forward_passes_run_with_the_configured_cpu_threads(engine_factory, reference):
+    """Three threads: neither what torch picks by default on a 2-core machine nor what another engine
+    in this process asked for, so the count is this engine's own."""
+    one, three = engine_factory(cpu_threads=1), engine_factory(cpu_threads=3)
+    for engine, threads in ((one, 1), (three, 3)):
+        (scores,) = engine.submit([LONG_TEXTS[0]]).result(timeout=120)
+        assert np.abs(scores.probabilities - reference.probabilities(LONG_TEXTS[0])[0]).max() < 1e-5
+        assert engine.cpu_threads == threads
