@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             config = ServingConfig(
                 model_dir=args.merged_model.resolve(), max_length=args.max_length,
                 max_batch_tokens=args.max_batch_tokens, batching=batching,
+                # Measured one at a time, so each has every core; `auto` would split them three ways.
+                cpu_threads=len(os.sched_getaffinity(0)),
             )
             write_triton_model(Path(repository), name, config)
         http_port, grpc_port, metrics_port = free_loopback_ports(3)
