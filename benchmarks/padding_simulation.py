@@ -13,7 +13,7 @@ import argparse
 import statistics
 import sys
 
-from core.hf_classifier import encode_texts
+from core.hf_classifier import encode_texts, padded_width
 from core.synthetic_patents import synthetic_patents
 from server.scheduler import ScheduledDocument, TokenBudgetScheduler
 
@@ -26,7 +26,7 @@ def waste(lengths: list[int], budget: int, batch_size: int, multiple: int, depth
         while pending and len(scheduler) < depth:
             scheduler.admit([ScheduledDocument(pending.pop(0), None)])
         batch = scheduler.next_batch(0.0)
-        width = -(-batch.width // multiple) * multiple
+        width = padded_width(batch.width, multiple)
         real += batch.real_tokens
         padded += width * len(batch.documents)
         per_batch.append(width * len(batch.documents))

@@ -37,8 +37,9 @@ from server.launcher import PROJECT_ROOT, LaunchConfig, TritonServer, free_loopb
 
 MIB = 1 << 20
 # Batch widths on a GPU round up to this: tensor-core friendly, and causal_flex compiles with
-# dynamic shapes, so finer widths cost no compilations; the scheduler alone on the realistic mix
-# wasted 4.6 % at 16 against 5.7 % at 64 (16,384-token budget, 512 patents queued; README).
+# dynamic shapes, so finer widths cost no compilations; `benchmarks.padding_simulation` on the
+# realistic mix (16,384-token budget) wasted 6.3 % at 16 and at 64 with 512 patents queued, and
+# 7.3 % against 8.3 % with 128 (README, "Batch limits on the GPU").
 GPU_PAD_TO_MULTIPLE_OF = 16
 
 
@@ -53,7 +54,6 @@ def serving_config(engine: str, merged: Path, max_length: int, max_batch_tokens:
         engine=engine, model_dir=merged, max_length=max_length, max_batch_tokens=max_batch_tokens,
         max_batch_size=max_batch_size, device="auto" if engine == "vllm" else device, dtype=dtype,
         vllm_kv_cache_mib=vllm_kv_cache_mib, cpu_threads=cpu_threads if engine == "torch" else "auto",
-        # On a GPU, FlexAttention compiles once per batch width: a few width buckets, not one per batch.
         pad_to_multiple_of=GPU_PAD_TO_MULTIPLE_OF if resolve_device(device).type == "cuda" else 1,
     )
 

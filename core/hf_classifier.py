@@ -129,15 +129,19 @@ class DocumentEncoder:
             return encode_texts(self.tokenizer, texts, self.max_length)
 
 
+def padded_width(longest: int, multiple_of: int) -> int:
+    """The width a batch whose longest document has ``longest`` tokens is padded to."""
+    return -(-longest // multiple_of) * multiple_of
+
+
 def pad_batch(
     sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device, multiple_of: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask`` for one forward pass.
 
-    ``multiple_of`` rounds the width up so a compiled model (FlexAttention, CUDA graphs) sees a
-    few length buckets instead of a new shape, and a new compilation, per batch."""
-    longest = max(len(ids) for ids in sequences)
-    width = -(-longest // multiple_of) * multiple_of
+    ``multiple_of`` rounds the width up (``padded_width``): on a GPU to widths tensor cores
+    handle whole (16)."""
+    width = padded_width(max(len(ids) for ids in sequences), multiple_of)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, ids in enumerate(sequences):

@@ -32,6 +32,7 @@ from core.hf_classifier import (
     EncodedText,
     load_sequence_classifier,
     pad_batch,
+    padded_width,
     resolve_device,
     resolve_dtype,
     serving_attention,
@@ -252,8 +253,8 @@ class TorchEngine(ClassificationEngine):
         keep = [row for row, d in enumerate(batch.documents) if not d.submission.future.done()]
         if len(keep) < len(batch.documents):  # expired, cancelled or failed while the batch waited its turn
             batch.documents = [batch.documents[row] for row in keep]
-            longest, multiple = int(batch.attention_mask[keep].sum(dim=1).max()) if keep else 0, self.config.pad_to_multiple_of
-            width = -(-longest // multiple) * multiple
+            longest = int(batch.attention_mask[keep].sum(dim=1).max()) if keep else 0
+            width = padded_width(longest, self.config.pad_to_multiple_of)
             batch.input_ids, batch.attention_mask = batch.input_ids[keep, :width], batch.attention_mask[keep, :width]
         if not batch.documents:
             return
@@ -294,7 +295,7 @@ class TorchEngine(ClassificationEngine):
         compiles a general graph plus dynamo's specialisations for a batch of one (measured: four
         graphs on the CPU for these shapes, none after them), all paid before the model is ready."""
         step = self.config.pad_to_multiple_of
-        widest = -(-self.max_length // step) * step
+        widest = padded_width(self.max_length, step)
         shapes = [(1, step), (2, 2 * step), (3, 3 * step), (1, widest), (2, widest)]
         return [(min(count, self.config.max_batch_size), min(width, widest)) for count, width in shapes
                 if min(count, self.config.max_batch_size) * min(width, widest) <= self.config.max_batch_tokens]
