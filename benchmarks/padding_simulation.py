@@ -13,23 +13,22 @@ import argparse
 import statistics
 import sys
 
-from core.hf_classifier import encode_texts, padded_width
+from core.hf_classifier import encode_texts
 from core.synthetic_patents import synthetic_patents
 from server.scheduler import ScheduledDocument, TokenBudgetScheduler
 
 
 def waste(lengths: list[int], budget: int, batch_size: int, multiple: int, depth: int) -> tuple[float, int, float]:
     """(padding waste, batches, median padded tokens per batch)."""
-    scheduler: TokenBudgetScheduler[None] = TokenBudgetScheduler(budget, batch_size, max(lengths))
+    scheduler: TokenBudgetScheduler[None] = TokenBudgetScheduler(budget, batch_size, max(lengths), width_multiple=multiple)
     pending, real, padded, per_batch = list(lengths), 0, 0, []
     while pending or len(scheduler):
         while pending and len(scheduler) < depth:
             scheduler.admit([ScheduledDocument(pending.pop(0), None)])
         batch = scheduler.next_batch(0.0)
-        width = padded_width(batch.width, multiple)
         real += batch.real_tokens
-        padded += width * len(batch.documents)
-        per_batch.append(width * len(batch.documents))
+        padded += batch.padded_tokens
+        per_batch.append(batch.padded_tokens)
     return 1 - real / padded, len(per_batch), statistics.median(per_batch)
 
 

@@ -8,7 +8,7 @@ block the engine loop: they attach a callback to the future or wait on it.
 from __future__ import annotations
 
 import abc
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -33,6 +33,12 @@ class DocumentScores:
         return order, self.probabilities[order]
 
 
+def padded_width(longest: int, multiple_of: int) -> int:
+    """The width a batch whose longest document has ``longest`` tokens is padded to: the width
+    the forward pass computes, so the one every token budget counts."""
+    return -(-longest // multiple_of) * multiple_of
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """What one forward pass cost and how the queue looked, for metrics and benchmarks."""
@@ -54,6 +60,38 @@ class BatchStats:
 
 
 BatchObserver = Callable[[BatchStats], None]
+
+
+def complete(future: Future, result: object = None, error: BaseException | None = None) -> bool:
+    """Complete ``future`` with ``result`` or ``error`` unless it is already complete; True if this call did.
+
+    The one way an engine completes a request's future. ``Future.set_*`` checks and sets under
+    the future's own lock, so when an engine thread, another engine thread and the caller
+    (``cancel()``) race, exactly one wins and the others learn it here. Checking ``done()`` first
+    and setting after is not safe: two threads can both pass the check, and the second
+    ``set_*`` raises inside an engine loop."""
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        return False
+    return True
+
+
+def caller_gave_up(future: Future, is_cancelled: Callable[[], bool] | None) -> bool:
+    """Whether the caller cancelled: its future, or its probe (for Triton an IPC round trip).
+
+    A probe that raises counts as "not cancelled": the request is then computed, which costs
+    a little work, where letting the exception out would kill an engine thread or leave the
+    request's future forever incomplete."""
+    if future.cancelled():
+        return True
+    try:
+        return bool(is_cancelled and is_cancelled())
+    except Exception:
+        return False
 
 
 class ClassificationEngine(abc.ABC):

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from core import causal_flex_attention
+from core.engine import padded_width
 from core.text_preprocessing import Preprocessing, text_preprocessor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,11 +128,6 @@ class DocumentEncoder:
             texts = [self.preprocess(text) for text in texts]
         with self._lock:
             return encode_texts(self.tokenizer, texts, self.max_length)
-
-
-def padded_width(longest: int, multiple_of: int) -> int:
-    """The width a batch whose longest document has ``longest`` tokens is padded to."""
-    return -(-longest // multiple_of) * multiple_of
 
 
 def pad_batch(

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.engine import padded_width
 from core.text_preprocessing import Preprocessing
 
 
@@ -82,10 +83,12 @@ class ServingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _budget_fits_one_document(self) -> "ServingConfig":
-        if self.max_batch_tokens < self.max_length:
+        widest = padded_width(self.max_length, self.pad_to_multiple_of)
+        if self.max_batch_tokens < widest:
             raise ValueError(
-                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_length ({self.max_length}), "
-                "or a full-length document could never be scheduled"
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_length ({self.max_length}) rounded "
+                f"up to pad_to_multiple_of ({self.pad_to_multiple_of}), {widest}: a full-length document is computed "
+                "that wide, and could otherwise never be scheduled"
             )
         if self.max_queue_tokens < self.max_length:
             raise ValueError(f"max_queue_tokens ({self.max_queue_tokens}) must be at least max_length ({self.max_length})")

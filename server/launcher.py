@@ -17,6 +17,7 @@ The metrics endpoint stays plain HTTP, for Prometheus on the same host or networ
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -247,13 +248,14 @@ class TritonServer:
     def start(self) -> "TritonServer":
         started = time.monotonic()
         self._triton_http_port = free_loopback_ports(1)[0] if self.config.tls else self.config.http_port
-        output = open(self.log_path, "wb") if self.log_path else None
         command = _command(self.config, self._triton_http_port)
         log.info("starting %s", describe_command(command))
-        self.process = subprocess.Popen(
-            command, env=_environment(self.config), stdout=output,
-            stderr=subprocess.STDOUT if output else None,
-        )
+        # The child writes to its own copy of the log's descriptor; ours closes once it has started.
+        with open(self.log_path, "wb") if self.log_path else contextlib.nullcontext() as output:
+            self.process = subprocess.Popen(
+                command, env=_environment(self.config), stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+            )
         try:
             self.wait_until_ready()
             if self.config.tls:

@@ -3,8 +3,10 @@ threads and no model, so its rules are unit-tested with made-up lengths (after v
 scheduler/executor split).
 
 Rules:
-- The unit of work is the padded token count of a batch, ``widest × count``: what a padded
-  forward pass costs. A batch never exceeds ``max_batch_tokens`` or ``max_batch_size``.
+- The unit of work is the padded token count of a batch, ``width × count``, where the width is
+  the widest document rounded up to ``width_multiple`` (the engine pads to tensor-core friendly
+  widths): what a padded forward pass computes. A batch never exceeds ``max_batch_tokens`` or
+  ``max_batch_size``.
 - The oldest waiting document always goes into the next batch, so no document waits behind
   later arrivals for more than the batches needed to clear the documents ahead of it.
 - The rest of the batch is chosen, among the oldest ``window`` waiting documents, by closeness
@@ -20,6 +22,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
+
+from core.engine import padded_width
 
 Payload = TypeVar("Payload")
 
@@ -39,9 +43,12 @@ class ScheduledBatch(Generic[Payload]):
     expired: list[ScheduledDocument[Payload]]  # removed: deadline passed while queued
     dropped: list[ScheduledDocument[Payload]]  # removed: is_dropped said so (cancelled, failed)
 
+    width_multiple: int = 1
+
     @property
     def width(self) -> int:
-        return max((d.token_count for d in self.documents), default=0)
+        """What the forward pass computes per document: the widest, rounded up to ``width_multiple``."""
+        return padded_width(max((d.token_count for d in self.documents), default=0), self.width_multiple)
 
     @property
     def padded_tokens(self) -> int:
@@ -61,9 +68,12 @@ class TokenBudgetScheduler(Generic[Payload]):
         max_queue_tokens: int | None = None,
         window: int = 1024,
         is_dropped: Callable[[Payload], bool] = lambda payload: False,
+        width_multiple: int = 1,
     ):
-        if max_batch_tokens < max_document_tokens:
-            raise ValueError("max_batch_tokens must hold at least one document of max_document_tokens")
+        if max_batch_tokens < padded_width(max_document_tokens, width_multiple):
+            raise ValueError(
+                "max_batch_tokens must hold at least one document of max_document_tokens, padded to width_multiple"
+            )
         if max_queue_tokens is not None and max_queue_tokens < max_document_tokens:
             raise ValueError("max_queue_tokens must hold at least one document of max_document_tokens")
         self.max_batch_tokens = max_batch_tokens
@@ -72,6 +82,7 @@ class TokenBudgetScheduler(Generic[Payload]):
         self.max_queue_tokens = max_queue_tokens
         self.window = max(window, max_batch_size)
         self.is_dropped = is_dropped
+        self.width_multiple = width_multiple
         self._waiting: dict[int, ScheduledDocument[Payload]] = {}  # insertion order = arrival order
         self._sequence = itertools.count()
         self.waiting_tokens = 0
@@ -113,14 +124,14 @@ class TokenBudgetScheduler(Generic[Payload]):
                 if len(batch) == self.max_batch_size:
                     break
                 wider = max(widest, document.token_count)
-                if wider * (len(batch) + 1) <= self.max_batch_tokens:
+                if padded_width(wider, self.width_multiple) * (len(batch) + 1) <= self.max_batch_tokens:
                     batch.append(document)
                     widest = wider
             batch.sort(key=lambda d: d.sequence)
         for document in itertools.chain(batch, expired, dropped):
             del self._waiting[document.sequence]
             self.waiting_tokens -= document.token_count
-        return ScheduledBatch(batch, expired, dropped)
+        return ScheduledBatch(batch, expired, dropped, self.width_multiple)
 
     def drain(self) -> list[ScheduledDocument[Payload]]:
         """Remove and return everything waiting (shutdown)."""

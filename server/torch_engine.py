@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from core import causal_flex_attention
-from core.engine import BatchStats, ClassificationEngine, DocumentScores
+from core.engine import BatchStats, ClassificationEngine, DocumentScores, caller_gave_up, complete, padded_width
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.hf_classifier import (
     classifier_logits,
@@ -32,7 +32,6 @@ from core.hf_classifier import (
     EncodedText,
     load_sequence_classifier,
     pad_batch,
-    padded_width,
     resolve_device,
     resolve_dtype,
     serving_attention,
@@ -40,6 +39,7 @@ from core.hf_classifier import (
 from core.labels import LabelSet
 from core.serving_config import ServingConfig
 from server.cpu_share import engine_cpu_threads
+from server.engine_hold import EngineHold
 from server.scheduler import ScheduledBatch, ScheduledDocument, TokenBudgetScheduler
 
 log = logging.getLogger(__name__)
@@ -62,23 +62,18 @@ class _Submission:
         self.remaining = len(self.scores)
 
     def record(self, index: int, scores: DocumentScores) -> None:
+        """Only the compute thread records, so ``remaining`` needs no lock; the future may still
+        have been failed or cancelled meanwhile by another thread, which ``complete`` settles."""
         self.scores[index] = scores
         self.remaining -= 1
-        if self.remaining == 0 and not self.future.done():
-            self.future.set_result(self.scores)  # type: ignore[arg-type]
+        if self.remaining == 0:
+            complete(self.future, self.scores)
 
     def fail(self, error: Exception) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
+        complete(self.future, error=error)
 
     def caller_gave_up(self) -> bool:
-        """Ask the caller (for Triton: an IPC round trip) whether the request was cancelled."""
-        if self.future.cancelled():
-            return True
-        try:
-            return bool(self.is_cancelled and self.is_cancelled())
-        except Exception:  # a failing probe must not take the engine down; compute instead
-            return False
+        return caller_gave_up(self.future, self.is_cancelled)
 
 
 @dataclass(frozen=True)
@@ -113,12 +108,16 @@ class TorchEngine(ClassificationEngine):
             config.max_length,
             max_queue_tokens=config.max_queue_tokens,
             is_dropped=lambda document: document.submission.future.done(),
+            width_multiple=config.pad_to_multiple_of,
         )
         self._wakeup = threading.Condition()
         self._prepared: queue.Queue = queue.Queue(maxsize=1)
         self._threads: list[threading.Thread] = []
         self._loop_error: BaseException | None = None
         self._cpu_threads_applied = threading.Event()
+        self._hold = EngineHold.from_environment()
+        # Admitted and not yet complete: what stop() fails, wherever it is (queued, prepared, computing).
+        self._in_flight: set[_Submission] = set()
 
     def start(self) -> None:
         self.labels = LabelSet.for_model_dir(self.config.model_dir)
@@ -176,8 +175,14 @@ class TorchEngine(ClassificationEngine):
                     self._scheduler.waiting_tokens, sum(d.token_count for d in documents), self._scheduler.max_queue_tokens
                 ))
                 return future
+            self._in_flight.add(submission)
             self._wakeup.notify()
+        future.add_done_callback(lambda _: self._forget(submission))
         return future
+
+    def _forget(self, submission: _Submission) -> None:
+        with self._wakeup:  # a reentrant lock: the thread completing a future may hold it already
+            self._in_flight.discard(submission)
 
     def is_healthy(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads) and self._loop_error is None
@@ -195,8 +200,11 @@ class TorchEngine(ClassificationEngine):
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._wakeup:
-            for document in self._scheduler.drain():
-                document.payload.submission.fail(ServerUnavailable("the server shut down before this request ran"))
+            self._scheduler.drain()
+            unfinished = list(self._in_flight)
+        # Whatever did not finish within the drain (queued, or held by a loop that died) fails now.
+        for submission in unfinished:
+            submission.fail(ServerUnavailable("the server shut down before this request ran"))
 
     def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -214,6 +222,8 @@ class TorchEngine(ClassificationEngine):
             with self._wakeup:
                 while not len(self._scheduler) and not self._stopping:
                     self._wakeup.wait()
+            self._hold.wait_while_held(lambda: self._stopping)
+            with self._wakeup:
                 scheduled = self._scheduler.next_batch(time.monotonic()) if len(self._scheduler) else None
             if scheduled is None:  # stopping, and everything queued has been handed on
                 self._prepared.put(_STOP)  # outside the lock: the compute thread may need it to finish
@@ -227,9 +237,15 @@ class TorchEngine(ClassificationEngine):
             live = [d for d in documents if not d.submission.future.done()]
             if not live:
                 continue
-            input_ids, attention_mask = pad_batch(
-                [d.encoded.token_ids for d in live], self._pad_token_id, self._device, self.config.pad_to_multiple_of
-            )
+            try:
+                input_ids, attention_mask = pad_batch(
+                    [d.encoded.token_ids for d in live], self._pad_token_id, self._device, self.config.pad_to_multiple_of
+                )
+            except Exception as exc:  # e.g. out of device memory: this batch fails, the engine goes on
+                log.exception("preparing a batch of %d documents failed", len(live))
+                for document in live:
+                    document.submission.fail(EngineFailure(f"preparing this batch failed: {type(exc).__name__}: {exc}"))
+                continue
             dropped = len(scheduled.dropped) + len(documents) - len(live)
             self._prepared.put(_PreparedBatch(live, input_ids, attention_mask, scheduled, dropped))
 

@@ -21,7 +21,7 @@ import itertools
 import logging
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from typing import Callable, Sequence
 
 import numpy as np
@@ -34,11 +34,12 @@ from vllm.pooling_params import PoolingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from core.engine import ClassificationEngine, DocumentScores
+from core.engine import ClassificationEngine, DocumentScores, caller_gave_up, complete
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable, ServingError
 from core.hf_classifier import DocumentEncoder, EncodedText, resolve_dtype, softmax
 from core.labels import LabelSet
 from core.serving_config import ServingConfig
+from server.engine_hold import POLL_S as HOLD_POLL_S, EngineHold
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,10 @@ class VllmEngine(ClassificationEngine):
         self._in_flight: dict[asyncio.Task, Future] = {}  # touched only on the loop thread
         # vLLM queues whatever it is given; admission is bounded here instead, in tokens handed
         # to vLLM and not yet answered, so overload is refused at once as by the PyTorch engine.
-        self._admission = threading.Lock()
+        self._admission = threading.RLock()  # reentrant: a future completed under it releases under it
         self._admitted_tokens = 0
+        self._admitted: set[Future] = set()  # not yet complete, wherever they are: what stop() fails last
+        self._hold = EngineHold.from_environment()
 
     def start(self) -> None:
         started = time.monotonic()
@@ -127,12 +130,14 @@ class VllmEngine(ClassificationEngine):
                 future.set_exception(Overloaded.queue_full(self._admitted_tokens, tokens, self.config.max_queue_tokens))
                 return False
             self._admitted_tokens += tokens
-        future.add_done_callback(lambda _: self._release(tokens))  # whatever the outcome
+            self._admitted.add(future)
+        future.add_done_callback(lambda _: self._release(future, tokens))  # whatever the outcome
         return True
 
-    def _release(self, tokens: int) -> None:
+    def _release(self, future: Future, tokens: int) -> None:
         with self._admission:
             self._admitted_tokens -= tokens
+            self._admitted.discard(future)
 
     def is_healthy(self) -> bool:
         return (
@@ -151,6 +156,10 @@ class VllmEngine(ClassificationEngine):
             except Exception:
                 log.exception("draining the vllm engine failed")
         self._shut_down()
+        with self._admission:
+            unfinished = list(self._admitted)
+        for future in unfinished:  # never handed to vLLM (held, or the loop stopped first)
+            complete(future, error=ServerUnavailable("the server shut down before this request ran"))
 
     def _shut_down(self) -> None:
         """Stop vLLM's processes, then the loop; safe to call twice."""
@@ -175,10 +184,13 @@ class VllmEngine(ClassificationEngine):
     ) -> None:
         if future.done():  # cancelled while it waited for the loop
             return
+        if self._hold.is_held() and not self._stopping:  # tests only: server/engine_hold.py
+            self._loop.call_later(HOLD_POLL_S, self._begin, future, encoded, deadline, is_cancelled)
+            return
         # vLLM schedules what it is given at once, so the caller's cancellation is asked here, once;
         # a cancel after this point reaches vLLM through future.cancel() (below).
-        if is_cancelled is not None and is_cancelled():
-            future.set_exception(Cancelled("the request was cancelled before it was computed"))
+        if caller_gave_up(future, is_cancelled):
+            complete(future, error=Cancelled("the request was cancelled before it was computed"))
             return
         task = self._loop.create_task(self._classify(encoded, deadline))
         self._in_flight[task] = future
@@ -198,21 +210,16 @@ class VllmEngine(ClassificationEngine):
             outcome: BaseException | None = ServerUnavailable("the request was stopped before it finished")
         else:
             outcome = task.exception()
-        try:
-            if outcome is None:
-                future.set_result(task.result())
-            else:
-                future.set_exception(outcome)
-        except InvalidStateError:
-            pass  # the caller cancelled it, or stop() failed it first
+        # The caller may have cancelled it, or stop() failed it first: complete() settles the race.
+        complete(future, task.result() if outcome is None else None, outcome)
 
     async def _classify(self, encoded: list[EncodedText], deadline: float | None) -> list[DocumentScores]:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         documents = [asyncio.ensure_future(self._logits(item.token_ids)) for item in encoded]
         try:
-            async with asyncio.timeout(timeout):
-                rows = await asyncio.gather(*documents)
-        except TimeoutError:
+            # wait_for, not asyncio.timeout: NVIDIA's Triton 24.10 container runs Python 3.10.
+            rows = await asyncio.wait_for(asyncio.gather(*documents), timeout)
+        except asyncio.TimeoutError:
             raise DeadlineExceeded(f"the deadline passed before {len(encoded)} documents were classified") from None
         except ServingError:
             raise
@@ -249,8 +256,5 @@ class VllmEngine(ClassificationEngine):
         if self._in_flight:
             await asyncio.wait(list(self._in_flight), timeout=timeout_s)
         for task, future in list(self._in_flight.items()):
-            try:
-                future.set_exception(ServerUnavailable("the server shut down before this request ran"))
-            except InvalidStateError:
-                pass
+            complete(future, error=ServerUnavailable("the server shut down before this request ran"))
             task.cancel()

@@ -8,9 +8,12 @@ it, so the suite tests the same path and needs nothing prepared beforehand.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +36,9 @@ from export.demo_models import (
 from export.merged_model_export import MergeReport
 from export.models_file_export import export_models
 from export.triton_package import merged_model_dir, write_triton_model
+from server.engine_hold import HOLD_FILE_ENV
 from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
+from tests.parity import Float32Parity, assert_served_probabilities_match
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PATENTS = PROJECT_ROOT / "clients" / "examples" / "patents.jsonl"
@@ -54,6 +59,21 @@ VLLM_KV_CACHE_MIB = 64
 # The vLLM-engine Gemma-2 admits 24 full-length patents at a time: more than any of its tests
 # sends at once, except the one that shows overload refused.
 VLLM_MAX_QUEUE_TOKENS = 24 * 512
+
+
+# Every engine the tests start, in their servers or in this process, takes no batch while this file
+# exists (server/engine_hold.py): a test that needs requests to stay queued holds them with it.
+ENGINE_HOLD_FILE = Path(tempfile.mkdtemp(prefix="engine-hold-")) / "hold"
+os.environ[HOLD_FILE_ENV] = str(ENGINE_HOLD_FILE)
+
+
+@contextlib.contextmanager
+def held_engines():
+    ENGINE_HOLD_FILE.touch()
+    try:
+        yield
+    finally:
+        ENGINE_HOLD_FILE.unlink(missing_ok=True)
 
 
 def example_records() -> list[dict]:
@@ -181,12 +201,22 @@ class OfflineReference:
         self.labels = LabelSet.for_model_dir(merged_dir)
         self.max_length = max_length
         self.preprocess = text_preprocessor(preprocessing) or (lambda text: text)
+        # How far a served float32 answer may stray from this one: tests/parity.py.
+        self.parity = Float32Parity.for_model(self.model.config, max_length)
 
     @torch.inference_mode()
-    def probabilities(self, text: str) -> tuple[np.ndarray, int]:
+    def logits(self, text: str) -> tuple[np.ndarray, int]:
         encoded = self.tokenizer(self.preprocess(text), truncation=True, max_length=self.max_length, return_tensors="pt")
-        logits = self.model(**encoded).logits[0]
-        return torch.softmax(logits, dim=-1).numpy(), int(encoded["input_ids"].shape[1])
+        return self.model(**encoded).logits[0].numpy(), int(encoded["input_ids"].shape[1])
+
+    def probabilities(self, text: str) -> tuple[np.ndarray, int]:
+        logits, token_count = self.logits(text)
+        return torch.softmax(torch.as_tensor(logits), dim=-1).numpy(), token_count
+
+    def assert_matches(self, text: str, served_probabilities: np.ndarray, classes=None) -> None:
+        """``served_probabilities`` (every class in label order, or those of ``classes``) are this
+        model's float32 answer for ``text``, within the bound of tests/parity.py."""
+        assert_served_probabilities_match(self.parity, self.logits(text)[0], served_probabilities, classes)
 
     def untruncated_length(self, text: str) -> int:
         return len(self.tokenizer(self.preprocess(text))["input_ids"])

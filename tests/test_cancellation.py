@@ -1,6 +1,9 @@
 """A gRPC caller that cancels its request gets ``Cancelled``, and the engine drops the work
 instead of computing it. (KServe v2 over HTTP has no cancellation: closing the connection does
-not cancel in tritonserver 2.51, so a caller there bounds its wait with a timeout instead.)"""
+not cancel in tritonserver 2.51, so a caller there bounds its wait with a timeout instead.)
+
+The engine is held (server/engine_hold.py) while the requests are queued and the cancellation
+is sent, so the request is still waiting when the engine looks, however fast the machine."""
 from __future__ import annotations
 
 import queue
@@ -13,45 +16,56 @@ from clients import PatentClassifier
 from clients.patent_classifier import typed_error
 from core.errors import Cancelled
 from core.synthetic_patents import synthetic_patents
-from tests.conftest import MODEL_NAME
+from tests.conftest import MODEL_NAME, held_engines
 from tests.test_monitoring import scrape, value
 
-PATENTS = synthetic_patents(33, seed=51, long_share=1.0)
-AHEAD = 32  # full-length patents queued ahead of the one that is cancelled: several forward passes
+PATENTS = synthetic_patents(4, seed=51, long_share=1.0)
+AHEAD, CANCELLED, BEHIND = PATENTS[0:2], PATENTS[2], PATENTS[3]
+WAIT_S = 60.0
 
 
-def cancelled_count(server) -> float:
+def metric(server, name: str, **labels: str) -> float:
     samples, _ = scrape(server.metrics_url)
-    return value(samples, "pc_request_failure", model=MODEL_NAME, err="cancelled")
+    return value(samples, name, model=MODEL_NAME, **labels)
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {WAIT_S:.0f} s: {what}"
+        time.sleep(0.1)
 
 
 def test_a_cancelled_grpc_request_is_dropped_before_compute(server):
-    before = cancelled_count(server)
+    cancelled_before = metric(server, "pc_request_failure", err="cancelled")
     client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
-    outcomes: queue.Queue = queue.Queue()
+    outcomes: dict[str, queue.Queue] = {}
 
-    def request(document):
+    def request(name: str, document):
         tensor = tritonclient.grpc.InferInput("TEXT", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([document.render().encode()], dtype=np.object_))
-        return client.async_infer(MODEL_NAME, [tensor], callback=lambda result, error: outcomes.put((result, error)))
+        outcomes[name] = queue.Queue()
+        return client.async_infer(MODEL_NAME, [tensor], callback=lambda result, error: outcomes[name].put((result, error)))
 
     try:
-        # The last one waits in the engine's queue, where the engine checks for cancellation.
-        for document in PATENTS[:AHEAD]:
-            request(document)
-        waiting = request(PATENTS[AHEAD])
-        time.sleep(0.05)
-        waiting.cancel()
-        results = [outcomes.get(timeout=120) for _ in range(AHEAD + 1)]
+        with held_engines():
+            for index, document in enumerate(AHEAD):
+                request(f"ahead-{index}", document)
+            waiting = request("cancelled", CANCELLED)
+            wait_for(lambda: metric(server, "pc_queue_size") == len(AHEAD) + 1, "the requests queued in the held engine")
+            waiting.cancel()
+            # Sent after the cancellation on the same connection: once the engine holds it, the
+            # server has read the cancellation that came before it.
+            request("behind", BEHIND)
+            wait_for(lambda: metric(server, "pc_queue_size") == len(AHEAD) + 2, "the request behind queued")
+        results = {name: answers.get(timeout=WAIT_S) for name, answers in outcomes.items()}
     finally:
         client.close()
-    errors = [typed_error(error) for _, error in results if error is not None]
-    assert len(errors) == 1 and isinstance(errors[0], Cancelled)
-    assert sum(result is not None for result, _ in results) == AHEAD  # the others were answered
 
-    deadline = time.monotonic() + 15  # the server learns of the cancellation when it next looks
-    while cancelled_count(server) < before + 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert cancelled_count(server) == before + 1
+    result, error = results.pop("cancelled")
+    assert result is None and isinstance(typed_error(error), Cancelled)
+    assert all(result is not None and error is None for result, error in results.values())  # the others were answered
+    wait_for(lambda: metric(server, "pc_request_failure", err="cancelled") == cancelled_before + 1,
+             "the server counted the cancellation")
     with PatentClassifier(server.grpc_url, model=MODEL_NAME) as classifier:
-        assert classifier.classify(PATENTS[AHEAD]).token_count == 512
+        assert classifier.classify(CANCELLED).token_count == 512

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+from transformers import AutoConfig
+
 from benchmarks import gpu_gemma2_9b
 from benchmarks.model_flops import flop_per_token
 from core import causal_flex_attention
+from tests.parity import Float32Parity
 
 
 def test_the_gpu_script_measures_parity_throughput_and_mfu_end_to_end(tmp_path):
@@ -26,7 +29,10 @@ def test_the_gpu_script_measures_parity_throughput_and_mfu_end_to_end(tmp_path):
     reference, *candidates = report["attention_parity"]
     assert (reference["attention"], reference["dtype"]) == ("eager", "float32")
     assert [c["attention"] for c in candidates] == [causal_flex_attention.NAME, "eager"]
-    assert all(c["top1_agreement"] == 1.0 and c["max_abs_prob_diff"] < 1e-5 for c in candidates)
+    # Float32 against float32 in another summation order: tests/parity.py's bound, for logits no
+    # larger than Gemma-2's final softcap.
+    allowed = Float32Parity.for_model(AutoConfig.from_pretrained(model_dir), 512).probability_tolerance(config["final_logit_softcapping"])
+    assert all(c["top1_agreement"] == 1.0 and c["max_abs_prob_diff"] <= allowed for c in candidates)
 
     for name in ("engine_512_tokens", "engine_realistic_mix"):
         row = report[name]

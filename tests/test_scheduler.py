@@ -96,3 +96,18 @@ def test_documents_over_the_model_limit_are_refused():
         scheduler().admit([ScheduledDocument(513, "too long")])
     with pytest.raises(ValueError):
         TokenBudgetScheduler(max_batch_tokens=256, max_batch_size=8, max_document_tokens=512)
+
+
+def test_the_budget_counts_widths_as_the_engine_pads_them():
+    # 63 documents of 257 tokens: 16,191 unpadded, but computed 272 wide (a multiple of 16): 17,136.
+    s = scheduler(max_batch_tokens=16384, max_batch_size=64, max_document_tokens=512, width_multiple=16)
+    add(s, *[257] * 63)
+    batches = drain(s)
+    assert sum(len(batch.documents) for batch in batches) == 63
+    assert all(batch.width == 272 and batch.padded_tokens <= 16384 for batch in batches)
+    assert len(batches[0].documents) == 16384 // 272
+
+
+def test_a_budget_below_one_padded_document_is_refused():
+    with pytest.raises(ValueError, match="padded to width_multiple"):
+        scheduler(max_batch_tokens=508, max_document_tokens=500, width_multiple=16)

@@ -52,3 +52,9 @@ def test_cpu_threads_is_auto_or_a_thread_count(tmp_path):
 def test_vllm_refuses_a_cpu_thread_count_because_it_places_its_own_threads():
     with pytest.raises(ValueError, match="cpu_threads: is 2; with engine vllm it must be 'auto'.*VLLM_CPU_OMP_THREADS_BIND"):
         ServingConfig(engine="vllm", model_dir=Path("model"), max_length=512, cpu_threads=2)
+
+
+def test_the_batch_budget_must_hold_one_document_at_its_padded_width():
+    with pytest.raises(ValueError, match=r"max_batch_tokens \(500\) must be at least max_length \(500\) rounded up .* 512"):
+        ServingConfig(model_dir=Path("model"), max_length=500, pad_to_multiple_of=16, max_batch_tokens=500)
+    assert ServingConfig(model_dir=Path("model"), max_length=500, pad_to_multiple_of=16, max_batch_tokens=512).max_batch_tokens == 512

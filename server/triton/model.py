@@ -3,14 +3,13 @@
 The model is non-decoupled (so plain KServe v2 ``infer`` works over HTTP and gRPC) but answers
 through each request's response sender instead of returning from ``execute``: ``execute``
 hands requests to the engine and returns at once, so Triton keeps delivering new requests
-while earlier ones compute, and the engine batches across them. A dedicated thread sends the
-answers, so the engine loop never blocks on Triton's IPC.
+while earlier ones compute, and the engine batches across them. ``server.request_dispatch``
+sees that each request gets exactly one response and sends answers from a thread of its own,
+so the engine loop never blocks on Triton's IPC.
 """
 import json
 import locale
 import logging
-import queue
-import threading
 import time
 from pathlib import Path
 
@@ -25,10 +24,10 @@ locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 from core import protocol
 from core.errors import ErrorKind, ServingError
 from core.serving_config import ServingConfig
+from server.dead_engine_exit import DeadEngineExit
 from server.engines import build_engine
+from server.request_dispatch import RequestDispatch, internal_error
 from server.triton_metrics import TritonModelMetrics
-
-_STOP = object()
 
 log = logging.getLogger("patent_classifier.triton")
 
@@ -43,25 +42,14 @@ class TritonPythonModel:
         self.labels = self.engine.labels
         self.metrics = TritonModelMetrics(pb_utils, args["model_name"], self.labels.codes, self.engine)
         self.engine.observe_batches(self.metrics.batch)
-        self.answers = queue.Queue()
-        self.answer_thread = threading.Thread(target=self._send_answers, name="triton-answers", daemon=True)
-        self.answer_thread.start()
+        self.dispatch = RequestDispatch(self.engine, self.labels, _TritonReplies(), self.metrics)
+        self.dead_engine_exit = DeadEngineExit(self.engine, self.dispatch.send_queued)
 
     def execute(self, requests):
         if self.config.batching != "engine":
             return self._execute_synchronously(requests)
         for request in requests:
-            received = time.monotonic()
-            self.metrics.request_received()
-            sender = request.get_response_sender()
-            try:
-                decoded = self._decode(request)
-                future = self.engine.submit(decoded.texts, self._deadline(request), sender.is_cancelled)
-            except ServingError as error:
-                self.metrics.failed(error.kind, time.monotonic() - received)
-                sender.send(_error_response(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            future.add_done_callback(lambda done, s=sender, k=decoded.top_k, t=received: self.answers.put((s, done, k, t)))
+            self.dispatch.accept(request.get_response_sender(), lambda r=request: (self._decode(r), self._deadline(r)))
         return None
 
     def _execute_synchronously(self, requests):
@@ -73,13 +61,15 @@ class TritonPythonModel:
             self.metrics.request_received()
             try:
                 decoded[position] = self._decode(request)
-            except ServingError as error:
+            except Exception as exc:
+                error = exc if isinstance(exc, ServingError) else internal_error(exc)
                 self.metrics.failed(error.kind, time.monotonic() - received)
                 responses[position] = _error_response(error)
         texts = [text for request in decoded.values() for text in request.texts]
         try:
             scores = self.engine.submit(texts).result() if texts else []
-        except ServingError as error:
+        except Exception as exc:
+            error = exc if isinstance(exc, ServingError) else internal_error(exc)
             for _ in decoded:
                 self.metrics.failed(error.kind, time.monotonic() - received)
             return [response or _error_response(error) for response in responses]
@@ -111,27 +101,10 @@ class TritonPythonModel:
         timeout_us = request.timeout() or self.config.default_timeout_ms * 1000
         return time.monotonic() + timeout_us / 1e6 if timeout_us else None
 
-    def _send_answers(self):
-        while (item := self.answers.get()) is not _STOP:
-            sender, future, top_k, received = item
-            try:
-                scores = future.result()
-                tensors = protocol.encode_answer(scores, self.labels, top_k)
-                response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
-                self.metrics.answered(scores, time.monotonic() - received)
-            except ServingError as error:
-                response = _error_response(error)
-                self.metrics.failed(error.kind, time.monotonic() - received)
-            except Exception as error:  # never leave a client waiting on an answer we failed to build
-                log.exception("building an answer failed")
-                response = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {error}", pb_utils.TritonError.INTERNAL))
-                self.metrics.failed(ErrorKind.ENGINE_FAILURE, time.monotonic() - received)
-            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
     def finalize(self):
+        self.dead_engine_exit.stop()
         self.engine.stop()
-        self.answers.put(_STOP)
-        self.answer_thread.join(timeout=30)
+        self.dispatch.stop()
         self.metrics.stop()
 
 
@@ -166,3 +139,14 @@ _NAMED_KINDS = (ErrorKind.OVERLOADED, ErrorKind.DEADLINE_EXCEEDED)
 def _error_response(error: ServingError):
     message = f"{error.kind.value}: {error.message}" if error.kind in _NAMED_KINDS else error.message
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, _triton_error_code(error.kind)))
+
+
+class _TritonReplies:
+    """Final responses through a request's response sender (server.request_dispatch.Replies)."""
+
+    def answer(self, sender, tensors):
+        response = pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in tensors.items()])
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def refuse(self, sender, error):
+        sender.send(_error_response(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
