@@ -212,6 +212,33 @@ def test_every_relative_link_leads_to_a_file_of_the_repository(document):
     assert not problems, "\n".join(problems)
 
 
+# A page named in a comment, docstring or document: `docs/models.md`, `benchmarks/results/<date>-<topic>.md`.
+_TEXT_SUFFIXES = {".py", ".sh", ".yaml", ".yml", ".toml", ".md", ".txt", ""}  # "": Makefile
+_NAMED_PAGE = re.compile(r"(?<![\w/.-])(?:docs|benchmarks)/[\w./-]*?\.md\b")
+
+
+def test_every_page_the_code_and_documents_name_exists():
+    # Comments point to the results file where a figure lives instead of quoting it; a renamed or
+    # misspelt page would leave the pointer leading nowhere.
+    known_files = repository_files()
+    if known_files is None:
+        pytest.skip("not a git checkout: the repository's files cannot be listed")
+    problems = []
+    for name in sorted(known_files):
+        path = PROJECT_ROOT / name
+        if name == "tests/test_documentation.py" or path.suffix not in _TEXT_SUFFIXES:
+            continue  # this file names made-up pages on purpose, to show the checks fail
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, IsADirectoryError):
+            continue
+        for number, line in enumerate(text.split("\n"), 1):
+            for page in _NAMED_PAGE.findall(line):
+                if page not in known_files:
+                    problems.append(f"{name}:{number}: names {page}, which is not in the repository")
+    assert not problems, "\n".join(problems)
+
+
 def test_the_readme_and_docs_have_shell_blocks_to_check():
     # Guards the extraction itself: a fence pattern that matched nothing would pass every check above.
     readme = shell_blocks(PROJECT_ROOT / "README.md")
