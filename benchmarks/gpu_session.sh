@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 4's GPU measurements, as the two commands a lent GPU machine runs (README, "GPU recipe").
+# Issue 4's GPU measurements, as the two commands a lent GPU machine runs (benchmarks/GPU.md).
 #
 #   bash benchmarks/gpu_session.sh engine   # wheels from .whl/base; random Gemma-2-9b; matmul, parity, engine alone
 #   bash benchmarks/gpu_session.sh server   # wheels from .whl/triton; the real tritonserver and hf-static, by benchmarks.bench
 #
 # `make gpu-wheels` fetches the wheels here. One device call carries at most 64 MiB, and the Triton
-# wheel alone is 53 MB, so the stages are two calls on one warm machine: the second finds the first's
+# wheel alone nearly fills that, so the stages are two calls on one warm machine: the second finds the first's
 # model folder (build/ is ignored, so it stays) and installed wheels, and rebuilds what it misses.
 # Each stage fits one call's 10 minutes with room to spare; every step is bounded by `timeout`.
 # Figures land in $OUT (the device tool brings them back), or in build/gpu-session without it.

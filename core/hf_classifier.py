@@ -74,7 +74,7 @@ def load_sequence_classifier(
     device = torch.device(device)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, config=config, dtype=dtype, attn_implementation=attention or exact_attention(config),
-        # Straight onto the GPU: a 9B model otherwise passes through host memory first (37 GB in float32).
+        # Straight onto the GPU: otherwise a 9B model first passes through host memory, 4 bytes a parameter.
         device_map=str(device) if device.type == "cuda" else None,
     )
     return model.to(device).eval()

@@ -3,7 +3,8 @@
 Triton runs each model in its own stub process, and PyTorch gives each of them as many OpenMP
 threads as there are cores. With several models busy at once, or any other process on the
 cores, threads outnumber cores; OpenMP's threads then wait on each other at every barrier
-for a peer that is not running, and a forward pass takes many times longer (README, Benchmark).
+for a peer that is not running, and a forward pass takes many times longer
+(benchmarks/results/2026-11-26-cpu-threads.md).
 ``auto`` therefore splits the cores among the models the server hosts. Only the launcher knows
 how many that is (the models file, or the repository's folders), and only the stub knows which
 cores it may use (``taskset``, a container's cpuset), so the launcher passes the count to the

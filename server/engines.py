@@ -6,7 +6,7 @@ from core.serving_config import ServingConfig
 
 
 def build_engine(config: ServingConfig) -> ClassificationEngine:
-    # Imported on demand: each engine pulls in its own heavy stack (vLLM starts with ~10 s of imports).
+    # Imported on demand: each engine pulls in its own heavy stack (importing vLLM alone is slow).
     if config.engine == "torch":
         from server.torch_engine import TorchEngine
 

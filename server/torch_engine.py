@@ -308,8 +308,9 @@ class TorchEngine(ClassificationEngine):
 
     def _warm_up_shapes(self) -> list[tuple[int, int]]:
         """(documents, width) of the forward passes run at start: with dynamic shapes the kernel
-        compiles a general graph plus dynamo's specialisations for a batch of one (measured: four
-        graphs on the CPU for these shapes, none after them), all paid before the model is ready."""
+        compiles a general graph plus dynamo's specialisations for a batch of one (how many, and none
+        after these shapes: benchmarks/results/2026-11-26-attention-parity.md), all paid before the
+        model is ready."""
         step = self.config.pad_to_multiple_of
         widest = padded_width(self.max_length, step)
         shapes = [(1, step), (2, 2 * step), (3, 3 * step), (1, widest), (2, widest)]

@@ -1,0 +1,291 @@
+"""The documents a user pastes from: every shell block in README.md, docs/ and benchmarks/ parses
+as bash and continues its lines the way it means to, and every relative link leads to a file of
+the repository (and every #anchor to a heading of that file).
+
+Pure and fast: it reads Markdown and runs ``bash -n``; no server, no model. Each failure names
+the document and the line, so the fix starts at the right place.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
+
+_FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
+# `\` then blanks (and maybe a comment) at the end of a line: the backslash escapes a blank, not the
+# newline, so the next line runs as a command of its own (`--adapter: command not found`).
+_BROKEN_CONTINUATION = re.compile(r"(?<!\\)\\[ \t]+(#.*)?$")
+# An option where a command should start: its line was meant to continue the one before.
+_STRAY_OPTION = re.compile(r"^\s*--?[A-Za-z]")
+_HEREDOC = re.compile(r"<<-?\s*(['\"]?)(?P<word>\w+)\1")
+_INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1")
+_INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?(?P<target>[^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_REFERENCE_LINK = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(?P<target>\S+?)>?(?:\s|$)")
+_HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(?P<text>.*?)\s*#*\s*$")
+_EXTERNAL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+@dataclass(frozen=True)
+class CodeBlock:
+    document: Path
+    line: int  # 1-based line of the block's first content line
+    language: str
+    text: str
+
+    def where(self, offset: int = 0) -> str:
+        return f"{self.document.relative_to(PROJECT_ROOT)}:{self.line + offset}"
+
+
+def documents() -> list[Path]:
+    found = [PROJECT_ROOT / "README.md"]
+    for folder in ("docs", "benchmarks"):
+        found += sorted((PROJECT_ROOT / folder).glob("**/*.md"))
+    return [path for path in found if path.is_file()]
+
+
+def split_markdown(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, str, str]]]:
+    """Lines outside fenced blocks as (line number, text), and each block as (first line, info, text)."""
+    prose, blocks = [], []
+    lines = text.split("\n")
+    index = 0
+    while index < len(lines):
+        opening = _FENCE.match(lines[index])
+        if not opening:
+            prose.append((index + 1, lines[index]))
+            index += 1
+            continue
+        fence, indent = opening["fence"], len(opening["indent"])
+        closing = re.compile(rf"^\s*{re.escape(fence[0])}{{{len(fence)},}}\s*$")
+        body, index = [], index + 1
+        start = index + 1
+        while index < len(lines) and not closing.match(lines[index]):
+            line = lines[index]
+            body.append(line[indent:] if line[:indent].isspace() else line.lstrip())
+            index += 1
+        blocks.append((start, opening["info"].lower(), "\n".join(body)))
+        index += 1  # the closing fence
+    return prose, blocks
+
+
+def shell_blocks(document: Path) -> list[CodeBlock]:
+    _, blocks = split_markdown(document.read_text(encoding="utf-8"))
+    return [CodeBlock(document, line, info, text) for line, info, text in blocks if info in SHELL_LANGUAGES]
+
+
+def console_commands(text: str) -> str:
+    """The commands of a console transcript: `$ ` lines and their continuations; output lines blank."""
+    kept, continuing = [], False
+    for line in text.split("\n"):
+        stripped = line.lstrip()
+        if continuing or stripped.startswith("$ "):
+            command = line if continuing else stripped[2:]
+            kept.append(command)
+            continuing = command.endswith("\\")
+        else:
+            kept.append("")
+    return "\n".join(kept)
+
+
+def shell_problems(block: CodeBlock) -> list[str]:
+    script = console_commands(block.text) if block.language == "console" else block.text
+    problems = []
+    previous, heredoc_end = "", None
+    for offset, line in enumerate(script.split("\n")):
+        if heredoc_end is not None:
+            if line.strip() == heredoc_end:
+                heredoc_end = None
+            continue
+        if _BROKEN_CONTINUATION.search(line):
+            problems.append(f"{block.where(offset)}: `\\` followed by blanks or a comment continues nothing: {line.strip()!r}")
+        elif _STRAY_OPTION.match(line) and not previous.rstrip().endswith(("\\", "|", "&&", "||")):
+            problems.append(f"{block.where(offset)}: an option starts a command (the line above lacks its `\\`): {line.strip()!r}")
+        heredoc = _HEREDOC.search(line)
+        if heredoc:
+            heredoc_end = heredoc["word"]
+        if line.strip():
+            previous = line
+    parsed = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=30)
+    if parsed.returncode != 0:
+        for message in parsed.stderr.strip().splitlines():
+            at = re.search(r"line (\d+):", message)
+            where = block.where(int(at[1]) - 1) if at else block.where()
+            problems.append(f"{where}: bash -n: {message}")
+    return problems
+
+
+def repository_files() -> set[str] | None:
+    """Files a fresh clone has (tracked, or new and not ignored), relative to the root; None without git."""
+    if shutil.which("git") is None or not (PROJECT_ROOT / ".git").exists():
+        return None
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=60,
+    )
+    return {name for name in listed.stdout.split("\0") if name and (PROJECT_ROOT / name).exists()}
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a heading: rendered text, lower case, punctuation dropped, blanks to '-'."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # links keep their text
+    text = text.replace("`", "").replace("*", "").lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(document: Path, text: str | None = None) -> set[str]:
+    prose, _ = split_markdown(document.read_text(encoding="utf-8") if text is None else text)
+    seen: dict[str, int] = {}
+    found = set()
+    for _, line in prose:
+        heading = _HEADING.match(line)
+        if heading:
+            anchor = github_anchor(heading["text"])
+            count = seen.get(anchor, 0)
+            seen[anchor] = count + 1
+            found.add(anchor if count == 0 else f"{anchor}-{count}")
+    return found
+
+
+def links(document: Path, text: str | None = None) -> list[tuple[int, str]]:
+    prose, _ = split_markdown(document.read_text(encoding="utf-8") if text is None else text)
+    found = []
+    for number, line in prose:
+        line = _INLINE_CODE.sub("", line)
+        found += [(number, match["target"]) for match in _INLINE_LINK.finditer(line)]
+        reference = _REFERENCE_LINK.match(line)
+        if reference:
+            found.append((number, reference["target"]))
+    return found
+
+
+def link_problems(document: Path, known_files: set[str] | None, text: str | None = None) -> list[str]:
+    """Problems of the links in ``document`` (or in ``text``, read as if it were that document)."""
+    problems = []
+    here = document.relative_to(PROJECT_ROOT)
+    for number, target in links(document, text):
+        if _EXTERNAL.match(target):
+            continue  # http(s), mailto: nothing beyond loopback is reachable from a test
+        path_part, _, anchor = target.partition("#")
+        if path_part:
+            resolved = (PROJECT_ROOT / path_part.lstrip("/")) if path_part.startswith("/") else (document.parent / path_part)
+            resolved = resolved.resolve()
+            try:
+                relative = resolved.relative_to(PROJECT_ROOT).as_posix()
+            except ValueError:
+                problems.append(f"{here}:{number}: {target} leads outside the repository")
+                continue
+            in_repository = resolved.exists() and (
+                known_files is None
+                or relative in known_files
+                or (resolved.is_dir() and any(name.startswith(relative.rstrip("/") + "/") for name in known_files))
+            )
+            if not in_repository:
+                problems.append(f"{here}:{number}: {target}: no such file in the repository")
+                continue
+        else:
+            resolved = document
+        if anchor and resolved.suffix == ".md" and anchor not in anchors(resolved, text if resolved == document else None):
+            problems.append(f"{here}:{number}: {target}: {resolved.name} has no heading with the anchor #{anchor}")
+    return problems
+
+
+DOCUMENTS = documents()
+_IDS = [str(path.relative_to(PROJECT_ROOT)) for path in DOCUMENTS]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=_IDS)
+def test_every_shell_block_parses_and_continues_its_lines(document):
+    problems = [problem for block in shell_blocks(document) for problem in shell_problems(block)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=_IDS)
+def test_every_relative_link_leads_to_a_file_of_the_repository(document):
+    problems = link_problems(document, repository_files())
+    assert not problems, "\n".join(problems)
+
+
+# A page named in a comment, docstring or document: `docs/models.md`, `benchmarks/results/<date>-<topic>.md`.
+_TEXT_SUFFIXES = {".py", ".sh", ".yaml", ".yml", ".toml", ".md", ".txt", ""}  # "": Makefile
+_NAMED_PAGE = re.compile(r"(?<![\w/.-])(?:docs|benchmarks)/[\w./-]*?\.md\b")
+
+
+def test_every_page_the_code_and_documents_name_exists():
+    # Comments point to the results file where a figure lives instead of quoting it; a renamed or
+    # misspelt page would leave the pointer leading nowhere.
+    known_files = repository_files()
+    if known_files is None:
+        pytest.skip("not a git checkout: the repository's files cannot be listed")
+    problems = []
+    for name in sorted(known_files):
+        path = PROJECT_ROOT / name
+        if name == "tests/test_documentation.py" or path.suffix not in _TEXT_SUFFIXES:
+            continue  # this file names made-up pages on purpose, to show the checks fail
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, IsADirectoryError):
+            continue
+        for number, line in enumerate(text.split("\n"), 1):
+            for page in _NAMED_PAGE.findall(line):
+                if page not in known_files:
+                    problems.append(f"{name}:{number}: names {page}, which is not in the repository")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_readme_and_docs_have_shell_blocks_to_check():
+    # Guards the extraction itself: a fence pattern that matched nothing would pass every check above.
+    readme = shell_blocks(PROJECT_ROOT / "README.md")
+    assert any("make serve" in block.text for block in readme)
+    assert any(shell_blocks(path) for path in DOCUMENTS if "docs" in path.parts)
+
+
+def test_a_comment_after_a_continuation_is_caught_with_its_line(tmp_path):
+    pasted = tmp_path / "pasted.md"
+    pasted.write_text(
+        "Export:\n\n```bash\npython -m export merge \\\n    --base /models/gemma-2-9b \\   # the base\n"
+        "    --adapter /models/lora\n```\n",
+        encoding="utf-8",
+    )
+    block = CodeBlock(PROJECT_ROOT / "README.md", 4, "bash", shell_blocks(pasted)[0].text)
+    assert shell_problems(block) == [
+        "README.md:5: `\\` followed by blanks or a comment continues nothing: '--base /models/gemma-2-9b \\\\   # the base'",
+        "README.md:6: an option starts a command (the line above lacks its `\\`): '--adapter /models/lora'",
+    ]
+
+
+def test_bash_syntax_errors_name_the_documents_line():
+    block = CodeBlock(PROJECT_ROOT / "README.md", 10, "bash", "echo one\nif true; then echo two\n")
+    problems = shell_problems(block)
+    assert problems and all(problem.startswith("README.md:") for problem in problems)
+    assert "syntax error" in problems[0]
+
+
+def test_console_blocks_check_only_the_commands():
+    transcript = "$ make export \\\n    MODELS_FILE=office.yaml\nkscst-gemma2 exported (in 3 s)\n$ ls"
+    assert console_commands(transcript) == "make export \\\n    MODELS_FILE=office.yaml\n\nls"
+
+
+def test_links_to_missing_files_and_headings_are_caught_and_code_is_not_read_as_links():
+    pretend = PROJECT_ROOT / "docs" / "pretend.md"
+    text = (
+        "# Pretend\n\n[ok](operations.md#tls-and-the-access-token) [up](../README.md#the-models-file) [self](#pretend)\n"
+        "[gone](no-such-file.md) [heading](operations.md#no-such-heading)\n"
+        "`[code](not-a-link.md)` [web](https://example.org/x.md)\n\n```bash\necho [fenced](not-a-link-either.md)\n```\n"
+    )
+    assert link_problems(pretend, repository_files(), text) == [
+        "docs/pretend.md:4: no-such-file.md: no such file in the repository",
+        "docs/pretend.md:4: operations.md#no-such-heading: operations.md has no heading with the anchor #no-such-heading",
+    ]
+
+
+def test_anchors_are_githubs():
+    assert github_anchor("`vllm serve` on the exported folder") == "vllm-serve-on-the-exported-folder"
+    assert github_anchor("Benchmark: `make bench`") == "benchmark-make-bench"
+    assert github_anchor("Measuring on a lent GPU: the Gemma-2-9b recipe") == "measuring-on-a-lent-gpu-the-gemma-2-9b-recipe"
