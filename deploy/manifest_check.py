@@ -51,6 +51,11 @@ NAMESPACE = "patents"
 PYTRITON_SERVER_VERSION = {"0.7.0": "2.51.0"}
 TRITON_CONTAINER_RELEASE = {"2.50.0": "24.09", "2.51.0": "24.10", "2.52.0": "24.11", "2.53.0": "24.12"}
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver"
+# The Python each container runs its Python backend with, and so the one the project is installed
+# into: Ubuntu 22.04's python3 through 24.10 (build.py of v2.51.0 installs it on the ubuntu2204
+# base), Ubuntu 24.04's from 24.12 (that release's notes).
+TRITON_CONTAINER_PYTHON = {"24.09": "3.10", "24.10": "3.10", "24.12": "3.12"}
+PYPROJECT = ROOT / "pyproject.toml"
 
 
 @dataclass
@@ -98,6 +103,7 @@ def check_dockerfile(dockerfile: Path = DOCKERFILE, requirements: Path = PINNED_
     except ValueError as exc:
         report.problems.append(str(exc))
         return report
+    report.extend(check_container_python(TRITON_CONTAINER_RELEASE[server_version]))
     if bases != [expected]:
         report.problems.append(
             f"{dockerfile.name}: FROM {', '.join(bases) or '(none)'}; the pinned tritonserver {server_version} "
@@ -105,6 +111,28 @@ def check_dockerfile(dockerfile: Path = DOCKERFILE, requirements: Path = PINNED_
         )
     else:
         report.lines.append(f"base image: {expected} = tritonserver {server_version}, the version requirements-nodeps.txt pins")
+    return report
+
+
+def check_container_python(release: str, pyproject: Path = PYPROJECT) -> Report:
+    """`pip install .[server]` in the image needs the project to accept the container's Python."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    report = Report()
+    python = TRITON_CONTAINER_PYTHON.get(release)
+    if python is None:
+        report.problems.append(f"Triton container {release} is not in TRITON_CONTAINER_PYTHON ({__file__}): add its Python")
+        return report
+    requires = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"].get("requires-python", "")
+    if python not in SpecifierSet(requires):
+        report.problems.append(
+            f"{pyproject.name}: requires-python {requires!r} refuses Python {python}, the Python of the Triton "
+            f"{release} image, so `pip install .[server]` fails in deploy/Dockerfile"
+        )
+    else:
+        report.lines.append(f"Python {python} of the Triton {release} image meets requires-python {requires!r}")
     return report
 
 

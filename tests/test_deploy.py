@@ -256,3 +256,34 @@ def _wait_for_ready_line(process: subprocess.Popen, log_path: Path, timeout_s: f
             return
         time.sleep(0.5)
     pytest.fail(f"python -m server not ready after {timeout_s} s:\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def test_a_project_python_floor_above_the_images_python_fails_the_check(tmp_path):
+    pyproject = tmp_path / "pyproject.toml"
+    shutil.copy(ROOT / "pyproject.toml", pyproject)
+    text = pyproject.read_text(encoding="utf-8")
+    pyproject.write_text(text.replace(f'requires-python = "{_requires_python(text)}"', 'requires-python = ">=3.11"'), encoding="utf-8")
+    problems = manifest_check.check_container_python("24.10", pyproject).problems
+    assert problems == [
+        "pyproject.toml: requires-python '>=3.11' refuses Python 3.10, the Python of the Triton 24.10 image, "
+        "so `pip install .[server]` fails in deploy/Dockerfile"
+    ]
+
+
+def _requires_python(pyproject_text: str) -> str:
+    import tomllib
+
+    return tomllib.loads(pyproject_text)["project"]["requires-python"]
+
+
+def test_a_bucket_repository_reaches_tritonserver_as_written(tmp_path):
+    """Triton reads s3://, gs:// and as:// repositories itself: the launcher passes the URI on unchanged
+    (as a path, "s3://bucket" would lose a slash) and skips the checks that need a local folder."""
+    from server.launcher import _command
+
+    for uri in ("s3://patents/model_repository", "s3://127.0.0.1:9000/patents/repo", "gs://patents/repo", "as://account/container/repo"):
+        config = LaunchConfig(model_repository=uri, tritonserver=sys.executable)
+        command = _command(config)
+        assert command[command.index("--model-repository") + 1] == uri
+        assert config.hosted_models == 1
+    assert LaunchConfig(model_repository=str(tmp_path), tritonserver=sys.executable).model_repository == tmp_path
