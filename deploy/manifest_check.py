@@ -18,10 +18,10 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
