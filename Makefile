@@ -14,7 +14,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench bench-batching soak gpu-wheels clean
+.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench bench-batching soak gpu-wheels deploy-check clean
 
 setup: $(VENV)/.installed browser prometheus
 
@@ -68,6 +68,13 @@ serve: export
 
 test: $(VENV)/.installed browser prometheus
 	$(PY) -m pytest
+
+# The container file and the Kubernetes files, offline (deploy/manifest_check.py): hadolint and the
+# base image's server version; Helm's strict lint and render of each values file of the chart; every
+# rendered object and deploy/kserve/ against the Kubernetes 1.25 and 1.37 schemas (strict) and the
+# CRD subsets in deploy/crd-schemas/. `make test` runs it too (tests/test_deploy.py).
+deploy-check: $(VENV)/.installed
+	$(PY) -m deploy.manifest_check
 
 # Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) scraping the server of `make serve` (run that first,
 # in another shell), with monitoring/prometheus.yml and monitoring/alerts.yml; data in build/prometheus.

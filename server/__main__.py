@@ -21,12 +21,15 @@ from pydantic import ValidationError
 
 from core import access_token
 from core.models_file import ModelsFile, ModelsFileError
-from server.launcher import LaunchConfig, ServerNotReady, TritonServer
+from server.launcher import LaunchConfig, ServerNotReady, TritonServer, is_remote_repository
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--model-repository", default="model_repository",
+        help="the exported repository: a folder, or s3://, gs://, as:// (Triton reads the bucket itself)",
+    )
     parser.add_argument("--address", default="127.0.0.1", help="bind address of all endpoints (0.0.0.0 to serve a network)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
@@ -52,15 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    if not any(args.model_repository.glob("*/config.pbtxt")):
-        parser.error(f"--model-repository {args.model_repository}: no model folders (run `make export` first)")
+    remote = is_remote_repository(args.model_repository)
+    if not remote:
+        args.model_repository = Path(args.model_repository)
+        if not any(args.model_repository.glob("*/config.pbtxt")):
+            parser.error(f"--model-repository {args.model_repository}: no model folders (run `make export` first)")
     models: tuple[str, ...] = ()
     if args.models_file is not None:
         try:
             models = tuple(ModelsFile.read(args.models_file).names)
         except ModelsFileError as exc:
             parser.error(str(exc))
-        missing = [name for name in models if not (args.model_repository / name / "config.pbtxt").exists()]
+        missing = [] if remote else [name for name in models if not (args.model_repository / name / "config.pbtxt").exists()]
         if missing:
             parser.error(
                 f"--models-file {args.models_file} lists {missing}, which {args.model_repository} does not hold: "

@@ -43,10 +43,20 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
 
 
+# The cloud storage Triton 2.51 reads a model repository from (Amazon S3, Google Cloud Storage, Azure).
+REMOTE_REPOSITORY_SCHEMES = ("s3://", "gs://", "as://")
+
+
+def is_remote_repository(location: str | Path) -> bool:
+    return isinstance(location, str) and location.startswith(REMOTE_REPOSITORY_SCHEMES)
+
+
 class LaunchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_repository: Path
+    model_repository: Path | str = Field(
+        description="a folder, or a bucket Triton reads itself: s3://bucket/path, gs://bucket/path, as://account/container/path"
+    )
     address: str = Field("127.0.0.1", description="address the three endpoints bind to; 0.0.0.0 to serve a network")
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(8001, ge=1, le=65535)
@@ -65,6 +75,14 @@ class LaunchConfig(BaseModel):
     reload_dead_models: bool = Field(
         True, description="reload a model whose Python-backend stub died (runs Triton with --model-control-mode=explicit)"
     )
+
+    @field_validator("model_repository", mode="before")
+    @classmethod
+    def _folder_or_bucket(cls, value: object) -> object:
+        # A bucket URI stays a string: as a Path, "s3://bucket" would lose a slash.
+        if isinstance(value, str) and not is_remote_repository(value):
+            return Path(value)
+        return value
 
     @model_validator(mode="after")
     def _certificate_and_key_together(self) -> "LaunchConfig":
@@ -90,6 +108,8 @@ class LaunchConfig(BaseModel):
     @property
     def hosted_models(self) -> int:
         """How many models the server loads: the listed ones, else every model folder of the repository."""
+        if isinstance(self.model_repository, str):
+            return len(self.models) or 1  # a bucket cannot be listed before Triton reads it
         return len(self.models) or len(list(self.model_repository.glob("*/config.pbtxt")))
 
 
@@ -140,7 +160,7 @@ def _command(config: LaunchConfig, triton_http_port: int | None = None) -> list[
         backend_args = []  # the container's own backend directory
     return [
         binary,
-        "--model-repository", str(config.model_repository.resolve()),
+        "--model-repository", str(config.model_repository if isinstance(config.model_repository, str) else config.model_repository.resolve()),
         *backend_args,
         *(["--http-address", "127.0.0.1", "--http-port", str(triton_http_port)] if config.tls
           else ["--http-address", config.address, "--http-port", str(config.http_port)]),
