@@ -22,7 +22,7 @@ AHEAD = 32  # full-length patents queued ahead of the one that is cancelled: sev
 
 def cancelled_count(server) -> float:
     samples, _ = scrape(server.metrics_url)
-    return value(samples, "pc_request_failure", model=MODEL_NAME, err="cancelled")
+    return value(samples, "pc_requests_failed_total", model=MODEL_NAME, err="cancelled")
 
 
 def test_a_cancelled_grpc_request_is_dropped_before_compute(server):
