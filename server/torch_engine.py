@@ -37,7 +37,6 @@ from core.hf_classifier import (
     resolve_dtype,
     serving_attention,
 )
-from core.labels import LabelSet
 from core.serving_config import ServingConfig
 from server.cpu_share import engine_cpu_threads
 from server.scheduler import ScheduledBatch, ScheduledDocument, TokenBudgetScheduler
@@ -121,7 +120,7 @@ class TorchEngine(ClassificationEngine):
         self._cpu_threads_applied = threading.Event()
 
     def start(self) -> None:
-        self.labels = LabelSet.for_model_dir(self.config.model_dir)
+        self.labels = self.config.model_labels()
         self._encoder = DocumentEncoder(self.config.model_dir, self.max_length, self.config.preprocessing)
         from transformers import AutoConfig
 

@@ -37,7 +37,6 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from core.engine import ClassificationEngine, DocumentScores
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable, ServingError
 from core.hf_classifier import DocumentEncoder, EncodedText, resolve_dtype, softmax
-from core.labels import LabelSet
 from core.serving_config import ServingConfig
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class VllmEngine(ClassificationEngine):
 
     def start(self) -> None:
         started = time.monotonic()
-        self.labels = LabelSet.for_model_dir(self.config.model_dir)
+        self.labels = self.config.model_labels()
         self._encoder = DocumentEncoder(self.config.model_dir, self.max_length, self.config.preprocessing)
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
         self._loop_thread.start()
