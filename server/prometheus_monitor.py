@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from core.command_line import HelpFormatter
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MONITORING = PROJECT_ROOT / "monitoring"
 SHIPPED_CONFIG = MONITORING / "prometheus.yml"
@@ -147,7 +149,7 @@ class Prometheus:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m server.prometheus_monitor", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--triton-metrics", default="127.0.0.1:8002", help="host:port of tritonserver's metrics endpoint")
     parser.add_argument("--port", type=int, default=9090, help="Prometheus's own port, on 127.0.0.1")
