@@ -27,7 +27,6 @@ Exit codes: 0 done; 1 some documents failed (their lines say why) or accuracy un
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

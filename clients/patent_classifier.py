@@ -40,6 +40,8 @@ Document = Union[PatentDocument, Mapping, str]
 Protocol = Literal["grpc", "http"]
 DEFAULT_MODEL = "kscst-gemma2"
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+# What model_labels classifies with TOP_K = num_labels: the cheapest text that passes validation.
+_ONE_CHARACTER = "."
 
 # The one mapping from transport status to our error kinds (the server's side is in model.py).
 _GRPC_STATUS = {
@@ -218,11 +220,6 @@ class _ClassifierBase:
         # the HTTP transports' socket and protocol errors
         return unreachable(self.url, self.protocol, f"{type(exc).__name__}: {exc}")
 
-    @staticmethod
-    def _labels_request() -> str:
-        # One character: the cheapest document that still passes validation and computes.
-        return "."
-
     def _connection_timeouts(self, asynchronous: bool) -> dict:
         if self.protocol == "grpc":
             return {}
@@ -290,7 +287,7 @@ class PatentClassifier(_ClassifierBase):
         num_labels = self.served_config().num_labels
         if num_labels is None:
             return None
-        (answer,) = self._classify_request([self._labels_request()], num_labels)
+        (answer,) = self._classify_request([_ONE_CHARACTER], num_labels)
         return {score.code: score.name for score in answer.labels}
 
     def ready_models(self) -> list[str]:
@@ -365,7 +362,7 @@ class AsyncPatentClassifier(_ClassifierBase):
         num_labels = (await self.served_config()).num_labels
         if num_labels is None:
             return None
-        (answer,) = await self._classify_request([self._labels_request()], num_labels)
+        (answer,) = await self._classify_request([_ONE_CHARACTER], num_labels)
         return {score.code: score.name for score in answer.labels}
 
     async def _classify_request(self, documents: Sequence[Document], top_k: int | None) -> list[protocol.Classification]:

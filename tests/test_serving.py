@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,7 +14,7 @@ from core.errors import ModelNotFound, ServerUnavailable
 from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
-from tests.conftest import MAX_LENGTH, MODEL_NAME, PROJECT_ROOT, EXAMPLE_PATENTS, example_records
+from tests.conftest import MAX_LENGTH, MODEL_NAME, example_records
 
 PROTOCOLS = ["grpc", "http"]
 
