@@ -14,9 +14,9 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser prometheus demo-models export serve test monitor eval web classify-example bench bench-batching soak gpu-wheels deploy-check clean
+.PHONY: setup browser fonts prometheus demo-models export serve test monitor eval web classify-example bench bench-batching soak gpu-wheels deploy-check clean
 
-setup: $(VENV)/.installed browser prometheus
+setup: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus
 
 # The browser tests drive Debian's chromium through Debian's chromedriver: no browser can be
 # downloaded here, so Playwright's or Selenium's own browser fetchers are never used.
@@ -25,6 +25,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
+
+# Korean fonts for the web page in the headless browser (and for a server's matplotlib pictures):
+# without them Hangul renders as boxes. Debian's Nanum fonts; apt only when no Korean font is installed.
+fonts:
+	@if ! fc-list :lang=ko 2>/dev/null | grep -q .; then \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y fonts-nanum fontconfig; \
 	fi
 
 # Debian's prometheus (2.42, with promtool) for `make monitor` and the monitoring tests. Only the
@@ -49,6 +56,12 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec triton
 	touch $@
 
+# The project itself, editable and without dependencies (the pinned set above stays as it is), so
+# that the `patent-classify` command and `import clients` work from any directory.
+$(VENV)/.project-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install --quiet --no-deps --editable .
+	touch $@
+
 demo-models: $(DEMO)/.built
 
 $(DEMO)/.built: $(VENV)/.installed export/demo_models.py $(wildcard export/labels/*.tsv) core/synthetic_patents.py
@@ -66,7 +79,7 @@ serve: export
 	$(PY) -m server --model-repository $(REPOSITORY) --models-file $(MODELS_FILE) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-test: $(VENV)/.installed browser prometheus
+test: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus
 	$(PY) -m pytest
 
 # The container file and the Kubernetes files, offline (deploy/manifest_check.py): hadolint and the
@@ -88,11 +101,15 @@ EVAL_INPUT ?= clients/examples/labelled_patents.jsonl
 EVAL_OUT ?= build/eval
 EVAL_URL ?=
 # The merged model folder, for the agreement with offline transformers; empty to skip that part.
-EVAL_MODEL_DIR ?= $(REPOSITORY)/$(MODEL)/1/model
+# Against a remote server (EVAL_URL) none by default: its model may not be here, and loading a
+# 9B model on the machine that only sends the file is never what a release check wants unasked.
+EVAL_MODEL_DIR ?= $(if $(EVAL_URL),,$(REPOSITORY)/$(MODEL)/1/model)
+# A release gate: exit 1 when the accuracy is below this (e.g. EVAL_MIN_ACCURACY=0.8).
+EVAL_MIN_ACCURACY ?=
 eval: $(if $(EVAL_URL),$(VENV)/.installed,export)
 	$(PY) -m clients evaluate --input $(EVAL_INPUT) --out $(EVAL_OUT) --model $(MODEL) \
 		$(if $(EVAL_URL),--url $(EVAL_URL),--start-server $(REPOSITORY)) \
-		$(if $(EVAL_MODEL_DIR),--model-dir $(EVAL_MODEL_DIR))
+		$(if $(EVAL_MODEL_DIR),--model-dir $(EVAL_MODEL_DIR)) $(if $(EVAL_MIN_ACCURACY),--min-accuracy $(EVAL_MIN_ACCURACY))
 
 # The try-a-patent page on http://127.0.0.1:$(WEB_PORT), calling the server of `make serve`.
 # WEB_ARGS takes the client's TLS and token options, e.g. "--tls-ca ca.pem --token-file token".

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from core import causal_flex_attention
+from core.command_line import HelpFormatter
 from core.hf_classifier import DTYPES, encode_texts, load_sequence_classifier, load_tokenizer, pad_batch
 from core.synthetic_patents import synthetic_patents
 
@@ -77,14 +78,14 @@ def softcap_demo_model(out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path)
-    parser.add_argument("--softcap-demo", action="store_true")
-    parser.add_argument("--device", default="cpu")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention_parity", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model-dir", type=Path, help="a merged Gemma-2 classifier folder (or give --softcap-demo)")
+    parser.add_argument("--softcap-demo", action="store_true", help="the tiny demo Gemma-2, scaled so that its softcap bites")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="dtype of the fast candidates")
-    parser.add_argument("--candidates", default="sdpa,flex_attention,causal_flex")
-    parser.add_argument("--documents", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--candidates", default="sdpa,flex_attention,causal_flex", help="attentions compared with fp32 eager, comma-separated")
+    parser.add_argument("--documents", type=int, default=8, help="generated patents")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per document")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = softcap_demo_model(Path(scratch)) if args.softcap_demo else args.model_dir

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.load_generator import closed_loop
+from core.command_line import HelpFormatter
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from export.triton_package import write_triton_model
@@ -39,18 +40,18 @@ def requests_per_execute(grpc_url: str, model: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--merged-model", type=Path, default=Path("model_repository/kscst-gemma2/1/model"))
-    parser.add_argument("--max-length", type=int, default=512)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.batching_comparison", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--merged-model", type=Path, default=Path("model_repository/kscst-gemma2/1/model"), help="the merged model folder (`make export`)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per document; longer patents are truncated")
     parser.add_argument(
         "--max-batch-tokens", type=int, default=1024,
         help="engine token budget per forward pass (1024 suits a 2-core CPU; use 16384+ on a GPU)",
     )
     parser.add_argument("--requests", type=int, default=96, help="requests per configuration (one patent each)")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16, help="closed-loop requests in flight")
     parser.add_argument("--long-share", type=float, default=0.7, help="share of patents past the token cap")
     parser.add_argument("--max-seconds", type=float, default=180.0, help="time bound per configuration")
-    parser.add_argument("--out", type=Path, default=Path("build/bench/batching_comparison.json"))
+    parser.add_argument("--out", type=Path, default=Path("build/bench/batching_comparison.json"), help="JSON report")
     args = parser.parse_args(argv)
     if not (args.merged_model / "config.json").exists():
         parser.error(f"--merged-model {args.merged_model}: no merged model (run `make export`)")

@@ -33,6 +33,7 @@ from typing import Callable
 from benchmarks import peers
 from benchmarks.bench_report import Point, build_report, markdown, write_report
 from benchmarks.load_generator import run_closed_loop, run_open_loop
+from core.command_line import HelpFormatter
 from core.synthetic_patents import synthetic_patents
 
 CONFIGURATIONS = ("hf-single", "hf-static", "triton-torch", "triton-vllm", "vllm-serve")
@@ -47,10 +48,10 @@ def csv_of(kind: type) -> Callable[[str], list]:
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=Path("model_repository/kscst-gemma2/1/model"),
                         help="the merged model folder every local configuration loads (`make export` writes the demo's)")
-    parser.add_argument("--configurations", type=csv_of(str), default=list(CONFIGURATIONS),
+    parser.add_argument("--configurations", type=csv_of(str), default=",".join(CONFIGURATIONS),
                         help=f"comma-separated, from {','.join(CONFIGURATIONS)}")
     parser.add_argument("--url", help="benchmark our server already running there (HOST:PORT) instead of the configurations")
     parser.add_argument("--model", default="kscst-gemma2", help="with --url: the model name on that server")
@@ -58,12 +59,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="how the load reaches our server")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement point")
     parser.add_argument("--max-requests", type=int, default=100_000, help="requests per measurement point, at most")
-    parser.add_argument("--concurrency", type=csv_of(int), default=[1, 8], help="closed-loop requests in flight, comma-separated")
+    parser.add_argument("--concurrency", type=csv_of(int), default="1,8", help="closed-loop requests in flight, comma-separated")
     parser.add_argument("--rates", type=csv_of(float), default=[],
-                        help="open-loop arrival rates in requests/s, comma-separated (not for hf-static, which has no arrivals to batch)")
+                        help="open-loop arrival rates in requests/s, comma-separated (not for hf-static, which has no "
+                        "arrivals to batch; default: none, closed loop only)")
     parser.add_argument("--long-share", type=float, default=0.7, help="share of patents that reach the --max-length cap")
     parser.add_argument("--documents", type=int, default=256, help="distinct generated patents, sent in turn")
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per document; longer patents are truncated")
     parser.add_argument("--max-batch-tokens", type=int, default=1024,
                         help="our engines' token budget per forward pass (1024 suits a 2-core CPU; 16384+ on a GPU)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="our engines' documents per forward pass, at most")
@@ -73,12 +75,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf-batch-size", type=int, default=8, help="hf-static: documents per static batch")
     parser.add_argument("--device", default="auto", help="transformers peers and the PyTorch engine: auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
-    parser.add_argument("--vllm-kv-cache-mib", type=int, default=256)
+    parser.add_argument("--vllm-kv-cache-mib", type=int, default=256, help="the vLLM engine's and `vllm serve`'s KV cache, in MiB")
     parser.add_argument("--p99-bound-ms", type=float, help="speedups compare the best samples/s with p99 under this")
     parser.add_argument("--out", type=Path, default=Path("build/bench"), help="a folder named by the run's time is made in it")
     parser.add_argument("--mfu", choices=("auto", "yes", "no"), default="auto",
                         help="model FLOP utilisation per point, against a matmul measured in this run (auto: on a GPU)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     unknown = set(args.configurations) - set(CONFIGURATIONS)
     if unknown:

@@ -33,6 +33,7 @@ import torch
 from benchmarks.bench_report import TRAINING_BASELINE_SAMPLES_PER_SECOND
 from benchmarks.model_flops import flop_per_token, matmul_tflops, mfu
 from benchmarks.peers import GPU_PAD_TO_MULTIPLE_OF
+from core.command_line import HelpFormatter
 
 TOKENIZER_SPECIALS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # the demo tokenizer's ids
 
@@ -146,21 +147,21 @@ def engine_throughput(model_dir: Path, workloads: dict[str, list[str]], args: ar
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_gemma2_9b", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=Path("build/gemma2-9b-random"),
                         help="where the random classifier is written, or reused if already there")
-    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="gemma-2-9b")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="gemma-2-9b", help="gemma-2-9b, or tiny to rehearse on a CPU")
     parser.add_argument("--write-only", action="store_true", help="write the model folder and stop")
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu to rehearse")
     parser.add_argument("--dtype", default="bfloat16", help="the engine's and the parity candidates' dtype")
     parser.add_argument("--attention", default="auto", help="the engine's attention (auto: causal_flex on a GPU)")
-    parser.add_argument("--documents", type=int, default=512)
-    parser.add_argument("--max-batch-tokens", type=int, default=16384)
-    parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--documents", type=int, default=512, help="patents per workload")
+    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="the engine's padded tokens per forward pass")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="the engine's documents per forward pass")
+    parser.add_argument("--skip-parity", action="store_true", help="skip the attention parity step")
     parser.add_argument("--parity-candidates", default="causal_flex,eager",
                         help="attentions compared with fp32 eager, in --dtype")
-    parser.add_argument("--out", type=Path, default=Path("build/bench/gpu_gemma2_9b.json"))
+    parser.add_argument("--out", type=Path, default=Path("build/bench/gpu_gemma2_9b.json"), help="JSON report")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU (run it on the lent GPU machine, or rehearse with --device cpu)")

@@ -13,6 +13,7 @@ import argparse
 import statistics
 import sys
 
+from core.command_line import HelpFormatter
 from core.hf_classifier import encode_texts
 from core.synthetic_patents import synthetic_patents
 from server.scheduler import ScheduledDocument, TokenBudgetScheduler
@@ -33,14 +34,14 @@ def waste(lengths: list[int], budget: int, batch_size: int, multiple: int, depth
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.padding_simulation", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--tokenizer", default="build/demo/gemma2-base", help="a folder with the demo tokenizer")
-    parser.add_argument("--documents", type=int, default=512)
-    parser.add_argument("--long-share", type=float, default=0.7)
-    parser.add_argument("--budgets", default="8192,16384,32768,65536")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--multiples", default="1,16,64")
-    parser.add_argument("--queue-depths", default="512,128")
+    parser.add_argument("--documents", type=int, default=512, help="generated patents")
+    parser.add_argument("--long-share", type=float, default=0.7, help="share of patents past the 512-token cap")
+    parser.add_argument("--budgets", default="8192,16384,32768,65536", help="max_batch_tokens values, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=256, help="max_batch_size")
+    parser.add_argument("--multiples", default="1,16,64", help="pad_to_multiple_of values, comma-separated")
+    parser.add_argument("--queue-depths", default="512,128", help="documents kept waiting in the queue, comma-separated")
     args = parser.parse_args(argv)
     from core.hf_classifier import load_tokenizer
 

@@ -169,12 +169,12 @@ class ServerTarget(Target):
             sample.name: sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name in ("pc_batch_next_tokens_sum", "pc_batch_padded_tokens_sum")
+            if sample.name in ("pc_batch_tokens_sum", "pc_batch_padded_tokens_sum")
             and sample.labels.get("model") == self.model_name
         }
         if len(sums) < 2:  # the vLLM engine publishes no batch metrics: vLLM does not pad
             return None
-        return int(sums["pc_batch_next_tokens_sum"]), int(sums["pc_batch_padded_tokens_sum"])
+        return int(sums["pc_batch_tokens_sum"]), int(sums["pc_batch_padded_tokens_sum"])
 
 
 @contextmanager

@@ -30,6 +30,7 @@ from tritonclient.utils import InferenceServerException
 
 from clients.patent_classifier import typed_error
 from core import protocol
+from core.command_line import HelpFormatter
 from core.errors import InvalidInput, ModelNotFound, Overloaded, ServingError
 from core.patent_document import MAX_DOCUMENT_BYTES
 from core.synthetic_patents import synthetic_patents
@@ -58,6 +59,7 @@ class BadCase:
 
 def bad_cases() -> list[BadCase]:
     document = json.dumps({"ipc": ["G06F 16/35"], "abstract": "요약", "claims": ["1. 장치"]}, ensure_ascii=False).encode()
+    codes_only = json.dumps({"ipc": ["G06F 16/35"]}).encode()
     one = ("TEXT", "BYTES", _bytes("특허".encode()))
     return [
         BadCase("empty text", [("TEXT", "BYTES", _bytes(b""))], InvalidInput, "TEXT[0]: is empty"),
@@ -69,7 +71,9 @@ def bad_cases() -> list[BadCase]:
         BadCase("too many documents", [("TEXT", "BYTES", _bytes(*[b"x"] * 65))], InvalidInput, "the limit is 64 per request"),
         BadCase("document over the byte limit", [("TEXT", "BYTES", _bytes(b"x" * (MAX_DOCUMENT_BYTES + 1)))], InvalidInput,
                 f"the limit is {MAX_DOCUMENT_BYTES} bytes"),
-        BadCase("missing field", [("DOCUMENT", "BYTES", _bytes(document))], InvalidInput, "DOCUMENT[0].title: required field is missing"),
+        BadCase("no text field", [("DOCUMENT", "BYTES", _bytes(codes_only))], InvalidInput,
+                "DOCUMENT[0]: holds none of title, abstract, claims"),
+        BadCase("control characters only", [("TEXT", "BYTES", _bytes(b"\x00\x00\x00"))], InvalidInput, "TEXT[0]: is empty"),
         BadCase("not JSON", [("DOCUMENT", "BYTES", _bytes(b"{title"))], InvalidInput, "DOCUMENT[0]: is not valid JSON"),
         BadCase("wrong JSON type", [("DOCUMENT", "BYTES", _bytes(b"[1, 2]"))], InvalidInput, "DOCUMENT[0]: must be a JSON object"),
         BadCase("k too small", [one, ("TOP_K", "INT32", np.array([0], dtype=np.int32))], InvalidInput, "TOP_K: is 0; it must be between 1 and 188"),
@@ -244,18 +248,18 @@ def run_soak(grpc_url: str, http_url: str, model: str, overload_model: str | Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--start-server", type=Path, metavar="MODEL_REPOSITORY", help="start tritonserver on free loopback ports")
     where.add_argument("--grpc-url", help="a running server's gRPC host:port (give --http-url too)")
-    parser.add_argument("--http-url")
-    parser.add_argument("--model", default="kscst-gemma2")
+    parser.add_argument("--http-url", help="with --grpc-url: the same server's HTTP host:port")
+    parser.add_argument("--model", default="kscst-gemma2", help="the model the good requests go to")
     parser.add_argument("--overload-model", default=None, help="a model with a small max_queue_tokens: some requests go there")
-    parser.add_argument("--requests", type=int, default=10_000)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=10_000, help="requests in all, good and bad")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds; the soak stops then")
-    parser.add_argument("--request-timeout", type=float, default=60.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may take before it counts as hung")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     parser.add_argument("--good-share", type=float, default=0.5, help="share of good requests (the rest are bad)")
     args = parser.parse_args(argv)
     if args.grpc_url and not args.http_url:

@@ -1,60 +1,62 @@
-"""python -m clients: classify patents, evaluate a served model on a labelled set, or open the web page.
+"""python -m clients (or patent-classify): classify patents, evaluate a served model on a labelled
+set, or open the web page.
 
-    python -m clients classify --input clients/examples/patents.jsonl [--output answers.jsonl]
+    python -m clients classify --input clients/examples/patents.jsonl [--output answers.jsonl [--resume]]
         [--url 127.0.0.1:8001] [--protocol grpc|http] [--model kscst-gemma2] [--top-k 5]
     python -m clients evaluate --input clients/examples/labelled_patents.jsonl --out build/eval
-        [--url ... | --start-server model_repository] [--model-dir model_repository/kscst-gemma2/1/model]
+        [--url ... | --start-server model_repository] [--min-accuracy 0.8]
+        [--model-dir model_repository/kscst-gemma2/1/model]
     python -m clients web [--url 127.0.0.1:8001] [--port 8501]
 
-classify: each input line is a patent ({"ipc", "title", "abstract", "claims"}, plus an optional
-"id") or {"text": "..."} with pre-formatted text. Each output line, in input order, carries the
-line's "id" (or line number) and either the answer or {"error": {"kind", "message"}}: one bad
-line never costs the others their answers.
+classify: each input line is a patent ({"ipc", "title", "abstract", "claims"}, ipc optional, plus
+an optional "id") or {"text": "..."} with pre-formatted text. Each output line carries the line's
+"id" (or line number; ids must be unique) and either the answer or {"error": {"kind", "message"}},
+the message naming the input line and the field: one bad line never costs the others their
+answers. Lines are written in input order as their batches are answered; with --resume a run
+continues its output file, skipping the ids answered there and redoing its error lines, so an
+interrupted backlog loses nothing and repeats nothing.
 
-evaluate: the same lines plus the true class code in "label"; writes report.json (accuracy,
-macro-F1, top-k accuracy, per-class figures, confusion matrix), classification_report.txt,
-confusion_matrix.png and predictions.jsonl into --out.
+evaluate: the same lines plus the true class code in "label"; refuses a file whose labels are not
+the model's classes; writes report.json (accuracy, macro-F1, top-k accuracy, per-class figures,
+confusion matrix, most confused pairs), classification_report.txt, confusion_matrix.png,
+confused_pairs.txt and predictions.jsonl into --out. It loads no model itself unless given --model-dir.
+
+Exit codes: 0 done; 1 some documents failed (their lines say why) or accuracy under --min-accuracy;
+2 bad input or options (nothing sent); 3 the server cannot be reached or refuses every request.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 from core import access_token
-from core.errors import InvalidInput, ServingError
+from core.command_line import HelpFormatter
+from core.errors import AccessDenied, InvalidInput, ModelNotFound, ServerUnavailable, ServingError
+from clients.answers_file import AnswersFile, id_key
 from clients.batch_classification import ServerAddress, classify_in_batches
 from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS
+from clients.patent_lines import at_line, read_patent_lines
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WEB_PAGE_SCRIPT = Path(__file__).resolve().parent / "web_page.py"
 
 
-def _read_lines(handle) -> Iterator[tuple[object, object]]:
-    for number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield number, InvalidInput(f"line {number}", f"is not valid JSON ({exc.msg})")
-            continue
-        if not isinstance(record, dict):
-            yield number, InvalidInput(f"line {number}", "must be a JSON object")
-            continue
-        identifier = record.pop("id", number)
-        yield identifier, record.pop("text") if "text" in record and len(record) == 1 else record
+# Exit codes of classify and evaluate.
+EXIT_SOME_FAILED = 1  # some documents got an error line (classify) or were not answered (evaluate)
+EXIT_BAD_INPUT = 2  # the input or the options are wrong; nothing was sent
+EXIT_UNREACHABLE = 3  # the server cannot be reached or refuses every request (address, protocol, token, model)
+# Errors about the server, not a document: going on would only write the same error for every line.
+_SERVER_ERRORS = (ServerUnavailable, AccessDenied, ModelNotFound)
 
 
 def _error_json(error: ServingError) -> dict:
     return {"error": {"kind": error.kind.value, "message": error.message}}
 
 
-def _progress(total: int, enabled: bool, description: str | None = None):
+def _progress(total: int | None, enabled: bool, description: str | None = None):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="doc", desc=description, disable=not enabled, file=sys.stderr)
@@ -67,30 +69,89 @@ def _server_address(args: argparse.Namespace) -> ServerAddress:
     )
 
 
-def classify_command(args: argparse.Namespace) -> int:
-    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-    with source:
-        records = list(_read_lines(source))
-    output = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    failures = 0
-    progress = _progress(len(records), enabled=args.input != "-" and not args.quiet)
-    batches = classify_in_batches(
-        [document for _, document in records], _server_address(args), args.top_k, args.batch_size, args.concurrency
-    )
-    answers = (answer for batch in batches for answer in batch)
-    with output:
-        for (identifier, _), answer in zip(records, answers):
-            if isinstance(answer, ServingError):
-                failures += 1
-                line = {"id": identifier, **_error_json(answer)}
-            else:
-                line = {"id": identifier, **answer.to_json()}
-            output.write(json.dumps(line, ensure_ascii=False) + "\n")
+def _served_config(address: ServerAddress):
+    """The model's configuration, or one message saying why the server cannot be used (then None)."""
+    try:
+        with address.connect() as probe:
+            return probe.served_config()
+    except ServingError as error:
+        print(f"cannot reach model {address.model!r} at {address.url} ({address.protocol}): {error.message}", file=sys.stderr)
+        return None
+
+
+def _count_lines(path: str) -> int | None:
+    if path == "-":
+        return None
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+class DuplicateId(Exception):
+    pass
+
+
+def _lines_to_send(lines, answers: AnswersFile, name: str, progress):
+    """The input lines not answered yet; stops at an id already seen in this input."""
+    seen: dict[str, int] = {}
+    for line in lines:
+        key = id_key(line.identifier)
+        if key in seen:
+            raise DuplicateId(f"{name} line {line.number}.id: {key} is the id of line {seen[key]} too; ids must be unique")
+        seen[key] = line.number
+        if key in answers.answered:
             progress.update(1)
-    progress.close()
+        else:
+            yield line, line.document
+
+
+def classify_command(args: argparse.Namespace) -> int:
+    if args.resume and args.output == "-":
+        print("--resume continues an output file: give --output FILE", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    address = _server_address(args)
+    served = _served_config(address)
+    if served is None:
+        return EXIT_UNREACHABLE
+    if args.top_k is not None and served.num_labels is not None and not 1 <= args.top_k <= served.num_labels:
+        print(f"--top-k {args.top_k}: model {args.model!r} has {served.num_labels} classes", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    name = "stdin" if args.input == "-" else Path(args.input).name
+    total = _count_lines(args.input)
+    answers = AnswersFile(None if args.output == "-" else Path(args.output), resume=args.resume)
+    if args.resume:
+        redo = f"; {answers.dropped} line{'s' * (answers.dropped != 1)} of the earlier run to redo (errors, a line cut short)"
+        print(f"resuming {args.output}: {len(answers.answered)} documents answered already{redo if answers.dropped else ''}",
+              file=sys.stderr)
+    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    failures = written = 0
+    progress = _progress(total, enabled=args.input != "-" and not args.quiet)
+    try:
+        with source, progress:
+            pending = _lines_to_send(read_patent_lines(source, name), answers, name, progress)
+            for batch in classify_in_batches(pending, address, args.top_k, args.batch_size, args.concurrency):
+                stop = next((answer for _, answer in batch if isinstance(answer, _SERVER_ERRORS)), None)
+                if stop is not None:
+                    print(f"stopped: {stop.message}\n{written} answers written to {args.output}; "
+                          "once the server answers, run the same command with --resume to continue", file=sys.stderr)
+                    return EXIT_UNREACHABLE
+                lines = []
+                for line, answer in batch:
+                    if isinstance(answer, ServingError):
+                        failures += 1
+                        lines.append({"id": line.identifier, **_error_json(at_line(answer, line, name))})
+                    else:
+                        lines.append({"id": line.identifier, **answer.to_json()})
+                answers.write(lines)
+                written += len(lines)
+                progress.update(len(lines))
+    except DuplicateId as error:
+        print(f"{error}\n{written} answers written to {args.output}; fix the input, then run with --resume", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        answers.close()
     if failures:
-        print(f"{failures} of {len(records)} documents failed; see their \"error\" lines", file=sys.stderr)
-    return 1 if failures else 0
+        print(f"{failures} of {written} documents failed; see their \"error\" lines", file=sys.stderr)
+    return EXIT_SOME_FAILED if failures else 0
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -100,22 +161,22 @@ def evaluate_command(args: argparse.Namespace) -> int:
         samples = evaluation.read_labelled_patents(args.input)
     except (InvalidInput, OSError) as error:
         print(f"cannot evaluate: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if args.start_server is None:
         address = _server_address(args)
         served = _classify_labelled(args, samples, address)
     else:
         address, served = _classify_on_own_server(args, samples)
-    if served is None:
-        return 1
-    answers, seconds = served
+    if isinstance(served, int):
+        return served
+    answers, seconds, class_names = served
     try:
         scored = evaluation.score_answers(
-            samples, answers, args.top_k,
-            input_name=str(args.input), model=address.model, server=f"{address.protocol} {address.url}", seconds=seconds,
+            samples, answers, args.top_k, input_name=str(args.input), model=address.model,
+            server=f"{address.protocol} {address.url}", seconds=seconds, class_names=class_names,
         )
         offline_top1 = None
-        if args.model_dir is not None:
+        if args.model_dir is not None:  # the one way this command loads a model itself
             comparison, offline_top1 = evaluation.compare_with_offline(
                 args.model_dir, samples, answers, args.max_length, args.offline_device, progress=not args.quiet
             )
@@ -123,12 +184,15 @@ def evaluate_command(args: argparse.Namespace) -> int:
         written = evaluation.write_report(args.out, scored, samples, answers, offline_top1)
     except ServingError as error:
         print(f"cannot evaluate: {error}", file=sys.stderr)
-        return 1
+        return EXIT_SOME_FAILED
     _print_summary(scored.report, written)
-    return 1 if scored.report.unanswered else 0
+    if args.min_accuracy is not None and scored.report.accuracy < args.min_accuracy:
+        print(f"FAILED: accuracy {scored.report.accuracy:.4f} is below --min-accuracy {args.min_accuracy:.4f}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_SOME_FAILED if scored.report.unanswered else 0
 
 
-def _classify_on_own_server(args: argparse.Namespace, samples) -> tuple[ServerAddress, tuple | None]:
+def _classify_on_own_server(args: argparse.Namespace, samples) -> tuple[ServerAddress, tuple | int]:
     """`make eval` from a fresh clone: no server is running, so start one on free loopback ports.
 
     It is stopped as soon as the documents are answered, before the offline model loads: a 9B
@@ -148,7 +212,7 @@ def _classify_on_own_server(args: argparse.Namespace, samples) -> tuple[ServerAd
         server.start()
     except (ServerNotReady, FileNotFoundError) as error:
         print(f"server failed to start: {error}", file=sys.stderr)
-        return address, None
+        return address, EXIT_UNREACHABLE
     try:
         print(f"tritonserver ready in {server.startup_seconds:.1f} s at {url}", file=sys.stderr)
         return address, _classify_labelled(args, samples, address)
@@ -156,22 +220,37 @@ def _classify_on_own_server(args: argparse.Namespace, samples) -> tuple[ServerAd
         server.stop()
 
 
-def _classify_labelled(args: argparse.Namespace, samples, address: ServerAddress) -> tuple[list, float] | None:
-    """Every document's answer (or typed error) in input order, and the seconds it took."""
-    with address.connect() as probe:
-        if not probe.is_ready():
-            print(f"cannot evaluate: model {address.model!r} is not ready at {address.url} ({address.protocol}); "
-                  "start the server (make serve) or pass --start-server", file=sys.stderr)
-            return None
+def _classify_labelled(args: argparse.Namespace, samples, address: ServerAddress) -> tuple[list, float, dict] | int:
+    """Every document's answer (or typed error) in input order, the seconds it took and the model's
+    classes (code → name); or the exit code when the server cannot be used or the labels are not its classes."""
+    from clients.evaluation import unknown_labels
+
+    try:
+        with address.connect() as probe:
+            class_names = probe.model_labels()
+    except ServingError as error:
+        print(f"cannot evaluate: model {address.model!r} at {address.url} ({address.protocol}): {error.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if class_names is None:
+        print(f"cannot evaluate: model {address.model!r} does not say which classes it has (no num_labels in its "
+              "config.pbtxt: it was exported by an older version); export it again", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    unknown = unknown_labels(samples, class_names)
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        print(f"cannot evaluate: {len(unknown)} labels of {args.input} are not classes of model {address.model!r}: {shown}. "
+              f"Its {len(class_names)} classes are {', '.join(sorted(class_names)[:3])}, …: is the file for another model?",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     started = time.perf_counter()
     answers = []
     with _progress(len(samples), enabled=not args.quiet, description="served") as progress:
         for batch in classify_in_batches(
-            [sample.document for sample in samples], address, args.top_k, args.batch_size, args.concurrency
+            enumerate(sample.document for sample in samples), address, args.top_k, args.batch_size, args.concurrency
         ):
-            answers.extend(batch)
+            answers.extend(answer for _, answer in batch)
             progress.update(len(batch))
-    return answers, time.perf_counter() - started
+    return answers, time.perf_counter() - started, class_names
 
 
 def _print_summary(report, written: list[Path]) -> None:
@@ -189,6 +268,10 @@ def _print_summary(report, written: list[Path]) -> None:
             f"offline transformers: top-1 agreement {offline.top1_agreement:.4f}, accuracy {offline.offline_accuracy:.4f}, "
             f"max |Δprobability| {offline.max_probability_difference:.2e}"
         )
+    if report.confused_pairs:
+        lines.append("most confused      " + ", ".join(
+            f"{pair['true']} → {pair['predicted']} ×{pair['documents']}" for pair in report.confused_pairs[:3]
+        ) + "   (all with names: confused_pairs.txt)")
     if report.unanswered:
         lines.append(f"{len(report.unanswered)} patents were not answered; see report.json \"unanswered\"")
     lines.append("wrote " + ", ".join(str(path) for path in written))
@@ -228,9 +311,9 @@ def web_command(args: argparse.Namespace) -> int:
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser, timeout_s: float) -> None:
-    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="KServe v2 over gRPC or HTTP: the port must match")
     parser.add_argument("--url", default=None, help=f"host:port (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP)")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model's name on the server")
     parser.add_argument("--timeout", type=float, default=timeout_s, help="seconds per request")
 
 
@@ -244,30 +327,38 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_batching_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=8, help="documents per request")
+    parser.add_argument("--batch-size", type=int, default=8, help="documents per request (never more than the model's limit)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m clients", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    classify = commands.add_parser("classify", help="classify patents from a JSON-lines file")
+    classify = commands.add_parser("classify", help="classify patents from a JSON-lines file", formatter_class=HelpFormatter)
     classify.add_argument("--input", default="-", help="JSON-lines file, or - for standard input")
     classify.add_argument("--output", default="-", help="JSON-lines file, or - for standard output")
+    classify.add_argument(
+        "--resume", action="store_true",
+        help="continue --output from an interrupted run: skip the ids it answered, redo its error lines",
+    )
     _add_server_arguments(classify, timeout_s=120.0)
     _add_security_arguments(classify)
     classify.add_argument("--top-k", type=int, default=None, help="classes per document (server default: 5)")
     _add_batching_arguments(classify)
     classify.set_defaults(run=classify_command)
 
-    evaluate = commands.add_parser("evaluate", help="accuracy report of the served model on a labelled JSON-lines file")
+    evaluate = commands.add_parser("evaluate", help="accuracy report of the served model on a labelled JSON-lines file", formatter_class=HelpFormatter)
     evaluate.add_argument("--input", type=Path, required=True, help='JSON-lines file: patents with their true class code in "label"')
     evaluate.add_argument("--out", type=Path, required=True, help="folder for report.json, classification_report.txt, confusion_matrix.png, predictions.jsonl")
     _add_server_arguments(evaluate, timeout_s=120.0)
     _add_security_arguments(evaluate)
-    evaluate.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default 5)")
+    evaluate.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy")
+    evaluate.add_argument(
+        "--min-accuracy", type=float, default=None,
+        help="a release gate: exit 1 when the served model's accuracy is below this (0 to 1)",
+    )
     _add_batching_arguments(evaluate)
     evaluate.add_argument(
         "--start-server", type=Path, default=None, metavar="MODEL_REPOSITORY",
@@ -275,17 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument(
         "--model-dir", type=Path, default=None,
-        help="merged model folder (e.g. model_repository/kscst-gemma2/1/model): also report agreement with offline transformers",
+        help="merged model folder (e.g. model_repository/kscst-gemma2/1/model): also run it offline in transformers and "
+        "report the agreement (without it no model is loaded here)",
     )
     evaluate.add_argument("--max-length", type=int, default=512, help="tokens per document offline; must be the server's max_length")
-    evaluate.add_argument("--offline-device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.add_argument("--offline-device", choices=["auto", "cpu", "cuda"], default="auto", help="with --model-dir: where the offline model runs")
     evaluate.set_defaults(run=evaluate_command)
 
-    web = commands.add_parser("web", help="the web page to try a patent (Streamlit), calling a running server")
+    web = commands.add_parser("web", help="the web page to try a patent (Streamlit), calling a running server", formatter_class=HelpFormatter)
     _add_server_arguments(web, timeout_s=60.0)
     _add_security_arguments(web)
     web.add_argument("--address", default="127.0.0.1", help="address the page binds to")
-    web.add_argument("--port", type=int, default=8501)
+    web.add_argument("--port", type=int, default=8501, help="port the page listens on")
     web.set_defaults(run=web_command)
 
     args = parser.parse_args(argv)
@@ -299,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate":
         if args.top_k < 1:
             parser.error("--top-k must be at least 1")
+        if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
+            parser.error(f"--min-accuracy {args.min_accuracy}: must be between 0 and 1")
         if args.start_server is not None and args.url is not None:
             parser.error("give --url (a running server) or --start-server (start one), not both")
     return args.run(args)

@@ -1,21 +1,25 @@
 """Many documents through the server: batched into requests, several requests in flight, answers
-in input order. Shared by ``python -m clients classify`` and ``python -m clients evaluate``.
+in input order, streamed. Shared by ``python -m clients classify`` and ``python -m clients evaluate``.
 
 A document that cannot be answered gets its typed error in its place; the others are answered.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterable, Iterator, TypeVar, Union
 
 from core.errors import InvalidInput, ServingError
 from core.protocol import Classification
 from clients.patent_classifier import DEFAULT_MODEL, Document, PatentClassifier, Protocol
 
 Answer = Union[Classification, ServingError]
+Key = TypeVar("Key")  # what the caller pairs each document with (its line, its index)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,15 +39,17 @@ class ServerAddress:
 
 
 def classify_in_batches(
-    documents: Sequence[Document | ServingError],
+    items: Iterable[tuple[Key, Document | ServingError]],
     server: ServerAddress,
     top_k: int | None = None,
     batch_size: int = 8,
     concurrency: int = 4,
-) -> Iterator[list[Answer]]:
-    """Yield the answers batch by batch, in input order (so a caller can stream and show progress).
+) -> Iterator[list[tuple[Key, Answer]]]:
+    """Yield (key, answer) batch by batch, in input order (so a caller can stream, show progress and
+    write as it goes). ``items`` are read lazily: a file of millions of patents is never held whole,
+    and at most ``2 * concurrency`` batches are in flight or waiting to be yielded.
 
-    An item that is already a ``ServingError`` (a line that could not be read) is passed through.
+    An item whose document is already a ``ServingError`` (a line that could not be read) is passed through.
     """
     if batch_size < 1 or concurrency < 1:
         raise InvalidInput("batch_size/concurrency", f"must be at least 1, got {batch_size}/{concurrency}")
@@ -63,17 +69,33 @@ def classify_in_batches(
         except ServingError as error:
             return error
 
-    def classify_batch(batch: Sequence[Document | ServingError]) -> list[Answer]:
-        if any(isinstance(document, ServingError) for document in batch):
-            return [classify_one(document) for document in batch]
+    def classify_batch(batch: list[tuple[Key, Document | ServingError]]) -> list[tuple[Key, Answer]]:
+        keys, documents = [key for key, _ in batch], [document for _, document in batch]
+        if any(isinstance(document, ServingError) for document in documents):
+            return list(zip(keys, map(classify_one, documents)))
         try:
-            return list(client().classify_batch(batch, top_k))
+            return list(zip(keys, client().classify_batch(documents, top_k)))
         except InvalidInput:
             # One bad document fails its whole request: resend one by one to find it and answer the rest.
-            return [classify_one(document) for document in batch]
+            return list(zip(keys, map(classify_one, documents)))
         except ServingError as error:
-            return [error] * len(batch)
+            return [(key, error) for key in keys]
 
-    batches = [documents[start : start + batch_size] for start in range(0, len(documents), batch_size)]
     with ThreadPoolExecutor(concurrency) as pool:
-        yield from pool.map(classify_batch, batches)  # map keeps input order
+        in_flight: collections.deque[Future] = collections.deque()
+        try:
+            for batch in _batches(items, batch_size):
+                in_flight.append(pool.submit(classify_batch, batch))
+                while in_flight and (in_flight[0].done() or len(in_flight) > 2 * concurrency):
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:  # the caller stopped early: drop what has not started
+            for future in in_flight:
+                future.cancel()
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch

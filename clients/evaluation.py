@@ -10,14 +10,16 @@ torch and is imported only when a model folder is given.
 """
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from pydantic import BaseModel
 
+from clients.patent_lines import json_object, line_id, patent_document
 from core.errors import InvalidInput, ServingError, error_from_kind
 from core.patent_document import PatentDocument
 from core.protocol import Classification
@@ -26,7 +28,10 @@ LABEL_FIELD = "label"
 REPORT_FILE = "report.json"
 CLASS_REPORT_FILE = "classification_report.txt"
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
+CONFUSED_PAIRS_FILE = "confused_pairs.txt"
 PREDICTIONS_FILE = "predictions.jsonl"
+# With 188 classes the picture shows where the confusion is, not which classes: the pairs say it in words.
+CONFUSED_PAIRS = 20
 # Beyond this many classes the numbers in the cells are unreadable; the colours still show the pattern.
 MAX_CLASSES_WITH_CELL_VALUES = 25
 
@@ -55,22 +60,31 @@ def read_labelled_patents(path: Path) -> list[LabelledPatent]:
 
 
 def _parse_labelled_line(line: str, where: str, number: int) -> LabelledPatent:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(where, f"is not valid JSON ({exc.msg})") from None
-    if not isinstance(record, dict):
-        raise InvalidInput(where, "must be a JSON object")
-    identifier = record.pop("id", number)
+    record = json_object(line, where)
     label = record.pop(LABEL_FIELD, None)
     if not isinstance(label, str) or not label.strip():
         raise InvalidInput(f"{where}.{LABEL_FIELD}", "required: the true class code as a non-empty string")
-    if set(record) == {"text"}:
-        text = record["text"]
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidInput(f"{where}.text", "must be non-empty text")
-        return LabelledPatent(identifier, label.strip(), text)
-    return LabelledPatent(identifier, label.strip(), PatentDocument.parse(record, field=where))
+    identifier = line_id(record, where, number)
+    return LabelledPatent(identifier, label.strip(), patent_document(record, where))
+
+
+def unknown_labels(samples: Sequence[LabelledPatent], model_codes: Iterable[str]) -> list[str]:
+    """The file's labels that are no class of the model, sorted: a file for another model, or a typo."""
+    return sorted({sample.label for sample in samples} - set(model_codes))
+
+
+def most_confused_pairs(
+    true_labels: Sequence[str], predicted: Sequence[str], names: dict[str, str], limit: int = CONFUSED_PAIRS
+) -> list[dict]:
+    """The (true, predicted) pairs of different classes the model mixes up most, most often first."""
+    support = collections.Counter(true_labels)
+    pairs = collections.Counter((t, p) for t, p in zip(true_labels, predicted) if t != p)
+    ranked = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:limit]
+    return [
+        {"true": t, "true_name": names.get(t, ""), "predicted": p, "predicted_name": names.get(p, ""),
+         "documents": count, "share_of_true": count / support[t]}
+        for (t, p), count in ranked
+    ]
 
 
 class OfflineComparison(BaseModel):
@@ -98,6 +112,7 @@ class EvaluationReport(BaseModel):
     classes: list[str]
     per_class: dict[str, dict]  # code -> precision, recall, f1-score, support (+ name where known)
     confusion_matrix: list[list[int]]  # rows: true class, columns: predicted class, in ``classes`` order
+    confused_pairs: list[dict]  # most_confused_pairs: true and predicted code and name, documents, share of the true class
     offline: OfflineComparison | None = None
 
 
@@ -119,7 +134,10 @@ def score_answers(
     model: str,
     server: str,
     seconds: float,
+    class_names: dict[str, str] | None = None,
 ) -> ScoredAnswers:
+    """``class_names``: every class of the model, code → name (``PatentClassifier.model_labels``);
+    without them, the names come from the answers."""
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, top_k_accuracy_score
 
     answered = [(sample, answer) for sample, answer in zip(samples, answers) if isinstance(answer, Classification)]
@@ -137,7 +155,7 @@ def score_answers(
     true_labels = [sample.label for sample, _ in answered]
     predicted = [answer.labels[0].code for _, answer in answered]
     classes = sorted(set(true_labels) | set(predicted))
-    names = {score.code: score.name for _, answer in answered for score in answer.labels}
+    names = {score.code: score.name for _, answer in answered for score in answer.labels} | (class_names or {})
 
     per_class = classification_report(true_labels, predicted, labels=classes, output_dict=True, zero_division=0)
     report = EvaluationReport(
@@ -155,6 +173,7 @@ def score_answers(
         classes=classes,
         per_class={code: _class_entry(per_class[code], names.get(code)) for code in classes},
         confusion_matrix=confusion_matrix(true_labels, predicted, labels=classes).tolist(),
+        confused_pairs=most_confused_pairs(true_labels, predicted, names),
     )
     return ScoredAnswers(report, true_labels, predicted)
 
@@ -248,7 +267,7 @@ def write_report(
     answers: Sequence[Classification | ServingError],
     offline_top1: Sequence[str] | None = None,
 ) -> list[Path]:
-    """report.json, classification_report.txt, confusion_matrix.png and predictions.jsonl."""
+    """report.json, classification_report.txt, confusion_matrix.png, confused_pairs.txt and predictions.jsonl."""
     from sklearn.metrics import classification_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,6 +284,7 @@ def write_report(
         out_dir / CONFUSION_MATRIX_FILE,
         title=f"{report.model}: {report.answered} patents, accuracy {report.accuracy:.3f}",
     )
+    (out_dir / CONFUSED_PAIRS_FILE).write_text(confused_pairs_table(report.confused_pairs), encoding="utf-8")
     offline = iter(offline_top1 or [])
     with open(out_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as handle:
         for sample, answer in zip(samples, answers):
@@ -278,7 +298,23 @@ def write_report(
                 if offline_top1 is not None:
                     line["offline_top1"] = next(offline)
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return [out_dir / name for name in (REPORT_FILE, CLASS_REPORT_FILE, CONFUSION_MATRIX_FILE, PREDICTIONS_FILE)]
+    return [out_dir / name for name in (REPORT_FILE, CLASS_REPORT_FILE, CONFUSION_MATRIX_FILE, CONFUSED_PAIRS_FILE, PREDICTIONS_FILE)]
+
+
+def confused_pairs_table(pairs: list[dict]) -> str:
+    """The pairs as a plain-text table, class names beside their codes, to read beside the picture."""
+    if not pairs:
+        return "No document was given a class other than its label.\n"
+    header = ("documents", "share", "true class", "predicted as")
+    rows = [
+        (str(pair["documents"]), f"{pair['share_of_true']:.0%}",
+         f"{pair['true']} {pair['true_name']}".strip(), f"{pair['predicted']} {pair['predicted_name']}".strip())
+        for pair in pairs
+    ]
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in [header, *rows]]
+    title = f"The {len(pairs)} most confused pairs (share: of the true class's documents)"
+    return "\n".join([title, *lines]) + "\n"
 
 
 def plot_confusion_matrix(true_labels: list[str], predicted: list[str], classes: list[str], path: Path, title: str) -> None:

@@ -6,8 +6,12 @@
         print(answer.labels[0].code, answer.labels[0].probability, answer.token_count, answer.truncated)
 
 A document is a ``PatentDocument``, a mapping with its fields (the server renders it with the
-template the model was trained on) or a ``str`` of already formatted text. Failures raise the
-typed errors of ``core.errors`` (``InvalidInput`` names the field and the limit).
+template the model was trained on) or a ``str`` of already formatted text. ``classify_batch``
+takes any number of them: it learns the model's limit per request from the model's configuration
+(``max_documents_per_request``) once, sends as many requests as needed and answers in order.
+Failures raise the typed errors of ``core.errors`` (``InvalidInput`` names the field and the
+limit; ``ServerUnavailable`` says whether nothing listens at the address or it speaks the other
+protocol).
 
 A server with TLS and an access token: ``PatentClassifier(url, tls_ca="ca.pem", token=...)``
 (``tls=True`` alone trusts the system's CAs); ``core.access_token.read_token`` reads the token
@@ -18,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence, Union
 
@@ -35,6 +40,8 @@ Document = Union[PatentDocument, Mapping, str]
 Protocol = Literal["grpc", "http"]
 DEFAULT_MODEL = "kscst-gemma2"
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+# What model_labels classifies with TOP_K = num_labels: the cheapest text that passes validation.
+_ONE_CHARACTER = "."
 
 # The one mapping from transport status to our error kinds (the server's side is in model.py).
 _GRPC_STATUS = {
@@ -61,16 +68,65 @@ _HTTP_STATUS = {
 }
 
 
-def typed_error(exc: InferenceServerException) -> ServingError:
+# What the transports say when the address is wrong (seen with tritonclient 2.73): nothing
+# listening is a refused connection; a gRPC client at Triton's HTTP port sees the socket closed or
+# no HTTP/2, an HTTP client at the gRPC port an HTTP/2 frame where a status line should be.
+_REFUSED = ("Connection refused", "Connect call failed")
+_OTHER_PROTOCOL = ("Socket closed", "Failed parsing HTTP/2", "Expected HTTP/", "Bad status line")
+
+
+def unreachable(url: str, protocol_name: Protocol, detail: str) -> ServerUnavailable:
+    """The server could not be reached: say the likely cause in words a user can act on."""
+    other = "http" if protocol_name == "grpc" else "grpc"
+    if any(sign in detail for sign in _REFUSED):
+        cause = (f"nothing listens at {url}: is the server running, and is this its {protocol_name} port "
+                 f"(default {DEFAULT_URLS[protocol_name]})?")
+    elif any(sign in detail for sign in _OTHER_PROTOCOL):
+        cause = (f"{url} answers, but not over {protocol_name}: it looks like the server's {other} port; use protocol "
+                 f"{other} (--protocol {other}) or the {protocol_name} port (default {DEFAULT_URLS[protocol_name]})")
+    else:
+        cause = f"cannot reach the server at {url} over {protocol_name}"
+    return ServerUnavailable(f"{cause} [{detail}]")
+
+
+def typed_error(exc: InferenceServerException, url: str = "", protocol_name: Protocol = "grpc") -> ServingError:
     status, message = str(exc.status()), exc.message() or str(exc)
     if "unknown model" in message or "is not found" in message:
         return error_from_kind(ErrorKind.MODEL_NOT_FOUND, message)
     if access_token.is_refusal(message):  # Triton refuses a missing token with gRPC UNAVAILABLE
         return AccessDenied(f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV}); {message}")
     kind = _GRPC_STATUS.get(status) or _HTTP_STATUS.get(status)
-    if kind is None:  # no status: the server could not be reached
-        return ServerUnavailable(f"server unreachable or failed: {message}")
+    # No status, or gRPC's UNAVAILABLE from the channel itself: the server could not be reached.
+    if kind is None or message.startswith("failed to connect"):
+        return unreachable(url, protocol_name, message)
     return error_from_kind(kind, message)
+
+
+@dataclass(frozen=True)
+class ServedModelConfig:
+    """What a client needs to know of a served model, from its configuration (config.pbtxt)."""
+
+    batched: bool  # Triton batches it (max_batch_size > 0): tensors take a leading batch dimension
+    max_documents: int | None  # documents one request may hold (parameter max_documents_per_request)
+    num_labels: int | None  # classes the model predicts (parameter num_labels)
+
+    @classmethod
+    def from_json(cls, model_config: dict) -> "ServedModelConfig":
+        config = model_config.get("config", model_config)  # gRPC's as_json wraps it
+        parameters = {key: entry.get("string_value") for key, entry in config.get("parameters", {}).items()}
+
+        def whole(name: str) -> int | None:
+            value = parameters.get(name)
+            return int(value) if value and value.isdigit() else None
+
+        # A model whose config.pbtxt lets Triton batch (max_batch_size > 0) takes a leading batch
+        # dimension; ours leaves it off (the engine batches), the dynamic-batcher baseline has it.
+        return cls(int(config.get("max_batch_size", 0)) > 0, whole("max_documents_per_request"), whole("num_labels"))
+
+
+def _chunks(documents: Sequence[Document], size: int | None) -> list[Sequence[Document]]:
+    size = size or len(documents)
+    return [documents[start : start + size] for start in range(0, len(documents), size)]
 
 
 def _transport(protocol_name: Protocol, asynchronous: bool):
@@ -91,16 +147,19 @@ def _transport(protocol_name: Protocol, asynchronous: bool):
     return module, client_module
 
 
-def _encode_documents(documents: Sequence[Document]) -> tuple[str, np.ndarray]:
+def _check_documents(documents: Sequence[Document]) -> None:
     if not documents:
         raise InvalidInput("documents", "is empty; send at least 1 document")
     is_text = [isinstance(document, str) for document in documents]
     if any(is_text) and not all(is_text):
         raise InvalidInput("documents", "mixes formatted texts and structured documents; send them in separate calls")
-    if all(is_text):
+
+
+def _encode_documents(documents: Sequence[Document]) -> tuple[str, np.ndarray]:
+    if isinstance(documents[0], str):
         return protocol.TEXT, np.array([document.encode("utf-8") for document in documents], dtype=np.object_)
     payloads = [
-        document.model_dump() if isinstance(document, PatentDocument) else dict(document) for document in documents
+        document.to_json() if isinstance(document, PatentDocument) else dict(document) for document in documents
     ]
     encoded = [json.dumps(payload, ensure_ascii=False).encode("utf-8") for payload in payloads]
     return protocol.DOCUMENT, np.array(encoded, dtype=np.object_)
@@ -120,7 +179,12 @@ class _ClassifierBase:
         self._client = client_module.InferenceServerClient(
             self.url, **self._connection_timeouts(asynchronous), **self._tls_options(asynchronous, tls or tls_ca is not None, tls_ca)
         )
-        self._batched: bool | None = None  # learnt from the model's configuration on first use
+        self._served: ServedModelConfig | None = None  # learnt from the model's configuration on first use
+        self._connection_errors: tuple[type[Exception], ...] = (OSError, http.client.HTTPException)
+        if asynchronous and protocol == "http":
+            import aiohttp  # tritonclient.http.aio's transport; its protocol errors are no OSErrors
+
+            self._connection_errors += (aiohttp.ClientError,)
 
     def _tls_options(self, asynchronous: bool, tls: bool, tls_ca: str | Path | None) -> dict:
         """TLS with the server verified against ``tls_ca`` (or the system's CAs), in each transport's own words."""
@@ -135,8 +199,6 @@ class _ClassifierBase:
 
     def _request(self, documents: Sequence[Document], top_k: int | None, batched: bool) -> tuple[list, list]:
         name, elements = _encode_documents(documents)
-        # A model whose config.pbtxt lets Triton batch (max_batch_size > 0) takes a leading batch
-        # dimension; ours leaves it off (the engine batches), the dynamic-batcher baseline has it.
         lead = [1] if batched else []
         inputs = [self._types.InferInput(name, lead + [len(elements)], "BYTES")]
         inputs[0].set_data_from_numpy(elements.reshape(lead + [len(elements)]))
@@ -146,11 +208,17 @@ class _ClassifierBase:
         outputs = [self._types.InferRequestedOutput(name) for name, _, _ in protocol.OUTPUT_TENSORS]
         return inputs, outputs
 
-    @staticmethod
-    def _has_batch_dimension(model_config) -> bool:
-        config = model_config.get("config", model_config) if isinstance(model_config, dict) else model_config.config
-        value = config.get("max_batch_size", 0) if isinstance(config, dict) else config.max_batch_size
-        return int(value) > 0
+    def _config_kwargs(self) -> dict:
+        return {"headers": self._headers, **({"as_json": True} if self.protocol == "grpc" else {})}
+
+    def _typed(self, exc: Exception) -> ServingError:
+        """The typed error for what a call raised (``ModelNotFound`` is refined by the caller)."""
+        if isinstance(exc, InferenceServerException):
+            return typed_error(exc, self.url, self.protocol)
+        if isinstance(exc, TimeoutError):  # the HTTP transports' own timeouts: no answer within timeout_s
+            return DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s} s")
+        # the HTTP transports' socket and protocol errors
+        return unreachable(self.url, self.protocol, f"{type(exc).__name__}: {exc}")
 
     def _connection_timeouts(self, asynchronous: bool) -> dict:
         if self.protocol == "grpc":
@@ -181,7 +249,7 @@ class _ClassifierBase:
         return error
 
     def _repository_index_kwargs(self) -> dict:
-        return {"headers": self._headers, **({"as_json": True} if self.protocol == "grpc" else {})}
+        return self._config_kwargs()
 
     @staticmethod
     def _answers(result, batched: bool) -> list[protocol.Classification]:
@@ -202,21 +270,46 @@ class PatentClassifier(_ClassifierBase):
         return self.classify_batch([document], top_k)[0]
 
     def classify_batch(self, documents: Sequence[Document], top_k: int | None = None) -> list[protocol.Classification]:
+        """Any number of documents, in as many requests as the model's limit per request needs; answers in order."""
+        _check_documents(documents)
+        served = self.served_config()
+        return [answer for chunk in _chunks(documents, served.max_documents) for answer in self._classify_request(chunk, top_k)]
+
+    def served_config(self) -> ServedModelConfig:
+        """The model's configuration, read from the server once."""
+        if self._served is None:
+            self._served = ServedModelConfig.from_json(self._call(self._client.get_model_config, self.model, **self._config_kwargs()))
+        return self._served
+
+    def model_labels(self) -> dict[str, str] | None:
+        """Every class the model predicts, code → name; None for a model whose configuration does not
+        say how many (exported before ``num_labels`` was written)."""
+        num_labels = self.served_config().num_labels
+        if num_labels is None:
+            return None
+        (answer,) = self._classify_request([_ONE_CHARACTER], num_labels)
+        return {score.code: score.name for score in answer.labels}
+
+    def ready_models(self) -> list[str]:
+        """The names of the models the server has loaded and can answer for, sorted."""
+        index = self._call(self._client.get_model_repository_index, **self._repository_index_kwargs())
+        entries = index if isinstance(index, list) else index.get("models", [])  # gRPC's as_json form
+        return sorted(entry["name"] for entry in entries if entry.get("state") == "READY")
+
+    def _classify_request(self, documents: Sequence[Document], top_k: int | None) -> list[protocol.Classification]:
+        batched = self.served_config().batched
+        inputs, outputs = self._request(documents, top_k, batched)
+        result = self._call(self._client.infer, self.model, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
+        return self._answers(result, batched)
+
+    def _call(self, method, *args, **kwargs):
         try:
-            if self._batched is None:
-                self._batched = self._has_batch_dimension(self._client.get_model_config(self.model, headers=self._headers))
-            inputs, outputs = self._request(documents, top_k, self._batched)
-            result = self._client.infer(self.model, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
-        except InferenceServerException as exc:
-            error = typed_error(exc)
+            return method(*args, **kwargs)
+        except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
+            error = self._typed(exc)
             if isinstance(error, ModelNotFound):
                 error = self._not_loaded(error, self._repository_index())
             raise error from None
-        except TimeoutError:  # the HTTP transport's own timeout: no answer within timeout_s
-            raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s} s") from None
-        except (OSError, http.client.HTTPException) as exc:  # the HTTP transport's socket and protocol errors
-            raise ServerUnavailable(f"server unreachable at {self.url}: {type(exc).__name__} {exc}") from None
-        return self._answers(result, self._batched)
 
     def _repository_index(self) -> list | dict:
         try:
@@ -253,21 +346,39 @@ class AsyncPatentClassifier(_ClassifierBase):
         return (await self.classify_batch([document], top_k))[0]
 
     async def classify_batch(self, documents: Sequence[Document], top_k: int | None = None) -> list[protocol.Classification]:
+        """Any number of documents, in as many requests as the model's limit per request needs; answers in order."""
+        _check_documents(documents)
+        served = await self.served_config()
+        return [answer for chunk in _chunks(documents, served.max_documents) for answer in await self._classify_request(chunk, top_k)]
+
+    async def served_config(self) -> ServedModelConfig:
+        """The model's configuration, read from the server once."""
+        if self._served is None:
+            self._served = ServedModelConfig.from_json(await self._call(self._client.get_model_config, self.model, **self._config_kwargs()))
+        return self._served
+
+    async def model_labels(self) -> dict[str, str] | None:
+        """Every class the model predicts, code → name (see ``PatentClassifier.model_labels``)."""
+        num_labels = (await self.served_config()).num_labels
+        if num_labels is None:
+            return None
+        (answer,) = await self._classify_request([_ONE_CHARACTER], num_labels)
+        return {score.code: score.name for score in answer.labels}
+
+    async def _classify_request(self, documents: Sequence[Document], top_k: int | None) -> list[protocol.Classification]:
+        batched = (await self.served_config()).batched
+        inputs, outputs = self._request(documents, top_k, batched)
+        result = await self._call(self._client.infer, self.model, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
+        return self._answers(result, batched)
+
+    async def _call(self, method, *args, **kwargs):
         try:
-            if self._batched is None:
-                self._batched = self._has_batch_dimension(await self._client.get_model_config(self.model, headers=self._headers))
-            inputs, outputs = self._request(documents, top_k, self._batched)
-            result = await self._client.infer(self.model, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
-        except InferenceServerException as exc:
-            error = typed_error(exc)
+            return await method(*args, **kwargs)
+        except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
+            error = self._typed(exc)
             if isinstance(error, ModelNotFound):
                 error = self._not_loaded(error, await self._repository_index())
             raise error from None
-        except TimeoutError:  # aiohttp's total timeout: no answer within timeout_s
-            raise DeadlineExceeded(f"no answer from {self.url} within {self.timeout_s} s") from None
-        except OSError as exc:  # aiohttp's connection errors are OSErrors too
-            raise ServerUnavailable(f"server unreachable at {self.url}: {exc}") from None
-        return self._answers(result, self._batched)
 
     async def _repository_index(self) -> list | dict:
         try:

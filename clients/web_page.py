@@ -1,6 +1,7 @@
-"""The web page to try one patent: type its IPC codes, title, abstract and claims, see the five
-most likely classes. For people who are not programmers; it calls the classifier server through
-the client library, like any other client, and never loads the model itself.
+"""The web page to try one patent: choose a model, type the patent's IPC codes, title, abstract
+and claims, see its most likely classes. For examiners, not programmers: every word on the page
+is Korean first, English second. It calls the classifier server through the client library, like
+any other client, and never loads a model itself.
 
 Started by ``python -m clients web`` (``make web``), which runs it with Streamlit as
 
@@ -22,12 +23,20 @@ from core.protocol import Classification
 TOP_K = 5
 # The form's fields, by the name the server's errors use for them.
 FIELD_LABELS = {
-    "ipc": "IPC 코드 (IPC codes)",
-    "title": "발명의 명칭 (title)",
-    "abstract": "요약 (abstract)",
-    "claims": "청구범위 (claims, one per line)",
+    "ipc": "IPC 코드 · IPC codes (선택 · optional)",
+    "title": "발명의 명칭 · Title",
+    "abstract": "요약 · Abstract",
+    "claims": "청구범위 · Claims (한 줄에 하나씩 · one per line)",
 }
-_DOCUMENT_FIELD = re.compile(r"DOCUMENT\[\d+\]\.(\w+)")
+_DOCUMENT_FIELD = re.compile(r"DOCUMENT\[\d+\](?:\.(\w+))?")
+# The server's words for what is wrong with a field (core/patent_document.py), in Korean.
+_PROBLEMS_IN_KOREAN = (
+    ("must not be empty", "비어 있습니다. 공백이나 제어 문자만으로는 안 됩니다"),
+    ("holds none of title, abstract, claims", "발명의 명칭, 요약, 청구범위 가운데 하나 이상을 입력해 주세요"),
+    ("bytes; the limit is", "너무 깁니다"),
+)
+# How long the page trusts what it learnt of the server (its models, a model's classes).
+SERVER_FACTS_TTL_S = 60
 
 
 def page_settings(argv: list[str]) -> argparse.Namespace:
@@ -43,79 +52,124 @@ def page_settings(argv: list[str]) -> argparse.Namespace:
     return settings
 
 
+def connect(settings: argparse.Namespace, model: str) -> PatentClassifier:
+    return PatentClassifier(settings.url, settings.protocol, model, settings.timeout,
+                            tls=settings.tls, tls_ca=settings.tls_ca, token=settings.token)
+
+
+# Errors are not cached (Streamlit caches only what returns), so a server that comes back is seen at once.
+@st.cache_data(ttl=SERVER_FACTS_TTL_S, show_spinner=False)
+def ready_models(_settings: argparse.Namespace, url: str) -> list[str]:
+    """The models the server has loaded (raises the client's typed errors)."""
+    with connect(_settings, DEFAULT_MODEL) as classifier:
+        return classifier.ready_models()
+
+
+@st.cache_data(ttl=SERVER_FACTS_TTL_S, show_spinner=False)
+def model_classes(_settings: argparse.Namespace, url: str, model: str) -> dict[str, str] | None:
+    """The model's classes, code → name; None when its configuration does not say."""
+    with connect(_settings, model) as classifier:
+        return classifier.model_labels()
+
+
 def server_down_message(settings: argparse.Namespace) -> str:
     return (
-        f"**The classifier server is not reachable** at `{settings.url}` ({settings.protocol}, model "
-        f"`{settings.model}`). Start it with `make serve`, or start this page against a running server "
-        "(`make web GRPC_PORT=…`), then try again."
+        "**분류 서버에 연결할 수 없습니다.** 잠시 후 다시 시도해 주세요. 계속 안 되면 시스템 담당자에게 "
+        f"이 주소를 알려 주세요: `{settings.url}` ({settings.protocol})\n\n"
+        "**The classifier server cannot be reached.** Please try again in a moment; if it keeps failing, "
+        f"tell the system administrator this address: `{settings.url}` ({settings.protocol})."
+    )
+
+
+def caption(model: str, classes: dict[str, str] | None, top_k: int) -> str:
+    if not classes:
+        return f"모델 `{model}` · 가장 가능성 높은 분류 {top_k}개 · the {top_k} most likely classes"
+    first = min(classes)
+    return (
+        f"모델 `{model}` · 분류 {len(classes)}개 가운데 가장 가능성 높은 {top_k}개 (예: {first} {classes[first]}) · "
+        f"the {top_k} most likely of its {len(classes)} classes"
     )
 
 
 def form_error_message(error: InvalidInput) -> str:
     """The server names fields as ``DOCUMENT[0].title``; say which box of the form to fix."""
     match = _DOCUMENT_FIELD.match(error.field)
-    box = FIELD_LABELS.get(match.group(1), match.group(1)) if match else error.field
-    return f"Please check **{box}**: {error.problem}"
+    field = match.group(1) if match else None
+    box = FIELD_LABELS.get(field, field) if field else "특허 내용 · the patent"
+    korean = next((words for sign, words in _PROBLEMS_IN_KOREAN if sign in error.problem), "입력을 확인해 주세요")
+    return f"**{box}** 칸을 확인해 주세요: {korean}.\n\nPlease check **{box}**: {error.problem}"
 
 
 def show_answer(answer: Classification) -> None:
     top = answer.labels[0]
     with st.container(key="top-class"):
-        st.success(f"Top class: **{top.code}** · {top.name} — {top.probability:.1%}")
+        st.success(f"가장 가능성 높은 분류 · Top class: **{top.code}** · {top.name} — {top.probability:.1%}")
     with st.container(key="classes"):
         for rank, score in enumerate(answer.labels, start=1):
             st.progress(min(1.0, max(0.0, score.probability)), text=f"{rank}. **{score.code}** · {score.name} — {score.probability:.1%}")
     with st.container(key="tokens"):
         truncation = (
-            "yes: the patent is longer than the model reads, and the rest was not used"
+            "예: 특허가 모델이 읽는 길이보다 길어 뒷부분은 쓰이지 않았습니다 · yes: the rest was not read"
             if answer.truncated
-            else "no: the model read the whole patent"
+            else "아니오: 특허 전체를 읽었습니다 · no: the model read the whole patent"
         )
-        st.markdown(f"Tokens read: **{answer.token_count}** · Truncated: **{truncation}**")
+        st.markdown(f"읽은 토큰 · Tokens read: **{answer.token_count}** · 잘림 · Truncated: **{truncation}**")
+
+
+def patent_form() -> dict | None:
+    """The typed patent, with the boxes left empty left out; None until the button is pressed."""
+    with st.form("patent"):
+        ipc = st.text_input(FIELD_LABELS["ipc"], key="ipc", placeholder="G06F 16/35; G06N 3/08")
+        title = st.text_input(FIELD_LABELS["title"], key="title")
+        abstract = st.text_area(FIELD_LABELS["abstract"], key="abstract", height=140)
+        claims = st.text_area(FIELD_LABELS["claims"], key="claims", height=180, placeholder="1. …\n2. 제1항에 있어서, …")
+        submitted = st.form_submit_button("분류하기 · Classify", type="primary")
+    if not submitted:
+        return None
+    document = {"ipc": ipc, "title": title, "abstract": abstract, "claims": [line for line in claims.splitlines() if line.strip()]}
+    return {field: value for field, value in document.items() if value and (not isinstance(value, str) or value.strip())}
 
 
 def main() -> None:
     settings = page_settings(sys.argv[1:])
-    st.set_page_config(page_title="Patent classifier", page_icon="📄")
+    st.set_page_config(page_title="특허 분류 · Patent classifier", page_icon="📄")
     st.title("특허 분류 · Patent classifier")
-    st.caption(f"Model `{settings.model}` on {settings.protocol} `{settings.url}` · top {TOP_K} of the KSCST classes")
 
-    with PatentClassifier(settings.url, settings.protocol, settings.model, settings.timeout,
-                          tls=settings.tls, tls_ca=settings.tls_ca, token=settings.token) as classifier:
-        with st.container(key="server-status"):
-            if not classifier.is_ready():
-                st.error(server_down_message(settings))
+    try:
+        models = ready_models(settings, settings.url)
+    except ServingError:
+        models = []
+    with st.container(key="server-status"):
+        if not models:
+            st.error(server_down_message(settings))
+    choices = sorted(set(models) | {settings.model})
+    model = st.selectbox("모델 · Model", choices, index=choices.index(settings.model), key="model")
+    try:
+        classes = model_classes(settings, settings.url, model) if models else None
+    except ServingError:
+        classes = None
+    top_k = min(TOP_K, len(classes)) if classes else TOP_K
+    with st.container(key="caption"):
+        st.caption(caption(model, classes, top_k))
 
-        with st.form("patent"):
-            ipc = st.text_input(FIELD_LABELS["ipc"], key="ipc", placeholder="G06F 16/35; G06N 3/08")
-            title = st.text_input(FIELD_LABELS["title"], key="title")
-            abstract = st.text_area(FIELD_LABELS["abstract"], key="abstract", height=140)
-            claims = st.text_area(FIELD_LABELS["claims"], key="claims", height=180, placeholder="1. …\n2. 제1항에 있어서, …")
-            submitted = st.form_submit_button("분류 (Classify)", type="primary")
-        if not submitted:
-            return
-
-        document = {
-            "ipc": ipc,
-            "title": title,
-            "abstract": abstract,
-            "claims": [line.strip() for line in claims.splitlines() if line.strip()],
-        }
-        with st.container(key="answer"):
-            try:
-                with st.spinner("Classifying …"):
-                    answer = classifier.classify(document, top_k=TOP_K)
-            except ServerUnavailable:
-                st.error(server_down_message(settings))
-            except AccessDenied:
-                st.error("**The server requires an access token.** Start this page with `--token-file` "
-                         f"(or `${access_token.TOKEN_ENV}` set), as for the other clients.")
-            except InvalidInput as error:
-                st.warning(form_error_message(error))
-            except ServingError as error:
-                st.error(f"The server could not classify this patent ({error.kind.value}): {error.message}")
-            else:
-                show_answer(answer)
+    document = patent_form()
+    if document is None:
+        return
+    with st.container(key="answer"), connect(settings, model) as classifier:
+        try:
+            with st.spinner("분류하는 중 · Classifying …"):
+                answer = classifier.classify(document, top_k=top_k)
+        except ServerUnavailable:
+            st.error(server_down_message(settings))
+        except AccessDenied:
+            st.error("**서버가 접근 토큰을 요구합니다.** 시스템 담당자에게 알려 주세요 · **The server requires an access "
+                     f"token.** Start this page with `--token-file` (or `${access_token.TOKEN_ENV}` set), as for the other clients.")
+        except InvalidInput as error:
+            st.warning(form_error_message(error))
+        except ServingError as error:
+            st.error(f"**이 특허를 분류하지 못했습니다** ({error.kind.value}) · The server could not classify this patent: {error.message}")
+        else:
+            show_answer(answer)
 
 
 main()

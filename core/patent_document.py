@@ -4,14 +4,30 @@ The fine-tune was fed the fields in this order: IPC codes, title, abstract, clai
 served model must see text built the same way, so every path into the model (the Triton
 model, the export's merge proof, the benchmarks, offline reference runs in tests) renders
 documents with ``PatentDocument.render`` and nothing else. If the office's training script
-used other field labels, change ``TEXT_TEMPLATE`` here and nowhere else.
+used other field labels, change ``TEXT_TEMPLATE`` here and nowhere else: one line per field,
+each line naming its field once.
+
+Offices send what they have: a new application has no IPC code yet, and some records carry
+only a title or only claims. A field may be left out (or null, or an empty list), and its
+template line is then left out too; at least one of title, abstract and claims must be there.
+A field that is present must hold text: an empty or blank string is refused, since it is more
+likely a broken export than a deliberate absence.
+
+Control characters (Unicode category Cc: NUL, the other C0 codes and DEL and the C1 codes) are
+removed from every text, fields and pre-formatted ``TEXT`` alike, except tab, line feed and
+carriage return, which are layout. They come from fixed-width database columns padded with NULs
+and from mangled encodings, and they carry no text: the tokenizer would turn them into byte
+tokens the model never saw in training. A text left blank by their removal is refused like a
+blank one, rather than classified as if it were a patent.
 """
 from __future__ import annotations
 
+import functools
 import re
-from typing import Annotated
+import string
+from typing import Annotated, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import InvalidInput
 
@@ -22,8 +38,31 @@ TEXT_TEMPLATE = "IPC: {ipc}\n발명의 명칭: {title}\n요약: {abstract}\n청�
 MAX_DOCUMENT_BYTES = 256 * 1024
 
 _IPC_SEPARATORS = re.compile(r"\s*[;,|]\s*")
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+TEXT_FIELDS = ("title", "abstract", "claims")  # at least one of these must be present
 
-NonEmptyText = Annotated[str, Field(min_length=1)]
+
+def without_control_characters(text: str) -> str:
+    """``text`` without the control characters the module docstring names (tab and newlines stay)."""
+    return _CONTROL_CHARACTERS.sub("", text)
+
+
+def _clean(value: object) -> object:
+    return without_control_characters(value) if isinstance(value, str) else value
+
+
+# Control characters go first; pydantic then strips whitespace and refuses what is left empty.
+NonEmptyText = Annotated[str, BeforeValidator(_clean), Field(min_length=1)]
+
+
+@functools.cache
+def _template_lines() -> tuple[tuple[str, str], ...]:
+    """(field, template line) for each line of TEXT_TEMPLATE."""
+    lines = []
+    for line in TEXT_TEMPLATE.split("\n"):
+        (field,) = [name for _, name, _, _ in string.Formatter().parse(line) if name]
+        lines.append((field, line))
+    return tuple(lines)
 
 
 class PatentDocument(BaseModel):
@@ -31,27 +70,40 @@ class PatentDocument(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
-    ipc: list[NonEmptyText] = Field(min_length=1, description='IPC codes, e.g. ["G06F 16/35", "G06N 3/08"]')
-    title: NonEmptyText
-    abstract: NonEmptyText
-    claims: list[NonEmptyText] = Field(min_length=1, description="claims in order; one string is one claim")
+    ipc: list[NonEmptyText] = Field(default_factory=list, description='IPC codes, e.g. ["G06F 16/35", "G06N 3/08"]; optional')
+    title: Optional[NonEmptyText] = None
+    abstract: Optional[NonEmptyText] = None
+    claims: list[NonEmptyText] = Field(default_factory=list, description="claims in order; one string is one claim")
 
     @field_validator("ipc", mode="before")
     @classmethod
     def _split_ipc_string(cls, value: object) -> object:
         # Patent databases often hold IPC codes as one "G06F 16/35; G06N 3/08" string.
         if isinstance(value, str):
-            return [code for code in _IPC_SEPARATORS.split(value.strip()) if code]
-        return value
+            codes = [code for code in _IPC_SEPARATORS.split(without_control_characters(value).strip()) if code]
+            return codes or [value]  # a blank string stays, to be refused as blank
+        return [] if value is None else value
 
     @field_validator("claims", mode="before")
     @classmethod
     def _single_claim_string(cls, value: object) -> object:
+        if value is None:
+            return []
         return [value] if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _some_text(self) -> "PatentDocument":
+        if self.title is None and self.abstract is None and not self.claims:
+            raise ValueError("no_text")
+        return self
+
     def render(self) -> str:
-        claims = "\n".join(self.claims)
-        return TEXT_TEMPLATE.format(ipc=", ".join(self.ipc), title=self.title, abstract=self.abstract, claims=claims)
+        values = {"ipc": ", ".join(self.ipc), "title": self.title, "abstract": self.abstract, "claims": "\n".join(self.claims)}
+        return "\n".join(line.format(**values) for field, line in _template_lines() if values[field])
+
+    def to_json(self) -> dict:
+        """The fields that are present, as a request carries them."""
+        return self.model_dump(exclude_defaults=True)
 
     @classmethod
     def parse(cls, payload: object, field: str = "DOCUMENT") -> "PatentDocument":
@@ -73,8 +125,10 @@ def _describe(error: dict) -> str:
     if kind == "extra_forbidden":
         return "unknown field (allowed: ipc, title, abstract, claims)"
     if kind in ("string_too_short", "too_short"):
-        return "must not be empty"
+        return "must not be empty (control characters and spaces do not count); leave the field out when there is none"
     if kind in ("string_type", "list_type"):
         expected = "a string" if kind == "string_type" else "a list of strings (or one string)"
         return f"must be {expected}, got {type(error.get('input')).__name__}"
+    if kind == "value_error" and "no_text" in error["msg"]:
+        return f"holds none of {', '.join(TEXT_FIELDS)}; send at least one of them"
     return error["msg"]

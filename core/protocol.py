@@ -3,7 +3,8 @@ the export (which writes them into ``config.pbtxt``) and the clients.
 
 Request (give exactly one of TEXT or DOCUMENT; each holds one element per document):
   TEXT      BYTES [n]   pre-formatted text, UTF-8
-  DOCUMENT  BYTES [n]   JSON object {"ipc", "title", "abstract", "claims"}, UTF-8
+  DOCUMENT  BYTES [n]   JSON object {"ipc", "title", "abstract", "claims"}, UTF-8 (ipc optional;
+                        at least one of title, abstract, claims: core/patent_document.py)
   TOP_K     INT32 [1]   optional, how many classes to return per document (default 5)
 Answer, per document i and rank j (most likely first):
   LABEL_CODE   BYTES [n, k]
@@ -23,7 +24,7 @@ import numpy as np
 from core.engine import DocumentScores
 from core.errors import InvalidInput
 from core.labels import LabelSet
-from core.patent_document import MAX_DOCUMENT_BYTES, PatentDocument
+from core.patent_document import MAX_DOCUMENT_BYTES, PatentDocument, without_control_characters
 
 TEXT = "TEXT"
 DOCUMENT = "DOCUMENT"
@@ -85,8 +86,10 @@ def _decode_element(field: str, index: int, element: object) -> str:
         value = bytes(element).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(where, f"is not valid UTF-8 (byte {exc.start})") from None
+    if field == TEXT:
+        value = without_control_characters(value)  # as in every field of a DOCUMENT (core/patent_document.py)
     if not value.strip():
-        raise InvalidInput(where, "is empty; send at least 1 non-blank character")
+        raise InvalidInput(where, "is empty; send at least 1 character other than spaces and control characters")
     return value
 
 

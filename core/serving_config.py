@@ -7,11 +7,12 @@ so an operator's typo fails the model load with the field's name and its limit.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.engine import padded_width
+from core.labels import LabelSet
 from core.text_preprocessing import Preprocessing
 
 
@@ -34,7 +35,14 @@ class ServingConfig(BaseModel):
         "vllm engine: tokens one scheduler step may take (vLLM does not pad)",
     )
     max_batch_size: int = Field(64, ge=1, le=4096, description="documents one forward pass may take")
-    max_documents_per_request: int = Field(64, ge=1, le=4096)
+    max_documents_per_request: int = Field(
+        64, ge=1, le=4096, description="documents one request may hold; clients read it to size their requests"
+    )
+    num_labels: Optional[int] = Field(
+        None, ge=1,
+        description="classes the model predicts: written by the export from the model's labels, for clients "
+        "(a request with TOP_K = num_labels answers every class); checked against the model when it loads",
+    )
     default_top_k: int = Field(5, ge=1)
     max_queue_tokens: int = Field(
         262144, ge=8,
@@ -122,4 +130,14 @@ class ServingConfig(BaseModel):
         return config
 
     def to_triton_parameters(self) -> dict[str, str]:
-        return {key: str(value) for key, value in self.model_dump().items()}
+        return {key: str(value) for key, value in self.model_dump(exclude_none=True).items()}
+
+    def model_labels(self) -> LabelSet:
+        """The labels of the model in ``model_dir``; they must be as many as ``num_labels`` says, when it is set."""
+        labels = LabelSet.for_model_dir(self.model_dir)
+        if self.num_labels is not None and self.num_labels != len(labels):
+            raise ValueError(
+                f"num_labels: config.pbtxt says {self.num_labels}, but {self.model_dir} has {len(labels)} labels; "
+                "export the model again"
+            )
+        return labels

@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from core.command_line import HelpFormatter
+
 
 def _demo_models(args: argparse.Namespace) -> None:
     from export.demo_models import DEMO_BUILDERS
@@ -81,9 +83,8 @@ def _merge(args: argparse.Namespace) -> None:
 def _verify(args: argparse.Namespace) -> None:
     from export.merged_model_export import verify_saved_merge
 
-    comparison = verify_saved_merge(
-        args.base, args.adapter, args.merged, tolerance=args.tolerance, proof_documents=args.proof_documents
-    )
+    tolerance = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    comparison = verify_saved_merge(args.base, args.adapter, args.merged, proof_documents=args.proof_documents, **tolerance)
     print(json.dumps(asdict(comparison), indent=2))
 
 
@@ -98,46 +99,43 @@ def _demo_labelled_set(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.models_file import ModelsFileError
-    from export.merged_model_export import MERGE_TOLERANCE, MergeProofFailed
-    from export.model_support import UnsupportedModel
-
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # torch and transformers load with the command that needs them, not for --help.
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo-models", help="build a tiny base classifier, its LoRA adapter and tokenizer")
-    demo.add_argument("--out", type=Path, default=Path("build/demo"))
+    demo = commands.add_parser("demo-models", help="build a tiny base classifier, its LoRA adapter and tokenizer", formatter_class=HelpFormatter)
+    demo.add_argument("--out", type=Path, default=Path("build/demo"), help="folder the demo models are written into")
     demo.add_argument(
         "--model", choices=["all", "gemma2", "llama", "kcbert", "koelectra"], default="all",
         help="gemma2: Gemma-2 + LoRA over the 188 KSCST classes; llama: Llama + LoRA over 9 IPC classes; "
         "kcbert: BERT over 9 IPC classes; koelectra: ELECTRA over 3 sentiment classes",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     demo.set_defaults(run=_demo_models)
 
-    from_file = commands.add_parser("models", help="export every model a models file lists into one Triton repository")
-    from_file.add_argument("--models-file", type=Path, default=Path("models.yaml"))
-    from_file.add_argument("--repository", type=Path, default=Path("model_repository"))
+    from_file = commands.add_parser("models", help="export every model a models file lists into one Triton repository", formatter_class=HelpFormatter)
+    from_file.add_argument("--models-file", type=Path, default=Path("models.yaml"), help="the models file (core/models_file.py)")
+    from_file.add_argument("--repository", type=Path, default=Path("model_repository"), help="the Triton model repository to write")
     from_file.add_argument("--only", nargs="+", metavar="NAME", help="export only these models (the others are left as they are)")
     from_file.add_argument("--device", default="cpu", help="device for the merges and their proofs (cpu, cuda)")
     from_file.set_defaults(run=_models)
 
-    merge = commands.add_parser("merge", help="merge a LoRA adapter, prove it, write the Triton model")
+    merge = commands.add_parser("merge", help="merge a LoRA adapter, prove it, write the Triton model", formatter_class=HelpFormatter)
     merge.add_argument("--base", type=Path, required=True, help="base model folder (e.g. google/gemma-2-9b, downloaded)")
     merge.add_argument("--adapter", type=Path, required=True, help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
     merge.add_argument("--labels", type=Path, required=True, help="TSV with columns code, name[, placeholder]")
     merge.add_argument("--name", required=True, help="Triton model name")
-    merge.add_argument("--repository", type=Path, default=Path("model_repository"))
+    merge.add_argument("--repository", type=Path, default=Path("model_repository"), help="the Triton model repository to write")
     merge.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the saved weights")
     merge.add_argument("--max-length", type=int, default=512, help="tokens per document; longer input is truncated")
-    merge.add_argument("--max-batch-tokens", type=int, default=16384)
-    merge.add_argument("--max-batch-size", type=int, default=64)
+    merge.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens one forward pass may take")
+    merge.add_argument("--max-batch-size", type=int, default=64, help="documents one forward pass may take")
     merge.add_argument("--max-queue-tokens", type=int, default=262144, help="queued tokens before requests are refused as overloaded")
     merge.add_argument(
         "--batching", choices=["engine", "triton_dynamic", "none"], default="engine",
         help="engine: continuous token-budget batching (production); the others are baselines to measure it against",
     )
-    merge.add_argument("--proof-documents", type=int, default=16)
+    merge.add_argument("--proof-documents", type=int, default=16, help="generated patents the merge proof compares logits on")
     merge.add_argument("--device", default="cpu", help="device for the merge and its proof (cpu, cuda)")
     merge.add_argument(
         "--engine", choices=["torch", "vllm"], default="torch",
@@ -154,24 +152,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     merge.set_defaults(run=_merge)
 
-    verify = commands.add_parser("verify", help="re-run the merge proof against a merged folder on disk")
-    verify.add_argument("--base", type=Path, required=True)
-    verify.add_argument("--adapter", type=Path, required=True)
-    verify.add_argument("--merged", type=Path, required=True)
-    verify.add_argument("--tolerance", type=float, default=MERGE_TOLERANCE)
-    verify.add_argument("--proof-documents", type=int, default=16)
+    verify = commands.add_parser("verify", help="re-run the merge proof against a merged folder on disk", formatter_class=HelpFormatter)
+    verify.add_argument("--base", type=Path, required=True, help="base model folder the adapter was trained on")
+    verify.add_argument("--adapter", type=Path, required=True, help="PEFT adapter folder")
+    verify.add_argument("--merged", type=Path, required=True, help="the merged model folder to check")
+    verify.add_argument(
+        "--tolerance", type=float, default=None,
+        help="largest max |Δlogit| the proof accepts (default: the export's own, MERGE_TOLERANCE in export/merged_model_export.py)",
+    )
+    verify.add_argument("--proof-documents", type=int, default=16, help="generated patents the proof compares logits on")
     verify.set_defaults(run=_verify)
 
     labelled = commands.add_parser(
-        "demo-labelled-set", help="generate the labelled patents `make eval` measures the demo model on (see export/demo_labelled_set.py)"
+        "demo-labelled-set", formatter_class=HelpFormatter,
+        help="generate the labelled patents `make eval` measures the demo model on (see export/demo_labelled_set.py)",
     )
     labelled.add_argument("--model-dir", type=Path, required=True, help="the merged demo model folder")
-    labelled.add_argument("--out", type=Path, default=Path("clients/examples/labelled_patents.jsonl"))
-    labelled.add_argument("--count", type=int, default=120)
-    labelled.add_argument("--seed", type=int, default=2026)
+    labelled.add_argument("--out", type=Path, default=Path("clients/examples/labelled_patents.jsonl"), help="JSON-lines file to write")
+    labelled.add_argument("--count", type=int, default=120, help="labelled patents to generate")
+    labelled.add_argument("--seed", type=int, default=2026, help="seed of the patents and of the label noise")
     labelled.set_defaults(run=_demo_labelled_set)
 
     args = parser.parse_args(argv)
+    from core.models_file import ModelsFileError
+    from export.merged_model_export import MergeProofFailed
+    from export.model_support import UnsupportedModel
+
     try:
         args.run(args)
     except MergeProofFailed as exc:

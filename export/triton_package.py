@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from core import protocol
+from core.labels import LabelSet
 from core.serving_config import ServingConfig
 
 TRITON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "server" / "triton" / "model.py"
@@ -63,8 +64,12 @@ def _scheduling_block(config: ServingConfig) -> str:
 
 
 def write_triton_model(repository: Path, name: str, config: ServingConfig) -> Path:
+    """The model's folder; ``num_labels`` is filled in from the merged model when it is already there."""
     model_folder = repository / name
     (model_folder / MODEL_VERSION).mkdir(parents=True, exist_ok=True)
+    model_dir = model_folder / MODEL_VERSION / config.model_dir  # an absolute model_dir stays as it is
+    if config.num_labels is None and model_dir.is_dir():
+        config = config.model_copy(update={"num_labels": len(LabelSet.for_model_dir(model_dir))})
     (model_folder / "config.pbtxt").write_text(config_pbtxt(name, config), encoding="utf-8")
     shutil.copyfile(TRITON_MODEL_SOURCE, model_folder / MODEL_VERSION / "model.py")
     return model_folder

@@ -20,27 +20,28 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from core import access_token
+from core.command_line import HelpFormatter
 from core.models_file import ModelsFile, ModelsFileError
 from server.launcher import LaunchConfig, ServerNotReady, TritonServer, is_remote_repository
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--model-repository", default="model_repository",
         help="the exported repository: a folder, or s3://, gs://, as:// (Triton reads the bucket itself)",
     )
     parser.add_argument("--address", default="127.0.0.1", help="bind address of all endpoints (0.0.0.0 to serve a network)")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--http-port", type=int, default=8000, help="KServe v2 over HTTP")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 over gRPC")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (nv_inference_*, pc_*)")
     parser.add_argument(
         "--tritonserver", default="wheel",
         help="'wheel': the tritonserver of the nvidia-pytriton wheel; 'path': the one on PATH (NVIDIA's container); or a file",
     )
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the models to load")
     parser.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain requests in flight on shutdown")
-    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (0: quiet)")
     parser.add_argument("--models-file", type=Path, help="serve exactly the models this file lists (see models.yaml)")
     parser.add_argument("--tls-certificate", type=Path, help="PEM server certificate: gRPC with TLS, HTTPS instead of HTTP")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-certificate")

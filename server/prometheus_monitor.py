@@ -23,9 +23,14 @@ from pathlib import Path
 
 import yaml
 
+from core.command_line import HelpFormatter
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MONITORING = PROJECT_ROOT / "monitoring"
 SHIPPED_CONFIG = MONITORING / "prometheus.yml"
+# The pages an operator opens. Upstream's React UI serves them at /graph, /alerts, ...; Debian's
+# build ships without it and serves only the classic pages, under /classic/ (its /alerts is a 404).
+CONSOLE_PAGES = ("graph", "alerts", "targets", "rules")
 
 
 def prometheus_binary() -> str:
@@ -95,6 +100,20 @@ class Prometheus:
         self.stop()
         raise RuntimeError(f"prometheus not ready after {self.ready_timeout_s:.0f} s")
 
+    def page_links(self) -> dict[str, str]:
+        """The address of each page in ``CONSOLE_PAGES`` on this Prometheus, in the form it serves."""
+        links = {}
+        for page in CONSOLE_PAGES:
+            for path in (f"/{page}", f"/classic/{page}"):
+                try:
+                    with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as answer:
+                        if answer.status == 200:
+                            links[page] = f"{self.url}{path}"
+                            break
+                except urllib.error.HTTPError:
+                    continue
+        return links
+
     def query(self, expr: str) -> list[dict]:
         """An instant query's result vector (raises on a PromQL error)."""
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
@@ -128,14 +147,17 @@ class Prometheus:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.prometheus_monitor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m server.prometheus_monitor", description=__doc__.splitlines()[0],
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--triton-metrics", default="127.0.0.1:8002", help="host:port of tritonserver's metrics endpoint")
     parser.add_argument("--port", type=int, default=9090, help="Prometheus's own port, on 127.0.0.1")
     parser.add_argument("--data", type=Path, default=PROJECT_ROOT / "build" / "prometheus", help="config copy and TSDB")
     args = parser.parse_args(argv)
     with Prometheus(args.triton_metrics, args.port, args.data) as prometheus:
-        print(f"prometheus on {prometheus.url} scraping {args.triton_metrics}; alerts: {prometheus.url}/alerts; Ctrl-C stops",
-              flush=True)
+        pages = "".join(f"\n  {page:<8} {link}" for page, link in prometheus.page_links().items())
+        print(f"prometheus on {prometheus.url} scraping {args.triton_metrics}; Ctrl-C stops{pages}", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             prometheus.process.wait()

@@ -36,7 +36,6 @@ from core.hf_classifier import (
     resolve_dtype,
     serving_attention,
 )
-from core.labels import LabelSet
 from core.serving_config import ServingConfig
 from server.cpu_share import engine_cpu_threads
 from server.engine_hold import EngineHold
@@ -120,7 +119,7 @@ class TorchEngine(ClassificationEngine):
         self._in_flight: set[_Submission] = set()
 
     def start(self) -> None:
-        self.labels = LabelSet.for_model_dir(self.config.model_dir)
+        self.labels = self.config.model_labels()
         self._encoder = DocumentEncoder(self.config.model_dir, self.max_length, self.config.preprocessing)
         from transformers import AutoConfig
 

@@ -1,6 +1,8 @@
 """The served model's own Prometheus metrics, through Triton's custom-metrics API, so they appear
-on Triton's metrics port beside ``nv_inference_*``; names follow TEI's ``te_*`` vocabulary with
-our prefix ``pc_`` (patent classifier). Every series carries the ``model`` label.
+on Triton's metrics port beside ``nv_inference_*``. Names take TEI's ``te_*`` vocabulary with our
+prefix ``pc_`` (patent classifier) and follow Prometheus's conventions: Triton exports a name as
+given, so counters carry their ``_total`` themselves, durations are ``_seconds`` and every other
+quantity names its unit (documents, tokens, ratio). Every series carries the ``model`` label.
 
 Each update is an IPC round trip from the Python stub to tritonserver, so nothing here runs on
 the engine's threads or on ``execute``: callers put events on a queue and one ``triton-metrics``
@@ -35,21 +37,21 @@ SAMPLE_INTERVAL_S = 1.0
 
 # (name, kind, help, buckets); kinds are pb_utils.MetricFamily attribute names.
 FAMILIES = {
-    "pc_request_count": ("COUNTER", "Classification requests received (each holds one or more documents)", None),
-    "pc_request_success": ("COUNTER", "Requests answered with scores", None),
-    "pc_request_failure": ("COUNTER", "Requests answered with an error, by err: " + ", ".join(k.value for k in ErrorKind), None),
-    "pc_request_duration": ("HISTOGRAM", "Seconds from execute() receiving a request until its answer is ready to send", DURATION_BUCKETS),
-    "pc_request_queue_duration": ("HISTOGRAM", "Seconds a document waited from submit to the start of its forward pass", DURATION_BUCKETS),
-    "pc_tokenization_duration": ("COUNTER", "Seconds spent tokenizing the documents that were computed (divide by pc_documents)", None),
-    "pc_documents": ("COUNTER", "Documents computed in a forward pass", None),
-    "pc_request_truncated": ("COUNTER", "Documents longer than max_length, cut before classification", None),
-    "pc_predictions": ("COUNTER", "Documents whose most likely class was this label", None),
-    "pc_batch_next_size": ("HISTOGRAM", "Documents per forward pass", SIZE_BUCKETS),
-    "pc_batch_next_tokens": ("HISTOGRAM", "Real (unpadded) tokens per forward pass", TOKEN_BUCKETS),
+    "pc_requests_total": ("COUNTER", "Classification requests received (each holds one or more documents)", None),
+    "pc_requests_succeeded_total": ("COUNTER", "Requests answered with scores", None),
+    "pc_requests_failed_total": ("COUNTER", "Requests answered with an error, by err: " + ", ".join(k.value for k in ErrorKind), None),
+    "pc_request_duration_seconds": ("HISTOGRAM", "Seconds from execute() receiving a request until its answer is ready to send", DURATION_BUCKETS),
+    "pc_request_queue_duration_seconds": ("HISTOGRAM", "Seconds a document waited from submit to the start of its forward pass", DURATION_BUCKETS),
+    "pc_tokenization_seconds_total": ("COUNTER", "Seconds spent tokenizing the documents that were computed (divide by pc_documents_total)", None),
+    "pc_documents_total": ("COUNTER", "Documents computed in a forward pass", None),
+    "pc_documents_truncated_total": ("COUNTER", "Documents longer than max_length, cut before classification", None),
+    "pc_predictions_total": ("COUNTER", "Documents whose most likely class was this label", None),
+    "pc_batch_documents": ("HISTOGRAM", "Documents per forward pass", SIZE_BUCKETS),
+    "pc_batch_tokens": ("HISTOGRAM", "Real (unpadded) tokens per forward pass", TOKEN_BUCKETS),
     "pc_batch_padded_tokens": ("HISTOGRAM", "Tokens a forward pass computed, padding included (width x documents)", TOKEN_BUCKETS),
     "pc_batch_padding_ratio": ("HISTOGRAM", "Share of a forward pass's tokens that were padding", RATIO_BUCKETS),
-    "pc_batch_inference_duration": ("HISTOGRAM", "Seconds of one forward pass (softmax and copy back included)", DURATION_BUCKETS),
-    "pc_queue_size": ("GAUGE", "Documents waiting in the engine's queue", None),
+    "pc_batch_inference_duration_seconds": ("HISTOGRAM", "Seconds of one forward pass (softmax and copy back included)", DURATION_BUCKETS),
+    "pc_queue_documents": ("GAUGE", "Documents waiting in the engine's queue", None),
     "pc_queue_tokens": ("GAUGE", "Tokens waiting in the engine's queue (admission refuses past max_queue_tokens)", None),
     "pc_engine_healthy": ("GAUGE", "1 while the model's engine can answer, 0 once it cannot", None),
     "pc_engine_cpu_threads": ("GAUGE", "Intra-op CPU threads of the PyTorch engine's forward passes (serving field cpu_threads)", None),
@@ -75,12 +77,12 @@ class TritonModelMetrics:
             extra = {"buckets": buckets} if buckets is not None else {}
             return self._families[name].Metric(labels={**model, **labels}, **extra)
 
-        made_below = ("pc_request_failure", "pc_predictions", "pc_engine_cpu_threads")
+        made_below = ("pc_requests_failed_total", "pc_predictions_total", "pc_engine_cpu_threads")
         self._plain = {name: metric(name) for name in FAMILIES if name not in made_below}
         # Created up front, at zero, so every error kind and every class exists as a series from the
         # start: rates and shares are then defined before the first occurrence.
-        self._failures = {kind: metric("pc_request_failure", err=kind.value) for kind in ErrorKind}
-        self._predictions = [metric("pc_predictions", label=code) for code in label_codes]
+        self._failures = {kind: metric("pc_requests_failed_total", err=kind.value) for kind in ErrorKind}
+        self._predictions = [metric("pc_predictions_total", label=code) for code in label_codes]
         self._plain["pc_engine_healthy"].set(1.0 if engine.is_healthy() else 0.0)
         if engine.cpu_threads is not None:  # fixed once the engine has started; none for vLLM's own threads
             self._plain["pc_engine_cpu_threads"] = metric("pc_engine_cpu_threads")
@@ -129,42 +131,42 @@ class TritonModelMetrics:
         depth = getattr(self._engine, "queue_depth", None)
         if depth is not None:
             documents, tokens = depth()
-            self._plain["pc_queue_size"].set(float(documents))
+            self._plain["pc_queue_documents"].set(float(documents))
             self._plain["pc_queue_tokens"].set(float(tokens))
         self._engine_healthy(self._engine.is_healthy())
 
     def _apply(self, what: str, payload) -> None:
         plain = self._plain
         if what == "received":
-            plain["pc_request_count"].increment(1.0)
+            plain["pc_requests_total"].increment(1.0)
         elif what == "answered":
             scores, seconds = payload
-            plain["pc_request_success"].increment(1.0)
-            plain["pc_request_duration"].observe(seconds)
+            plain["pc_requests_succeeded_total"].increment(1.0)
+            plain["pc_request_duration_seconds"].observe(seconds)
             truncated = sum(1 for document in scores if document.truncated)
             if truncated:
-                plain["pc_request_truncated"].increment(float(truncated))
+                plain["pc_documents_truncated_total"].increment(float(truncated))
             for index, count in _top_classes(scores).items():
                 self._predictions[index].increment(float(count))
         elif what == "failed":
             kind, seconds = payload
             self._failures[kind].increment(1.0)
-            plain["pc_request_duration"].observe(seconds)
+            plain["pc_request_duration_seconds"].observe(seconds)
         elif what == "batch":
             self._apply_batch(payload)
 
     def _apply_batch(self, stats: BatchStats) -> None:
         plain = self._plain
-        plain["pc_documents"].increment(float(stats.documents))
-        plain["pc_batch_next_size"].observe(float(stats.documents))
-        plain["pc_batch_next_tokens"].observe(float(stats.real_tokens))
+        plain["pc_documents_total"].increment(float(stats.documents))
+        plain["pc_batch_documents"].observe(float(stats.documents))
+        plain["pc_batch_tokens"].observe(float(stats.real_tokens))
         plain["pc_batch_padded_tokens"].observe(float(stats.padded_tokens))
         plain["pc_batch_padding_ratio"].observe(stats.padding_ratio)
-        plain["pc_batch_inference_duration"].observe(stats.compute_seconds)
-        plain["pc_tokenization_duration"].increment(stats.tokenize_seconds)
+        plain["pc_batch_inference_duration_seconds"].observe(stats.compute_seconds)
+        plain["pc_tokenization_seconds_total"].increment(stats.tokenize_seconds)
         for seconds in stats.queue_seconds:
-            plain["pc_request_queue_duration"].observe(seconds)
-        plain["pc_queue_size"].set(float(stats.queue_documents))
+            plain["pc_request_queue_duration_seconds"].observe(seconds)
+        plain["pc_queue_documents"].set(float(stats.queue_documents))
         plain["pc_queue_tokens"].set(float(stats.queue_tokens))
 
 

@@ -37,7 +37,6 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from core.engine import ClassificationEngine, DocumentScores, caller_gave_up, complete
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable, ServingError
 from core.hf_classifier import DocumentEncoder, EncodedText, resolve_dtype, softmax
-from core.labels import LabelSet
 from core.serving_config import ServingConfig
 from server.engine_hold import POLL_S as HOLD_POLL_S, EngineHold
 
@@ -85,7 +84,7 @@ class VllmEngine(ClassificationEngine):
 
     def start(self) -> None:
         started = time.monotonic()
-        self.labels = LabelSet.for_model_dir(self.config.model_dir)
+        self.labels = self.config.model_labels()
         self._encoder = DocumentEncoder(self.config.model_dir, self.max_length, self.config.preprocessing)
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
         self._loop_thread.start()

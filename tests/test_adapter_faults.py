@@ -49,7 +49,7 @@ def test_a_plain_exception_fails_only_its_own_request(faulty_server):
                     return error
             return await asyncio.wait_for(asyncio.gather(*(one(d) for d in documents)), TIMEOUT_S + 10)
 
-    failures_before = value(scrape(faulty_server.metrics_url)[0], "pc_request_failure", model=MODEL, err="engine_failure")
+    failures_before = value(scrape(faulty_server.metrics_url)[0], "pc_requests_failed_total", model=MODEL, err="engine_failure")
     outcomes = asyncio.run(send_all())
     failures = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
     assert len(failures) == REQUESTS // FAIL_EVERY, outcomes
@@ -57,7 +57,7 @@ def test_a_plain_exception_fails_only_its_own_request(faulty_server):
     assert sum(1 for outcome in outcomes if not isinstance(outcome, Exception)) == REQUESTS - len(failures)
     # Counted like any failure, and the traceback stays in the server's log, not in the answer.
     assert "At:" not in failures[0].message
-    counted = lambda: value(scrape(faulty_server.metrics_url)[0], "pc_request_failure", model=MODEL, err="engine_failure")
+    counted = lambda: value(scrape(faulty_server.metrics_url)[0], "pc_requests_failed_total", model=MODEL, err="engine_failure")
     deadline = time.monotonic() + 10
     while counted() < failures_before + len(failures) and time.monotonic() < deadline:
         time.sleep(0.2)

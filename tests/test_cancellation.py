@@ -37,7 +37,7 @@ def wait_for(condition, what: str) -> None:
 
 
 def test_a_cancelled_grpc_request_is_dropped_before_compute(server):
-    cancelled_before = metric(server, "pc_request_failure", err="cancelled")
+    cancelled_before = metric(server, "pc_requests_failed_total", err="cancelled")
     client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
     outcomes: dict[str, queue.Queue] = {}
 
@@ -52,12 +52,12 @@ def test_a_cancelled_grpc_request_is_dropped_before_compute(server):
             for index, document in enumerate(AHEAD):
                 request(f"ahead-{index}", document)
             waiting = request("cancelled", CANCELLED)
-            wait_for(lambda: metric(server, "pc_queue_size") == len(AHEAD) + 1, "the requests queued in the held engine")
+            wait_for(lambda: metric(server, "pc_queue_documents") == len(AHEAD) + 1, "the requests queued in the held engine")
             waiting.cancel()
             # Sent after the cancellation on the same connection: once the engine holds it, the
             # server has read the cancellation that came before it.
             request("behind", BEHIND)
-            wait_for(lambda: metric(server, "pc_queue_size") == len(AHEAD) + 2, "the request behind queued")
+            wait_for(lambda: metric(server, "pc_queue_documents") == len(AHEAD) + 2, "the request behind queued")
         results = {name: answers.get(timeout=WAIT_S) for name, answers in outcomes.items()}
     finally:
         client.close()
@@ -65,7 +65,7 @@ def test_a_cancelled_grpc_request_is_dropped_before_compute(server):
     result, error = results.pop("cancelled")
     assert result is None and isinstance(typed_error(error), Cancelled)
     assert all(result is not None and error is None for result, error in results.values())  # the others were answered
-    wait_for(lambda: metric(server, "pc_request_failure", err="cancelled") == cancelled_before + 1,
+    wait_for(lambda: metric(server, "pc_requests_failed_total", err="cancelled") == cancelled_before + 1,
              "the server counted the cancellation")
     with PatentClassifier(server.grpc_url, model=MODEL_NAME) as classifier:
         assert classifier.classify(CANCELLED).token_count == 512

@@ -13,17 +13,22 @@ import pytest
 from PIL import Image
 
 from clients import PatentClassifier
+from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from export.demo_labelled_set import demo_labelled_rows
 from server.launcher import free_loopback_ports
-from tests.conftest import MODEL_NAME, PROJECT_ROOT
+from tests.conftest import LLAMA_MODEL, MODEL_NAME, PROJECT_ROOT
 
 SHIPPED_LABELLED_FILE = PROJECT_ROOT / "clients" / "examples" / "labelled_patents.jsonl"
 
 
-def run_evaluate(*arguments, timeout: float = 300) -> subprocess.CompletedProcess:
+def exported_labels(exported) -> LabelSet:
+    return LabelSet.for_model_dir(exported.merged_dir)
+
+
+def run_evaluate(*arguments, timeout: float = 300, python_options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "clients", "evaluate", "--quiet", *map(str, arguments)],
+        [sys.executable, *python_options, "-m", "clients", "evaluate", "--quiet", *map(str, arguments)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -96,21 +101,60 @@ def test_report_on_a_file_with_known_answers(server, exported, ranked_answers, r
     assert [line["predicted"] for line in predictions] == [codes[:5] for codes in ranked]
     with Image.open(out / "confusion_matrix.png") as picture:
         assert picture.format == "PNG" and min(picture.size) >= 400
+    # The mix-ups in words, beside the picture: every wrong answer is one (label, served top class) pair.
+    wrong = Counter((label, top) for label, top in zip(labels, served_top1) if label != top)
+    assert {(pair["true"], pair["predicted"]): pair["documents"] for pair in report["confused_pairs"]} == wrong
+    names = dict(zip(exported_labels(exported).codes, exported_labels(exported).names))
+    table = (out / "confused_pairs.txt").read_text(encoding="utf-8")
+    for pair in report["confused_pairs"]:
+        assert (pair["true_name"], pair["predicted_name"]) == (names[pair["true"]], names[pair["predicted"]])
+        assert f"{pair['true']} {names[pair['true']]}" in table and f"{pair['predicted']} {names[pair['predicted']]}" in table
     text_report = (out / "classification_report.txt").read_text(encoding="utf-8")
     assert all(code in text_report for code in report["classes"])
     assert "accuracy          0.5000" in result.stdout and "top-5 accuracy    0.8000" in result.stdout
 
 
-def test_a_file_labelled_with_the_served_answers_scores_one_over_http(server, ranked_answers, tmp_path):
+def test_a_file_labelled_with_the_served_answers_scores_one_over_http_without_loading_a_model(server, ranked_answers, tmp_path):
     documents, ranked = ranked_answers
     labelled = write_labelled_file(tmp_path / "perfect.jsonl", documents, [codes[0] for codes in ranked])
 
-    result = run_evaluate("--input", labelled, "--out", tmp_path / "out", "--url", server.http_url, "--protocol", "http", "--top-k", 1)
+    result = run_evaluate(
+        "--input", labelled, "--out", tmp_path / "out", "--url", server.http_url, "--protocol", "http", "--top-k", 1,
+        "--min-accuracy", 1.0, python_options=("-X", "importtime"),
+    )
 
     assert result.returncode == 0, result.stderr
     report = read_report(tmp_path / "out")
     assert (report["accuracy"], report["macro_f1"], report["top_k_accuracy"]) == (1.0, 1.0, 1.0)
     assert report["offline"] is None and report["server"] == f"http {server.http_url}"
+    assert report["confused_pairs"] == [] and "No document" in (tmp_path / "out" / "confused_pairs.txt").read_text()
+    # Against a server, without --model-dir, nothing that could load a model is even imported.
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "sklearn" in imported and imported.isdisjoint({"torch", "transformers"})
+
+
+def test_accuracy_under_min_accuracy_fails_the_release_gate_after_writing_the_report(server, ranked_answers, tmp_path):
+    documents, ranked = ranked_answers
+    labels = [codes[0] for codes in ranked[:7]] + [codes[1] for codes in ranked[7:]]  # accuracy 0.7
+    labelled = write_labelled_file(tmp_path / "seven.jsonl", documents, labels)
+
+    passed = run_evaluate("--input", labelled, "--out", tmp_path / "passed", "--url", server.grpc_url, "--min-accuracy", 0.7)
+    failed = run_evaluate("--input", labelled, "--out", tmp_path / "failed", "--url", server.grpc_url, "--min-accuracy", 0.71)
+
+    assert passed.returncode == 0, passed.stderr
+    assert failed.returncode == 1 and "accuracy 0.7000 is below --min-accuracy 0.7100" in failed.stderr
+    assert read_report(tmp_path / "failed")["accuracy"] == pytest.approx(0.7)
+
+
+def test_a_file_labelled_for_another_model_is_refused_naming_its_labels_and_the_model(server, tmp_path):
+    """The KSCST-labelled file against the 9-class IPC model: before, accuracy 0.0000 and exit 0."""
+    result = run_evaluate("--input", SHIPPED_LABELLED_FILE, "--out", tmp_path / "out", "--url", server.grpc_url, "--model", LLAMA_MODEL)
+
+    assert result.returncode == 2, result.stderr
+    shipped_labels = sorted({json.loads(line)["label"] for line in SHIPPED_LABELLED_FILE.read_text(encoding="utf-8").splitlines()})
+    assert f"{len(shipped_labels)} labels of {SHIPPED_LABELLED_FILE} are not classes of model '{LLAMA_MODEL}'" in result.stderr
+    assert ", ".join(shipped_labels[:10]) in result.stderr and "Its 9 classes are" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_make_eval_path_on_the_shipped_file_gives_the_documented_numbers(exported, tmp_path):
@@ -158,5 +202,5 @@ def test_evaluating_against_a_server_that_is_down_says_so(tmp_path):
 
     result = run_evaluate("--input", labelled, "--out", tmp_path / "out", "--url", f"127.0.0.1:{unused_port}")
 
-    assert result.returncode == 1
-    assert f"is not ready at 127.0.0.1:{unused_port}" in result.stderr
+    assert result.returncode == 3
+    assert f"nothing listens at 127.0.0.1:{unused_port}: is the server running" in result.stderr

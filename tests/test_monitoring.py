@@ -8,6 +8,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -16,17 +17,20 @@ import yaml
 
 from benchmarks.load_generator import closed_loop
 from clients import InvalidInput, PatentClassifier
+from core.errors import ErrorKind
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
 from server.prometheus_monitor import MONITORING, Prometheus, write_config
-from tests.conftest import MODEL_NAME
+from server.triton_metrics import FAMILIES
+from tests.conftest import MODEL_NAME, PROJECT_ROOT
 
 ALERTS = MONITORING / "alerts.yml"
 ALERT_TESTS = MONITORING / "alerts_test.yml"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "patent-classifier.json"
+MONITORING_DOC = PROJECT_ROOT / "docs" / "monitoring.md"
 # What Grafana puts in place of its variables; the windows cover the whole of the test's load,
 # even when a busy machine stretches it.
-GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "10m", "$model": ".+"}
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "10m", "$model": ".+", "$job": ".+"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -105,25 +109,41 @@ def value(samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and wanted.items() <= dict(ls).items())
 
 
-def test_the_models_metrics_have_the_documented_types(server):
+def documented_metrics() -> tuple[dict[str, str], set[str]]:
+    """The metric table of docs/monitoring.md: {name: type}, and the `err` values its failure row lists."""
+    rows = re.findall(r"^\| `(pc_[a-z_]+)(?:\{\w+\})?` \| (counter|gauge|histogram) \| (.*) \|$", MONITORING_DOC.read_text(), re.M)
+    failure_row = next(what for name, _, what in rows if name == "pc_requests_failed_total")
+    return {name: kind for name, kind, _ in rows}, set(re.findall(r"`([a-z_]+)`", failure_row.partition("`err`:")[2]))
+
+
+def test_the_documented_metric_list_is_exactly_what_the_server_exposes(server):
     samples, types = scrape(server.metrics_url)
-    expected = {
-        "pc_request_count": "counter", "pc_request_success": "counter", "pc_request_failure": "counter",
-        "pc_request_duration": "histogram", "pc_request_queue_duration": "histogram",
-        "pc_tokenization_duration": "counter", "pc_documents": "counter", "pc_request_truncated": "counter",
-        "pc_predictions": "counter", "pc_batch_next_size": "histogram", "pc_batch_next_tokens": "histogram",
-        "pc_batch_padded_tokens": "histogram", "pc_batch_padding_ratio": "histogram",
-        "pc_batch_inference_duration": "histogram", "pc_queue_size": "gauge", "pc_queue_tokens": "gauge",
-        "pc_engine_healthy": "gauge", "pc_engine_cpu_threads": "gauge",
-    }
-    assert {name: types.get(name) for name in expected} == expected
+    documented, documented_errors = documented_metrics()
+    exposed = {name: kind for name, kind in types.items() if name.startswith("pc_")}
+    assert documented == exposed
+    assert documented_errors == {dict(labels)["err"] for (name, labels) in samples if name == "pc_requests_failed_total"}
+    assert documented_errors == {kind.value for kind in ErrorKind}
     assert "nv_inference_count" in types  # beside Triton's own
     assert value(samples, "pc_engine_healthy") == 1.0
     # Every class and every error kind is a series from the start, so shares and rates are defined.
-    assert len([1 for (n, ls) in samples if n == "pc_predictions" and ("model", MODEL_NAME) in ls]) == 188
-    assert {dict(ls)["err"] for (n, ls) in samples if n == "pc_request_failure"} >= {
-        "invalid_input", "overloaded", "deadline_exceeded", "cancelled", "engine_failure", "unavailable"
-    }
+    assert len([1 for (n, ls) in samples if n == "pc_predictions_total" and ("model", MODEL_NAME) in ls]) == 188
+
+
+def test_every_metric_name_follows_prometheus_conventions():
+    """Counters end in _total (and one of seconds in _seconds_total); a family that counts or
+    measures seconds says so; nothing else ends like a histogram's own series or a counter."""
+    for name, (kind, help_text, _) in FAMILIES.items():
+        assert re.fullmatch(r"pc_[a-z_]+", name), name
+        if kind == "COUNTER":
+            assert name.endswith("_total"), name
+        else:
+            assert not name.endswith(("_total", "_count", "_sum", "_bucket")), name
+        in_seconds = help_text.startswith("Seconds")
+        assert in_seconds == name.endswith(("_seconds", "_seconds_total")), (name, help_text)
+        # Every gauge and histogram names its unit (or is a 0/1 state).
+        if kind != "COUNTER":
+            assert name.endswith(("_seconds", "_documents", "_tokens", "_ratio", "_threads", "_healthy")), name
+    assert FAMILIES["pc_queue_tokens"][0] == "GAUGE"  # the autoscaler's metric keeps its name
 
 
 def test_the_metrics_count_what_clients_saw(server):
@@ -141,25 +161,25 @@ def test_the_metrics_count_what_clients_saw(server):
     deadline = time.monotonic() + 15  # the metrics thread applies updates asynchronously
     while True:
         after, _ = scrape(server.metrics_url)
-        if delta("pc_request_count") >= 4 and delta("pc_request_failure", err="invalid_input") >= 1 or time.monotonic() > deadline:
+        if delta("pc_requests_total") >= 4 and delta("pc_requests_failed_total", err="invalid_input") >= 1 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert delta("pc_request_count") == 4
-    assert delta("pc_request_success") == 3
-    assert delta("pc_request_failure", err="invalid_input") == 1
-    assert delta("pc_request_failure") == 1
-    assert delta("pc_request_duration_count") == 4
-    assert delta("pc_documents") == len(patents)
-    assert delta("pc_request_queue_duration_count") == len(patents)
-    assert delta("pc_request_truncated") == sum(answer.truncated for answer in answers) > 0
-    assert delta("pc_batch_next_tokens_sum") == sum(answer.token_count for answer in answers)
-    assert delta("pc_batch_padded_tokens_sum") >= delta("pc_batch_next_tokens_sum")
-    assert 1 <= delta("pc_batch_next_size_count") <= len(patents)
-    assert delta("pc_batch_next_size_sum") == len(patents)
-    assert delta("pc_tokenization_duration") > 0
+    assert delta("pc_requests_total") == 4
+    assert delta("pc_requests_succeeded_total") == 3
+    assert delta("pc_requests_failed_total", err="invalid_input") == 1
+    assert delta("pc_requests_failed_total") == 1
+    assert delta("pc_request_duration_seconds_count") == 4
+    assert delta("pc_documents_total") == len(patents)
+    assert delta("pc_request_queue_duration_seconds_count") == len(patents)
+    assert delta("pc_documents_truncated_total") == sum(answer.truncated for answer in answers) > 0
+    assert delta("pc_batch_tokens_sum") == sum(answer.token_count for answer in answers)
+    assert delta("pc_batch_padded_tokens_sum") >= delta("pc_batch_tokens_sum")
+    assert 1 <= delta("pc_batch_documents_count") <= len(patents)
+    assert delta("pc_batch_documents_sum") == len(patents)
+    assert delta("pc_tokenization_seconds_total") > 0
     for code in set(tops):
-        assert delta("pc_predictions", label=code) == tops.count(code)
-    assert delta("pc_predictions") == len(patents)
+        assert delta("pc_predictions_total", label=code) == tops.count(code)
+    assert delta("pc_predictions_total") == len(patents)
 
 
 # --- the dashboard against a real Prometheus ----------------------------------------------------
@@ -168,6 +188,53 @@ def test_the_metrics_count_what_clients_saw(server):
 def panel_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def walk(node, path: str = ""):
+    """Every (path, key, value) of a JSON document, depth first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        yield path, key, child
+        yield from walk(child, f"{path}/{key}")
+
+
+def assert_portable(dashboard: dict) -> None:
+    """Imported into a Grafana whose Prometheus has another uid, or scraping Triton under another
+    job, every panel must still work: data sources come from the `datasource` variable, jobs from `job`."""
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    assert [(entry["type"], entry["pluginId"]) for entry in dashboard["__inputs"]] == [("datasource", "prometheus")]
+    chosen = {"type": "prometheus", "uid": "${datasource}"}
+    for panel in dashboard["panels"]:
+        assert panel.get("datasource") == chosen, f"panel {panel['title']}: {panel.get('datasource')}"
+        for target in panel["targets"]:
+            assert target.get("datasource") == chosen, f"panel {panel['title']} target {target['refId']}: {target.get('datasource')}"
+    body = {key: part for key, part in dashboard.items() if key != "__inputs"}
+    for path, key, source in walk(body):  # variables, and anything a later edit adds
+        assert key != "datasource" or source == chosen, f"{path}: {source}"
+    # Only the import dialog fills ${DS_PROMETHEUS}; provisioning would leave it as it is.
+    assert "DS_PROMETHEUS" not in json.dumps(body)
+    queries = [value for _, key, value in walk(body) if key in ("expr", "definition") and isinstance(value, str)]
+    queries += [value["query"] for _, key, value in walk(body) if key == "query" and isinstance(value, dict)]
+    for query in queries:
+        assert set(re.findall(r'\bjob\s*(?:=~|!~|!=|=)\s*"([^"]*)"', query)) <= {"$job"}, query
+
+
+def test_the_dashboard_names_no_data_source_or_job_of_its_own():
+    assert_portable(json.loads(DASHBOARD.read_text()))
+
+
+@pytest.mark.parametrize("where, change, words", [
+    ("target", lambda d: d["panels"][3]["targets"][0].update(datasource={"type": "prometheus", "uid": "prometheus"}), "Time in queue target A"),
+    ("panel", lambda d: d["panels"][0].pop("datasource"), "panel Throughput"),
+    ("variable", lambda d: d["templating"]["list"][2].update(datasource={"type": "prometheus", "uid": "P1809F7CD0C75ACF3"}), "templating/list/2"),
+    ("job", lambda d: d["panels"][-2]["targets"][0].update(expr='up{job="triton"}'), "triton"),
+])
+def test_the_portability_check_catches_a_hard_coded_source_or_job(where, change, words):
+    dashboard = json.loads(DASHBOARD.read_text())
+    change(dashboard)
+    with pytest.raises(AssertionError, match=words):
+        assert_portable(dashboard)
 
 
 def as_grafana_sends(expr: str) -> str:
@@ -198,7 +265,7 @@ def prometheus_after_load(server, tmp_path_factory):
         # Wait until Prometheus holds the whole load (and the recording rules ran on it).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            scraped = prometheus.query(f'sum(pc_request_success{{model="{MODEL_NAME}"}})')
+            scraped = prometheus.query(f'sum(pc_requests_succeeded_total{{model="{MODEL_NAME}"}})')
             shares = prometheus.query("pc:predictions:share_1h")
             if scraped and float(scraped[0]["value"][1]) >= len(patents) and shares:
                 break
@@ -231,3 +298,27 @@ def test_prometheus_evaluates_every_rule_without_error(prometheus_after_load):
     # Under steady load no alert is firing.
     firing = [rule["name"] for rule in rules if rule.get("state") == "firing"]
     assert firing == []
+
+
+# --- make monitor ---------------------------------------------------------------------------------
+
+
+def test_the_links_make_monitor_prints_answer_on_the_prometheus_it_starts(tmp_path):
+    (port, nobody_listens) = free_loopback_ports(2)
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "server.prometheus_monitor", "--triton-metrics", f"127.0.0.1:{nobody_listens}",
+         "--port", str(port), "--data", str(tmp_path / "prometheus")],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        printed = [monitor.stdout.readline() for _ in range(5)]  # the banner and one line per page
+        links = dict(line.split() for line in printed[1:])
+        assert set(links) == {"graph", "alerts", "targets", "rules"}, printed
+        for page, link in links.items():
+            assert link.startswith(f"http://127.0.0.1:{port}/")
+            with urllib.request.urlopen(link, timeout=10) as answer:
+                assert answer.status == 200, (page, link)
+                assert "Prometheus" in answer.read().decode()
+    finally:
+        monitor.terminate()
+        assert monitor.wait(timeout=60) == 0

@@ -8,7 +8,7 @@ from core import protocol
 from core.engine import DocumentScores
 from core.errors import InvalidInput
 from core.labels import Label, LabelSet
-from core.patent_document import MAX_DOCUMENT_BYTES, TEXT_TEMPLATE, PatentDocument
+from core.patent_document import MAX_DOCUMENT_BYTES, TEXT_TEMPLATE, PatentDocument, without_control_characters
 
 
 def texts(*values: bytes) -> np.ndarray:
@@ -23,6 +23,37 @@ def test_template_feeds_fields_in_training_order():
     document = PatentDocument(ipc="G06F 16/35; G06N 3/08", title="분류 장치", abstract="요약문", claims=["1. 장치", "2. 방법"])
     assert document.render() == "IPC: G06F 16/35, G06N 3/08\n발명의 명칭: 분류 장치\n요약: 요약문\n청구범위: 1. 장치\n2. 방법"
     assert TEXT_TEMPLATE.index("{ipc}") < TEXT_TEMPLATE.index("{title}") < TEXT_TEMPLATE.index("{abstract}") < TEXT_TEMPLATE.index("{claims}")
+
+
+def test_absent_fields_leave_their_template_lines_out():
+    assert PatentDocument(title="분류 장치", claims="1. 장치").render() == "발명의 명칭: 분류 장치\n청구범위: 1. 장치"
+    assert PatentDocument.parse({"ipc": None, "abstract": "요약문", "claims": []}).render() == "요약: 요약문"
+    assert PatentDocument.parse({"ipc": [], "title": "t"}).to_json() == {"title": "t"}
+
+
+@pytest.mark.parametrize("payload, field, words", [
+    ({"ipc": "G06F 16/35"}, "DOCUMENT", "none of title, abstract, claims"),
+    ({}, "DOCUMENT", "none of title, abstract, claims"),
+    ({"title": "\x00\x00\x00"}, "DOCUMENT.title", "must not be empty"),
+    ({"title": "   "}, "DOCUMENT.title", "must not be empty"),
+    ({"abstract": "요약", "claims": ["1. 장치", "\x07\x1b"]}, "DOCUMENT.claims[1]", "must not be empty"),
+])
+def test_a_document_needs_some_text_and_blank_or_control_only_fields_are_refused(payload, field, words):
+    with pytest.raises(InvalidInput) as error:
+        PatentDocument.parse(payload)
+    assert (error.value.field, words in error.value.problem) == (field, True)
+
+
+def test_control_characters_are_removed_the_same_way_from_fields_and_texts():
+    """C0/C1 controls go (NUL padding, DEL, escape), tab and newlines stay, in DOCUMENT and TEXT alike."""
+    document = PatentDocument(title="\x00분류\t장치\x7f", abstract="요약\x1b문", claims="1.\r\n장치\x85")
+    assert document.render() == "발명의 명칭: 분류\t장치\n요약: 요약문\n청구범위: 1.\r\n장치"
+    request = decode(text=texts("\x00IPC: G06F\x9f\n발명의 명칭: 장치".encode()))
+    assert request.texts == ["IPC: G06F\n발명의 명칭: 장치"]
+    with pytest.raises(InvalidInput, match="TEXT\\[0\\]: is empty"):
+        decode(text=texts("\x00\x01\x02 \x7f".encode()))
+    assert [without_control_characters(chr(code)) for code in (9, 10, 13)] == ["\t", "\n", "\r"]
+    assert "".join(without_control_characters(chr(code)) for code in [*range(0, 32), *range(127, 160)]) == "\t\n\r"
 
 
 def test_documents_decode_to_rendered_text_and_default_top_k():

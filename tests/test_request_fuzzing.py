@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 from core import protocol
 from core.errors import InvalidInput
-from core.patent_document import MAX_DOCUMENT_BYTES
+from core.patent_document import MAX_DOCUMENT_BYTES, without_control_characters
 from tests.conftest import MODEL_NAME
 from tests.parity import probability_sum_slack
 
@@ -68,7 +68,7 @@ def test_any_input_decodes_or_names_the_field(text, document, top_k):
         assert error.field.split("[")[0] in FIELDS and error.problem
         return
     assert 1 <= len(request.texts) <= MAX_DOCUMENTS
-    assert all(isinstance(t, str) and t.strip() for t in request.texts)
+    assert all(isinstance(t, str) and t.strip() and t == without_control_characters(t) for t in request.texts)
     assert 1 <= request.top_k <= NUM_LABELS
 
 

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,10 +10,11 @@ import tritonclient.grpc
 import tritonclient.http
 
 from clients import AsyncPatentClassifier, InvalidInput, PatentClassifier, PatentDocument
-from core.errors import ModelNotFound
+from core.errors import ModelNotFound, ServerUnavailable
 from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
-from tests.conftest import MAX_LENGTH, MODEL_NAME, PROJECT_ROOT, EXAMPLE_PATENTS, example_records
+from server.launcher import free_loopback_ports
+from tests.conftest import MAX_LENGTH, MODEL_NAME, example_records
 
 PROTOCOLS = ["grpc", "http"]
 
@@ -91,12 +89,31 @@ def test_ipc_codes_may_come_as_one_string(classifier):
     assert as_string == as_list
 
 
+def test_a_new_application_without_ipc_is_classified_as_its_template_renders_it(classifier):
+    record = {k: v for k, v in example_records()[3].items() if k not in ("id", "ipc")}
+    without_ipc = classifier.classify(record)
+    assert without_ipc == classifier.classify(PatentDocument.model_validate(record).render())
+    assert not PatentDocument.model_validate(record).render().startswith("IPC")
+    title_only = classifier.classify({"title": record["title"], "ipc": None})
+    assert title_only == classifier.classify(f"발명의 명칭: {record['title']}")
+
+
+def test_control_characters_are_dropped_alike_from_fields_and_texts(classifier):
+    record = {k: v for k, v in example_records()[4].items() if k != "id"}
+    padded = {**record, "title": "\x00" + record["title"] + "\x00\x00", "abstract": record["abstract"] + "\x7f"}
+    clean = classifier.classify(record)
+    assert classifier.classify(padded) == clean
+    assert classifier.classify("\x00" + PatentDocument.model_validate(record).render()) == clean
+
+
 # (document, the field its error must name, a word its problem must contain)
 BAD_DOCUMENTS = [
     ("", "TEXT[0]", "empty"),
     ("   ", "TEXT[0]", "empty"),
-    ({"ipc": ["G06F 16/35"], "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "missing"),
-    ({"ipc": [], "title": "제목", "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].ipc", "empty"),
+    ("\x00\x00\x00", "TEXT[0]", "empty"),
+    ({"ipc": ["G06F 16/35"]}, "DOCUMENT[0]", "none of title, abstract, claims"),
+    ({"ipc": "", "title": "제목", "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].ipc[0]", "empty"),
+    ({"title": "\x00 \x1f", "abstract": "요약"}, "DOCUMENT[0].title", "empty"),
     ({"ipc": ["G06F"], "title": 123, "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "string"),
     ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": [""]}, "DOCUMENT[0].claims[0]", "empty"),
     ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": "1", "inventor": "x"}, "DOCUMENT[0].inventor", "unknown"),
@@ -144,10 +161,67 @@ def test_top_k_out_of_range_names_the_limit(classifier, top_k):
     assert error.value.field == "TOP_K"
 
 
-def test_too_many_documents_in_one_request(classifier):
-    with pytest.raises(InvalidInput, match="the limit is 64 per request") as error:
-        classifier.classify_batch(["특허"] * 65)
-    assert error.value.field == "TEXT"
+def test_the_server_refuses_more_documents_than_its_limit_in_one_request(server):
+    for protocol in PROTOCOLS:
+        with pytest.raises(Exception, match="TEXT: holds 65 documents; the limit is 64 per request"):
+            raw_infer(server, protocol, MODEL_NAME, [("TEXT", "BYTES", np.array([b"x"] * 65, dtype=np.object_))])
+
+
+def test_classify_batch_splits_any_number_of_documents_within_the_limit_and_keeps_order(classifier, monkeypatch):
+    documents = synthetic_patents(70, seed=17, long_share=0.2)
+    sent = []  # the size of each request the client sends; the server refuses any over its limit
+    send = classifier._classify_request
+    monkeypatch.setattr(classifier, "_classify_request", lambda chunk, top_k: sent.append(len(chunk)) or send(chunk, top_k))
+
+    answers = classifier.classify_batch(documents)
+
+    assert sent == [64, 6] and classifier.served_config().max_documents == 64
+    assert len(answers) == 70
+    # In order: each answer is its own document's (batched with others, so compared by what it says).
+    picked = [0, 1, 62, 63, 64, 65, 68, 69]
+    alone = [classifier.classify(documents[index]) for index in picked]
+    assert [ranking(answers[index]) for index in picked] == [ranking(answer) for answer in alone]
+
+
+def ranking(answer) -> tuple:
+    return [score.code for score in answer.labels], answer.token_count, answer.truncated
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_asyncio_client_splits_too(server, protocol):
+    documents = synthetic_patents(70, seed=17, long_share=0.2)
+
+    async def run():
+        async with AsyncPatentClassifier(url(server, protocol), protocol=protocol, model=MODEL_NAME) as client:
+            return await client.classify_batch(documents), (await client.served_config()).max_documents
+
+    answers, limit = asyncio.run(run())
+    assert (len(answers), limit) == (70, 64)
+    with PatentClassifier(url(server, protocol), protocol=protocol, model=MODEL_NAME) as client:
+        assert [ranking(answer) for answer in answers[63:65]] == [ranking(client.classify(d)) for d in documents[63:65]]
+
+
+def test_the_models_labels_are_its_classes(classifier, reference):
+    assert classifier.served_config().num_labels == len(reference.labels) == 188
+    assert classifier.model_labels() == dict(zip(reference.labels.codes, reference.labels.names))
+
+
+@pytest.mark.parametrize("protocol, other_port, words", [
+    ("grpc", "http", "answers, but not over grpc: it looks like the server's http port; use protocol http"),
+    ("http", "grpc", "answers, but not over http: it looks like the server's grpc port; use protocol grpc"),
+])
+def test_the_wrong_port_or_protocol_is_named_as_the_likely_cause(server, protocol, other_port, words):
+    with PatentClassifier(url(server, other_port), protocol=protocol, model=MODEL_NAME, timeout_s=10) as client:
+        with pytest.raises(ServerUnavailable, match=words):
+            client.classify("특허")
+
+
+def test_nothing_listening_is_named_as_the_likely_cause():
+    (port,) = free_loopback_ports(1)
+    for protocol in PROTOCOLS:
+        with PatentClassifier(f"127.0.0.1:{port}", protocol=protocol, model=MODEL_NAME, timeout_s=10) as client:
+            with pytest.raises(ServerUnavailable, match=f"nothing listens at 127.0.0.1:{port}: is the server running"):
+                client.classify("특허")
 
 
 def test_unknown_model_is_model_not_found(server):
@@ -196,21 +270,3 @@ def test_asyncio_client(server, protocol):
 
     singles, batch = asyncio.run(run())
     assert singles == batch
-
-
-def test_cli_prints_top5_for_each_example_patent(server, tmp_path):
-    records = example_records()
-    bad_line = tmp_path / "with_bad.jsonl"
-    bad_line.write_text(
-        EXAMPLE_PATENTS.read_text(encoding="utf-8") + json.dumps({"id": "bad", "title": "no other fields"}) + "\n",
-        encoding="utf-8",
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "clients", "classify", "--input", str(bad_line), "--url", server.grpc_url, "--batch-size", "3"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
-    )
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["id"] for line in lines] == [record["id"] for record in records] + ["bad"]
-    assert all(len(line["labels"]) == 5 for line in lines[:-1])
-    assert lines[-1]["error"]["kind"] == "invalid_input" and "DOCUMENT[0].ipc" in lines[-1]["error"]["message"]
-    assert result.returncode == 1 and "1 of 9 documents failed" in result.stderr

@@ -58,3 +58,22 @@ def test_the_batch_budget_must_hold_one_document_at_its_padded_width():
     with pytest.raises(ValueError, match=r"max_batch_tokens \(500\) must be at least max_length \(500\) rounded up .* 512"):
         ServingConfig(model_dir=Path("model"), max_length=500, pad_to_multiple_of=16, max_batch_tokens=500)
     assert ServingConfig(model_dir=Path("model"), max_length=500, pad_to_multiple_of=16, max_batch_tokens=512).max_batch_tokens == 512
+
+
+def test_num_labels_is_written_from_the_merged_model_and_must_agree_with_it(tmp_path):
+    from core.labels import Label, LabelSet
+    from export.triton_package import merged_model_dir, write_triton_model
+
+    merged = merged_model_dir(tmp_path, "m")
+    merged.mkdir(parents=True)
+    LabelSet(tuple(Label(f"C{i}", f"class {i}") for i in range(7))).write_tsv(merged / "labels.tsv")
+    write_triton_model(tmp_path, "m", ServingConfig(model_dir=Path("model"), max_length=512))
+    assert 'parameters { key: "num_labels" value { string_value: "7" } }' in (tmp_path / "m" / "config.pbtxt").read_text()
+
+    config = ServingConfig.from_triton_parameters(parameters(model_dir="model", max_length=512, num_labels=7), merged.parent)
+    assert len(config.model_labels()) == 7
+    stale = config.model_copy(update={"num_labels": 9})
+    with pytest.raises(ValueError, match=r"num_labels: config.pbtxt says 9, but .* has 7 labels"):
+        stale.model_labels()
+    # A model exported before num_labels existed still loads: nothing to check it against.
+    assert "num_labels" not in ServingConfig(model_dir=Path("model"), max_length=512).to_triton_parameters()

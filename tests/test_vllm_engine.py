@@ -99,8 +99,9 @@ def test_bad_input_gets_the_same_errors_from_both_engines(server, vllm_server):
                 assert vllm_error.value.field == field
             with pytest.raises(InvalidInput, match=r"between 1 and 188"):
                 vllm_client.classify("발명의 명칭: 장치", top_k=189)
-            with pytest.raises(InvalidInput, match="the limit is 64 per request"):
-                vllm_client.classify_batch(["특허"] * 65)
+            with pytest.raises(Exception, match="TEXT: holds 65 documents; the limit is 64 per request"):
+                raw_infer(vllm_server, protocol, VLLM_GEMMA2_MODEL, [("TEXT", "BYTES", np.array([b"x"] * 65, dtype=np.object_))])
+            assert len(vllm_client.classify_batch(["특허"] * 65)) == 65  # the client splits within the limit
     # ... and the vLLM engine still answers good requests.
     assert raw_infer(vllm_server, "grpc", VLLM_GEMMA2_MODEL, [("TEXT", "BYTES", GOOD_TEXT)]).as_numpy("LABEL_CODE").shape == (1, 5)
 

@@ -89,7 +89,7 @@ def test_the_engine_core_dying_under_load_fails_requests_in_flight_and_the_model
     core = engine_core_of(stub.pid)
     with PatentClassifier(vllm_server.grpc_url, model=VLLM_GEMMA2_MODEL) as client:
         client.classify(PROBE)
-    received = lambda: value(scrape(vllm_server.metrics_url)[0], "pc_request_count", model=VLLM_GEMMA2_MODEL)
+    received = lambda: value(scrape(vllm_server.metrics_url)[0], "pc_requests_total", model=VLLM_GEMMA2_MODEL)
     received_before = received()
 
     async def scenario():

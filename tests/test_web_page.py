@@ -1,9 +1,12 @@
-"""The try-a-patent page (`make web`) in headless Chromium, as a person uses it: type a patent,
-press the button, read the answer. Debian's chromium and chromedriver (installed by `make setup`),
-driven with Selenium; the page talks to the real tritonserver through the client library."""
+"""The try-a-patent page (`make web`) in headless Chromium, as an examiner uses it: choose a model,
+type a patent, press the button, read the answer, in Korean first. Debian's chromium and
+chromedriver and the Nanum fonts (installed by `make setup`), driven with Selenium; the page talks
+to the real tritonserver through the client library. The first test leaves a screenshot of the
+answered page in build/screenshots/."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +22,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from core.patent_document import PatentDocument
 from server.launcher import free_loopback_ports
-from tests.conftest import MODEL_NAME, PROJECT_ROOT
+from tests.conftest import KOELECTRA_MODEL, MODEL_NAME, PROJECT_ROOT
+
+SCREENSHOTS = PROJECT_ROOT / "build" / "screenshots"
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -92,11 +97,14 @@ def browser(tmp_path):
         driver.quit()
 
 
-def fill_and_submit(browser, base_url: str, document: PatentDocument) -> None:
-    browser.get(base_url)
+def fill_and_submit(browser, base_url: str | None, document: PatentDocument | None) -> None:
+    """Type ``document`` into the form (None: leave it empty) and press the button; ``base_url`` None
+    stays on the page as it is (a model already chosen)."""
+    if base_url is not None:
+        browser.get(base_url)
     wait = WebDriverWait(browser, PAGE_START_TIMEOUT_S)
     wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, ".st-key-claims textarea"))
-    values = {
+    values = {} if document is None else {
         ".st-key-ipc input": "; ".join(document.ipc),
         ".st-key-title input": document.title,
         ".st-key-abstract textarea": document.abstract,
@@ -110,6 +118,15 @@ def fill_and_submit(browser, base_url: str, document: PatentDocument) -> None:
     button.click()
 
 
+def choose_model(browser, base_url: str, model: str) -> None:
+    browser.get(base_url)
+    WebDriverWait(browser, PAGE_START_TIMEOUT_S).until(lambda page: page.find_elements(By.CSS_SELECTOR, ".st-key-model"))
+    browser.find_element(By.CSS_SELECTOR, ".st-key-model button[aria-haspopup='listbox']").click()
+    options = WebDriverWait(browser, PAGE_START_TIMEOUT_S).until(lambda page: page.find_elements(By.CSS_SELECTOR, "[role='option']"))
+    next(option for option in options if option.text == model).click()
+    WebDriverWait(browser, ANSWER_TIMEOUT_S).until(lambda page: text_of(page, ".st-key-caption").startswith(f"모델 {model} ·"))
+
+
 def text_of(browser, selector: str, timeout_s: float = ANSWER_TIMEOUT_S) -> str:
     WebDriverWait(browser, timeout_s).until(lambda page: page.find_elements(By.CSS_SELECTOR, selector))
     return browser.find_element(By.CSS_SELECTOR, selector).text
@@ -121,21 +138,52 @@ def page_on_server(server, tmp_path_factory):
         yield base_url
 
 
-def test_typed_patent_shows_top_class_bars_and_token_count(browser, page_on_server, reference):
+def test_typed_patent_shows_top_class_bars_and_token_count_in_korean_first(browser, page_on_server, reference, tmp_path):
     expected, token_count = reference.probabilities(PATENT.render())
     ranked = [reference.labels[int(index)] for index in (-expected).argsort(kind="stable")[:5]]
 
     fill_and_submit(browser, page_on_server, PATENT)
 
     top_class = text_of(browser, ".st-key-top-class")
+    assert top_class.startswith("가장 가능성 높은 분류 · Top class:")
     assert ranked[0].code in top_class and ranked[0].name in top_class
     bars = browser.find_elements(By.CSS_SELECTOR, ".st-key-classes [data-testid='stProgress']")
     assert len(bars) == 5
     bar_texts = [bar.text for bar in bars]
     assert [next(label.code for label in ranked if label.code in text) for text in bar_texts] == [label.code for label in ranked]
     assert f"{expected.max():.1%}" in bar_texts[0]
-    assert text_of(browser, ".st-key-tokens") == f"Tokens read: {token_count} · Truncated: no: the model read the whole patent"
-    assert "not reachable" not in browser.find_element(By.TAG_NAME, "body").text
+    assert text_of(browser, ".st-key-tokens") == (
+        f"읽은 토큰 · Tokens read: {token_count} · 잘림 · Truncated: 아니오: 특허 전체를 읽었습니다 · no: the model read the whole patent"
+    )
+    page = browser.find_element(By.TAG_NAME, "body").text
+    assert "특허 분류 · Patent classifier" in page and "분류하기 · Classify" in page
+    assert text_of(browser, ".st-key-caption").startswith(f"모델 {MODEL_NAME} · 분류 188개 가운데 가장 가능성 높은 5개 (예: KSCST-001 ")
+    assert "연결할 수 없습니다" not in page
+    # The picture an examiner sees; Hangul needs a Korean font in the headless browser (make setup: fonts-nanum).
+    assert subprocess.run(["fc-list", ":lang=ko"], capture_output=True, text=True).stdout.strip(), "no Korean font: make fonts"
+    browser.execute_script("window.scrollTo(0, 0)")
+    assert browser.save_screenshot(str(tmp_path / "web-page.png"))
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tmp_path / "web-page.png", SCREENSHOTS / "web-page-answer.png")
+
+
+def test_the_model_chooser_lists_the_servers_models_and_the_caption_follows_the_choice(browser, page_on_server):
+    choose_model(browser, page_on_server, KOELECTRA_MODEL)
+    assert text_of(browser, ".st-key-caption").startswith(f"모델 {KOELECTRA_MODEL} · 분류 3개 가운데 가장 가능성 높은 3개")
+
+    fill_and_submit(browser, None, PATENT)
+
+    top_class = text_of(browser, ".st-key-top-class")
+    assert any(name in top_class for name in ("긍정", "부정", "중립"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".st-key-classes [data-testid='stProgress']")) == 3
+
+
+def test_an_empty_form_is_answered_in_korean_naming_what_to_fill_in(browser, page_on_server):
+    fill_and_submit(browser, page_on_server, None)
+
+    warning = text_of(browser, ".st-key-answer [data-testid='stAlert']")
+    assert warning.startswith("특허 내용 · the patent 칸을 확인해 주세요: 발명의 명칭, 요약, 청구범위 가운데 하나 이상을 입력해 주세요.")
+    assert "Please check" in warning
 
 
 def test_page_classifies_through_tls_with_the_token_which_stays_off_its_command_line(browser, secure_server, reference, tmp_path):
@@ -158,7 +206,9 @@ def test_page_says_clearly_when_the_server_is_down(browser, tmp_path):
 
         answer = text_of(browser, ".st-key-answer [data-testid='stAlert']")
         banner = text_of(browser, ".st-key-server-status")
-        assert f"The classifier server is not reachable at 127.0.0.1:{nobody_listens}" in answer
-        assert "make serve" in answer
-        assert f"not reachable at 127.0.0.1:{nobody_listens}" in banner
+        for shown in (answer, banner):
+            assert shown.startswith("분류 서버에 연결할 수 없습니다. 잠시 후 다시 시도해 주세요.")
+            assert f"시스템 담당자에게 이 주소를 알려 주세요: 127.0.0.1:{nobody_listens} (grpc)" in shown
+            assert "The classifier server cannot be reached." in shown
+            assert "make serve" not in shown  # an examiner does not start servers
         assert not browser.find_elements(By.CSS_SELECTOR, ".st-key-top-class")
