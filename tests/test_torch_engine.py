@@ -11,7 +11,7 @@ from core.errors import Cancelled, DeadlineExceeded, Overloaded
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from server.torch_engine import TorchEngine
-from tests.conftest import MAX_LENGTH
+from tests.conftest import MAX_LENGTH, held_engines
 
 
 @pytest.fixture
@@ -70,49 +70,52 @@ def test_compiled_attention_compiles_at_start_and_never_while_serving(engine_fac
 
 
 def test_a_full_queue_refuses_at_once(engine_factory):
-    # One document per forward pass: at most two leave the queue (one computing, one prepared)
-    # while the backlog is tokenized, so the queue is still full when the overflow arrives, however
-    # slowly a loaded machine tokenizes.
+    # Held, the engine takes nothing from its queue: four full-length patents fill it, whatever
+    # the machine's speed, and everything after them is refused without waiting for compute.
     engine = engine_factory(max_queue_tokens=4 * MAX_LENGTH, max_batch_tokens=MAX_LENGTH)
-    backlog = [engine.submit([text]) for text in LONG_TEXTS[:8]]
-    started = time.monotonic()
-    refused = engine.submit(LONG_TEXTS[8:12])
-    with pytest.raises(Overloaded, match="max_queue_tokens=2048"):
-        refused.result(timeout=1)
-    assert time.monotonic() - started < 0.5
-    answered = sum(1 for f in backlog if f.exception(timeout=120) is None)
-    assert answered >= 4  # what fitted was served; the overflow was refused, not silently dropped
-    assert all(isinstance(f.exception(), Overloaded) for f in backlog if f.exception() is not None)
+    with held_engines():
+        backlog = [engine.submit([text]) for text in LONG_TEXTS[:8]]
+        refused = engine.submit(LONG_TEXTS[8:12])
+        with pytest.raises(Overloaded, match="max_queue_tokens=2048"):
+            refused.result(timeout=0)
+        assert [f.done() for f in backlog] == [False] * 4 + [True] * 4
+    assert all(f.exception(timeout=120) is None for f in backlog[:4])  # what fitted was served
+    assert all(isinstance(f.exception(), Overloaded) for f in backlog[4:])  # the overflow was refused, not dropped
 
 
 def test_expired_requests_are_never_computed(engine_factory):
     engine = engine_factory()
-    backlog = engine.submit(LONG_TEXTS[:32])  # several batches of work ahead
-    late = engine.submit(LONG_TEXTS[32:36], deadline=time.monotonic() + 0.05)
+    with held_engines():  # queued, and still queued when the deadline passes
+        backlog = engine.submit(LONG_TEXTS[:8])
+        deadline = time.monotonic() + 0.05
+        late = engine.submit(LONG_TEXTS[32:36], deadline=deadline)
+        while time.monotonic() <= deadline:
+            time.sleep(0.01)
     with pytest.raises(DeadlineExceeded):
         late.result(timeout=120)
-    assert len(backlog.result(timeout=300)) == 32
-    assert computed_documents(engine) == 32
-    assert sum(batch.expired for batch in engine.batches) >= 1
+    assert len(backlog.result(timeout=300)) == 8
+    assert computed_documents(engine) == 8
+    assert sum(batch.expired for batch in engine.batches) == 4
 
 
 def test_cancelled_requests_are_never_computed(engine_factory):
     engine = engine_factory()
-    backlog = engine.submit(LONG_TEXTS[:32])
-    withdrawn = engine.submit(LONG_TEXTS[32:36])
-    assert withdrawn.cancel()
     probe_calls = threading.Event()
 
     def client_hung_up() -> bool:
         probe_calls.set()
         return True
 
-    hung_up = engine.submit(LONG_TEXTS[36:40], is_cancelled=client_hung_up)
+    with held_engines():  # both are still queued when the engine looks
+        backlog = engine.submit(LONG_TEXTS[:8])
+        withdrawn = engine.submit(LONG_TEXTS[32:36])
+        assert withdrawn.cancel()
+        hung_up = engine.submit(LONG_TEXTS[36:40], is_cancelled=client_hung_up)
     with pytest.raises(Cancelled):
         hung_up.result(timeout=120)
     assert probe_calls.is_set()
-    assert len(backlog.result(timeout=300)) == 32
-    assert computed_documents(engine) == 32
+    assert len(backlog.result(timeout=300)) == 8
+    assert computed_documents(engine) == 8
 
 
 def test_stop_answers_everything_queued(engine_factory):
