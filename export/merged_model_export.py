@@ -136,8 +136,9 @@ class ExportProof:
             )
 
     def _run(self, model) -> np.ndarray:
+        # Both ways in the same batches, so a model proven whole or layer by layer computes the same.
         logits = model.logits(self.tokenizer, self.texts, self.max_length) if isinstance(model, LayerStreamedClassifier) \
-            else class_logits(model, self.tokenizer, self.texts, self.max_length)
+            else class_logits(model, self.tokenizer, self.texts, self.max_length, batch_size=STREAMED_BATCH)
         del model
         gc.collect()
         return logits
@@ -188,13 +189,15 @@ def export_classifier(
 ) -> MergeReport:
     """Write ``model``'s classifier into ``out_dir`` and prove it; ``MergeProofFailed`` past tolerance."""
     labels, adapter, tokenizer, config, base = _sources(model)
+    out_dir.mkdir(parents=True)
+    # Saved before the proof tokenizes: a fast tokenizer keeps the last call's truncation in its state.
+    tokenizer.save_pretrained(out_dir)
     proof = ExportProof(model, config, base, adapter, tokenizer, device=device, proof_memory_gib=proof_memory_gib)
 
     started = time.perf_counter()
     written = write_merged_checkpoint(base, ClassifierLayout(config), adapter, out_dir, DTYPES[model.weights_dtype])
     config.dtype = model.weights_dtype
     config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
     labels.write_tsv(out_dir / LABELS_FILENAME)
     write_seconds = time.perf_counter() - started
 
