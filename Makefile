@@ -186,4 +186,4 @@ classify-example: $(VENV)/.installed
 	$(PY) -m clients classify --input clients/examples/patents.jsonl --url 127.0.0.1:$(GRPC_PORT)
 
 clean:
-	rm -rf build $(REPOSITORY)/*/ $(REPOSITORY)/.exported
+	rm -rf build $(REPOSITORY)/*/ $(REPOSITORY)/.exported .$(REPOSITORY).staging

@@ -46,7 +46,6 @@ class LayerStreamedClassifier:
     ):
         self.device = torch.device(device)
         self.weights = weights
-        self.ignored_adapter_tensors: list[str] = []
         self._padding_idx: dict[int, int | None] = {}
         model = empty_classifier(config)
         if adapter is not None:
@@ -96,11 +95,10 @@ class LayerStreamedClassifier:
         for key, tensor in adapter.replacements.items():
             module, _, leaf = key.rpartition(".")
             values[f"{_PEFT_MODEL_PREFIX}{module}.modules_to_save.default.{leaf}"] = tensor.float()
-        result = model.load_state_dict({k: v.to(self.device) for k, v in values.items()}, strict=False, assign=True)
-        # A tensor with no LoRA module to go to (adapter_config.json's target_modules leaves out a
-        # module its weights carry) is not run by PEFT, the reference, so not here either: the
-        # merge, which merges every update the weights carry, then fails the proof.
-        self.ignored_adapter_tensors = sorted(key.removeprefix(_PEFT_MODEL_PREFIX) for key in result.unexpected_keys)
+        # strict=False: a tensor with no LoRA module to go to (adapter_config.json's target_modules
+        # leaves out a module its weights carry) is not run by PEFT, the reference, so not here
+        # either; the merge, which merges every update the weights carry, then fails the proof.
+        model.load_state_dict({k: v.to(self.device) for k, v in values.items()}, strict=False, assign=True)
 
     def _owned_within(self, module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, str]]:
         return [entry for sub in module.modules() for entry in self._owned.get(id(sub), [])]

@@ -118,7 +118,7 @@ class ExportProof:
         self.texts = proof_texts(model.proof_documents)
         self.max_length = model.serving.max_length
         budget = proof_memory_gib * 2**30
-        whole = ClassifierLayout(config).float32_bytes() + (adapter.nbytes if adapter is not None else 0)
+        whole = base.layout.float32_bytes() + (adapter.nbytes if adapter is not None else 0)
         encoded = [item.token_ids for item in encode_texts(tokenizer, self.texts, self.max_length)]
         distinct_tokens = max(
             len({token for ids in encoded[start : start + STREAMED_BATCH] for token in ids})
@@ -195,7 +195,7 @@ def export_classifier(
     proof = ExportProof(model, config, base, adapter, tokenizer, device=device, proof_memory_gib=proof_memory_gib)
 
     started = time.perf_counter()
-    written = write_merged_checkpoint(base, ClassifierLayout(config), adapter, out_dir, DTYPES[model.weights_dtype])
+    written = write_merged_checkpoint(base, adapter, out_dir, DTYPES[model.weights_dtype])
     config.dtype = model.weights_dtype
     config.save_pretrained(out_dir)
     labels.write_tsv(out_dir / LABELS_FILENAME)

@@ -44,7 +44,7 @@ class BaseWeights:
     """A base checkpoint seen through the classifier's names (``ClassifierLayout.target_of``)."""
 
     def __init__(self, checkpoint: CheckpointFolder, layout: ClassifierLayout):
-        self.checkpoint = checkpoint
+        self.checkpoint, self.layout = checkpoint, layout
         self.source_of: dict[str, str] = {}
         self.dropped: list[str] = []
         for key in checkpoint.keys():
@@ -110,11 +110,10 @@ def _output_name(shard: str, single: bool) -> str:
     return shard.replace("pytorch_model", "model").removesuffix(".bin") + (".safetensors" if shard.endswith(".bin") else "")
 
 
-def write_merged_checkpoint(
-    base: BaseWeights, layout: ClassifierLayout, adapter: LoraAdapter | None, out_dir: Path, dtype: torch.dtype
-) -> MergedCheckpoint:
+def write_merged_checkpoint(base: BaseWeights, adapter: LoraAdapter | None, out_dir: Path, dtype: torch.dtype) -> MergedCheckpoint:
     """Write the classifier's weights into ``out_dir`` (``CheckpointError`` naming the tensor when
     the base and adapter do not give the classifier exactly what it expects)."""
+    layout = base.layout
     replacements = adapter.replacements if adapter is not None else {}
     updates = adapter.updates if adapter is not None else {}
     for key in updates:
