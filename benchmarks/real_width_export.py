@@ -122,7 +122,7 @@ def _gnu_time(output: str) -> dict:
 
 
 def run_export(work: Path, layers: int, proof_memory_gib: float, weights_dtype: str) -> dict:
-    folder = work / f"layers-{layers}"
+    folder = (work / f"layers-{layers}").resolve()  # the models file resolves relative paths from its own folder
     shutil.rmtree(folder, ignore_errors=True)
     labels = len(KSCST_LABELS_FILE.read_text(encoding="utf-8").splitlines()) - 1
     write_base(folder / "base", layers)
