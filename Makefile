@@ -153,7 +153,7 @@ bench-batching: export
 
 # The export of a Gemma-2 of the real 9B width with a few layers (random weights, sharded float32
 # as google/gemma-2-9b is published) and a rank-16 LoRA: peak memory (GNU time), time and proof
-# figures, extrapolated to the 42 layers of the real model. Writes about 10 GB under build/ at a time..
+# figures, extrapolated to the 42 layers of the real model. Writes about 10 GB under build/ at a time.
 bench-export: $(VENV)/.installed gnu-time
 	$(PY) -m benchmarks.real_width_export --work build/real-width-export
 
