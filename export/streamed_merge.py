@@ -15,7 +15,7 @@ export, naming the tensor.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -97,11 +97,8 @@ class MergedWeights:
 
 @dataclass(frozen=True)
 class MergedCheckpoint:
-    files: list[str]
     merged_weights: int  # weights a LoRA update was merged into
-    from_adapter: list[str] = field(default_factory=list)  # tensors taken whole from modules_to_save
-    dropped: list[str] = field(default_factory=list)  # base tensors the classifier has no place for
-    nbytes: int = 0
+    dropped: list[str]  # base tensors the classifier has no place for (another head's)
 
 
 def _output_name(shard: str, single: bool) -> str:
@@ -164,10 +161,7 @@ def write_merged_checkpoint(base: BaseWeights, adapter: LoraAdapter | None, out_
     if not single:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return MergedCheckpoint(
-        files=sorted(set(weight_map.values())), merged_weights=len(updates),
-        from_adapter=sorted(replacements), dropped=list(base.dropped), nbytes=total,
-    )
+    return MergedCheckpoint(merged_weights=len(updates), dropped=list(base.dropped))
 
 
 def _finite(tensor: torch.Tensor, key: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from core.hf_classifier import class_logits, load_sequence_classifier, load_toke
 from core.labels import LABELS_FILENAME, LabelSet
 from export.checkpoint_files import SAFETENSORS_INDEX, CheckpointFolder, SafetensorsWriter, TensorSpec
 from export.merged_model_export import (
-    LAYER_BY_LAYER, MERGE_TOLERANCE, WHOLE, ExportProof, MergeProofFailed, _sources, export_classifier, proof_texts,
+    LAYER_BY_LAYER, MERGE_TOLERANCE, WHOLE, ExportProof, _sources, export_classifier, proof_texts,
 )
 from export.model_support import UnsupportedModel, ensure_pad_token
 from export.triton_package import merged_model_dir
