@@ -14,9 +14,9 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser fonts prometheus demo-models export serve test monitor eval web classify-example bench bench-batching soak gpu-wheels deploy-check clean
+.PHONY: setup browser fonts prometheus gnu-time demo-models export serve test monitor eval web classify-example bench bench-batching bench-export soak gpu-wheels deploy-check clean
 
-setup: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus
+setup: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus gnu-time
 
 # The browser tests drive Debian's chromium through Debian's chromedriver: no browser can be
 # downloaded here, so Playwright's or Selenium's own browser fetchers are never used.
@@ -39,6 +39,12 @@ fonts:
 prometheus:
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; \
+	fi
+
+# GNU time (/usr/bin/time -v: peak resident memory) for `make bench-export`; Debian's `time` package.
+gnu-time:
+	@if [ ! -x /usr/bin/time ]; then \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y time; \
 	fi
 
 # torch first, pinned: `pip install torch==2.13.0` takes the local CPU wheel (docs/operations.md);
@@ -70,9 +76,12 @@ $(DEMO)/.built: $(VENV)/.installed export/demo_models.py $(wildcard export/label
 
 export: $(REPOSITORY)/.exported
 
-# Re-exported when the models file, the demo models or the export code change.
+# Re-exported when the models file, the demo models or the export code change. Each model's folder
+# is replaced only once its export is proven (docs/export.md). EXPORT_ARGS takes the export's
+# machine settings, e.g. "--proof-memory-gib 16 --device cuda".
+EXPORT_ARGS ?=
 $(REPOSITORY)/.exported: $(MODELS_FILE) $(DEMO)/.built server/triton/model.py $(wildcard export/*.py) core/models_file.py core/serving_config.py
-	$(PY) -m export models --models-file $(MODELS_FILE) --repository $(REPOSITORY)
+	$(PY) -m export models --models-file $(MODELS_FILE) --repository $(REPOSITORY) $(EXPORT_ARGS)
 	touch $@
 
 serve: export
@@ -142,6 +151,12 @@ bench: $(if $(BENCH_URL),$(VENV)/.installed,export)
 bench-batching: export
 	$(PY) -m benchmarks.batching_comparison --merged-model $(REPOSITORY)/$(MODEL)/1/model
 
+# The export of a Gemma-2 of the real 9B width with a few layers (random weights, sharded float32
+# as google/gemma-2-9b is published) and a rank-16 LoRA: peak memory (GNU time), time and proof
+# figures, extrapolated to the 42 layers of the real model. Writes about 10 GB under build/ at a time.
+bench-export: $(VENV)/.installed gnu-time
+	$(PY) -m benchmarks.real_width_export --work build/real-width-export
+
 # Good and bad requests at high concurrency against its own tritonserver, every outcome counted.
 SOAK_REQUESTS ?= 50000
 SOAK_CONCURRENCY ?= 128
@@ -171,4 +186,4 @@ classify-example: $(VENV)/.installed
 	$(PY) -m clients classify --input clients/examples/patents.jsonl --url 127.0.0.1:$(GRPC_PORT)
 
 clean:
-	rm -rf build $(REPOSITORY)/*/ $(REPOSITORY)/.exported
+	rm -rf build $(REPOSITORY)/*/ $(REPOSITORY)/.exported .$(REPOSITORY).staging

@@ -162,9 +162,12 @@ def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 @torch.inference_mode()
-def class_logits(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 8) -> np.ndarray:
-    """Logits in float32, shape (len(texts), num_labels): the offline reference."""
-    device = next(model.parameters()).device
+def class_logits(
+    model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 8, device: torch.device | None = None
+) -> np.ndarray:
+    """Logits in float32, shape (len(texts), num_labels): the offline reference. ``device``: where
+    the inputs go; by default the model's first parameter's."""
+    device = device or next(model.parameters()).device
     encoded = encode_texts(tokenizer, texts, max_length)
     rows = []
     for start in range(0, len(encoded), batch_size):

@@ -1,10 +1,8 @@
-"""python -m export: build demo models, export a models file, merge a LoRA adapter with proof, verify.
+"""python -m export: build demo models, export the models of a models file (LoRA merged, proven), verify.
 
     python -m export demo-models --out build/demo [--model all|gemma2|llama|kcbert|koelectra]
     python -m export models --models-file models.yaml --repository model_repository [--only NAME ...]
-    python -m export merge --base BASE_DIR --adapter ADAPTER_DIR --labels export/labels/kscst.tsv \\
-        --name kscst-gemma2 --repository model_repository [--dtype float32|bfloat16] [--engine torch|vllm]
-    python -m export verify --base BASE_DIR --adapter ADAPTER_DIR --merged model_repository/kscst-gemma2/1/model
+    python -m export verify --models-file models.yaml --repository model_repository [--only NAME ...]
     python -m export demo-labelled-set --model-dir model_repository/kscst-gemma2/1/model \\
         --out clients/examples/labelled_patents.jsonl
 """
@@ -37,55 +35,23 @@ def _models(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     models = ModelsFile.read(args.models_file)
-    reports = export_models(models, args.repository, only=args.only, device=args.device)
+    reports = export_models(models, args.repository, only=args.only, device=args.device, **_proof_memory(args))
     print(json.dumps({name: asdict(report) for name, report in reports.items()}, indent=2))
     print(f"{len(reports)} models exported and proven in {time.perf_counter() - started:.1f} s into {args.repository}", file=sys.stderr)
 
 
-def _merge(args: argparse.Namespace) -> None:
-    from core.labels import LabelSet
-    from core.serving_config import ServingConfig
-    from export.merged_model_export import merge_lora
-    from export.model_support import check_servable
-    from export.triton_package import MERGED_MODEL_FOLDER, merged_model_dir, write_triton_model
-
-    # Validate the serving parameters before spending minutes on a merge.
-    serving = ServingConfig(
-        engine=args.engine,
-        vllm_kv_cache_mib=args.vllm_kv_cache_mib,
-        model_dir=Path(MERGED_MODEL_FOLDER),
-        max_length=args.max_length,
-        max_batch_tokens=args.max_batch_tokens,
-        max_batch_size=args.max_batch_size,
-        max_queue_tokens=args.max_queue_tokens,
-        batching=args.batching,
-        device=args.serve_device,
-        dtype=args.serve_dtype,
-    )
-    check_servable(args.base, args.max_length, args.adapter)
-    started = time.perf_counter()
-    out_dir = merged_model_dir(args.repository, args.name)
-    report = merge_lora(
-        args.base,
-        args.adapter,
-        LabelSet.read_tsv(args.labels),
-        out_dir,
-        dtype=args.dtype,
-        max_length=args.max_length,
-        proof_documents=args.proof_documents,
-        device=args.device,
-    )
-    folder = write_triton_model(args.repository, args.name, serving)
-    print(json.dumps(asdict(report), indent=2))
-    print(f"merge proven and exported in {time.perf_counter() - started:.1f} s: {folder}", file=sys.stderr)
-
-
 def _verify(args: argparse.Namespace) -> None:
-    from export.merged_model_export import verify_saved_merge
+    from core.models_file import ModelsFile
+    from export.merged_model_export import MERGE_TOLERANCE, verify_export
+    from export.triton_package import merged_model_dir
 
-    tolerance = {} if args.tolerance is None else {"tolerance": args.tolerance}
-    comparison = verify_saved_merge(args.base, args.adapter, args.merged, proof_documents=args.proof_documents, **tolerance)
-    print(json.dumps(asdict(comparison), indent=2))
+    models = ModelsFile.read(args.models_file)
+    for name in args.only or models.names:
+        comparison = verify_export(
+            models.model(name), merged_model_dir(args.repository, name), device=args.device,
+            tolerance=MERGE_TOLERANCE if args.tolerance is None else args.tolerance, **_proof_memory(args),
+        )
+        print(json.dumps({name: asdict(comparison)}, indent=2))
 
 
 def _demo_labelled_set(args: argparse.Namespace) -> None:
@@ -96,6 +62,17 @@ def _demo_labelled_set(args: argparse.Namespace) -> None:
     rows = write_demo_labelled_set(args.model_dir, args.out, count=args.count, seed=args.seed)
     sources = Counter(row.source for row in rows)
     print(f"{len(rows)} labelled patents in {args.out}; label sources: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+
+
+def _proof_memory(args: argparse.Namespace) -> dict:
+    return {} if args.proof_memory_gib is None else {"proof_memory_gib": args.proof_memory_gib}
+
+
+def _positive_gib(value: str) -> float:
+    gib = float(value)
+    if not gib > 0:
+        raise argparse.ArgumentTypeError(f"is {value}; it must be more than 0 GiB")
+    return gib
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,51 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     from_file.add_argument("--models-file", type=Path, default=Path("models.yaml"), help="the models file (core/models_file.py)")
     from_file.add_argument("--repository", type=Path, default=Path("model_repository"), help="the Triton model repository to write")
     from_file.add_argument("--only", nargs="+", metavar="NAME", help="export only these models (the others are left as they are)")
-    from_file.add_argument("--device", default="cpu", help="device for the merges and their proofs (cpu, cuda)")
     from_file.set_defaults(run=_models)
 
-    merge = commands.add_parser("merge", help="merge a LoRA adapter, prove it, write the Triton model", formatter_class=HelpFormatter)
-    merge.add_argument("--base", type=Path, required=True, help="base model folder (e.g. google/gemma-2-9b, downloaded)")
-    merge.add_argument("--adapter", type=Path, required=True, help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
-    merge.add_argument("--labels", type=Path, required=True, help="TSV with columns code, name[, placeholder]")
-    merge.add_argument("--name", required=True, help="Triton model name")
-    merge.add_argument("--repository", type=Path, default=Path("model_repository"), help="the Triton model repository to write")
-    merge.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the saved weights")
-    merge.add_argument("--max-length", type=int, default=512, help="tokens per document; longer input is truncated")
-    merge.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens one forward pass may take")
-    merge.add_argument("--max-batch-size", type=int, default=64, help="documents one forward pass may take")
-    merge.add_argument("--max-queue-tokens", type=int, default=262144, help="queued tokens before requests are refused as overloaded")
-    merge.add_argument(
-        "--batching", choices=["engine", "triton_dynamic", "none"], default="engine",
-        help="engine: continuous token-budget batching (production); the others are baselines to measure it against",
-    )
-    merge.add_argument("--proof-documents", type=int, default=16, help="generated patents the merge proof compares logits on")
-    merge.add_argument("--device", default="cpu", help="device for the merge and its proof (cpu, cuda)")
-    merge.add_argument(
-        "--engine", choices=["torch", "vllm"], default="torch",
-        help="engine the Triton model runs: torch (ours) or vllm (vLLM's async engine, pooling runner)",
-    )
-    merge.add_argument(
-        "--vllm-kv-cache-mib", type=int, default=1024,
-        help="vllm engine: KV cache memory in MiB (Gemma-2-9b in bf16 takes ~0.33 MiB per token)",
-    )
-    merge.add_argument("--serve-device", choices=["auto", "cpu", "cuda"], default="auto", help="device the server runs the model on")
-    merge.add_argument(
-        "--serve-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-        help="dtype the server computes in (auto: bfloat16 on GPU, float32 on CPU)",
-    )
-    merge.set_defaults(run=_merge)
-
-    verify = commands.add_parser("verify", help="re-run the merge proof against a merged folder on disk", formatter_class=HelpFormatter)
-    verify.add_argument("--base", type=Path, required=True, help="base model folder the adapter was trained on")
-    verify.add_argument("--adapter", type=Path, required=True, help="PEFT adapter folder")
-    verify.add_argument("--merged", type=Path, required=True, help="the merged model folder to check")
+    verify = commands.add_parser("verify", help="re-run the proof of exported models against their folders on disk", formatter_class=HelpFormatter)
+    verify.add_argument("--models-file", type=Path, default=Path("models.yaml"), help="the models file the models were exported from")
+    verify.add_argument("--repository", type=Path, default=Path("model_repository"), help="the Triton model repository they were exported into")
+    verify.add_argument("--only", nargs="+", metavar="NAME", help="verify only these models")
     verify.add_argument(
         "--tolerance", type=float, default=None,
         help="largest max |Δlogit| the proof accepts (default: the export's own, MERGE_TOLERANCE in export/merged_model_export.py)",
     )
-    verify.add_argument("--proof-documents", type=int, default=16, help="generated patents the proof compares logits on")
     verify.set_defaults(run=_verify)
+
+    for command in (from_file, verify):
+        command.add_argument("--device", default="cpu", help="device for the proofs (cpu, cuda)")
+        command.add_argument(
+            "--proof-memory-gib", type=_positive_gib, default=None,
+            help="memory for the proof's float32 weights; a bigger model is proven layer by layer "
+            "(default: the export's own, DEFAULT_PROOF_MEMORY_GIB in export/merged_model_export.py)",
+        )
 
     labelled = commands.add_parser(
         "demo-labelled-set", formatter_class=HelpFormatter,
@@ -175,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from core.models_file import ModelsFileError
+    from export.checkpoint_files import CheckpointError
     from export.merged_model_export import MergeProofFailed
     from export.model_support import UnsupportedModel
+    from export.repository_staging import StagingError
 
     try:
         args.run(args)
     except MergeProofFailed as exc:
         print(f"merge proof FAILED: {exc}", file=sys.stderr)
         return 1
-    except (UnsupportedModel, ModelsFileError) as exc:
+    except (UnsupportedModel, ModelsFileError, CheckpointError, StagingError) as exc:
         print(f"cannot export: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from core.labels import LabelSet
@@ -166,20 +167,26 @@ def llama_demo(family_demos) -> DemoModelPaths:
 
 @pytest.fixture(scope="session")
 def vllm_repository(exported, llama_demo, tmp_path_factory) -> Path:
-    """Two vLLM-engine models: the Gemma-2 export above (its merged folder, not a copy), and the
-    Llama demo exported the way a user does, with `python -m export merge --engine vllm`."""
+    """Two vLLM-engine models: the Llama demo exported the way a user does, from a one-entry
+    models file with `python -m export models`, and the Gemma-2 export above (its merged folder,
+    not a copy)."""
     repository = tmp_path_factory.mktemp("vllm_model_repository")
+    models_file = tmp_path_factory.mktemp("vllm_models") / "models.yaml"
+    models_file.write_text(yaml.safe_dump({"models": [{
+        "name": VLLM_LLAMA_MODEL, "base": str(llama_demo.base), "adapter": str(llama_demo.adapter),
+        "labels": str(llama_demo.labels), "proof_documents": 4,
+        "serving": {"engine": "vllm", "max_length": MAX_LENGTH, "vllm_kv_cache_mib": VLLM_KV_CACHE_MIB},
+    }]}), encoding="utf-8")
+    subprocess.run(
+        [sys.executable, "-m", "export", "models", "--models-file", str(models_file), "--repository", str(repository)],
+        cwd=PROJECT_ROOT, check=True, capture_output=True, timeout=300,
+    )
+    # Written after the export: an export of the whole file removes folders of ours it does not list.
     gemma2 = ServingConfig(
         engine="vllm", model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096,
         vllm_kv_cache_mib=VLLM_KV_CACHE_MIB, max_queue_tokens=VLLM_MAX_QUEUE_TOKENS,
     )
     write_triton_model(repository, VLLM_GEMMA2_MODEL, gemma2)
-    subprocess.run(
-        [sys.executable, "-m", "export", "merge", "--base", str(llama_demo.base), "--adapter", str(llama_demo.adapter),
-         "--labels", str(llama_demo.labels), "--name", VLLM_LLAMA_MODEL, "--repository", str(repository),
-         "--engine", "vllm", "--vllm-kv-cache-mib", str(VLLM_KV_CACHE_MIB), "--proof-documents", "4"],
-        cwd=PROJECT_ROOT, check=True, capture_output=True, timeout=300,
-    )
     return repository
 
 

@@ -76,6 +76,6 @@ def test_export_help_imports_neither_torch_nor_transformers():
     imported = {line.split("|")[-1].strip().split(".")[0] for line in shown.stderr.splitlines() if line.startswith("import time:")}
     assert "argparse" in imported  # the import log is read as it should be
     assert imported.isdisjoint({"torch", "transformers", "peft", "safetensors", "vllm"}), sorted(imported & {"torch", "transformers"})
-    for command in ("demo-models", "models", "merge", "verify", "demo-labelled-set"):
+    for command in ("demo-models", "models", "verify", "demo-labelled-set"):
         sub = subprocess.run([sys.executable, "-m", "export", command, "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
         assert sub.returncode == 0 and "default" in sub.stdout, sub.stderr
