@@ -9,9 +9,10 @@ the dead process, so those clients wait for their own deadline. A reload with un
 a no-op, so the watchdog unloads the model (it turns not-ready) and loads it again, which starts
 a new stub. The server must run with ``--model-control-mode=explicit`` for the repository API.
 
-A stub that died is told apart from one that Triton stopped on purpose (an unload, a new
-version) by its corpse: Triton reaps a stub it stops (``waitpid``), but one that died stays a
-zombie child of tritonserver until the instance is destroyed.
+A stub that died is told apart from one that Triton stopped on purpose (an unload, a reload
+after a re-export, a new version) by its corpse: Triton reaps a stub it stops (``waitpid``)
+moments after it exits, but one that died stays a zombie child of tritonserver until the
+instance is destroyed. So a corpse counts only when it is still there at the next look.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class DeadStubWatchdog:
 
     def _watch(self) -> None:
         live: dict[int, StubProcess] = {}  # stubs seen running, by pid (a zombie's cmdline is empty)
+        corpses: dict[int, float] = {}  # stubs of `live` seen dead once, and when they were last seen alive
         handled: set[int] = set()
         looked_at = time.monotonic()
         while not self._stop.wait(self.poll_s):
@@ -105,13 +107,18 @@ class DeadStubWatchdog:
             now = time.monotonic()
             for pid, state in children:
                 if state == "Z" and pid in live and pid not in handled:
+                    if pid not in corpses:  # perhaps stopped on purpose and not yet reaped: look again
+                        corpses[pid] = looked_at
+                        continue
                     handled.add(pid)
-                    self._recover(live.pop(pid), now - looked_at)
+                    self._recover(live.pop(pid), now - corpses.pop(pid))
                 elif state != "Z" and pid not in live and (stub := _stub_of(pid)) is not None:
                     live[pid] = stub
+            present = {pid for pid, _ in children}
             alive = {pid for pid, state in children if state != "Z"}
-            live = {pid: stub for pid, stub in live.items() if pid in alive}
-            handled &= {pid for pid, _ in children}
+            corpses = {pid: seen for pid, seen in corpses.items() if pid in present}  # reaped: stopped on purpose
+            live = {pid: stub for pid, stub in live.items() if pid in alive or pid in corpses}
+            handled &= present
             looked_at = time.monotonic()
 
     def _recover(self, stub: StubProcess, detected_after_s: float) -> None:

@@ -86,11 +86,11 @@ def served(demo_models, tmp_path_factory):
     first = export.export()
     assert first.returncode == 0, first.stderr
     http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    # Explicit model control, for the repository API's reload; without the dead-stub watchdog,
-    # which takes the stub a reload replaces for a dead one and reloads the model once more.
+    # Explicit model control, for the repository API's reload, and the dead-stub watchdog on: a
+    # stub that a reload replaces on purpose must not be taken for a dead one.
     config = LaunchConfig(
         model_repository=export.repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        backend_directory=folder / "backends", ready_timeout_s=180, models=(MODEL_NAME,), reload_dead_models=False,
+        backend_directory=folder / "backends", ready_timeout_s=180, models=(MODEL_NAME,),
     )
     with TritonServer(config, log_path=folder / "tritonserver.log") as server:
         export.server = server
@@ -173,6 +173,10 @@ def test_an_export_killed_midway_leaves_the_served_model_and_the_next_one_cleans
     reference = OfflineReference(merged_model_dir(served.repository, MODEL_NAME))
     for text, served_probabilities in zip(PROBES, after):  # ... as transformers computes it from the new folder
         reference.assert_matches(text, served_probabilities)
+    # The reloads replaced stubs on purpose; the watchdog, looking twice a second, took none for dead.
+    watchdog = served.server.watchdog
+    time.sleep(6 * watchdog.poll_s)
+    assert watchdog.recoveries == []
 
 
 def _model_folder(repository: Path, name: str, content: str) -> None:
