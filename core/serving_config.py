@@ -6,6 +6,7 @@ so an operator's typo fails the model load with the field's name and its limit.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -16,6 +17,32 @@ from core.labels import LabelSet
 from core.text_preprocessing import Preprocessing
 
 
+class ModelInstances(BaseModel):
+    """How many engines serve one model, and on which devices: Triton's ``instance_group``.
+
+    Each instance is a stub process of its own with an engine of its own; Triton sends each
+    request to one of them. ``{gpus: all}`` or ``{gpus: [0, 1]}``: ``count`` engines on each GPU
+    (``KIND_GPU``); ``{count: N}``: N engines on the CPU (``KIND_CPU``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpus: Literal["all"] | tuple[int, ...] | None = Field(
+        None, description="all: every GPU the server sees; or a list of GPU indices; absent: the engines run on the CPU"
+    )
+    count: int = Field(1, ge=1, le=64, description="engines on each GPU of gpus, or on the CPU without gpus")
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _all_or_distinct_indices(cls, value: object) -> object:
+        if value is None or value == "all":
+            return value
+        indices = value if isinstance(value, (list, tuple)) else None
+        if indices and all(type(index) is int and index >= 0 for index in indices) and len(set(indices)) == len(indices):
+            return tuple(indices)
+        raise ValueError(f"is {value!r}; it must be 'all' or a list of distinct GPU indices (0, 1, ...)")
+
+
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -23,7 +50,9 @@ class ServingConfig(BaseModel):
         "torch", description="torch: our PyTorch engine; vllm: vLLM's async engine with its pooling runner"
     )
     model_dir: Path = Field(description="merged model folder; relative paths are relative to the model version folder")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field(
+        "auto", description="auto (a GPU when there is one), cpu, cuda or cuda:<index>; with instances, where Triton places each"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int = Field(ge=8, le=32768, description="tokens per document; longer input is truncated and reported")
     preprocessing: Preprocessing = Field(
@@ -68,7 +97,12 @@ class ServingConfig(BaseModel):
     cpu_threads: int | Literal["auto"] = Field(
         "auto",
         description="torch engine on the CPU: intra-op threads of its forward passes; auto: the cores this "
-        "process may use, divided among the models the server hosts (at least 1); vllm engine: must be auto",
+        "process may use, divided among the CPU engines of all models the server hosts (at least 1); vllm engine: must be auto",
+    )
+    instances: ModelInstances | None = Field(
+        None,
+        description="engines of this model and their devices (ModelInstances); absent: one engine, on device. "
+        "Written into config.pbtxt as Triton's instance_group, not as a parameter",
     )
     vllm_kv_cache_mib: int = Field(
         1024, ge=1,
@@ -88,6 +122,13 @@ class ServingConfig(BaseModel):
         if value == "auto" or (type(value) is int and value >= 1):
             return value
         raise ValueError(f"is {value!r}; it must be 'auto' or a whole number of threads, at least 1")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _a_torch_device(cls, value: object) -> object:
+        if isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            return value
+        raise ValueError(f"is {value!r}; it must be auto, cpu, cuda or cuda:<GPU index>")
 
     @model_validator(mode="after")
     def _budget_fits_one_document(self) -> "ServingConfig":
@@ -116,6 +157,29 @@ class ServingConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _instances_fit_the_device(self) -> "ServingConfig":
+        instances = self.instances
+        if instances is None:
+            return self
+        if instances.gpus is not None and self.device not in ("auto", "cuda"):
+            raise ValueError(
+                f"device: is {self.device!r}; with instances.gpus each engine runs on the GPU Triton gives its "
+                "instance, so device must be 'auto' or 'cuda'"
+            )
+        if instances.gpus is None and self.device.startswith("cuda"):
+            raise ValueError(
+                f"instances: without gpus the {instances.count} engine(s) run on the CPU (Triton's KIND_CPU), but "
+                f"device is {self.device!r}; give instances.gpus ('all' or a list of GPU indices)"
+            )
+        if self.engine == "vllm" and instances.count > 1:
+            raise ValueError(
+                f"instances.count: is {instances.count}; with engine vllm it must be 1 (one engine per GPU, or one "
+                "on the CPU): a vLLM engine batches continuously and keeps its device busy by itself, so a second one "
+                "would only compete for the same GPU or cores (on the CPU, vLLM binds its threads to every usable core)"
+            )
+        return self
+
     @classmethod
     def from_triton_parameters(cls, parameters: dict, version_dir: Path) -> "ServingConfig":
         """Parse ``config.pbtxt`` parameters (``{key: {"string_value": ...}}``)."""
@@ -130,7 +194,9 @@ class ServingConfig(BaseModel):
         return config
 
     def to_triton_parameters(self) -> dict[str, str]:
-        return {key: str(value) for key, value in self.model_dump(exclude_none=True).items()}
+        # instances is Triton's own instance_group in config.pbtxt (which an operator may also edit
+        # there); each instance learns its device from Triton, not from a parameter.
+        return {key: str(value) for key, value in self.model_dump(exclude_none=True, exclude={"instances"}).items()}
 
     def model_labels(self) -> LabelSet:
         """The labels of the model in ``model_dir``; they must be as many as ``num_labels`` says, when it is set."""

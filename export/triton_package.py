@@ -51,9 +51,22 @@ def config_pbtxt(name: str, config: ServingConfig) -> str:
         + _tensor_block("input", protocol.INPUT_TENSORS, optional=True)
         + _tensor_block("output", protocol.OUTPUT_TENSORS, optional=False)
         + _scheduling_block(config)
-        + "instance_group [ { kind: KIND_MODEL count: 1 } ]\n"
+        + _instance_group(config)
         + parameters
     )
+
+
+def _instance_group(config: ServingConfig) -> str:
+    """Triton's instance_group: one engine per instance, each in a stub of its own (core.serving_config.ModelInstances)."""
+    instances = config.instances
+    if instances is None:
+        # One engine, placed by the device field: KIND_MODEL leaves the device to the model.
+        return "instance_group [ { kind: KIND_MODEL count: 1 } ]\n"
+    if instances.gpus is None:
+        return f"instance_group [ {{ kind: KIND_CPU count: {instances.count} }} ]\n"
+    # Without a gpus list Triton places count instances on every GPU it sees.
+    gpus = "" if instances.gpus == "all" else f" gpus: [ {', '.join(map(str, instances.gpus))} ]"
+    return f"instance_group [ {{ kind: KIND_GPU count: {instances.count}{gpus} }} ]\n"
 
 
 def _scheduling_block(config: ServingConfig) -> str:
