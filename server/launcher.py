@@ -35,7 +35,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from core import access_token
-from server.cpu_share import HOSTED_MODELS_ENV
+from server.cpu_share import CPU_ENGINES_ENV, cpu_engines_of
 from server.model_watchdog import DeadStubWatchdog
 from server.tls_front import TlsFront, server_tls_context
 
@@ -106,11 +106,14 @@ class LaunchConfig(BaseModel):
         return self.tls_certificate is not None
 
     @property
-    def hosted_models(self) -> int:
-        """How many models the server loads: the listed ones, else every model folder of the repository."""
+    def cpu_engines(self) -> int:
+        """Engines the server runs on the CPU: every CPU instance of the models it loads (the
+        listed ones, else every model folder of the repository), at least 1."""
         if isinstance(self.model_repository, str):
-            return len(self.models) or 1  # a bucket cannot be listed before Triton reads it
-        return len(self.models) or len(list(self.model_repository.glob("*/config.pbtxt")))
+            return max(1, len(self.models))  # a bucket cannot be read before Triton reads it: one engine a model
+        listed = [self.model_repository / name / "config.pbtxt" for name in self.models]
+        configs = listed or self.model_repository.glob("*/config.pbtxt")
+        return max(1, sum(cpu_engines_of(config) for config in configs if config.exists()))
 
 
 # Everything a client could use to change or read out the server's state; health, metadata,
@@ -202,7 +205,7 @@ def describe_command(command: list[str]) -> str:
 def _environment(config: LaunchConfig) -> dict[str, str]:
     env = dict(os.environ)
     # For the PyTorch engines' cpu_threads "auto": the stubs share the cores (server.cpu_share).
-    env[HOSTED_MODELS_ENV] = str(max(1, config.hosted_models))
+    env[CPU_ENGINES_ENV] = str(config.cpu_engines)
     # The Python backend's stub takes sys.path from the `python` found first on PATH: put this
     # interpreter's environment (where torch, transformers and this project live) first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

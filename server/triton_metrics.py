@@ -2,7 +2,10 @@
 on Triton's metrics port beside ``nv_inference_*``. Names take TEI's ``te_*`` vocabulary with our
 prefix ``pc_`` (patent classifier) and follow Prometheus's conventions: Triton exports a name as
 given, so counters carry their ``_total`` themselves, durations are ``_seconds`` and every other
-quantity names its unit (documents, tokens, ratio). Every series carries the ``model`` label.
+quantity names its unit (documents, tokens, ratio). Every series carries the ``model`` label and
+the ``model_instance`` label (Triton's instance name, ``kscst-gemma2_0_1``): each instance of a
+model is a stub process with an engine of its own, and two of them setting one gauge would
+overwrite each other. (Not ``instance``: Prometheus gives that name to the scraped target.)
 
 Each update is an IPC round trip from the Python stub to tritonserver, so nothing here runs on
 the engine's threads or on ``execute``: callers put events on a queue and one ``triton-metrics``
@@ -63,14 +66,16 @@ _STOP = object()
 class TritonModelMetrics:
     """One model's metrics. ``batch``, ``request_received``, ``answered`` and ``failed`` only queue."""
 
-    def __init__(self, pb_utils, model_name: str, label_codes: Sequence[str], engine: ClassificationEngine):
+    def __init__(
+        self, pb_utils, model_name: str, label_codes: Sequence[str], engine: ClassificationEngine, instance_name: str | None = None
+    ):
         self._engine = engine
         self._events: queue.Queue = queue.Queue()
         self._families = {
             name: pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
             for name, (kind, help_text, _) in FAMILIES.items()
         }
-        model = {"model": model_name}
+        model = {"model": model_name, **({"model_instance": instance_name} if instance_name else {})}
 
         def metric(name: str, **labels: str):
             buckets = FAMILIES[name][2]

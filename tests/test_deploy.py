@@ -285,5 +285,5 @@ def test_a_bucket_repository_reaches_tritonserver_as_written(tmp_path):
         config = LaunchConfig(model_repository=uri, tritonserver=sys.executable)
         command = _command(config)
         assert command[command.index("--model-repository") + 1] == uri
-        assert config.hosted_models == 1
+        assert config.cpu_engines == 1
     assert LaunchConfig(model_repository=str(tmp_path), tritonserver=sys.executable).model_repository == tmp_path

@@ -64,7 +64,8 @@ def test_serve_prints_endpoints_and_drains_requests_in_flight_on_sigterm(exporte
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
             metrics = answer.read().decode()
         assert "nv_inference_request_success" in metrics
-        assert f'pc_engine_cpu_threads{{model="{MODEL_NAME}"}} {len(os.sched_getaffinity(0))}\n' in metrics
+        threads = f'pc_engine_cpu_threads{{model="{MODEL_NAME}",model_instance="{MODEL_NAME}_0_0"}} {len(os.sched_getaffinity(0))}\n'
+        assert threads in metrics
 
         # SIGTERM with requests in flight: each is answered before the server exits.
         patents = synthetic_patents(24, seed=41, long_share=1.0)

@@ -26,6 +26,7 @@ from core.errors import ErrorKind, ServingError
 from core.serving_config import ServingConfig
 from server.dead_engine_exit import DeadEngineExit
 from server.engines import build_engine
+from server.model_instance import ModelInstance
 from server.request_dispatch import RequestDispatch, internal_error
 from server.triton_metrics import TritonModelMetrics
 
@@ -36,11 +37,12 @@ class TritonPythonModel:
     def initialize(self, args):
         model_config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.config = ServingConfig.from_triton_parameters(model_config.get("parameters", {}), version_dir)
+        instance = ModelInstance.from_triton_args(args)
+        self.config = instance.engine_config(ServingConfig.from_triton_parameters(model_config.get("parameters", {}), version_dir))
         self.engine = build_engine(self.config)
         self.engine.start()
         self.labels = self.engine.labels
-        self.metrics = TritonModelMetrics(pb_utils, args["model_name"], self.labels.codes, self.engine)
+        self.metrics = TritonModelMetrics(pb_utils, args["model_name"], self.labels.codes, self.engine, instance.name)
         self.engine.observe_batches(self.metrics.batch)
         self.dispatch = RequestDispatch(self.engine, self.labels, _TritonReplies(), self.metrics)
         self.dead_engine_exit = DeadEngineExit(self.engine, self.dispatch.send_queued)
