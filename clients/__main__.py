@@ -2,7 +2,7 @@
 set, or open the web page.
 
     python -m clients classify --input clients/examples/patents.jsonl [--output answers.jsonl [--resume]]
-        [--url 127.0.0.1:8001] [--protocol grpc|http] [--model kscst-gemma2] [--top-k 5]
+        [--url 127.0.0.1:8001[,host2:8001...] | --url dns:///name:8001] [--protocol grpc|http] [--model kscst-gemma2] [--top-k 5]
     python -m clients evaluate --input clients/examples/labelled_patents.jsonl --out build/eval
         [--url ... | --start-server model_repository] [--min-accuracy 0.8]
         [--model-dir model_repository/kscst-gemma2/1/model]
@@ -14,7 +14,9 @@ an optional "id") or {"text": "..."} with pre-formatted text. Each output line c
 the message naming the input line and the field: one bad line never costs the others their
 answers. Lines are written in input order as their batches are answered; with --resume a run
 continues its output file, skipping the ids answered there and redoing its error lines, so an
-interrupted backlog loses nothing and repeats nothing.
+interrupted backlog loses nothing and repeats nothing. Several --url addresses (or a dns:/// name)
+spread the requests over the replicas, and a request one replica could not take goes to another
+(clients/replicas.py).
 
 evaluate: the same lines plus the true class code in "label"; refuses a file whose labels are not
 the model's classes; writes report.json (accuracy, macro-F1, top-k accuracy, per-class figures,
@@ -37,6 +39,7 @@ from core.command_line import HelpFormatter
 from core.errors import AccessDenied, InvalidInput, ModelNotFound, ServerUnavailable, ServingError
 from clients.answers_file import AnswersFile, id_key
 from clients.batch_classification import ServerAddress, classify_in_batches
+from clients.replicas import parse_targets
 from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS
 from clients.patent_lines import at_line, read_patent_lines
 
@@ -64,7 +67,7 @@ def _progress(total: int | None, enabled: bool, description: str | None = None):
 
 def _server_address(args: argparse.Namespace) -> ServerAddress:
     return ServerAddress(
-        args.url or DEFAULT_URLS[args.protocol], args.protocol, args.model, args.timeout,
+        ",".join(args.url) if args.url else DEFAULT_URLS[args.protocol], args.protocol, args.model, args.timeout,
         tls=getattr(args, "tls", False), tls_ca=getattr(args, "tls_ca", None), token=getattr(args, "token", None),
     )
 
@@ -312,7 +315,11 @@ def web_command(args: argparse.Namespace) -> int:
 
 def _add_server_arguments(parser: argparse.ArgumentParser, timeout_s: float) -> None:
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="KServe v2 over gRPC or HTTP: the port must match")
-    parser.add_argument("--url", default=None, help=f"host:port (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP)")
+    parser.add_argument(
+        "--url", action="append", default=None,
+        help=f"host:port (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP); several replicas: "
+        "a:8001,b:8001 or --url repeated, or dns:///name:port for every address of a name",
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the model's name on the server")
     parser.add_argument("--timeout", type=float, default=timeout_s, help="seconds per request")
 
@@ -381,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     web.set_defaults(run=web_command)
 
     args = parser.parse_args(argv)
+    if args.url:
+        try:
+            parse_targets(args.url, args.protocol)
+        except ValueError as exc:
+            parser.error(f"--{exc}")
     if hasattr(args, "token_file"):
         try:
             args.token = access_token.read_token(args.token_file)

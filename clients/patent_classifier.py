@@ -13,6 +13,10 @@ Failures raise the typed errors of ``core.errors`` (``InvalidInput`` names the f
 limit; ``ServerUnavailable`` says whether nothing listens at the address or it speaks the other
 protocol).
 
+Several replicas: ``PatentClassifier("a:8001,b:8001")`` (or a list, or ``dns:///name:8001`` for all
+addresses of a name) spreads the calls over them and tries a call that one replica could not
+take on another, within its timeout (``clients.replicas`` has the rules).
+
 A server with TLS and an access token: ``PatentClassifier(url, tls_ca="ca.pem", token=...)``
 (``tls=True`` alone trusts the system's CAs); ``core.access_token.read_token`` reads the token
 from a file or ``$PATENT_CLASSIFIER_TOKEN``.
@@ -29,6 +33,7 @@ from typing import Literal, Mapping, Sequence, Union
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from clients import replicas
 from core import access_token, protocol
 from core.errors import (
     AccessDenied, DeadlineExceeded, ErrorKind, InvalidInput, ModelNotFound, ServerUnavailable, ServingError,
@@ -167,24 +172,33 @@ def _encode_documents(documents: Sequence[Document]) -> tuple[str, np.ndarray]:
 
 class _ClassifierBase:
     def __init__(
-        self, url: str | None, protocol: Protocol, model: str, timeout_s: float, asynchronous: bool,
+        self, url: str | Sequence[str] | None, protocol: Protocol, model: str, timeout_s: float, asynchronous: bool,
         tls: bool, tls_ca: str | Path | None, token: str | None,
     ):
         self.protocol = protocol
-        self.url = url or DEFAULT_URLS[protocol]
+        self.url = url if isinstance(url, str) else ",".join(url or [DEFAULT_URLS[protocol]])
         self.model = model
         self.timeout_s = timeout_s
         self._types, client_module = _transport(protocol, asynchronous)
         self._headers = access_token.request_headers(token, protocol)
-        self._client = client_module.InferenceServerClient(
-            self.url, **self._connection_timeouts(asynchronous), **self._tls_options(asynchronous, tls or tls_ca is not None, tls_ca)
-        )
+        tls_options = self._tls_options(asynchronous, tls or tls_ca is not None, tls_ca)
+
+        def new_client(target: str, timeout_s: float, channel_args: list | None):
+            grpc_channel = {"channel_args": channel_args} if channel_args else {}
+            return client_module.InferenceServerClient(
+                target, **self._connection_timeouts(asynchronous, timeout_s), **tls_options, **grpc_channel
+            )
+
         self._served: ServedModelConfig | None = None  # learnt from the model's configuration on first use
         self._connection_errors: tuple[type[Exception], ...] = (OSError, http.client.HTTPException)
         if asynchronous and protocol == "http":
             import aiohttp  # tritonclient.http.aio's transport; its protocol errors are no OSErrors
 
             self._connection_errors += (aiohttp.ClientError,)
+        self._client = replicas.connect(
+            url or self.url, protocol, new_client, timeout_s, self._typed, (InferenceServerException, *self._connection_errors),
+            asynchronous, bool(tls_options),
+        )
 
     def _tls_options(self, asynchronous: bool, tls: bool, tls_ca: str | Path | None) -> dict:
         """TLS with the server verified against ``tls_ca`` (or the system's CAs), in each transport's own words."""
@@ -220,12 +234,12 @@ class _ClassifierBase:
         # the HTTP transports' socket and protocol errors
         return unreachable(self.url, self.protocol, f"{type(exc).__name__}: {exc}")
 
-    def _connection_timeouts(self, asynchronous: bool) -> dict:
+    def _connection_timeouts(self, asynchronous: bool, timeout_s: float) -> dict:
         if self.protocol == "grpc":
             return {}
         if asynchronous:
-            return {"conn_timeout": self.timeout_s}
-        return {"connection_timeout": self.timeout_s, "network_timeout": self.timeout_s}
+            return {"conn_timeout": timeout_s}
+        return {"connection_timeout": timeout_s, "network_timeout": timeout_s}
 
     def _timeout_kwargs(self) -> dict:
         # "timeout" (microseconds) travels with the request: the server drops the work if it is
@@ -261,7 +275,7 @@ class PatentClassifier(_ClassifierBase):
     """Blocking client. Thread-safe for concurrent calls over gRPC; use one per thread over HTTP."""
 
     def __init__(
-        self, url: str | None = None, protocol: Protocol = "grpc", model: str = DEFAULT_MODEL, timeout_s: float = 60.0,
+        self, url: str | Sequence[str] | None = None, protocol: Protocol = "grpc", model: str = DEFAULT_MODEL, timeout_s: float = 60.0,
         *, tls: bool = False, tls_ca: str | Path | None = None, token: str | None = None,
     ):
         super().__init__(url, protocol, model, timeout_s, False, tls, tls_ca, token)
@@ -337,7 +351,7 @@ class AsyncPatentClassifier(_ClassifierBase):
     """asyncio client: ``await classifier.classify(...)``; many calls may be in flight at once."""
 
     def __init__(
-        self, url: str | None = None, protocol: Protocol = "grpc", model: str = DEFAULT_MODEL, timeout_s: float = 60.0,
+        self, url: str | Sequence[str] | None = None, protocol: Protocol = "grpc", model: str = DEFAULT_MODEL, timeout_s: float = 60.0,
         *, tls: bool = False, tls_ca: str | Path | None = None, token: str | None = None,
     ):
         super().__init__(url, protocol, model, timeout_s, True, tls, tls_ca, token)
