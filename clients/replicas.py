@@ -136,23 +136,23 @@ AttemptError = Callable[[BaseException], ServingError]
 
 
 @dataclass(eq=False)
-class _Replica:
+class Replica:
     target: str
     client: Any
     avoid_until: float = 0.0
 
 
 @dataclass
-class _Call:
+class Attempts:
     """One call's attempts: which replica next, and whether (after what pause) to try again."""
 
-    order: list[_Replica]
+    order: list[Replica]
     deadline: float | None
     attempts: int = 0
     pauses: int = 0
     tried: list[str] = field(default_factory=list)
 
-    def next_replica(self) -> _Replica:
+    def next_replica(self) -> Replica:
         replica = self.order[self.attempts % len(self.order)]
         self.attempts += 1
         self.tried.append(replica.target)
@@ -161,7 +161,7 @@ class _Call:
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def pause_before_retry(self, replica: _Replica, error: ServingError) -> float | None:
+    def pause_before_retry(self, replica: Replica, error: ServingError) -> float | None:
         """Seconds to wait before the next attempt, or None: raise this error."""
         if not isinstance(error, _ELSEWHERE_AT_ONCE + _ELSEWHERE_AFTER_A_PAUSE) or self.attempts >= MAX_ATTEMPTS:
             return None
@@ -214,14 +214,14 @@ class _ReplicaSetBase:
         self._transport_errors = transport_errors
         self._turn = itertools.count(random.randrange(1 << 16))  # clients started together do not all begin at one replica
         self._resolved_at = 0.0
-        self._replicas: list[_Replica] = []
-        self._retired: list[_Replica] = []  # resolved away; closed with the set (a call may still use one)
+        self._replicas: list[Replica] = []
+        self._retired: list[Replica] = []  # resolved away; closed with the set (a call may still use one)
         if targets.grpc_target:
-            self._replicas = [_Replica(targets.grpc_target, new_client(targets.grpc_target, timeout_s, round_robin_channel_args()))]
+            self._replicas = [Replica(targets.grpc_target, new_client(targets.grpc_target, timeout_s, round_robin_channel_args()))]
         elif targets.addresses:
-            self._replicas = [_Replica(address, new_client(address, timeout_s, None)) for address in targets.addresses]
+            self._replicas = [Replica(address, new_client(address, timeout_s, None)) for address in targets.addresses]
 
-    def _addresses_now(self) -> list[_Replica]:
+    def _addresses_now(self) -> list[Replica]:
         """The replicas, the name resolved again when due (HTTP's dns:/// target)."""
         if self.targets.resolved_name and time.monotonic() - self._resolved_at > RESOLVE_EVERY_S:
             try:
@@ -232,32 +232,32 @@ class _ReplicaSetBase:
                 self._resolved_at = time.monotonic()
                 kept = {replica.target: replica for replica in self._replicas}
                 self._retired += [replica for target, replica in kept.items() if target not in addresses]
-                self._replicas = [kept.get(address) or _Replica(address, self._new_client(address, self._timeout_s, None))
+                self._replicas = [kept.get(address) or Replica(address, self._new_client(address, self._timeout_s, None))
                                   for address in addresses]
         if not self._replicas:
             raise ServerUnavailable(f"{self.targets.describe()}: the name resolves to no address")
         return self._replicas
 
-    def _order(self) -> list[_Replica]:
+    def _order(self) -> list[Replica]:
         replicas = self._addresses_now()
         start = next(self._turn) % len(replicas)
         rotated = replicas[start:] + replicas[:start]
         now = time.monotonic()
         return sorted(rotated, key=lambda replica: replica.avoid_until > now)  # stable: in turn, avoided ones last
 
-    def _infer_call(self, kwargs: dict) -> _Call:
-        return _Call(self._order(), _deadline(kwargs))
+    def _infer_call(self, kwargs: dict) -> Attempts:
+        return Attempts(self._order(), _deadline(kwargs))
 
-    def _metadata_call(self) -> _Call:
+    def _metadata_call(self) -> Attempts:
         """Configuration and readiness: each replica once, in turn, all within the client's timeout."""
-        return _Call(self._order(), time.monotonic() + self._timeout_s)
+        return Attempts(self._order(), time.monotonic() + self._timeout_s)
 
-    def _metadata_kwargs(self, call: _Call, kwargs: dict) -> dict:
+    def _metadata_kwargs(self, call: Attempts, kwargs: dict) -> dict:
         # A gRPC call takes a deadline of its own; over HTTP the client's network timeout bounds it.
         return {**kwargs, "client_timeout": call.remaining()} if self.protocol == "grpc" else kwargs
 
     @staticmethod
-    def _more_replicas(call: _Call) -> bool:
+    def _more_replicas(call: Attempts) -> bool:
         return call.attempts < len(call.order) and call.remaining() > 0
 
 
@@ -276,7 +276,7 @@ class ReplicaSet(_ReplicaSetBase):
                     raise call.final(exc) from None
                 time.sleep(pause)
 
-    def _attempt(self, replica: _Replica, call: _Call, request):
+    def _attempt(self, replica: Replica, call: Attempts, request):
         remaining = call.remaining()
         if self.protocol != "http" or remaining is None:
             return request(replica.client)  # a gRPC call carries its deadline (client_timeout)
@@ -354,7 +354,7 @@ class AsyncReplicaSet(_ReplicaSetBase):
                 await asyncio.sleep(pause)
 
     @staticmethod
-    async def _attempt(call: _Call, request):
+    async def _attempt(call: Attempts, request):
         remaining = call.remaining()
         return await (request if remaining is None else asyncio.wait_for(request, max(remaining, 0.001)))
 

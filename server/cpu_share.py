@@ -47,4 +47,3 @@ def cpu_engines_of(config_pbtxt: Path) -> int:
         return 1  # Triton's default: one instance
     gpu = model_config_pb2.ModelInstanceGroup.Kind.KIND_GPU
     return sum(max(1, group.count) for group in config.instance_group if group.kind != gpu)
-

@@ -14,18 +14,19 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc
-import tritonclient.http
 
 from clients import AsyncPatentClassifier, PatentClassifier
 from clients.batch_classification import ServerAddress, classify_in_batches
-from clients.replicas import FIRST_PAUSE_S, MAX_ATTEMPTS, MAX_PAUSE_S, _Call, _Replica
-from core.errors import AccessDenied, DeadlineExceeded, EngineFailure, InvalidInput, ModelNotFound, Overloaded, ServerUnavailable
+from clients.replicas import FIRST_PAUSE_S, MAX_ATTEMPTS, MAX_PAUSE_S, Attempts, Replica
+from core.errors import (
+    AccessDenied, DeadlineExceeded, EngineFailure, InvalidInput, ModelNotFound, Overloaded, ServerUnavailable,
+)
 from core.protocol import Classification
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
@@ -273,9 +274,9 @@ def test_with_every_replica_down_the_error_says_what_was_tried():
 
 def test_the_retry_rules():
     """Which typed error goes elsewhere, and after what pause."""
-    def call(remaining_s: float | None = 30.0) -> _Call:
+    def call(remaining_s: float | None = 30.0) -> Attempts:
         deadline = None if remaining_s is None else time.monotonic() + remaining_s
-        return _Call([_Replica("a:1", None), _Replica("b:1", None)], deadline)
+        return Attempts([Replica("a:1", None), Replica("b:1", None)], deadline)
 
     unavailable = call()
     first = unavailable.next_replica()
