@@ -15,7 +15,8 @@ Classification is idempotent (a document gets the same answer from any replica),
 attempt is repeated elsewhere according to the typed error it ended with:
 
     ServerUnavailable   refused, reset, UNAVAILABLE, the model not loaded there: at once, on the next replica
-    ModelNotFound       that replica lacks the model (or is loading it): at once, on the next replica
+    ModelNotFound       that replica lacks the model (or is loading it): at once, on a replica not yet
+                        tried; raised once every replica has said so (a misspelt name, then)
     Overloaded          after a pause (jittered, doubling, at most MAX_PAUSE_S), on the next replica
     anything else       raised as it is: the same request would fail the same way anywhere
 
@@ -164,6 +165,8 @@ class Attempts:
     def pause_before_retry(self, replica: Replica, error: ServingError) -> float | None:
         """Seconds to wait before the next attempt, or None: raise this error."""
         if not isinstance(error, _ELSEWHERE_AT_ONCE + _ELSEWHERE_AFTER_A_PAUSE) or self.attempts >= MAX_ATTEMPTS:
+            return None
+        if isinstance(error, ModelNotFound) and self.attempts >= len(self.order):
             return None
         replica.avoid_until = time.monotonic() + AVOID_S
         pause = 0.0

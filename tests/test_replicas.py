@@ -163,6 +163,13 @@ def test_a_dns_name_reaches_the_replicas_it_resolves_to(replicas, protocol):
         assert client.classify(SHORT[0]).token_count > 0
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_model_no_replica_has_is_model_not_found(replicas, protocol):
+    with PatentClassifier(urls(replicas, protocol), protocol, "no-such-model", timeout_s=TIMEOUT_S) as client:
+        with pytest.raises(ModelNotFound):
+            client.classify(SHORT[0])
+
+
 @pytest.fixture
 def victim(replica_folder):
     """A third replica, killed by the test that uses it. Its stub process outlives a SIGKILLed
@@ -282,8 +289,13 @@ def test_the_retry_rules():
     first = unavailable.next_replica()
     assert unavailable.pause_before_retry(first, ServerUnavailable("refused")) == 0.0  # another replica is untried
     assert first.avoid_until > time.monotonic()  # and the failed one goes last for a while
-    assert unavailable.next_replica() is not first
-    assert 0.0 <= unavailable.pause_before_retry(first, ModelNotFound("loading")) <= FIRST_PAUSE_S  # all tried: a pause
+    second = unavailable.next_replica()
+    assert second is not first
+    assert 0.0 <= unavailable.pause_before_retry(second, ServerUnavailable("reset")) <= FIRST_PAUSE_S  # all tried: a pause
+
+    missing = call()
+    assert missing.pause_before_retry(missing.next_replica(), ModelNotFound("loading")) == 0.0
+    assert missing.pause_before_retry(missing.next_replica(), ModelNotFound("unknown")) is None  # every replica said so
 
     overloaded = call()
     pauses = []
