@@ -243,7 +243,9 @@ class SlowCloser:
                 connection, _ = self.socket.accept()
             except OSError:  # closed by close()
                 return
-            threading.Timer(self._delay_s, connection.close).start()
+            closer = threading.Timer(self._delay_s, connection.close)
+            closer.daemon = True
+            closer.start()
 
     def close(self) -> None:
         self.socket.close()
@@ -251,12 +253,12 @@ class SlowCloser:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_no_attempt_outlives_the_callers_deadline(protocol):
-    """Two replicas that fail each attempt after 1 s, a caller with a 1.5 s deadline: the first
-    attempt fails at 1 s, the second gets the 0.5 s left and the call ends at the deadline. An
-    attempt given a fresh timeout would end at 2 s at the earliest. (Here the first call a client
+    """Two replicas that fail each attempt after 2 s, a caller with a 3 s deadline: the first
+    attempt fails at 2 s, the second gets the 1 s left and the call ends at the deadline. An
+    attempt given a fresh timeout would end at 4 s at the earliest. (Here the first call a client
     makes, for the model's configuration, is the one that meets them; inferences shrink their
     timeouts the same way: test_the_retry_rules.)"""
-    delay_s, timeout_s = 1.0, 1.5
+    delay_s, timeout_s = 2.0, 3.0
     slow = [SlowCloser(delay_s), SlowCloser(delay_s)]
     try:
         with PatentClassifier(",".join(replica.address for replica in slow), protocol, MODEL_NAME, timeout_s=timeout_s) as client:
