@@ -114,7 +114,7 @@ def two_instance_server(exported, tmp_path_factory):
     http_port, grpc_port, metrics_port = free_loopback_ports(3)
     config = LaunchConfig(
         model_repository=folder / "model_repository", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        backend_directory=folder / "backends", ready_timeout_s=180, exit_timeout_s=5,
+        backend_directory=folder / "backends", ready_timeout_s=180,
     )
     with TritonServer(config, log_path=folder / "tritonserver.log") as running:
         yield running

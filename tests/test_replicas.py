@@ -53,13 +53,21 @@ def replica_repository(folder: Path, merged_dir: Path) -> Path:
     return repository
 
 
-def replica(repository: Path, folder: Path, address: str, ports: tuple[int, int, int], name: str = "") -> TritonServer:
+@contextlib.contextmanager
+def replica(repository: Path, folder: Path, address: str, ports: tuple[int, int, int], name: str = ""):
+    """A running replica. Its stub process outlives a tritonserver that is SIGKILLed, or that gives
+    up unloading at its exit timeout (a busy machine); whatever of it is left is ended here."""
     http_port, grpc_port, metrics_port = ports
     config = LaunchConfig(
         model_repository=repository, address=address, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        backend_directory=folder / "backends", ready_timeout_s=180, exit_timeout_s=5,
+        backend_directory=folder / "backends", ready_timeout_s=180,
     )
-    return TritonServer(config, log_path=folder / f"tritonserver-{name or address}.log")
+    with TritonServer(config, log_path=folder / f"tritonserver-{name or address}.log") as server:
+        stubs = stub_processes(server.process.pid)
+        yield server
+    for stub in stubs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stub.pid, signal.SIGKILL)
 
 
 def ports_free_on_both(first: str, second: str) -> tuple[int, int, int]:
@@ -172,15 +180,10 @@ def test_a_model_no_replica_has_is_model_not_found(replicas, protocol):
 
 @pytest.fixture
 def victim(replica_folder):
-    """A third replica, killed by the test that uses it. Its stub process outlives a SIGKILLed
-    tritonserver (in a container it would go with the container): it is ended here."""
+    """A third replica, killed by the test that uses it."""
     folder, repository = replica_folder
     with replica(repository, folder, "127.0.0.1", tuple(free_loopback_ports(3)), name="victim") as server:
-        stubs = stub_processes(server.process.pid)
         yield server
-    for stub in stubs:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stub.pid, signal.SIGKILL)
 
 
 def test_killing_a_replica_mid_run_loses_no_request(replicas, victim):
