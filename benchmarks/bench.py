@@ -70,8 +70,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="our engines' token budget per forward pass (1024 suits a 2-core CPU; 16384+ on a GPU)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="our engines' documents per forward pass, at most")
     parser.add_argument("--cpu-threads", default="auto",
-                        help="the PyTorch engine's serving field cpu_threads: auto (its cores ÷ hosted models: all of them "
-                        "here, where it is the only model) or a thread count")
+                        help="the PyTorch engine's serving field cpu_threads: auto (its cores ÷ the server's CPU engines: all of "
+                        "them here, where it is the only one) or a thread count")
     parser.add_argument("--hf-batch-size", type=int, default=8, help="hf-static: documents per static batch")
     parser.add_argument("--device", default="auto", help="transformers peers and the PyTorch engine: auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")

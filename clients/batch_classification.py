@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ServerAddress:
-    url: str  # host:port
+    url: str  # host:port, or several replicas: a:8001,b:8001 or dns:///name:port (clients/replicas.py)
     protocol: Protocol = "grpc"
     model: str = DEFAULT_MODEL
     timeout_s: float = 120.0

@@ -198,10 +198,10 @@ def test_killing_a_replica_mid_run_loses_no_request(replicas, victim):
         backlog = tritonclient.grpc.InferenceServerClient(victim.grpc_url)
         tensor = tritonclient.grpc.InferInput("TEXT", [len(LONG)], "BYTES")
         tensor.set_data_from_numpy(np.array([document.render().encode() for document in LONG], dtype=np.object_))
-        victim_received = value(scrape(victim.metrics_url)[0], "pc_request_count")
+        victim_received = value(scrape(victim.metrics_url)[0], "pc_requests_total")
         backlog.async_infer(MODEL_NAME, [tensor], callback=lambda result, error: None)
         received = time.monotonic() + 30
-        while value(scrape(victim.metrics_url)[0], "pc_request_count") == victim_received and time.monotonic() < received:
+        while value(scrape(victim.metrics_url)[0], "pc_requests_total") == victim_received and time.monotonic() < received:
             time.sleep(0.05)
 
         def classify(document):
