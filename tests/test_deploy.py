@@ -237,7 +237,7 @@ def test_the_deployments_command_line_and_probes_work_against_the_real_server(ex
                 assert answer.status == 200, (probe, url)
         with urllib.request.urlopen(f"http://127.0.0.1:{local_ports['metrics']}/metrics", timeout=10) as answer:
             metrics = answer.read().decode()
-        assert f'pc_queue_tokens{{model="{MODEL_NAME}"}}' in metrics
+        assert f'pc_queue_tokens{{model="{MODEL_NAME}",model_instance="{MODEL_NAME}_0_0"}}' in metrics
     finally:
         process.terminate()
         code = process.wait(timeout=deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])

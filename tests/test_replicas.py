@@ -125,7 +125,8 @@ def urls(servers, protocol: str) -> str:
 def test_the_client_spreads_requests_over_both_replicas(replicas, protocol):
     before = [answered(server) for server in replicas]
     address = ServerAddress(urls(replicas, protocol), protocol, MODEL_NAME, TIMEOUT_S)
-    answers = [answer for batch in classify_in_batches(SHORT, address, batch_size=1, concurrency=4) for answer in batch]
+    batches = classify_in_batches(enumerate(SHORT), address, batch_size=1, concurrency=4)
+    answers = [answer for batch in batches for _, answer in batch]
 
     assert all(isinstance(answer, Classification) for answer in answers)
     done = [after - count for after, count in zip(answered_once_counted(replicas, sum(before) + len(SHORT)), before)]
