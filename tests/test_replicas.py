@@ -17,9 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tritonclient.grpc
 
 from clients import AsyncPatentClassifier, PatentClassifier
 from clients.batch_classification import ServerAddress, classify_in_batches
@@ -31,24 +29,22 @@ from core.protocol import Classification
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from export.triton_package import write_triton_model
+from server.engine_hold import HOLD_FILE_ENV
 from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
 from server.model_watchdog import stub_processes
 from tests.conftest import EXAMPLE_PATENTS, MAX_LENGTH, MODEL_NAME, PROJECT_ROOT
 from tests.test_monitoring import scrape, value
 
 SHORT = synthetic_patents(40, seed=61, long_share=0.0)
-LONG = synthetic_patents(64, seed=62, long_share=1.0)
 TIMEOUT_S = 60.0  # each request's deadline
 SPREAD_SHARE = 0.3  # each replica's least share of the requests
 
 
 def replica_repository(folder: Path, merged_dir: Path) -> Path:
-    """The Gemma-2 demo, one full-length patent per forward pass and one thread per replica (two
-    servers share this machine's cores), with room in its queue for a backlog of long patents."""
+    """The Gemma-2 demo, one thread per replica (two servers share this machine's cores)."""
     repository = folder / "model_repository"
     write_triton_model(repository, MODEL_NAME, ServingConfig(
-        model_dir=merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=MAX_LENGTH, max_queue_tokens=256 * MAX_LENGTH,
-        device="cpu", cpu_threads=1,
+        model_dir=merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4 * MAX_LENGTH, device="cpu", cpu_threads=1,
     ))
     return repository
 
@@ -180,38 +176,34 @@ def test_a_model_no_replica_has_is_model_not_found(replicas, protocol):
 
 
 @pytest.fixture
-def victim(replica_folder):
-    """A third replica, killed by the test that uses it."""
+def victim(replica_folder, tmp_path, monkeypatch):
+    """A third replica, killed by the test that uses it, with an engine hold of its own
+    (server/engine_hold.py): while its file exists the victim's engine takes no batch."""
     folder, repository = replica_folder
-    with replica(repository, folder, "127.0.0.1", tuple(free_loopback_ports(3)), name="victim") as server:
-        yield server
+    hold = tmp_path / "victim-hold"
+    with contextlib.ExitStack() as running:
+        with monkeypatch.context() as patch:
+            patch.setenv(HOLD_FILE_ENV, str(hold))  # read by the victim's engine when it starts, by no other
+            server = running.enter_context(replica(repository, folder, "127.0.0.1", tuple(free_loopback_ports(3)), name="victim"))
+        yield server, hold
 
 
 def test_killing_a_replica_mid_run_loses_no_request(replicas, victim):
     survivor, _ = replicas
+    victim, hold = victim
     initially = sum(answered(server) for server in (survivor, victim))
     with PatentClassifier(f"{survivor.grpc_url},{victim.grpc_url}", model=MODEL_NAME, timeout_s=TIMEOUT_S) as client:
         client.classify(SHORT[0])  # learns the model's configuration: each later call is one inference, in turn
         before = answered_once_counted((survivor, victim), initially + 1)[0]
-
-        # The victim gets busy with a backlog of long patents, sent past the client under test, so the
-        # calls the client sends it are still queued there when it is killed.
-        backlog = tritonclient.grpc.InferenceServerClient(victim.grpc_url)
-        tensor = tritonclient.grpc.InferInput("TEXT", [len(LONG)], "BYTES")
-        tensor.set_data_from_numpy(np.array([document.render().encode() for document in LONG], dtype=np.object_))
-        victim_received = value(scrape(victim.metrics_url)[0], "pc_requests_total")
-        backlog.async_infer(MODEL_NAME, [tensor], callback=lambda result, error: None)
-        received = time.monotonic() + 30
-        while value(scrape(victim.metrics_url)[0], "pc_requests_total") == victim_received and time.monotonic() < received:
-            time.sleep(0.05)
 
         def classify(document):
             started = time.monotonic()
             answer = client.classify(document)
             return answer, time.monotonic() - started
 
+        hold.touch()  # what the client sends the victim now stays queued there
         with ThreadPoolExecutor(4) as pool:
-            # Four calls in turn: two to the survivor, answered at once; two queued on the victim.
+            # Four calls in turn: two to the survivor, answered; two held on the victim.
             first_four = [pool.submit(classify, document) for document in SHORT[1:5]]
             two_answered = time.monotonic() + TIMEOUT_S
             while sum(future.done() for future in first_four) < 2 and time.monotonic() < two_answered:
@@ -220,7 +212,6 @@ def test_killing_a_replica_mid_run_loses_no_request(replicas, victim):
             os.kill(victim.process.pid, signal.SIGKILL)
             rest = [pool.submit(classify, document) for document in SHORT[5:25]]
             outcomes = [future.result() for future in first_four + rest]
-        backlog.close()
 
     assert len(outcomes) == 24
     assert all(isinstance(answer, Classification) and seconds < TIMEOUT_S for answer, seconds in outcomes)
