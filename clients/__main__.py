@@ -268,7 +268,8 @@ def _print_summary(report, written: list[Path]) -> None:
     if report.offline is not None:
         offline = report.offline
         lines.append(
-            f"offline transformers: top-1 agreement {offline.top1_agreement:.4f}, accuracy {offline.offline_accuracy:.4f}, "
+            f"offline transformers in {offline.reference_dtype}: top-1 agreement {offline.top1_agreement:.4f}, "
+            f"accuracy {offline.offline_accuracy:.4f}, "
             f"max |Δprobability| {offline.max_probability_difference:.2e}"
         )
     if report.confused_pairs:
@@ -373,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate.add_argument(
         "--model-dir", type=Path, default=None,
-        help="merged model folder (e.g. model_repository/kscst-gemma2/1/model): also run it offline in transformers and "
-        "report the agreement (without it no model is loaded here)",
+        help="merged model folder (e.g. model_repository/kscst-gemma2/1/model): also run it offline in transformers, in "
+        "float32 whatever the server computes in, and report the agreement (without it no model is loaded here)",
     )
     evaluate.add_argument("--max-length", type=int, default=512, help="tokens per document offline; must be the server's max_length")
     evaluate.add_argument("--offline-device", choices=["auto", "cpu", "cuda"], default="auto", help="with --model-dir: where the offline model runs")

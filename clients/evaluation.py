@@ -88,9 +88,12 @@ def most_confused_pairs(
 
 
 class OfflineComparison(BaseModel):
-    """The served answers against the same merged model run offline in transformers."""
+    """The served answers against the same merged model run offline in transformers, in float32:
+    whatever precision the server computes in (bf16 where the hardware has it), this says how far
+    its answers are from the full-precision ones, as the export's precision report does."""
 
     model_dir: str
+    reference_dtype: str = "float32"
     documents: int
     top1_agreement: float  # share of documents whose served top class is the offline top class
     offline_accuracy: float
@@ -212,8 +215,8 @@ def compare_with_offline(
     batch_size: int = 8,
     progress: bool = True,
 ) -> tuple[OfflineComparison, list[str]]:
-    """Run the merged model in transformers on the answered documents; return the comparison and
-    the offline top class of each of them.
+    """Run the merged model in transformers, in float32, on the answered documents; return the
+    comparison and the offline top class of each of them.
 
     Loads through ``core.hf_classifier``, the one loader the export and the engine use, so
     Gemma-2 runs with eager attention (SDPA drops its attention softcapping).
@@ -221,7 +224,9 @@ def compare_with_offline(
     from sklearn.metrics import accuracy_score
     from tqdm import tqdm
 
-    from core.hf_classifier import class_logits, load_sequence_classifier, load_tokenizer, resolve_device, resolve_dtype, softmax
+    import torch
+
+    from core.hf_classifier import class_logits, load_sequence_classifier, load_tokenizer, resolve_device, softmax
     from core.labels import LabelSet
 
     answered = [(sample, answer) for sample, answer in zip(samples, answers) if isinstance(answer, Classification)]
@@ -232,7 +237,7 @@ def compare_with_offline(
         raise InvalidInput("model_dir", f"{model_dir} has no class {unknown[0]} that the server returned: is it the served model?")
 
     torch_device = resolve_device(device)
-    model = load_sequence_classifier(model_dir, dtype=resolve_dtype("auto", torch_device), device=torch_device)
+    model = load_sequence_classifier(model_dir, dtype=torch.float32, device=torch_device)
     tokenizer = load_tokenizer(model_dir)
     texts = [sample.model_input() for sample, _ in answered]
     chunk = 64  # progress granularity; class_logits batches inside each chunk

@@ -102,6 +102,10 @@ class ClassificationEngine(abc.ABC):
     # Intra-op CPU threads of the forward passes, as the computing thread sees them once started;
     # None where the engine leaves its threads to a library of its own (vLLM).
     cpu_threads: int | None = None
+    # What the forward passes compute in and where, once started (the serving fields' spelling:
+    # "bfloat16", "float32"; "cpu", "cuda"): logged, and exported as the metric pc_engine_info.
+    dtype: str | None = None
+    device: str | None = None
 
     def __init__(self) -> None:
         self._batch_observers: list[BatchObserver] = []

@@ -54,10 +54,40 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# CPU features with bf16 dot-product instructions (/proc/cpuinfo and torch's spelling): there a
+# bf16 matmul runs at several times float32's rate; elsewhere bf16 is emulated and slower.
+NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), as detected at start,
+    never assumed: torch's CPU feature probe, else the kernel's /proc/cpuinfo flags."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        found = capabilities()
+        return any(bool(found.get(feature)) for feature in NATIVE_BF16_CPU_FEATURES)
+    try:
+        flags = next(
+            (line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+            [],
+        )
+    except OSError:
+        return False
+    return any(feature in flags for feature in NATIVE_BF16_CPU_FEATURES)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU and on a CPU that computes it natively; float32 on other CPUs."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
     return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, the spelling of the serving field ``dtype``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def load_sequence_classifier(

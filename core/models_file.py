@@ -8,6 +8,8 @@
         adapter: build/demo/gemma2-kscst-lora   # optional: a PEFT LoRA adapter, merged at export
         labels: export/labels/kscst.tsv         # optional: else the model config's id2label
         weights_dtype: float32                  # dtype of the exported weights
+        labelled_file: clients/examples/labelled_patents.jsonl  # optional: the served precision is measured on it too
+        min_top1_agreement: 0.99                # the served precision's top-1 agreement with float32, at least
         serving: {max_length: 512, engine: torch, preprocessing: none}
 
 ``serving`` takes every field of ``ServingConfig`` except ``model_dir`` (the export places the
@@ -47,6 +49,17 @@ class ServedModel(BaseModel):
         "float32", description="dtype the exported weights are saved in (the proof always runs in float32)"
     )
     proof_documents: int = Field(16, ge=1, le=1024, description="patents the export proves equal logits on")
+    agreement_documents: int = Field(
+        128, ge=1, le=4096, description="generated patents the export measures the served precision on against float32"
+    )
+    labelled_file: Path | None = Field(
+        None, description="a labelled JSON-lines file (make eval's format): the served precision is measured on its patents too"
+    )
+    min_top1_agreement: float = Field(
+        0.99, ge=0.0, le=1.0,
+        description="share of those patents on which the served precision (bf16) must give float32's top class; "
+        "below it an explicit dtype is refused and dtype auto serves float32",
+    )
     serving: ServingConfig
 
     @field_validator("name")
@@ -142,4 +155,7 @@ def _resolve_paths(model: ServedModel, base_dir: Path) -> ServedModel:
     def resolved(path: Path | None) -> Path | None:
         return None if path is None else (path if path.is_absolute() else base_dir / path)
 
-    return model.model_copy(update={"base": resolved(model.base), "adapter": resolved(model.adapter), "labels": resolved(model.labels)})
+    return model.model_copy(update={
+        "base": resolved(model.base), "adapter": resolved(model.adapter), "labels": resolved(model.labels),
+        "labelled_file": resolved(model.labelled_file),
+    })

@@ -129,12 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     from export.checkpoint_files import CheckpointError
     from export.merged_model_export import MergeProofFailed
     from export.model_support import UnsupportedModel
+    from export.precision_agreement import PrecisionRefused
     from export.repository_staging import StagingError
 
     try:
         args.run(args)
     except MergeProofFailed as exc:
         print(f"merge proof FAILED: {exc}", file=sys.stderr)
+        return 1
+    except PrecisionRefused as exc:
+        print(f"served precision REFUSED: {exc}", file=sys.stderr)
         return 1
     except (UnsupportedModel, ModelsFileError, CheckpointError, StagingError) as exc:
         print(f"cannot export: {exc}", file=sys.stderr)

@@ -42,9 +42,11 @@ def _source_key(parameter_name: str) -> str | None:
 class LayerStreamedClassifier:
     def __init__(
         self, config: PretrainedConfig, weights: WeightSource, device: str | torch.device = "cpu",
-        adapter: LoraAdapter | None = None, stream: bool = True,
+        adapter: LoraAdapter | None = None, stream: bool = True, dtype: torch.dtype = torch.float32,
     ):
+        """``dtype``: what the weights are computed in (the precision report runs bf16 this way too)."""
         self.device = torch.device(device)
+        self.dtype = dtype
         self.weights = weights
         self._padding_idx: dict[int, int | None] = {}
         model = empty_classifier(config)
@@ -105,7 +107,7 @@ class LayerStreamedClassifier:
 
     def _load(self, owned) -> None:
         for module, attribute, key in owned:
-            value = self.weights.read(key).to(self.device, torch.float32)
+            value = self.weights.read(key).to(self.device, self.dtype)
             module._parameters[attribute] = torch.nn.Parameter(value, requires_grad=False)
 
     def _release(self, owned) -> None:
@@ -118,7 +120,7 @@ class LayerStreamedClassifier:
         (ids, *rest) = args
         rows, renumbered = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
         (module, attribute, key), = self._owned[id(embedding)]
-        table = self.weights.read_rows(key, rows).to(self.device, torch.float32)
+        table = self.weights.read_rows(key, rows).to(self.device, self.dtype)
         module._parameters[attribute] = torch.nn.Parameter(table, requires_grad=False)
         # padding_idx only affects gradients, but F.embedding checks it against the table's size.
         self._padding_idx[id(embedding)] = embedding.padding_idx

@@ -13,10 +13,12 @@ import logging
 import time
 from pathlib import Path
 
+from core.errors import InvalidInput
 from core.labels import LabelSet
 from core.models_file import ModelsFile, ServedModel
 from export.merged_model_export import DEFAULT_PROOF_MEMORY_GIB, MergeReport, export_classifier
 from export.model_support import UnsupportedModel, check_servable
+from export.precision_agreement import labelled_texts, settle_served_precision
 from export.repository_staging import RepositoryStaging
 from export.triton_package import MODEL_VERSION, merged_model_dir, write_triton_model
 
@@ -32,6 +34,11 @@ def check_models(models: ModelsFile) -> None:
             raise UnsupportedModel(f"model {model.name}: {exc}") from None
         if model.labels is not None:
             LabelSet.read_tsv(model.labels)
+        if model.labelled_file is not None:
+            try:
+                labelled_texts(model.labelled_file)
+            except (InvalidInput, OSError) as exc:
+                raise UnsupportedModel(f"model {model.name}: labelled_file: {exc}") from None
 
 
 def export_model(
@@ -39,8 +46,13 @@ def export_model(
 ) -> MergeReport:
     staged = staging.new_repository()
     try:
-        report = export_classifier(model, merged_model_dir(staged, model.name), device=device, proof_memory_gib=proof_memory_gib)
-        write_triton_model(staged, model.name, model.serving)
+        out_dir = merged_model_dir(staged, model.name)
+        report = export_classifier(model, out_dir, device=device, proof_memory_gib=proof_memory_gib)
+        serving, agreement = settle_served_precision(model, out_dir, device, proof_memory_gib)
+        log.info("%s: %s against float32 on %d patents: top-1 agreement %.1f %%, max |Δprobability| %.2g; serving dtype %s",
+                 model.name, agreement.measured_dtype, agreement.documents, 100 * agreement.top1_agreement,
+                 agreement.max_abs_probability_diff, serving.dtype)
+        write_triton_model(staged, model.name, serving)
     except BaseException:
         staging.discard(staged)
         served = staging.repository / model.name

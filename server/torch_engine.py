@@ -29,6 +29,7 @@ from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, 
 from core.hf_classifier import (
     classifier_logits,
     DocumentEncoder,
+    dtype_name,
     EncodedText,
     load_sequence_classifier,
     pad_batch,
@@ -101,6 +102,7 @@ class TorchEngine(ClassificationEngine):
         self.max_length = config.max_length
         self._device = resolve_device(config.device)
         self._dtype = resolve_dtype(config.dtype, self._device)
+        self.dtype, self.device = dtype_name(self._dtype), self._device.type
         self._scheduler: TokenBudgetScheduler[_QueuedDocument] = TokenBudgetScheduler(
             config.max_batch_tokens,
             config.max_batch_size,

@@ -58,6 +58,7 @@ FAMILIES = {
     "pc_queue_tokens": ("GAUGE", "Tokens waiting in the engine's queue (admission refuses past max_queue_tokens)", None),
     "pc_engine_healthy": ("GAUGE", "1 while the model's engine can answer, 0 once it cannot", None),
     "pc_engine_cpu_threads": ("GAUGE", "Intra-op CPU threads of the PyTorch engine's forward passes (serving field cpu_threads)", None),
+    "pc_engine_info": ("GAUGE", "1, labelled with the dtype the model computes in and the device it runs on (serving fields dtype, device)", None),
 }
 
 _STOP = object()
@@ -82,7 +83,7 @@ class TritonModelMetrics:
             extra = {"buckets": buckets} if buckets is not None else {}
             return self._families[name].Metric(labels={**model, **labels}, **extra)
 
-        made_below = ("pc_requests_failed_total", "pc_predictions_total", "pc_engine_cpu_threads")
+        made_below = ("pc_requests_failed_total", "pc_predictions_total", "pc_engine_cpu_threads", "pc_engine_info")
         self._plain = {name: metric(name) for name in FAMILIES if name not in made_below}
         # Created up front, at zero, so every error kind and every class exists as a series from the
         # start: rates and shares are then defined before the first occurrence.
@@ -92,6 +93,9 @@ class TritonModelMetrics:
         if engine.cpu_threads is not None:  # fixed once the engine has started; none for vLLM's own threads
             self._plain["pc_engine_cpu_threads"] = metric("pc_engine_cpu_threads")
             self._plain["pc_engine_cpu_threads"].set(float(engine.cpu_threads))
+        if engine.dtype is not None:  # what "auto" resolved to on this machine, readable off the server
+            self._plain["pc_engine_info"] = metric("pc_engine_info", dtype=engine.dtype, device=engine.device or "unknown")
+            self._plain["pc_engine_info"].set(1.0)
         self._thread = threading.Thread(target=self._run, name="triton-metrics", daemon=True)
         self._thread.start()
 

@@ -36,7 +36,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from core.engine import ClassificationEngine, DocumentScores, caller_gave_up, complete
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable, ServingError
-from core.hf_classifier import DocumentEncoder, EncodedText, resolve_dtype, softmax
+from core.hf_classifier import DocumentEncoder, dtype_name, EncodedText, resolve_dtype, softmax
 from core.serving_config import ServingConfig
 from server.engine_hold import POLL_S as HOLD_POLL_S, EngineHold
 
@@ -99,7 +99,10 @@ class VllmEngine(ClassificationEngine):
             self._shut_down()
             raise
         self.startup_seconds = time.monotonic() - started
-        log.info("vllm engine: %s started in %.1f s", self.config.model_dir, self.startup_seconds)
+        # What vLLM settled on, not what was asked: its config is the one its workers run.
+        self.dtype, self.device = dtype_name(self._engine.model_config.dtype), current_platform.device_type
+        log.info("vllm engine: %s on %s, %s, started in %.1f s",
+                 self.config.model_dir, self.device, self.dtype, self.startup_seconds)
 
     async def _create_engine(self) -> AsyncLLM:
         # Built on the loop it will serve: AsyncLLM starts its output handler on the running loop.

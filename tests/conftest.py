@@ -116,7 +116,9 @@ def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]
                 "labels": str(paths.labels), "serving": serving}
 
     return {
-        "defaults": {"max_batch_tokens": 4096, "device": "cpu"},
+        # float32: the parity tests compare with transformers' float32 (on a CPU with native bf16,
+        # "auto" would compute in bf16; tests/test_precision.py covers that).
+        "defaults": {"max_batch_tokens": 4096, "device": "cpu", "dtype": "float32"},
         "models": [
             entry(MODEL_NAME, gemma2, max_length=MAX_LENGTH),
             entry(LLAMA_MODEL, families[LLAMA_MODEL], max_length=MAX_LENGTH),
@@ -175,7 +177,7 @@ def vllm_repository(exported, llama_demo, tmp_path_factory) -> Path:
     models_file.write_text(yaml.safe_dump({"models": [{
         "name": VLLM_LLAMA_MODEL, "base": str(llama_demo.base), "adapter": str(llama_demo.adapter),
         "labels": str(llama_demo.labels), "proof_documents": 4,
-        "serving": {"engine": "vllm", "max_length": MAX_LENGTH, "vllm_kv_cache_mib": VLLM_KV_CACHE_MIB},
+        "serving": {"engine": "vllm", "max_length": MAX_LENGTH, "vllm_kv_cache_mib": VLLM_KV_CACHE_MIB, "dtype": "float32"},
     }]}), encoding="utf-8")
     subprocess.run(
         [sys.executable, "-m", "export", "models", "--models-file", str(models_file), "--repository", str(repository)],
@@ -184,7 +186,7 @@ def vllm_repository(exported, llama_demo, tmp_path_factory) -> Path:
     # Written after the export: an export of the whole file removes folders of ours it does not list.
     gemma2 = ServingConfig(
         engine="vllm", model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096,
-        vllm_kv_cache_mib=VLLM_KV_CACHE_MIB, max_queue_tokens=VLLM_MAX_QUEUE_TOKENS,
+        vllm_kv_cache_mib=VLLM_KV_CACHE_MIB, max_queue_tokens=VLLM_MAX_QUEUE_TOKENS, dtype="float32",
     )
     write_triton_model(repository, VLLM_GEMMA2_MODEL, gemma2)
     return repository
@@ -269,7 +271,7 @@ def secure_server(exported, tmp_path_factory):
     token_file.write_text(ACCESS_TOKEN + "\n", encoding="utf-8")
     repository = folder / "model_repository"
     write_triton_model(repository, MODEL_NAME, ServingConfig(
-        model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu"
+        model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu", dtype="float32"
     ))
     http_port, grpc_port, metrics_port = free_loopback_ports(3)
     config = LaunchConfig(

@@ -19,7 +19,7 @@ def engine_factory(exported):
     engines = []
 
     def build(**overrides):
-        settings = dict(model_dir=exported.merged_dir, max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu")
+        settings = dict(model_dir=exported.merged_dir, max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu", dtype="float32")
         engine = TorchEngine(ServingConfig(**{**settings, **overrides}))
         engine.start()
         engine.batches = []

@@ -1,0 +1,220 @@
+"""The precision a model is served in: ``dtype: auto`` is bf16 only where the hardware computes it
+(detected, never assumed), float32 stays float32, both engines say what they run in, and the export
+measures the served precision against float32 and refuses one that changes the answers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import hf_classifier
+from core.models_file import ModelsFile
+from core.serving_config import ServingConfig
+from core.synthetic_patents import synthetic_patents
+from export import precision_agreement
+from export.precision_agreement import PrecisionRefused, settle_served_precision
+from export.triton_package import merged_model_dir
+from server.torch_engine import TorchEngine
+from tests.conftest import EXAMPLE_PATENTS, MAX_LENGTH, MODEL_NAME, VLLM_GEMMA2_MODEL
+from tests.test_monitoring import scrape, value
+
+LABELLED_FILE = EXAMPLE_PATENTS.parent / "labelled_patents.jsonl"
+# bf16 keeps 8 significant bits: every rounding to it moves a value by at most this share.
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Make the CPU detection answer as a machine with (True) or without (False) native bf16 would."""
+    def simulate(answer: bool) -> None:
+        monkeypatch.setattr(hf_classifier, "cpu_has_native_bf16", lambda: answer)
+    return simulate
+
+
+# --- dtype auto -------------------------------------------------------------------------------------
+
+
+def test_auto_is_bf16_on_a_gpu_and_on_a_cpu_that_computes_it_and_float32_elsewhere(native_bf16):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    native_bf16(True)
+    assert hf_classifier.resolve_dtype("auto", cpu) == torch.bfloat16
+    assert hf_classifier.resolve_dtype("float32", cpu) == torch.float32  # forced float32 stays float32
+    native_bf16(False)
+    assert hf_classifier.resolve_dtype("auto", cpu) == torch.float32
+    assert hf_classifier.resolve_dtype("auto", gpu) == torch.bfloat16
+    assert hf_classifier.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # asked for, it is given (emulated)
+
+
+def test_the_detection_reads_the_cpus_bf16_features(monkeypatch):
+    """torch's feature probe and the kernel's /proc/cpuinfo flags tell the same story here; a CPU
+    whose probe reports neither AVX-512 BF16 nor AMX-BF16 is not native."""
+    flags = next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    in_cpuinfo = "avx512_bf16" in flags or "amx_bf16" in flags
+    detect = hf_classifier.cpu_has_native_bf16.__wrapped__  # the probe itself, not its cached answer
+    assert detect() == in_cpuinfo
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, "avx512_bf16": False, "amx_bf16": False})
+    assert detect() is False
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True})
+    assert detect() is True
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # an older torch: the flags decide
+    assert detect() == in_cpuinfo
+
+
+def start_engine(exported, **overrides) -> TorchEngine:
+    engine = TorchEngine(ServingConfig(**{"model_dir": exported.merged_dir, "max_length": MAX_LENGTH,
+                                          "max_batch_tokens": 4096, "device": "cpu", **overrides}))
+    engine.start()
+    return engine
+
+
+def test_a_cpu_without_native_bf16_serves_auto_in_float32_as_before(exported, reference, native_bf16):
+    native_bf16(False)
+    engine = start_engine(exported, dtype="auto")
+    try:
+        assert (engine.dtype, engine.device) == ("float32", "cpu")
+        assert {p.dtype for p in engine._model.parameters()} == {torch.float32}
+        text = synthetic_patents(1, seed=3, long_share=1.0)[0].render()
+        (scores,) = engine.submit([text]).result(timeout=120)
+        assert np.abs(scores.probabilities - reference.probabilities(text)[0]).max() < 1e-5
+    finally:
+        engine.stop()
+
+
+def centred_log_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """log p minus its mean over the classes: the logits minus their mean (softmax drops a constant)."""
+    logs = np.log(probabilities.astype(np.float64))
+    return logs - logs.mean(axis=-1, keepdims=True)
+
+
+def test_bf16_answers_agree_with_float32_within_what_bf16_rounding_allows(exported, reference, native_bf16):
+    """The bound, from bf16's unit roundoff u = 2^-8: each of the model's 2L residual sublayers and
+    its classification head rounds its inputs, its weights and its output to bf16 (three roundings
+    of relative size u; the matmuls accumulate in float32, which adds nothing at this order). To
+    first order the logits then move by at most 3(2L + 1)·u of their scale, and logits centred on
+    their mean by twice that. A class whose float32 lead over the runner-up exceeds twice the bound
+    (both may move) must stay on top."""
+    native_bf16(True)
+    engine = start_engine(exported, dtype="auto")
+    try:
+        assert engine.dtype == "bfloat16" and {p.dtype for p in engine._model.parameters()} == {torch.bfloat16}
+        layers = engine._model.config.num_hidden_layers
+        texts = [d.render() for d in synthetic_patents(24, seed=12, long_share=0.5)]
+        futures = [engine.submit([text]) for text in texts]  # together: batched as in service
+        for text, future in zip(texts, futures):
+            (served,) = future.result(timeout=300)
+            expected = reference.probabilities(text)[0]
+            served_logits, expected_logits = centred_log_probabilities(served.probabilities), centred_log_probabilities(expected)
+            bound = 2 * 3 * (2 * layers + 1) * BF16_UNIT_ROUNDOFF * np.abs(expected_logits).max()
+            assert np.abs(served_logits - expected_logits).max() <= bound
+            runner_up, best = np.sort(expected_logits)[-2:]
+            if best - runner_up > 2 * bound:
+                assert served.probabilities.argmax() == expected.argmax()
+    finally:
+        engine.stop()
+
+
+def test_the_served_dtype_and_device_are_a_metric(server):
+    samples, types = scrape(server.metrics_url)
+    assert types["pc_engine_info"] == "gauge"
+    assert value(samples, "pc_engine_info", dtype="float32", device="cpu") == 1.0  # the tests' models file pins float32
+
+
+def test_the_vllm_engine_computes_in_what_auto_resolves_to(native_bf16, tmp_path):
+    from server.vllm_engine import engine_args
+
+    config = ServingConfig(engine="vllm", model_dir=tmp_path, max_length=MAX_LENGTH)
+    native_bf16(True)
+    assert engine_args(config).dtype == torch.bfloat16
+    native_bf16(False)
+    assert engine_args(config).dtype == torch.float32
+    assert engine_args(config.model_copy(update={"dtype": "float32"})).dtype == torch.float32
+
+
+def test_the_vllm_engine_reports_the_dtype_vllm_runs(vllm_server):
+    samples, _ = scrape(vllm_server.metrics_url)
+    assert value(samples, "pc_engine_info", model=VLLM_GEMMA2_MODEL, dtype="float32", device="cpu") == 1.0
+
+
+# --- the export's agreement report ------------------------------------------------------------------
+
+
+def served_model(exported, tmp_path, **fields):
+    """The demo Gemma-2 as a models-file entry, its weights already exported (a copy per test)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(exported.merged_dir, folder)
+    entry = {"name": MODEL_NAME, "base": str(exported.demo.base), "adapter": str(exported.demo.adapter),
+             "labels": str(exported.demo.labels), **fields}
+    entry.setdefault("serving", {"max_length": MAX_LENGTH})
+    return ModelsFile.parse({"models": [entry]}).models[0], folder
+
+
+def test_the_report_measures_bf16_against_float32_on_generated_and_labelled_patents(exported, tmp_path):
+    labelled_file = tmp_path / "labelled.jsonl"
+    labelled_file.write_text("".join(LABELLED_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:10]), encoding="utf-8")
+    model, folder = served_model(exported, tmp_path, agreement_documents=6, labelled_file=str(labelled_file),
+                                 min_top1_agreement=0.0, serving={"max_length": MAX_LENGTH, "dtype": "bfloat16"})
+    serving, agreement = settle_served_precision(model, folder)
+    texts, labelled = precision_agreement.agreement_texts(model)
+    assert (agreement.documents, agreement.labelled_documents, labelled) == (16, 10, 10)
+    # The same figures from the two models run here directly.
+    tokenizer = hf_classifier.load_tokenizer(folder)
+    logits = {dtype: hf_classifier.class_logits(hf_classifier.load_sequence_classifier(folder, dtype), tokenizer, texts, MAX_LENGTH)
+              for dtype in (torch.float32, torch.bfloat16)}
+    assert agreement.top1_agreement == pytest.approx((logits[torch.float32].argmax(1) == logits[torch.bfloat16].argmax(1)).mean())
+    difference = np.abs(hf_classifier.softmax(logits[torch.float32]) - hf_classifier.softmax(logits[torch.bfloat16])).max()
+    assert agreement.max_abs_probability_diff == pytest.approx(difference)
+    assert difference > 0  # bf16 rounding is measured, not assumed away
+    written = json.loads((folder / precision_agreement.REPORT_FILENAME).read_text())
+    assert written["measured_dtype"] == "bfloat16" and written["accepted"] and serving.dtype == "bfloat16"
+
+
+def test_an_explicit_precision_that_disagrees_more_than_allowed_is_refused_naming_both_figures(exported, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: (0.97, 0.052))
+    model, folder = served_model(exported, tmp_path, agreement_documents=4, serving={"max_length": MAX_LENGTH, "dtype": "bfloat16"})
+    with pytest.raises(PrecisionRefused, match=r"dtype bfloat16 refused: .*97\.0% of 4 patents .*0\.052.*min_top1_agreement 99\.0%"):
+        settle_served_precision(model, folder)
+    assert not json.loads((folder / precision_agreement.REPORT_FILENAME).read_text())["accepted"]
+
+
+def test_auto_falls_back_to_float32_where_bf16_disagrees_and_keeps_auto_where_it_agrees(exported, tmp_path, monkeypatch):
+    model, folder = served_model(exported, tmp_path, agreement_documents=4)
+    monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: (0.985, 0.04))
+    serving, agreement = settle_served_precision(model, folder)
+    assert (serving.dtype, agreement.measured_dtype, agreement.accepted) == ("float32", "bfloat16", False)
+    monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: (0.99, 0.04))
+    serving, agreement = settle_served_precision(model, folder)
+    assert (serving.dtype, agreement.accepted) == ("auto", True)
+
+
+def test_float32_is_the_reference_itself_and_costs_no_comparison(exported, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: pytest.fail("nothing to compare"))
+    model, folder = served_model(exported, tmp_path, serving={"max_length": MAX_LENGTH, "dtype": "float32"})
+    serving, agreement = settle_served_precision(model, folder)
+    assert (serving.dtype, agreement.documents, agreement.top1_agreement) == ("float32", 0, 1.0)
+
+
+def test_the_export_writes_the_settled_dtype_into_config_pbtxt(exported, tmp_path, monkeypatch):
+    from export.models_file_export import export_models
+
+    monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: (0.5, 0.3))
+    entry = {"name": "refused-bf16", "base": str(exported.demo.base), "adapter": str(exported.demo.adapter),
+             "labels": str(exported.demo.labels), "proof_documents": 2, "agreement_documents": 2, "serving": {"max_length": 64}}
+    export_models(ModelsFile.parse({"models": [entry]}), tmp_path)
+    config = (tmp_path / "refused-bf16" / "config.pbtxt").read_text()
+    assert 'key: "dtype" value { string_value: "float32" }' in config
+    assert json.loads((merged_model_dir(tmp_path, "refused-bf16") / precision_agreement.REPORT_FILENAME).read_text())["top1_agreement"] == 0.5
+
+
+def test_models_file_agreement_fields_are_validated():
+    from core.models_file import ModelsFileError
+
+    entry = {"name": "m", "base": "x", "serving": {"max_length": 512}}
+    with pytest.raises(ModelsFileError, match=r"models\[0\] \(m\)\.min_top1_agreement: Input should be less than or equal to 1"):
+        ModelsFile.parse({"models": [{**entry, "min_top1_agreement": 1.5}]})
+    with pytest.raises(ModelsFileError, match=r"agreement_documents: Input should be greater than or equal to 1"):
+        ModelsFile.parse({"models": [{**entry, "agreement_documents": 0}]})
