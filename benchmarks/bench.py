@@ -74,12 +74,15 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         "them here, where it is the only one) or a thread count")
     parser.add_argument("--hf-batch-size", type=int, default=8, help="hf-static: documents per static batch")
     parser.add_argument("--device", default="auto", help="transformers peers and the PyTorch engine: auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto",
+                        help="every configuration's dtype: auto (bfloat16 on a GPU and on a CPU with native bf16, else "
+                        "float32), float32, bfloat16")
     parser.add_argument("--vllm-kv-cache-mib", type=int, default=256, help="the vLLM engine's and `vllm serve`'s KV cache, in MiB")
     parser.add_argument("--p99-bound-ms", type=float, help="speedups compare the best samples/s with p99 under this")
     parser.add_argument("--out", type=Path, default=Path("build/bench"), help="a folder named by the run's time is made in it")
-    parser.add_argument("--mfu", choices=("auto", "yes", "no"), default="auto",
-                        help="model FLOP utilisation per point, against a matmul measured in this run (auto: on a GPU)")
+    parser.add_argument("--mfu", choices=("yes", "no"), default="yes",
+                        help="model FLOP utilisation per point, against a matmul measured in this run in the configurations' "
+                        "dtype (not with --url)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     unknown = set(args.configurations) - set(CONFIGURATIONS)
@@ -102,8 +105,8 @@ def start(name: str, args: argparse.Namespace, workdir: Path) -> AbstractContext
         config = peers.serving_config(engine, model_dir, args.max_length, args.max_batch_tokens, args.max_batch_size,
                                       args.vllm_kv_cache_mib, args.device, args.dtype, args.cpu_threads)
         return peers.triton_target(name, config, args.protocol, workdir)
-    dtype = "float32" if args.dtype == "auto" and args.device in ("auto", "cpu") else args.dtype
-    return peers.vllm_serve_target(name, model_dir, args.max_length, args.vllm_kv_cache_mib, dtype, workdir)
+    return peers.vllm_serve_target(name, model_dir, args.max_length, args.vllm_kv_cache_mib,
+                                   served_dtype(args.device, args.dtype), workdir)
 
 
 async def measure(target: peers.Target, documents: list, args: argparse.Namespace) -> list[Point]:
@@ -157,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                "gpu": _gpu_name(), "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]}}
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     report = build_report(points, startup, args.p99_bound_ms, machine, settings)
+    if not args.url:
+        report["dtype"] = served_dtype(args.device, args.dtype)
     if _wants_mfu(args):
-        add_mfu(report, args.model_dir, args.device)
+        add_mfu(report, args.model_dir, args.device, report["dtype"])
     report["taken"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     paths = write_report(report, folder)
     print(markdown(report))
@@ -167,23 +172,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _wants_mfu(args: argparse.Namespace) -> bool:
-    if args.mfu == "auto":
-        from core.hf_classifier import resolve_device
-
-        return not args.url and resolve_device(args.device).type == "cuda"
-    return args.mfu == "yes"
+    # Only for the configurations run here: a server elsewhere may compute in another precision.
+    return not args.url and args.mfu != "no"
 
 
-def add_mfu(report: dict, model_dir: Path, device: str) -> None:
-    """After the loads, so the matmul competes with nothing; every configuration ran this model."""
-    from benchmarks.model_flops import flop_per_token, matmul_tflops, mfu
+def served_dtype(device: str, dtype: str) -> str:
+    """The dtype every local configuration computes in: ``--dtype``, with ``auto`` resolved as the
+    engines resolve it on this machine (bf16 on a GPU or a CPU with native bf16, else float32)."""
+    from core.hf_classifier import dtype_name, resolve_device, resolve_dtype
+
+    return dtype_name(resolve_dtype(dtype, resolve_device(device)))
+
+
+def add_mfu(report: dict, model_dir: Path, device: str, dtype: str) -> None:
+    """After the loads, so the matmul competes with nothing; every configuration ran this model in ``dtype``,
+    and the ceiling is measured in it."""
+    from benchmarks.model_flops import classification_flops, matmul_ceiling, mfu
     from core.hf_classifier import resolve_device
 
-    tflops = matmul_tflops(str(resolve_device(device)))
-    per_token = flop_per_token(model_dir)
-    report["mfu"] = {"matmul_tflops": round(tflops, 2), "flop_per_token": per_token}
+    ceiling = matmul_ceiling(str(resolve_device(device)), dtype)
+    flops = classification_flops(model_dir)
+    report["mfu"] = {"matmul_tflops": round(ceiling.tflops, 3), "matmul_dtype": ceiling.dtype, "matmul_method": ceiling.method,
+                     "matmul_shape": list(ceiling.shape), "flop_per_token": flops.per_token, "flop_per_document": flops.per_document}
     for row in report["points"] + list(report["best"].values()):
-        row["mfu"] = round(mfu(row["tokens_per_second"], per_token, tflops), 4)
+        row["mfu"] = round(mfu(row["tokens_per_second"], row["samples_per_second"], flops, ceiling, dtype), 4)
 
 
 def _gpu_name() -> str | None:

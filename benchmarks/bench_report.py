@@ -114,9 +114,13 @@ def markdown(report: dict) -> str:
         )
     starts = ", ".join(f"{name} {_number(s, 1)} s" for name, s in report["startup_seconds"].items())
     lines += ["", f"Start-up (model load, server ready): {starts}."]
+    if "dtype" in report:
+        lines.append(f"Precision: every configuration computed in {report['dtype']}.")
     if with_mfu:
-        lines.append(f"MFU: tokens/s × {report['mfu']['flop_per_token'] / 1e9:.3g} GFLOP per token over a matmul's "
-                     f"{report['mfu']['matmul_tflops']:g} TFLOP/s measured in this run (benchmarks/model_flops.py).")
+        flops = report["mfu"]
+        lines.append(f"MFU: tokens/s × {flops['flop_per_token'] / 1e9:.3g} GFLOP per token + samples/s × "
+                     f"{flops['flop_per_document'] / 1e9:.3g} GFLOP per document, over a {flops['matmul_dtype']} matmul's "
+                     f"{flops['matmul_tflops']:g} TFLOP/s ({flops['matmul_method']}) measured in this run (benchmarks/model_flops.py).")
     machine = report["machine"]
     if "load_average_1min" in machine:
         load = machine["load_average_1min"]

@@ -4,7 +4,7 @@ Speed does not depend on weight values, so the model is Gemma-2-9b's published c
 with random bf16 weights (188 KSCST classes), written once to ``--model-dir`` and reused by
 later runs and by the server benchmark. In one run it measures:
 
-  1. a bf16 matmul's TFLOP/s on this GPU (what MFU is measured against: benchmarks/model_flops.py);
+  1. a matmul's TFLOP/s on this GPU in --dtype (what MFU is measured against: benchmarks/model_flops.py);
   2. attention parity: fp32 eager (softcap applied) against the serving path (bf16,
      ``causal_flex``) and against bf16 eager (the bf16 rounding floor), top-1 agreement and
      max |Δprob| on the same patents;
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_report import TRAINING_BASELINE_SAMPLES_PER_SECOND
-from benchmarks.model_flops import flop_per_token, matmul_tflops, mfu
+from benchmarks.model_flops import classification_flops, matmul_ceiling, mfu
 from benchmarks.peers import GPU_PAD_TO_MULTIPLE_OF
 from core.command_line import HelpFormatter
 
@@ -175,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                     "torch": torch.__version__, "architecture": args.architecture, "dtype": args.dtype,
                     "baseline_samples_per_second": TRAINING_BASELINE_SAMPLES_PER_SECOND}
-    report["matmul_tflops"] = round(matmul_tflops(args.device), 2)
-    report["flop_per_token"] = flop_per_token(model_dir)
-    log(f"matmul {report['matmul_tflops']} TFLOP/s; the model costs {report['flop_per_token'] / 1e9:.2f} GFLOP per token")
+    ceiling = matmul_ceiling(args.device, args.dtype)
+    flops = classification_flops(model_dir)
+    report["matmul_tflops"] = round(ceiling.tflops, 2)
+    report["flop_per_token"], report["flop_per_document"] = flops.per_token, flops.per_document
+    log(f"{args.dtype} matmul {report['matmul_tflops']} TFLOP/s ({ceiling.method}); the model costs "
+        f"{flops.per_token / 1e9:.2f} GFLOP per token and {flops.per_document / 1e9:.2f} per document")
     if not args.skip_parity:
         candidates = [(name, args.dtype) for name in args.parity_candidates.split(",")]
         report["attention_parity"] = compare(model_dir, candidates, args.device, 8, 512)
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_realistic_mix": [d.render() for d in synthetic_patents(args.documents, seed=2, long_share=0.7)],
     }
     for name, row in engine_throughput(model_dir, workloads, args).items():
-        row["mfu"] = round(mfu(row["tokens_per_second"], report["flop_per_token"], report["matmul_tflops"]), 3)
+        row["mfu"] = round(mfu(row["tokens_per_second"], row["samples_per_second"], flops, ceiling, args.dtype), 3)
         row["speedup_over_baseline"] = round(row["samples_per_second"] / TRAINING_BASELINE_SAMPLES_PER_SECOND, 1)
         report[name] = row
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,8 @@ GPU_PAD_TO_MULTIPLE_OF = 16
 def serving_config(engine: str, merged: Path, max_length: int, max_batch_tokens: int, max_batch_size: int = 64,
                    vllm_kv_cache_mib: int = 256, device: str = "auto", dtype: str = "auto",
                    cpu_threads: int | str = "auto") -> ServingConfig:
-    """The same limits for both engines; device and dtype as each engine resolves "auto" (CPU, float32 here);
-    cpu_threads for the PyTorch engine only (vLLM places its own threads)."""
+    """The same limits for both engines; device and dtype as each engine resolves "auto" (for dtype: bf16
+    on a GPU and on a CPU with native bf16); cpu_threads for the PyTorch engine only (vLLM places its own threads)."""
     from core.hf_classifier import resolve_device
 
     return ServingConfig(

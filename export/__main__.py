@@ -1,6 +1,6 @@
 """python -m export: build demo models, export the models of a models file (LoRA merged, proven), verify.
 
-    python -m export demo-models --out build/demo [--model all|gemma2|llama|kcbert|koelectra]
+    python -m export demo-models --out build/demo [--model all|gemma2|llama|kcbert|koelectra|gemma2-bench]
     python -m export models --models-file models.yaml --repository model_repository [--only NAME ...]
     python -m export verify --models-file models.yaml --repository model_repository [--only NAME ...]
     python -m export demo-labelled-set --model-dir model_repository/kscst-gemma2/1/model \\
@@ -19,10 +19,11 @@ from core.command_line import HelpFormatter
 
 
 def _demo_models(args: argparse.Namespace) -> None:
-    from export.demo_models import DEMO_BUILDERS
+    from export.demo_models import BENCH_BUILDERS, DEMO_BUILDERS
 
+    builders = {**DEMO_BUILDERS, **BENCH_BUILDERS}
     for name in DEMO_BUILDERS if args.model == "all" else [args.model]:
-        paths = DEMO_BUILDERS[name](args.out, seed=args.seed)
+        paths = builders[name](args.out, seed=args.seed)
         print(f"{name}: model {paths.base}" + (f", LoRA adapter {paths.adapter}" if paths.adapter else " (full fine-tune)"))
 
 
@@ -83,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo-models", help="build a tiny base classifier, its LoRA adapter and tokenizer", formatter_class=HelpFormatter)
     demo.add_argument("--out", type=Path, default=Path("build/demo"), help="folder the demo models are written into")
     demo.add_argument(
-        "--model", choices=["all", "gemma2", "llama", "kcbert", "koelectra"], default="all",
+        "--model", choices=["all", "gemma2", "llama", "kcbert", "koelectra", "gemma2-bench"], default="all",
         help="gemma2: Gemma-2 + LoRA over the 188 KSCST classes; llama: Llama + LoRA over 9 IPC classes; "
-        "kcbert: BERT over 9 IPC classes; koelectra: ELECTRA over 3 sentiment classes",
+        "kcbert: BERT over 9 IPC classes; koelectra: ELECTRA over 3 sentiment classes (all: these four); "
+        "gemma2-bench: a Gemma-2 of Gemma-2-9b's proportions at 95 M parameters, for `make bench`",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     demo.set_defaults(run=_demo_models)

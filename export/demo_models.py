@@ -180,6 +180,32 @@ def tiny_gemma2_config(tokenizer: PreTrainedTokenizerFast, labels: LabelSet) -> 
     )
 
 
+def bench_gemma2_config(tokenizer: PreTrainedTokenizerFast, labels: LabelSet) -> Gemma2Config:
+    """Gemma-2-9b's architecture and proportions (head size 128 against 9b's 256, 2 query heads per
+    KV head, an MLP 4x the width, both softcaps, alternating sliding-window layers) at 6 layers of
+    width 1024: 95 M parameters besides the embeddings, 97 GFLOP per 512-token patent. Enough
+    work per token that `make bench` measures the CPU's arithmetic, where the 2-layer toy
+    measures overhead, and little enough that a CPU measures it in minutes."""
+    return Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        query_pre_attn_scalar=128,  # as Gemma-2-9b: the head size
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        sliding_window=4096,
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **_label_settings(labels),
+    )
+
+
 def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, labels: LabelSet) -> LlamaConfig:
     return LlamaConfig(**_tiny_decoder_settings(tokenizer, labels), max_position_embeddings=2048)
 
@@ -220,26 +246,40 @@ def build_koelectra_demo(out_dir: Path, seed: int = 0) -> DemoModelPaths:
     return paths
 
 
+def build_gemma2_bench(out_dir: Path, seed: int = 0) -> DemoModelPaths:
+    """Write ``out_dir/gemma2-bench``: a ``Gemma2ForSequenceClassification`` over the 188 KSCST
+    classes at ``bench_gemma2_config``'s size (a full fine-tune folder, float32, 0.4 GB)."""
+    paths = DemoModelPaths(out_dir / "gemma2-bench", None, KSCST_LABELS_FILE)
+    _build_full_fine_tune(Gemma2ForSequenceClassification, bench_gemma2_config, paths, seed, train_patent_tokenizer)
+    return paths
+
+
 DEMO_BUILDERS: dict[str, Callable[[Path, int], DemoModelPaths]] = {
     "gemma2": build_gemma2_demo,
     "llama": build_llama_demo,
     "kcbert": build_kcbert_demo,
     "koelectra": build_koelectra_demo,
 }
+# Built on request only (`make bench` builds it): not a stand-in for one of the office's models.
+BENCH_BUILDERS: dict[str, Callable[[Path, int], DemoModelPaths]] = {"gemma2-bench": build_gemma2_bench}
 
 MakeConfig = Callable[[PreTrainedTokenizerFast, LabelSet], PretrainedConfig]
 
 
-def _build_full_fine_tune(model_class: type[PreTrainedModel], make_config: MakeConfig, paths: DemoModelPaths, seed: int) -> None:
+def _build_full_fine_tune(
+    model_class: type[PreTrainedModel], make_config: MakeConfig, paths: DemoModelPaths, seed: int,
+    train_tokenizer: Callable[..., PreTrainedTokenizerFast] = train_wordpiece_tokenizer,
+) -> None:
     """A classifier whose every weight was trained: one folder, model and tokenizer, as Trainer saves it."""
     labels = LabelSet.read_tsv(paths.labels)
-    tokenizer = train_wordpiece_tokenizer(seed=seed)
+    tokenizer = train_tokenizer(seed=seed)
     torch.manual_seed(seed)
     model = model_class(make_config(tokenizer, labels)).eval()
+    head = model.classifier if hasattr(model, "classifier") else model.score  # encoders' name; decoders'
     with torch.no_grad():
         # A trained head separates the classes; random 0.02-scale weights barely would. Scaled by
         # fan-in so ELECTRA's two-layer head does not saturate the softmax to one class either.
-        for module in model.classifier.modules():
+        for module in head.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.normal_(0.0, 2.0 / module.in_features**0.5)
     model.save_pretrained(paths.base)

@@ -215,23 +215,73 @@ def test_an_open_loop_does_not_hide_a_broken_sender():
         asyncio.run(run_open_loop("broken", broken, [["a"]], rate=100.0, max_seconds=0.2, max_requests=5))
 
 
-def test_mfu_is_tokens_per_second_times_flop_per_token_over_the_measured_matmul(exported, monkeypatch):
-    from benchmarks import bench, model_flops
+def test_a_classification_costs_every_weight_per_token_but_the_last_layers_query_side_and_the_head(exported):
+    """The classifier reads one token: the last layer's query side (all but its key and value
+    projections) and the head run for that token only; everything else but the embedding lookup
+    runs for every token."""
+    from benchmarks import model_flops
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(exported.merged_dir)
-    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    assert model_flops.flop_per_token(exported.merged_dir) == 2 * non_embedding
+    last = len(model.model.layers) - 1
+    once = {name for name, _ in model.named_parameters()
+            if name.startswith("score.") or (name.startswith(f"model.layers.{last}.") and not any(
+                f".{kv}." in name for kv in ("k_proj", "v_proj")))}
+    counted = {name: p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name}
+    flops = model_flops.classification_flops(exported.merged_dir)
+    assert flops.per_document == 2 * sum(n for name, n in counted.items() if name in once)
+    assert flops.per_token == 2 * sum(n for name, n in counted.items() if name not in once)
+    assert flops.per_token + flops.per_document == 2 * sum(counted.values())
+    assert f"model.layers.{last}.self_attn.k_proj.weight" not in once and f"model.layers.{last}.mlp.up_proj.weight" in once
 
-    # 1000 tokens in 0.5 s on a machine whose matmul, as if measured, makes that 30 % of its ceiling.
-    ceiling_tflops = 2000.0 * 2 * non_embedding / 0.3 / 1e12
-    monkeypatch.setattr(model_flops, "matmul_tflops", lambda device: ceiling_tflops)
-    points = [Point("triton-torch", result("b", [40.0, 50.0], documents=2, seconds=0.5, tokens=1000), 0.05)]
-    report = build_report(points, {"triton-torch": 1.0}, None, {"cpus": 2}, {})
-    bench.add_mfu(report, exported.merged_dir, "cpu")
-    assert report["points"][0]["mfu"] == pytest.approx(0.3)
-    assert report["best"]["triton-torch"]["mfu"] == report["points"][0]["mfu"]
+
+def test_mfu_is_the_classifications_flops_over_the_matmul_of_the_same_precision():
+    from benchmarks.model_flops import ClassificationFlops, MatmulCeiling, mfu
+
+    flops = ClassificationFlops(per_token=100_000_000, per_document=20_000_000)
+    ceiling = MatmulCeiling("cpu", "bfloat16", tflops=0.9, method="oneDNN packed", shape=(2048, 1024, 4096))
+    # 5 documents of 512 tokens a second: 2560 × 1e8 + 5 × 2e7 = 2.561e11 FLOP/s of 9e11.
+    assert mfu(2560.0, 5.0, flops, ceiling, "bfloat16") == pytest.approx(2.561e11 / 9e11)
+    # The issue's case: a bf16 model over a float32 ceiling read 246.6 %; it cannot be computed at all.
+    float32_ceiling = MatmulCeiling("cpu", "float32", tflops=0.2, method="torch.matmul", shape=(1024, 1024, 1024))
+    with pytest.raises(ValueError, match="MFU of a bfloat16 model against a float32 matmul"):
+        mfu(2560.0, 5.0, flops, float32_ceiling, "bfloat16")
+
+
+def test_the_ceiling_is_measured_in_the_asked_precision_and_is_the_faster_of_the_two_matmuls():
+    from benchmarks.model_flops import matmul_ceiling
+
+    for dtype in ("float32", "bfloat16"):
+        ceiling = matmul_ceiling("cpu", dtype, shapes=[(64, 64, 128)], repeats=1)
+        assert ceiling.dtype == dtype and ceiling.tflops > 0 and ceiling.shape == (64, 64, 128)
+        assert ceiling.method in ("torch.matmul", "oneDNN packed")
+
+
+def test_the_bench_measures_its_ceiling_in_the_dtype_its_configurations_ran(exported, monkeypatch):
+    """dtype auto resolves as the engines resolve it (bf16 on a CPU with native bf16, patched here
+    both ways), and the matmul the MFU divides by is measured in that dtype."""
+    from benchmarks import bench, model_flops
     from benchmarks.bench_report import markdown
+    from core import hf_classifier
 
-    assert f" {100 * report['points'][0]['mfu']:.1f} % |" in markdown(report)
-    assert "TFLOP/s measured in this run" in markdown(report)
+    asked = []
+
+    def measured(device, dtype):
+        asked.append(dtype)
+        return model_flops.MatmulCeiling(device, dtype, 1.0, "oneDNN packed", (1, 1, 1))
+
+    monkeypatch.setattr(model_flops, "matmul_ceiling", measured)
+    flops = model_flops.classification_flops(exported.merged_dir)
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(hf_classifier, "cpu_has_native_bf16", lambda: native)
+        dtype = bench.served_dtype("cpu", "auto")
+        assert dtype == expected and bench.served_dtype("cpu", "float32") == "float32"
+        points = [Point("triton-torch", result("b", [40.0, 50.0], documents=2, seconds=0.5, tokens=1000), 0.05)]
+        report = build_report(points, {"triton-torch": 1.0}, None, {"cpus": 2}, {})
+        report["dtype"] = dtype
+        bench.add_mfu(report, exported.merged_dir, "cpu", dtype)
+        assert asked[-1] == dtype and report["mfu"]["matmul_dtype"] == dtype
+        # 2000 tokens/s and 4 documents/s against the 1 TFLOP/s ceiling.
+        assert report["points"][0]["mfu"] == pytest.approx(flops.of(2000.0, 4.0) / 1e12, abs=1e-4)
+        table = markdown(report)
+        assert f"over a {dtype} matmul's 1 TFLOP/s (oneDNN packed)" in table and f"computed in {dtype}" in table

@@ -7,7 +7,7 @@ import json
 from transformers import AutoConfig
 
 from benchmarks import gpu_gemma2_9b
-from benchmarks.model_flops import flop_per_token
+from benchmarks.model_flops import classification_flops
 from core import causal_flex_attention
 from tests.parity import Float32Parity
 
@@ -24,7 +24,9 @@ def test_the_gpu_script_measures_parity_throughput_and_mfu_end_to_end(tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["architectures"] == ["Gemma2ForSequenceClassification"] and len(config["id2label"]) == 188
     assert config["attn_logit_softcapping"] == 50.0 and config["dtype"] == "bfloat16"
-    assert report["flop_per_token"] == flop_per_token(model_dir) > 0 and report["matmul_tflops"] > 0
+    flops = classification_flops(model_dir)
+    assert (report["flop_per_token"], report["flop_per_document"]) == (flops.per_token, flops.per_document)
+    assert flops.per_token > 0 and report["matmul_tflops"] > 0
 
     reference, *candidates = report["attention_parity"]
     assert (reference["attention"], reference["dtype"]) == ("eager", "float32")
