@@ -60,8 +60,8 @@ class ServingConfig(BaseModel):
     )
     max_batch_tokens: int = Field(
         16384, ge=8,
-        description="torch engine: padded tokens (longest × count) one forward pass may take; "
-        "vllm engine: tokens one scheduler step may take (vLLM does not pad)",
+        description="torch engine: padded tokens (longest × count) one forward pass may take, or with packing "
+        "the documents' tokens; vllm engine: tokens one scheduler step may take (vLLM does not pad)",
     )
     max_batch_size: int = Field(64, ge=1, le=4096, description="documents one forward pass may take")
     max_documents_per_request: int = Field(
@@ -93,6 +93,12 @@ class ServingConfig(BaseModel):
     attention: Literal["auto", "eager", "sdpa", "flex_attention", "causal_flex"] = Field(
         "auto", description="auto: the fastest implementation that is exact for the model on this device "
         "(causal_flex for Gemma-2 on a GPU: core/causal_flex_attention.py); flex_attention is transformers' own"
+    )
+    packing: Literal["auto", "off"] = Field(
+        "auto",
+        description="torch engine: auto: on the CPU, Gemma-2 computes a batch's documents packed end to end, "
+        "no padding, the last layer for the pooled token only (server/packed_decoder.py; exact as eager attention); "
+        "off: padded batches through transformers",
     )
     cpu_threads: int | Literal["auto"] = Field(
         "auto",

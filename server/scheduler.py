@@ -5,13 +5,15 @@ scheduler/executor split).
 Rules:
 - The unit of work is the padded token count of a batch, ``width × count``, where the width is
   the widest document rounded up to ``width_multiple`` (the engine pads to tensor-core friendly
-  widths): what a padded forward pass computes. A batch never exceeds ``max_batch_tokens`` or
+  widths): what a padded forward pass computes; for an engine that packs documents end to end
+  (``padded=False``), the sum of their tokens. A batch never exceeds ``max_batch_tokens`` or
   ``max_batch_size``.
 - The oldest waiting document always goes into the next batch, so no document waits behind
   later arrivals for more than the batches needed to clear the documents ahead of it.
 - The rest of the batch is chosen, among the oldest ``window`` waiting documents, by closeness
   of length to that oldest one: long patents ride with long ones, short with short, and
-  padding stays small without sorting the whole queue.
+  padding stays small without sorting the whole queue. Packed batches have no padding to
+  avoid: they take the waiting documents in arrival order, each one that still fits.
 - The queue is bounded in tokens (``max_queue_tokens``): ``admit`` refuses work that would
   overflow it, so an overloaded server says so at once instead of growing latency.
 - Expired documents (past their deadline) and dropped ones (``is_dropped``, e.g. a cancelled
@@ -52,6 +54,7 @@ class ScheduledBatch(Generic[Payload]):
 
     @property
     def padded_tokens(self) -> int:
+        """What a padded forward pass computes (a packed one computes ``real_tokens``)."""
         return self.width * len(self.documents)
 
     @property
@@ -69,6 +72,7 @@ class TokenBudgetScheduler(Generic[Payload]):
         window: int = 1024,
         is_dropped: Callable[[Payload], bool] = lambda payload: False,
         width_multiple: int = 1,
+        padded: bool = True,
     ):
         if max_batch_tokens < padded_width(max_document_tokens, width_multiple):
             raise ValueError(
@@ -83,6 +87,7 @@ class TokenBudgetScheduler(Generic[Payload]):
         self.window = max(window, max_batch_size)
         self.is_dropped = is_dropped
         self.width_multiple = width_multiple
+        self.padded = padded
         self._waiting: dict[int, ScheduledDocument[Payload]] = {}  # insertion order = arrival order
         self._sequence = itertools.count()
         self.waiting_tokens = 0
@@ -116,7 +121,9 @@ class TokenBudgetScheduler(Generic[Payload]):
                 if len(candidates) == self.window:
                     break
         batch: list[ScheduledDocument[Payload]] = []
-        if candidates:
+        if candidates and not self.padded:
+            batch = self._in_arrival_order(candidates)
+        elif candidates:
             oldest = candidates[0]
             by_closeness = sorted(candidates[1:], key=lambda d: (abs(d.token_count - oldest.token_count), d.sequence))
             batch, widest = [oldest], oldest.token_count
@@ -132,6 +139,16 @@ class TokenBudgetScheduler(Generic[Payload]):
             del self._waiting[document.sequence]
             self.waiting_tokens -= document.token_count
         return ScheduledBatch(batch, expired, dropped, self.width_multiple)
+
+    def _in_arrival_order(self, candidates: list[ScheduledDocument[Payload]]) -> list[ScheduledDocument[Payload]]:
+        batch, tokens = [], 0
+        for document in candidates:
+            if len(batch) == self.max_batch_size:
+                break
+            if tokens + document.token_count <= self.max_batch_tokens:
+                batch.append(document)
+                tokens += document.token_count
+        return batch
 
     def drain(self) -> list[ScheduledDocument[Payload]]:
         """Remove and return everything waiting (shutdown)."""

@@ -3,7 +3,11 @@
     submit (caller's thread)   tokenize, admit into the scheduler or refuse as overloaded
     prepare thread             take the next batch from the TokenBudgetScheduler, fail what
                                expired or was cancelled, pad and move the tensors to the device
+                               (packed batches: nothing to pad, the token ids go as they are)
     compute thread             forward pass, softmax, hand each document's scores to its request
+
+On the CPU, Gemma-2 computes packed batches (``server.packed_decoder``, serving field
+``packing``): documents end to end with no padding, so the scheduler's budget counts their tokens.
 
 The prepare thread builds batch N+1 while the compute thread runs batch N, and holds at most
 one prepared batch, so documents are bound to a batch as late as possible (better grouping,
@@ -40,6 +44,7 @@ from core.hf_classifier import (
 from core.serving_config import ServingConfig
 from server.cpu_share import engine_cpu_threads
 from server.engine_hold import EngineHold
+from server.packed_decoder import PackedGemma2, supports as packs_exactly
 from server.scheduler import ScheduledBatch, ScheduledDocument, TokenBudgetScheduler
 
 log = logging.getLogger(__name__)
@@ -86,8 +91,8 @@ class _QueuedDocument:
 @dataclass
 class _PreparedBatch:
     documents: list[_QueuedDocument]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    input_ids: torch.Tensor | None  # None for a packed batch: the documents' token ids are all it needs
+    attention_mask: torch.Tensor | None
     scheduled: ScheduledBatch
     cancelled: int
 
@@ -136,6 +141,10 @@ class TorchEngine(ClassificationEngine):
         if self._pad_token_id is None:
             self._pad_token_id = self._encoder.tokenizer.pad_token_id
             self._model.config.pad_token_id = self._pad_token_id
+        packs = (self.config.packing == "auto" and self._device.type == "cpu" and attention == "eager"
+                 and packs_exactly(self._model.config, self.max_length))
+        self._packed = PackedGemma2(self._model, rows_hint=min(self.config.max_batch_tokens, 1024)) if packs else None
+        self._scheduler.padded = self._packed is None  # before the first batch is taken: the threads start below
         # On a GPU the forward pass is not the CPU's work, so torch's default stays.
         self._wanted_cpu_threads = engine_cpu_threads(self.config.cpu_threads) if self._device.type == "cpu" else None
         if attention in COMPILED_ATTENTION:
@@ -146,8 +155,9 @@ class TorchEngine(ClassificationEngine):
             self._threads.append(thread)
         self._cpu_threads_applied.wait()
         log.info(
-            "torch engine: %s on %s, %s, %s attention, %d CPU threads",
-            self.config.model_dir, self._device, self._dtype, attention, self.cpu_threads,
+            "torch engine: %s on %s, %s, %s attention, %s batches, %d CPU threads",
+            self.config.model_dir, self._device, self._dtype, attention, "packed" if self._packed else "padded",
+            self.cpu_threads,
         )
 
     def submit(
@@ -238,15 +248,17 @@ class TorchEngine(ClassificationEngine):
             live = [d for d in documents if not d.submission.future.done()]
             if not live:
                 continue
-            try:
-                input_ids, attention_mask = pad_batch(
-                    [d.encoded.token_ids for d in live], self._pad_token_id, self._device, self.config.pad_to_multiple_of
-                )
-            except Exception as exc:  # e.g. out of device memory: this batch fails, the engine goes on
-                log.exception("preparing a batch of %d documents failed", len(live))
-                for document in live:
-                    document.submission.fail(EngineFailure(f"preparing this batch failed: {type(exc).__name__}: {exc}"))
-                continue
+            input_ids = attention_mask = None
+            if self._packed is None:
+                try:
+                    input_ids, attention_mask = pad_batch(
+                        [d.encoded.token_ids for d in live], self._pad_token_id, self._device, self.config.pad_to_multiple_of
+                    )
+                except Exception as exc:  # e.g. out of device memory: this batch fails, the engine goes on
+                    log.exception("preparing a batch of %d documents failed", len(live))
+                    for document in live:
+                        document.submission.fail(EngineFailure(f"preparing this batch failed: {type(exc).__name__}: {exc}"))
+                    continue
             dropped = len(scheduled.dropped) + len(documents) - len(live)
             self._prepared.put(_PreparedBatch(live, input_ids, attention_mask, scheduled, dropped))
 
@@ -270,13 +282,17 @@ class TorchEngine(ClassificationEngine):
         keep = [row for row, d in enumerate(batch.documents) if not d.submission.future.done()]
         if len(keep) < len(batch.documents):  # expired, cancelled or failed while the batch waited its turn
             batch.documents = [batch.documents[row] for row in keep]
-            longest = int(batch.attention_mask[keep].sum(dim=1).max()) if keep else 0
-            width = padded_width(longest, self.config.pad_to_multiple_of)
-            batch.input_ids, batch.attention_mask = batch.input_ids[keep, :width], batch.attention_mask[keep, :width]
+            if batch.input_ids is not None and keep:
+                longest = int(batch.attention_mask[keep].sum(dim=1).max())
+                width = padded_width(longest, self.config.pad_to_multiple_of)
+                batch.input_ids, batch.attention_mask = batch.input_ids[keep, :width], batch.attention_mask[keep, :width]
         if not batch.documents:
             return
         try:
-            probabilities = self._forward(batch.input_ids, batch.attention_mask)
+            if batch.input_ids is None:
+                probabilities = self._forward_packed([d.encoded.token_ids for d in batch.documents])
+            else:
+                probabilities = self._forward(batch.input_ids, batch.attention_mask)
         except Exception as exc:
             log.exception("forward pass over %d documents failed", len(batch.documents))
             for document in batch.documents:
@@ -293,11 +309,11 @@ class TorchEngine(ClassificationEngine):
         if not self._batch_observers:
             return
         queued_documents, queued_tokens = self.queue_depth()
-        real_tokens = int(batch.attention_mask.sum())
+        real_tokens = sum(len(d.encoded.token_ids) for d in batch.documents)
         self._publish(BatchStats(
             documents=len(batch.documents),
             real_tokens=real_tokens,
-            padded_tokens=int(batch.attention_mask.numel()),
+            padded_tokens=real_tokens if batch.attention_mask is None else int(batch.attention_mask.numel()),
             queue_seconds=tuple(started - d.submission.submitted_at for d in batch.documents),
             tokenize_seconds=sum(d.submission.tokenize_seconds / len(d.submission.scores) for d in batch.documents),
             compute_seconds=compute_seconds,
@@ -329,4 +345,8 @@ class TorchEngine(ClassificationEngine):
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
         logits = classifier_logits(self._model, input_ids, attention_mask)
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def _forward_packed(self, documents: list[list[int]]) -> np.ndarray:
+        logits = self._packed.logits(documents)  # under inference_mode itself
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()

@@ -10,7 +10,7 @@ from core.synthetic_patents import synthetic_patents
 from tests.parity import Float32Parity
 
 
-def softcapped_logits(merged_dir, attention: str, input_ids, attention_mask) -> np.ndarray:
+def softcapped_model(merged_dir, attention: str):
     """The demo Gemma-2 with attention logits well past the 50.0 cap, as in trained Gemma-2."""
     if attention == causal_flex_attention.NAME:
         causal_flex_attention.register()
@@ -19,7 +19,12 @@ def softcapped_logits(merged_dir, attention: str, input_ids, attention_mask) -> 
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(40.0)
             layer.self_attn.k_proj.weight.mul_(40.0)
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits.numpy()
+    return model
+
+
+def softcapped_logits(merged_dir, attention: str, input_ids, attention_mask) -> np.ndarray:
+    with torch.inference_mode():
+        return softcapped_model(merged_dir, attention)(input_ids=input_ids, attention_mask=attention_mask).logits.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +67,21 @@ def test_servers_pick_an_exact_attention_per_device(exported):
     assert serving_attention(gemma2, torch.device("cuda")) == causal_flex_attention.NAME
     assert serving_attention(BertConfig(), torch.device("cuda")) == "sdpa"
     assert serving_attention(gemma2, torch.device("cpu"), "sdpa") == "sdpa"  # an operator's explicit choice stands
+
+
+def test_packed_batches_keep_the_softcap_and_compute_what_padded_eager_attention_does(exported, mixed_length_batch):
+    """Documents packed end to end, attention per document, the last layer for the pooled token
+    only (server/packed_decoder.py), against transformers' eager attention over the padded batch:
+    the bound is causal_flex's. A packed forward that dropped the softcap would fail it."""
+    from server.packed_decoder import PackedGemma2
+
+    input_ids, attention_mask = mixed_length_batch
+    documents = [ids[: int(mask.sum())].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    eager = softcapped_logits(exported.merged_dir, "eager", input_ids, attention_mask)
+    model = softcapped_model(exported.merged_dir, "eager")
+    packed = PackedGemma2(model).logits(documents).numpy()
+    assert np.abs(eager - packed).max() < 1e-4
+    assert (eager.argmax(-1) == packed.argmax(-1)).all()
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    assert np.abs(eager - PackedGemma2(model).logits(documents).numpy()).max() > 1e-2

@@ -111,3 +111,25 @@ def test_the_budget_counts_widths_as_the_engine_pads_them():
 def test_a_budget_below_one_padded_document_is_refused():
     with pytest.raises(ValueError, match="padded to width_multiple"):
         scheduler(max_batch_tokens=508, max_document_tokens=500, width_multiple=16)
+
+
+def test_packed_batches_count_real_tokens_and_take_documents_in_arrival_order():
+    """An engine that packs documents end to end computes their tokens and no padding: the budget
+    holds their sum, and with nothing to pad there is no reason to pass anyone in the queue, except
+    to fill the budget with a later document that still fits."""
+    s = scheduler(max_batch_tokens=1024, max_batch_size=8, padded=False)
+    add(s, 512, 100, 512, 300, 40)
+    first = s.next_batch(0.0)
+    assert [d.payload for d in first.documents] == [0, 1, 3, 4]  # 952 tokens; the second 512 would overflow
+    assert first.real_tokens == 952 <= 1024 < first.padded_tokens
+    assert [d.payload for d in s.next_batch(0.0).documents] == [2]
+
+
+def test_packed_batches_never_exceed_the_budget_or_the_size_cap_and_lose_nothing():
+    rng = random.Random(5)
+    s = scheduler(max_batch_tokens=1024, max_batch_size=8, padded=False)
+    lengths = [rng.choice([512, rng.randint(5, 511)]) for _ in range(400)]
+    add(s, *lengths)
+    batches = drain(s)
+    assert all(b.real_tokens <= 1024 and len(b.documents) <= 8 for b in batches)
+    assert sorted(d.payload for b in batches for d in b.documents) == list(range(400))

@@ -134,3 +134,15 @@ def test_forward_passes_run_with_the_configured_cpu_threads(engine_factory, refe
         (scores,) = engine.submit([LONG_TEXTS[0]]).result(timeout=120)
         reference.assert_matches(LONG_TEXTS[0], scores.probabilities)
         assert engine.cpu_threads == threads
+
+
+def test_gemma2_on_the_cpu_computes_packed_batches_with_padded_batches_answers(engine_factory, reference):
+    """The same concurrent submissions through both layouts: packed batches (the default here)
+    compute no padding and count real tokens against the budget; both give offline's answers."""
+    texts = [d.render() for d in synthetic_patents(12, seed=17, long_share=0.5)]
+    packed, padded = engine_factory(max_batch_tokens=1024), engine_factory(max_batch_tokens=1024, packing="off")
+    for engine in (packed, padded):
+        submit_concurrently_and_match_offline(engine, reference, texts, 8)
+        assert computed_documents(engine) == 12 and len(engine.batches) < 12
+    assert all(b.padded_tokens == b.real_tokens <= 1024 for b in packed.batches)
+    assert sum(b.padded_tokens for b in padded.batches) > sum(b.real_tokens for b in padded.batches)

@@ -1,0 +1,193 @@
+"""Gemma-2 classification over packed batches: the PyTorch engine's forward pass on the CPU.
+
+transformers runs a batch as a rectangle: every document padded to the longest, every position
+through every layer, attention over the whole padded width. On a CPU that costs three ways
+(profile: benchmarks/results/2026-11-30-precision.md): padding is computed like text, the eager
+attention's score tensors of a padded batch outgrow the caches (the per-document cost of a batch
+of four 512-token patents was 1.4x that of one alone), and the classifier reads one token, yet
+the last layer runs every position. Here, instead:
+
+- documents are packed end to end in one sequence, with positions restarting at each document,
+  so no padding is computed; attention runs document by document (a causal square per document,
+  never across documents), so no score tensor is larger than one document's;
+- the last layer computes its keys and values for every position (the pooled token attends to
+  them) but its query, attention output, MLP, the final norm and the head for the pooled token
+  of each document only;
+- on the CPU, every projection multiplies with oneDNN on weights packed once into its blocked
+  layout (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor's CPU backend and vLLM's
+  CPU backend use): in float32 it is about twice torch's default matmul here.
+
+Everything else is transformers' own modules and operation order (norms, MLP, rotary embedding,
+the eager attention's scale, softcap, float32 softmax), so the answers are eager attention's
+within float rounding; the pooled token is transformers' (the rightmost one that is not the pad
+token). Gemma-2's sliding window is left out, so packing applies only when no document is longer
+than the window (``supports``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def supports(config, max_length: int) -> bool:
+    """Whether ``PackedGemma2`` computes exactly what the model of ``config`` (a transformers config)
+    does for documents up to ``max_length``."""
+    window = getattr(config, "sliding_window", None)
+    return (
+        "Gemma2ForSequenceClassification" in (getattr(config, "architectures", None) or [])
+        and not getattr(config, "use_bidirectional_attention", False)
+        and (window is None or max_length <= window)
+    )
+
+
+class PackedLinear:
+    """``linear``'s weight packed for oneDNN, used for the many-row products; few rows (the
+    last layer's pooled tokens) go through torch's matmul, which oneDNN's packed path is slow for."""
+
+    FEW_ROWS = 16
+
+    def __init__(self, linear: nn.Linear, rows_hint: int):
+        self.linear = linear
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] <= self.FEW_ROWS:
+            return self.linear(rows)
+        return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.linear.bias, "none", [], "")
+
+
+def _oneDNN_available(dtype: torch.dtype) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        probe = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 16)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(16, 16, dtype=dtype), probe, None, "none", [], "")
+    except RuntimeError:  # a build or CPU without this dtype in oneDNN
+        return False
+    return True
+
+
+class PackedGemma2:
+    """Forward passes of a loaded ``Gemma2ForSequenceClassification`` over packed documents."""
+
+    def __init__(self, model: nn.Module, rows_hint: int = 512):
+        self.model = model
+        self.config = model.config
+        self.layers = list(model.model.layers[: model.config.num_hidden_layers])
+        parameter = next(model.parameters())
+        self.dtype, self.device = parameter.dtype, parameter.device
+        pack = self.device.type == "cpu" and _oneDNN_available(self.dtype)
+        self._linear = {}
+        for layer in self.layers:
+            for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                           layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                self._linear[linear] = PackedLinear(linear, rows_hint) if pack else linear
+        self._masks: dict[int, torch.Tensor] = {}
+        self.pad_token_id = self.config.pad_token_id
+
+    def _project(self, linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+        return self._linear[linear](rows)
+
+    def _causal_mask(self, length: int) -> torch.Tensor:
+        """What eager attention adds: 0 on and below the diagonal, the dtype's minimum above it."""
+        longest = max(self._masks, default=0)
+        if length > longest:
+            size = max(length, 2 * longest)
+            blocked = torch.ones(size, size, dtype=torch.bool, device=self.device).triu(1)
+            self._masks = {size: torch.zeros(size, size, dtype=self.dtype, device=self.device).masked_fill(
+                blocked, torch.finfo(self.dtype).min)}
+            longest = size
+        return self._masks[longest][:length, :length]
+
+    @torch.inference_mode()
+    def logits(self, documents: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Class logits, shape (documents, labels), in the model's dtype."""
+        lengths = [len(ids) for ids in documents]
+        token_ids = torch.tensor([token for ids in documents for token in ids], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(length, device=self.device) for length in lengths])
+        starts = [0]
+        for length in lengths[:-1]:
+            starts.append(starts[-1] + length)
+        pooled = [start + self._pooled_position(ids) for start, ids in zip(starts, documents)]
+        spans = list(zip(starts, lengths, pooled))
+
+        base = self.model.model
+        hidden = base.embed_tokens(token_ids)  # (tokens, hidden); Gemma-2 scales inside its embedding
+        cos, sin = base.rotary_emb(hidden, positions[None])
+        cos, sin = cos[0], sin[0]
+        for layer in self.layers[:-1]:
+            hidden = self._layer(layer, hidden, cos, sin, spans)
+        hidden = self._last_layer(self.layers[-1], hidden, cos, sin, spans)
+        return self.model.score(base.norm(hidden))
+
+    def _pooled_position(self, ids: Sequence[int]) -> int:
+        # transformers' pooling: the rightmost token that is not the pad token (the first if all are).
+        if self.pad_token_id is None:
+            return len(ids) - 1
+        return next((index for index in range(len(ids) - 1, -1, -1) if ids[index] != self.pad_token_id), 0)
+
+    def _rotated(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """transformers' apply_rotary_pos_emb on (tokens, heads, head_dim)."""
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        half = states.shape[-1] // 2
+        rotated_half = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
+        return (states * cos) + (rotated_half * sin)
+
+    def _attention(self, attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   causal: bool) -> torch.Tensor:
+        """Eager attention for one document: query (heads, q, head_dim), key/value (kv_heads, k, head_dim)."""
+        groups = attention.num_key_value_groups
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=0)
+            value = value.repeat_interleave(groups, dim=0)
+        scores = torch.matmul(query, key.transpose(1, 2)) * attention.scaling
+        softcap = attention.attn_logit_softcapping
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if causal:
+            scores = scores + self._causal_mask(query.shape[1])
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(weights, value)
+
+    def _heads(self, rows: torch.Tensor, head_dim: int) -> torch.Tensor:
+        return rows.view(rows.shape[0], -1, head_dim)
+
+    def _self_attention(self, attention: nn.Module, normed: torch.Tensor, cos, sin, spans, pooled_only: bool) -> torch.Tensor:
+        head_dim = attention.head_dim
+        key = self._rotated(self._heads(self._project(attention.k_proj, normed), head_dim), cos, sin)
+        value = self._heads(self._project(attention.v_proj, normed), head_dim)
+        if pooled_only:
+            rows = torch.tensor([pooled for _, _, pooled in spans], device=normed.device)
+            query = self._rotated(self._heads(self._project(attention.q_proj, normed[rows]), head_dim), cos[rows], sin[rows])
+            outputs = [
+                self._attention(attention, query[index : index + 1].transpose(0, 1),
+                                key[start : pooled + 1].transpose(0, 1), value[start : pooled + 1].transpose(0, 1), causal=False)
+                for index, (start, _, pooled) in enumerate(spans)
+            ]
+        else:
+            query = self._rotated(self._heads(self._project(attention.q_proj, normed), head_dim), cos, sin)
+            outputs = [
+                self._attention(attention, query[start : start + length].transpose(0, 1),
+                                key[start : start + length].transpose(0, 1), value[start : start + length].transpose(0, 1),
+                                causal=True)
+                for start, length, _ in spans
+            ]
+        merged = torch.cat([output.transpose(0, 1) for output in outputs]).reshape(-1, attention.config.num_attention_heads * head_dim)
+        return self._project(attention.o_proj, merged)
+
+    def _mlp(self, mlp: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        return self._project(mlp.down_proj, mlp.act_fn(self._project(mlp.gate_proj, rows)) * self._project(mlp.up_proj, rows))
+
+    def _layer(self, layer: nn.Module, hidden: torch.Tensor, cos, sin, spans) -> torch.Tensor:
+        attended = self._self_attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, spans, pooled_only=False)
+        hidden = hidden + layer.post_attention_layernorm(attended)
+        return hidden + layer.post_feedforward_layernorm(self._mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden)))
+
+    def _last_layer(self, layer: nn.Module, hidden: torch.Tensor, cos, sin, spans) -> torch.Tensor:
+        """Only the pooled token of each document leaves the model, so only it goes past attention."""
+        attended = self._self_attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, spans, pooled_only=True)
+        rows = torch.tensor([pooled for _, _, pooled in spans], device=hidden.device)
+        hidden = hidden[rows] + layer.post_attention_layernorm(attended)
+        return hidden + layer.post_feedforward_layernorm(self._mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden)))
