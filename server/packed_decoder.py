@@ -42,19 +42,37 @@ def supports(config, max_length: int) -> bool:
     )
 
 
-class PackedLinear:
-    """``linear``'s weight packed for oneDNN, used for the many-row products; few rows (the
-    last layer's pooled tokens) go through torch's matmul, which oneDNN's packed path is slow for."""
+# A matmul library picks its kernel, and with it the order of summation, by the number of rows:
+# a document's answer would change in the last bits with the documents it shares a batch with.
+# So every product runs at row counts whose kernels give each row the same bits whatever the
+# count: the pooled tokens in blocks of exactly ROW_BLOCK rows (torch's matmul), the tokens in at
+# least ROW_BLOCK + 1 rows (oneDNN's packed matmul: the same bits from 17 to 1100 rows, checked in
+# float32 and bf16), a shorter batch padded with zero rows up to that.
+ROW_BLOCK = 16
 
-    FEW_ROWS = 16
+
+def _zero_padded(rows: torch.Tensor, count: int) -> torch.Tensor:
+    block = rows.new_zeros(count, rows.shape[1])
+    block[: rows.shape[0]] = rows
+    return block
+
+
+def pooled_product(linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+    """``linear(rows)`` computed in zero-padded blocks of exactly ``ROW_BLOCK`` rows."""
+    return torch.cat([linear(_zero_padded(block, ROW_BLOCK))[: len(block)] for block in rows.split(ROW_BLOCK)])
+
+
+class PackedLinear:
+    """``linear``'s weight packed once into oneDNN's blocked layout, for the products over every token."""
 
     def __init__(self, linear: nn.Linear, rows_hint: int):
         self.linear = linear
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        if rows.shape[0] <= self.FEW_ROWS:
-            return self.linear(rows)
+        count = rows.shape[0]
+        if count <= ROW_BLOCK:
+            return self(_zero_padded(rows, ROW_BLOCK + 1))[:count]
         return torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.linear.bias, "none", [], "")
 
 
@@ -87,8 +105,9 @@ class PackedGemma2:
         self._masks: dict[int, torch.Tensor] = {}
         self.pad_token_id = self.config.pad_token_id
 
-    def _project(self, linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
-        return self._linear[linear](rows)
+    def _project(self, linear: nn.Linear, rows: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """``linear`` over token rows, or (``pooled``) over one pooled row per document."""
+        return pooled_product(linear, rows) if pooled else self._linear[linear](rows)
 
     def _causal_mask(self, length: int) -> torch.Tensor:
         """What eager attention adds: 0 on and below the diagonal, the dtype's minimum above it."""
@@ -120,7 +139,7 @@ class PackedGemma2:
         for layer in self.layers[:-1]:
             hidden = self._layer(layer, hidden, cos, sin, spans)
         hidden = self._last_layer(self.layers[-1], hidden, cos, sin, spans)
-        return self.model.score(base.norm(hidden))
+        return self._project(self.model.score, base.norm(hidden), pooled=True)
 
     def _pooled_position(self, ids: Sequence[int]) -> int:
         # transformers' pooling: the rightmost token that is not the pad token (the first if all are).
@@ -160,7 +179,8 @@ class PackedGemma2:
         value = self._heads(self._project(attention.v_proj, normed), head_dim)
         if pooled_only:
             rows = torch.tensor([pooled for _, _, pooled in spans], device=normed.device)
-            query = self._rotated(self._heads(self._project(attention.q_proj, normed[rows]), head_dim), cos[rows], sin[rows])
+            query = self._rotated(self._heads(self._project(attention.q_proj, normed[rows], pooled=True), head_dim),
+                                  cos[rows], sin[rows])
             outputs = [
                 self._attention(attention, query[index : index + 1].transpose(0, 1),
                                 key[start : pooled + 1].transpose(0, 1), value[start : pooled + 1].transpose(0, 1), causal=False)
@@ -175,10 +195,11 @@ class PackedGemma2:
                 for start, length, _ in spans
             ]
         merged = torch.cat([output.transpose(0, 1) for output in outputs]).reshape(-1, attention.config.num_attention_heads * head_dim)
-        return self._project(attention.o_proj, merged)
+        return self._project(attention.o_proj, merged, pooled_only)
 
-    def _mlp(self, mlp: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-        return self._project(mlp.down_proj, mlp.act_fn(self._project(mlp.gate_proj, rows)) * self._project(mlp.up_proj, rows))
+    def _mlp(self, mlp: nn.Module, rows: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        gate, up = self._project(mlp.gate_proj, rows, pooled), self._project(mlp.up_proj, rows, pooled)
+        return self._project(mlp.down_proj, mlp.act_fn(gate) * up, pooled)
 
     def _layer(self, layer: nn.Module, hidden: torch.Tensor, cos, sin, spans) -> torch.Tensor:
         attended = self._self_attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, spans, pooled_only=False)
@@ -190,4 +211,4 @@ class PackedGemma2:
         attended = self._self_attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, spans, pooled_only=True)
         rows = torch.tensor([pooled for _, _, pooled in spans], device=hidden.device)
         hidden = hidden[rows] + layer.post_attention_layernorm(attended)
-        return hidden + layer.post_feedforward_layernorm(self._mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden)))
+        return hidden + layer.post_feedforward_layernorm(self._mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden), pooled=True))

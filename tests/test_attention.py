@@ -85,3 +85,19 @@ def test_packed_batches_keep_the_softcap_and_compute_what_padded_eager_attention
     for layer in model.model.layers:
         layer.self_attn.attn_logit_softcapping = None
     assert np.abs(eager - PackedGemma2(model).logits(documents).numpy()).max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_documents_answer_does_not_depend_on_its_batch_mates(exported, dtype):
+    """Bit for bit: alone, in pairs, or among 20 others (more pooled rows than one block), a
+    five-token patent included; the matmul kernels run at row counts that keep each row's bits."""
+    from core.hf_classifier import load_sequence_classifier
+    from server.packed_decoder import PackedGemma2
+
+    tokenizer = load_tokenizer(exported.merged_dir)
+    documents = [e.token_ids for e in encode_texts(tokenizer, [d.render() for d in synthetic_patents(20, seed=3, long_share=0.3)], 512)]
+    documents.append(documents[0][:5])
+    packed = PackedGemma2(load_sequence_classifier(exported.merged_dir, dtype))
+    alone = torch.cat([packed.logits([ids]) for ids in documents])
+    assert torch.equal(alone, packed.logits(documents))
+    assert torch.equal(alone, torch.cat([packed.logits(documents[i : i + 2]) for i in range(0, len(documents), 2)]))
