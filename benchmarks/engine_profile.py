@@ -9,7 +9,7 @@ cap), then once more under the profiler; it prints samples/s, padding waste and 
 that took the most time.
 
     python -m benchmarks.engine_profile --model-dir build/bench_repository/gemma2-bench/1/model \\
-        [--dtypes bfloat16,float32] [--documents 16] [--max-batch-tokens 1024] [--rows 12]
+        [--dtypes bfloat16,float32] [--layouts padded,packed] [--documents 16] [--max-batch-tokens 1024] [--rows 12]
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-share", type=float, default=0.7)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-batch-tokens", type=int, default=1024)
+    parser.add_argument("--layouts", default="padded,packed", help="padded: transformers' forward; packed: ours")
     parser.add_argument("--rows", type=int, default=12, help="operators listed per profile")
     args = parser.parse_args(argv)
 
@@ -63,15 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtypes.split(","):
         model = load_sequence_classifier(args.model_dir, DTYPES[dtype])
         pad = model.config.pad_token_id
-        forwards = {"transformers, padded": lambda batch: classifier_logits(model, *pad_batch(batch, pad, torch.device("cpu")))}
-        if supports(model.config, args.max_length):
-            packed = PackedGemma2(model)
-            forwards["packed"] = packed.logits
+        forwards = {}
+        if "padded" in args.layouts:
+            forwards["transformers, padded"] = lambda batch: classifier_logits(model, *pad_batch(batch, pad, torch.device("cpu")))
+        if "packed" in args.layouts and supports(model.config, args.max_length):
+            forwards["packed"] = PackedGemma2(model).logits
         for name, forward in forwards.items():
             for in_flight in (1, 8):
                 plan = batches_in_flight(lengths, in_flight, args.max_batch_tokens)
                 batches = [[documents[index] for index in indices] for indices in plan]
-                computed = sum(max(map(len, b)) * len(b) for b in batches) if name != "packed" else sum(lengths)
+                computed = sum(max(map(len, b)) * len(b) for b in batches) if "packed" not in name else sum(lengths)
 
                 def run() -> None:
                     with torch.inference_mode():

@@ -17,11 +17,15 @@ the last layer runs every position. Here, instead:
   layout (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor's CPU backend and vLLM's
   CPU backend use): in float32 it is about twice torch's default matmul here.
 
-Everything else is transformers' own modules and operation order (norms, MLP, rotary embedding,
-the eager attention's scale, softcap, float32 softmax), so the answers are eager attention's
-within float rounding; the pooled token is transformers' (the rightmost one that is not the pad
-token). Gemma-2's sliding window is left out, so packing applies only when no document is longer
-than the window (``supports``).
+Everything else is transformers' own operations in its order (the norms' float32 arithmetic,
+the rotary embedding, the eager attention's scale, softcap, mask and float32 softmax, the tanh
+GELU), so the answers are eager attention's within float rounding; the pooled token is
+transformers' (the rightmost one that is not the pad token). Gemma-2's sliding window is left
+out, so packing applies only when no document is longer than the window (``supports``).
+
+Not compiled: torch.compile (inductor's CPU backend) of these element-wise steps and of the
+per-document attention was exact enough but no faster here (profile in the results file above),
+and would cost every server start its compilation.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ def supports(config, max_length: int) -> bool:
     return (
         "Gemma2ForSequenceClassification" in (getattr(config, "architectures", None) or [])
         and not getattr(config, "use_bidirectional_attention", False)
+        and getattr(config, "hidden_activation", None) == "gelu_pytorch_tanh"
         and (window is None or max_length <= window)
     )
 
@@ -87,6 +92,66 @@ def _oneDNN_available(dtype: torch.dtype) -> bool:
     return True
 
 
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma2RMSNorm: in float32, scaled by (1 + weight), back to the input's dtype."""
+    normed = hidden.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (1.0 + weight.float())).type_as(hidden)
+
+
+def add_rms_normed(hidden: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma-2's residual step: the sublayer's output normed (its post-norm), added to the stream."""
+    return hidden + rms_norm(update, weight, eps)
+
+
+def rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb on (tokens, heads, head_dim), cos/sin (tokens, head_dim)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    half = states.shape[-1] // 2
+    rotated_half = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
+    return (states * cos) + (rotated_half * sin)
+
+
+def gelu_tanh_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Gemma-2's MLP between its projections (hidden_activation gelu_pytorch_tanh)."""
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, scaling: float,
+              softcap: float | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """transformers' eager attention for one document: query (heads, q, head_dim), key and value
+    (kv_heads, k, head_dim), ``mask`` added to the scores (None: every key is visible)."""
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=0)
+        value = value.repeat_interleave(groups, dim=0)
+    scores = torch.matmul(query, key.transpose(1, 2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value)
+
+
+# Query rows per step of causal attention: each step scores only the keys up to its last row.
+CAUSAL_QUERY_BLOCK = 128
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                     groups: int, scaling: float, softcap: float | None) -> torch.Tensor:
+    """``attention`` under the causal ``mask``, by blocks of query rows: a block's rows see no key
+    past its last row, so the keys beyond it (masked: their softmax weight is exactly 0) are never
+    scored. A 512-token document then scores 5/8 of the square instead of all of it."""
+    if query.shape[1] <= CAUSAL_QUERY_BLOCK:
+        return attention(query, key, value, groups, scaling, softcap, mask)
+    blocks = []
+    for first in range(0, query.shape[1], CAUSAL_QUERY_BLOCK):
+        last = min(first + CAUSAL_QUERY_BLOCK, query.shape[1])
+        blocks.append(attention(query[:, first:last], key[:, :last], value[:, :last], groups, scaling, softcap,
+                                mask[first:last, :last]))
+    return torch.cat(blocks, dim=1)
+
+
 class PackedGemma2:
     """Forward passes of a loaded ``Gemma2ForSequenceClassification`` over packed documents."""
 
@@ -104,6 +169,7 @@ class PackedGemma2:
                 self._linear[linear] = PackedLinear(linear, rows_hint) if pack else linear
         self._masks: dict[int, torch.Tensor] = {}
         self.pad_token_id = self.config.pad_token_id
+        self.eps = self.config.rms_norm_eps
 
     def _project(self, linear: nn.Linear, rows: torch.Tensor, pooled: bool = False) -> torch.Tensor:
         """``linear`` over token rows, or (``pooled``) over one pooled row per document."""
@@ -139,7 +205,7 @@ class PackedGemma2:
         for layer in self.layers[:-1]:
             hidden = self._layer(layer, hidden, cos, sin, spans)
         hidden = self._last_layer(self.layers[-1], hidden, cos, sin, spans)
-        return self._project(self.model.score, base.norm(hidden), pooled=True)
+        return self._project(self.model.score, rms_norm(hidden, base.norm.weight, self.eps), pooled=True)
 
     def _pooled_position(self, ids: Sequence[int]) -> int:
         # transformers' pooling: the rightmost token that is not the pad token (the first if all are).
@@ -147,68 +213,44 @@ class PackedGemma2:
             return len(ids) - 1
         return next((index for index in range(len(ids) - 1, -1, -1) if ids[index] != self.pad_token_id), 0)
 
-    def _rotated(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """transformers' apply_rotary_pos_emb on (tokens, heads, head_dim)."""
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        half = states.shape[-1] // 2
-        rotated_half = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
-        return (states * cos) + (rotated_half * sin)
-
-    def _attention(self, attention: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   causal: bool) -> torch.Tensor:
-        """Eager attention for one document: query (heads, q, head_dim), key/value (kv_heads, k, head_dim)."""
-        groups = attention.num_key_value_groups
-        if groups > 1:
-            key = key.repeat_interleave(groups, dim=0)
-            value = value.repeat_interleave(groups, dim=0)
-        scores = torch.matmul(query, key.transpose(1, 2)) * attention.scaling
-        softcap = attention.attn_logit_softcapping
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if causal:
-            scores = scores + self._causal_mask(query.shape[1])
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        return torch.matmul(weights, value)
-
     def _heads(self, rows: torch.Tensor, head_dim: int) -> torch.Tensor:
         return rows.view(rows.shape[0], -1, head_dim)
 
-    def _self_attention(self, attention: nn.Module, normed: torch.Tensor, cos, sin, spans, pooled_only: bool) -> torch.Tensor:
-        head_dim = attention.head_dim
-        key = self._rotated(self._heads(self._project(attention.k_proj, normed), head_dim), cos, sin)
-        value = self._heads(self._project(attention.v_proj, normed), head_dim)
+    def _self_attention(self, module: nn.Module, normed: torch.Tensor, cos, sin, spans, pooled_only: bool) -> torch.Tensor:
+        head_dim = module.head_dim
+        settings = dict(groups=module.num_key_value_groups, scaling=module.scaling, softcap=module.attn_logit_softcapping)
+        key = rotary(self._heads(self._project(module.k_proj, normed), head_dim), cos, sin).transpose(0, 1)
+        value = self._heads(self._project(module.v_proj, normed), head_dim).transpose(0, 1)
         if pooled_only:
             rows = torch.tensor([pooled for _, _, pooled in spans], device=normed.device)
-            query = self._rotated(self._heads(self._project(attention.q_proj, normed[rows], pooled=True), head_dim),
-                                  cos[rows], sin[rows])
-            outputs = [
-                self._attention(attention, query[index : index + 1].transpose(0, 1),
-                                key[start : pooled + 1].transpose(0, 1), value[start : pooled + 1].transpose(0, 1), causal=False)
-                for index, (start, _, pooled) in enumerate(spans)
-            ]
+            query = rotary(self._heads(self._project(module.q_proj, normed[rows], pooled=True), head_dim), cos[rows], sin[rows])
+            query = query.transpose(0, 1)
+            # The pooled token attends to its document up to itself: every key it is given, no mask.
+            outputs = [attention(query[:, index : index + 1], key[:, start : position + 1], value[:, start : position + 1],
+                              mask=None, **settings)
+                       for index, (start, _, position) in enumerate(spans)]
         else:
-            query = self._rotated(self._heads(self._project(attention.q_proj, normed), head_dim), cos, sin)
-            outputs = [
-                self._attention(attention, query[start : start + length].transpose(0, 1),
-                                key[start : start + length].transpose(0, 1), value[start : start + length].transpose(0, 1),
-                                causal=True)
-                for start, length, _ in spans
-            ]
-        merged = torch.cat([output.transpose(0, 1) for output in outputs]).reshape(-1, attention.config.num_attention_heads * head_dim)
-        return self._project(attention.o_proj, merged, pooled_only)
+            query = rotary(self._heads(self._project(module.q_proj, normed), head_dim), cos, sin).transpose(0, 1)
+            outputs = [causal_attention(query[:, start : start + length], key[:, start : start + length],
+                                        value[:, start : start + length], self._causal_mask(length), **settings)
+                       for start, length, _ in spans]
+        merged = torch.cat([output.transpose(0, 1) for output in outputs]).reshape(-1, module.config.num_attention_heads * head_dim)
+        return self._project(module.o_proj, merged, pooled_only)
 
     def _mlp(self, mlp: nn.Module, rows: torch.Tensor, pooled: bool = False) -> torch.Tensor:
         gate, up = self._project(mlp.gate_proj, rows, pooled), self._project(mlp.up_proj, rows, pooled)
-        return self._project(mlp.down_proj, mlp.act_fn(gate) * up, pooled)
+        return self._project(mlp.down_proj, gelu_tanh_gated(gate, up), pooled)
 
-    def _layer(self, layer: nn.Module, hidden: torch.Tensor, cos, sin, spans) -> torch.Tensor:
-        attended = self._self_attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, spans, pooled_only=False)
-        hidden = hidden + layer.post_attention_layernorm(attended)
-        return hidden + layer.post_feedforward_layernorm(self._mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden)))
+    def _layer(self, layer: nn.Module, hidden: torch.Tensor, cos, sin, spans, pooled_only: bool = False) -> torch.Tensor:
+        """One decoder layer; ``pooled_only`` (the last layer): only the pooled token of each document
+        leaves the model, so only it goes on past attention."""
+        normed = rms_norm(hidden, layer.input_layernorm.weight, self.eps)
+        attended = self._self_attention(layer.self_attn, normed, cos, sin, spans, pooled_only)
+        if pooled_only:
+            hidden = hidden[torch.tensor([pooled for _, _, pooled in spans], device=hidden.device)]
+        hidden = add_rms_normed(hidden, attended, layer.post_attention_layernorm.weight, self.eps)
+        update = self._mlp(layer.mlp, rms_norm(hidden, layer.pre_feedforward_layernorm.weight, self.eps), pooled_only)
+        return add_rms_normed(hidden, update, layer.post_feedforward_layernorm.weight, self.eps)
 
     def _last_layer(self, layer: nn.Module, hidden: torch.Tensor, cos, sin, spans) -> torch.Tensor:
-        """Only the pooled token of each document leaves the model, so only it goes past attention."""
-        attended = self._self_attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, spans, pooled_only=True)
-        rows = torch.tensor([pooled for _, _, pooled in spans], device=hidden.device)
-        hidden = hidden[rows] + layer.post_attention_layernorm(attended)
-        return hidden + layer.post_feedforward_layernorm(self._mlp(layer.mlp, layer.pre_feedforward_layernorm(hidden), pooled=True))
+        return self._layer(layer, hidden, cos, sin, spans, pooled_only=True)

@@ -156,7 +156,8 @@ class TorchEngine(ClassificationEngine):
         self._cpu_threads_applied.wait()
         log.info(
             "torch engine: %s on %s, %s, %s attention, %s batches, %d CPU threads",
-            self.config.model_dir, self._device, self._dtype, attention, "packed" if self._packed else "padded",
+            self.config.model_dir, self._device, self._dtype, attention,
+            "padded" if self._packed is None else "packed",
             self.cpu_threads,
         )
 
