@@ -169,15 +169,17 @@ def _tiny_encoder_settings(tokenizer: PreTrainedTokenizerFast, labels: LabelSet)
     )
 
 
-def tiny_gemma2_config(tokenizer: PreTrainedTokenizerFast, labels: LabelSet) -> Gemma2Config:
-    return Gemma2Config(
+def tiny_gemma2_config(tokenizer: PreTrainedTokenizerFast, labels: LabelSet, **size) -> Gemma2Config:
+    """The demo Gemma-2; ``size`` overrides the toy's dimensions (``bench_gemma2_config``)."""
+    return Gemma2Config(**{
         **_tiny_decoder_settings(tokenizer, labels),
-        query_pre_attn_scalar=32,
-        attn_logit_softcapping=50.0,  # as Gemma-2-9b: the reason the reference must run eager attention
-        final_logit_softcapping=30.0,
-        sliding_window=4096,
-        max_position_embeddings=8192,
-    )
+        "query_pre_attn_scalar": 32,  # as Gemma-2-9b: the head size
+        "attn_logit_softcapping": 50.0,  # as Gemma-2-9b: the reason the reference must run eager attention
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 4096,
+        "max_position_embeddings": 8192,
+        **size,
+    })
 
 
 def bench_gemma2_config(tokenizer: PreTrainedTokenizerFast, labels: LabelSet) -> Gemma2Config:
@@ -186,24 +188,8 @@ def bench_gemma2_config(tokenizer: PreTrainedTokenizerFast, labels: LabelSet) ->
     width 1024: 95 M parameters besides the embeddings, 97 GFLOP per 512-token patent. Enough
     work per token that `make bench` measures the CPU's arithmetic, where the 2-layer toy
     measures overhead, and little enough that a CPU measures it in minutes."""
-    return Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=128,
-        query_pre_attn_scalar=128,  # as Gemma-2-9b: the head size
-        attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0,
-        sliding_window=4096,
-        max_position_embeddings=8192,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        **_label_settings(labels),
-    )
+    return tiny_gemma2_config(tokenizer, labels, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6,
+                              num_attention_heads=8, num_key_value_heads=4, head_dim=128, query_pre_attn_scalar=128)
 
 
 def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, labels: LabelSet) -> LlamaConfig:
