@@ -5,11 +5,11 @@ MFU = the FLOP/s of the classifications computed ÷ the FLOP/s of the best dense
 device does *in the precision the model computes in*, measured in the same run: a bf16 model
 against a bf16 matmul, a float32 model against a float32 one (``mfu`` refuses any other pairing),
 so a number from one machine is not divided by another's datasheet, nor by the wrong precision's
-ceiling (a bf16 model over a float32 ceiling reads 3-5x too high on a CPU with bf16 units).
+ceiling (a bf16 model over a float32 ceiling reads several times too high on a CPU with bf16 units).
 
 The ceiling is the best of torch's matmul and, on a CPU, oneDNN's matmul on weights packed in
-its blocked layout (what vLLM's CPU backend and inductor use), over the shapes of the model's
-projections: on a CPU the two differ by up to 2x in float32, so the ceiling is whichever is faster.
+its blocked layout (what vLLM's CPU backend and inductor use): on a CPU the two differ widely in
+float32, and the ceiling is whichever is faster.
 
 The FLOPs of one classification are what any implementation has to compute: 2 × the parameters
 that multiply each token (every weight but the embedding table, which is a lookup), except that

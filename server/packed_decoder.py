@@ -3,9 +3,9 @@
 transformers runs a batch as a rectangle: every document padded to the longest, every position
 through every layer, attention over the whole padded width. On a CPU that costs three ways
 (profile: benchmarks/results/2026-11-30-precision.md): padding is computed like text, the eager
-attention's score tensors of a padded batch outgrow the caches (the per-document cost of a batch
-of four 512-token patents was 1.4x that of one alone), and the classifier reads one token, yet
-the last layer runs every position. Here, instead:
+attention's score tensors of a padded batch outgrow the caches (a document cost more in a batch
+of four than alone), and the classifier reads one token, yet the last layer runs every position.
+Here, instead:
 
 - documents are packed end to end in one sequence, with positions restarting at each document,
   so no padding is computed; attention runs document by document (a causal square per document,
@@ -15,7 +15,7 @@ the last layer runs every position. Here, instead:
   of each document only;
 - on the CPU, every projection multiplies with oneDNN on weights packed once into its blocked
   layout (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor's CPU backend and vLLM's
-  CPU backend use): in float32 it is about twice torch's default matmul here.
+  CPU backend use), much faster in float32 than torch's default matmul on this project's CPUs.
 
 Everything else is transformers' own operations in its order (the norms' float32 arithmetic,
 the rotary embedding, the eager attention's scale, softcap, mask and float32 softmax, the tanh
