@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from core import access_token
 from server.cpu_share import CPU_ENGINES_ENV, cpu_engines_of
-from server.model_watchdog import DeadStubWatchdog
+from server.model_watchdog import DeadStubWatchdog, end_leftovers, process_tree
 from server.tls_front import TlsFront, server_tls_context
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -316,9 +316,11 @@ class TritonServer:
         The TLS front stays up until Triton has exited, so HTTPS requests in flight are answered too."""
         if self.watchdog is not None:
             self.watchdog.stop()  # a stub stopping at shutdown is no fault to recover from
+        tree: list[tuple[int, str]] = []
         try:
             if self.process is None or self.process.poll() is not None:
                 return None if self.process is None else self.process.returncode
+            tree = process_tree(self.process.pid)
             self.process.send_signal(signal.SIGTERM)
             try:
                 return self.process.wait(self.config.exit_timeout_s + 15)
@@ -326,6 +328,7 @@ class TritonServer:
                 self.process.kill()
                 return self.process.wait()
         finally:
+            end_leftovers(tree)
             if self._front is not None:
                 self._front.stop()
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 import urllib.error
@@ -49,6 +51,55 @@ class Recovery:
 def stub_processes(server_pid: int) -> list[StubProcess]:
     """The running (not dead) Python-backend stubs of a tritonserver."""
     return [stub for pid, state in _children(server_pid) if state != "Z" and (stub := _stub_of(pid)) is not None]
+
+
+def process_tree(root_pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process below ``root_pid``: the stubs, and what they started (vLLM's engine core)."""
+    tree, pending = [], [root_pid]
+    while pending:
+        for pid, _ in _children(pending.pop()):
+            start = _start_time(pid)
+            if start is not None:
+                tree.append((pid, start))
+                pending.append(pid)
+    return tree
+
+
+def end_leftovers(tree: list[tuple[int, str]]) -> list[int]:
+    """SIGKILL the processes of ``tree`` that outlived their server (a stub Triton gave up on at
+    its exit timeout holds the model's memory until it is ended). The start time tells a
+    leftover from a new process that reuses its pid."""
+    ended = []
+    for pid, start in tree:
+        if still_running(pid, start):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                ended.append(pid)
+            except ProcessLookupError:
+                pass
+    if ended:
+        log.warning("ended %d processes that outlived tritonserver: %s", len(ended), ended)
+    return ended
+
+
+def still_running(pid: int, start: str) -> bool:
+    """The process of ``process_tree``'s entry is still there, and not a corpse."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[19] == start and fields[0] != "Z"
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return None if fields is None else fields[19]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name: state first, start time at index 19."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields if len(fields) > 19 else None
 
 
 def _children(parent_pid: int) -> list[tuple[int, str]]:
