@@ -21,7 +21,7 @@ from core.errors import ErrorKind
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
 from server.prometheus_monitor import MONITORING, Prometheus, write_config
-from server.triton_metrics import FAMILIES
+from server.triton_metrics import FAMILIES, FEEDBACK_FAMILIES, RECORD_FAMILIES
 from tests.conftest import MODEL_NAME, PROJECT_ROOT
 
 ALERTS = MONITORING / "alerts.yml"
@@ -64,7 +64,7 @@ def alert_names() -> set[str]:
 def test_the_alerts_the_office_asked_for_exist():
     assert alert_names() == {
         "TritonServerDown", "ModelNotReady", "HighErrorRate", "P99LatencyAboveTarget",
-        "QueueTimeGrowing", "NoTraffic", "ClassShareDrift",
+        "QueueTimeGrowing", "NoTraffic", "ClassShareDrift", "ConfidenceDrop", "LiveAccuracyDrop",
     }
 
 
@@ -132,7 +132,7 @@ def test_the_documented_metric_list_is_exactly_what_the_server_exposes(server):
 def test_every_metric_name_follows_prometheus_conventions():
     """Counters end in _total (and one of seconds in _seconds_total); a family that counts or
     measures seconds says so; nothing else ends like a histogram's own series or a counter."""
-    for name, (kind, help_text, _) in FAMILIES.items():
+    for name, (kind, help_text, _) in {**FAMILIES, **RECORD_FAMILIES, **FEEDBACK_FAMILIES}.items():
         assert re.fullmatch(r"pc_[a-z_]+", name), name
         if kind == "COUNTER":
             assert name.endswith("_total"), name
@@ -262,12 +262,17 @@ def prometheus_after_load(server, tmp_path_factory):
         patents = synthetic_patents(48, seed=5, long_share=0.3)
         load = closed_loop("monitoring", server.grpc_url, MODEL_NAME, [[p] for p in patents], concurrency=4, max_seconds=60)
         assert load.failures == 0 and load.requests == len(patents)
+        with PatentClassifier(server.grpc_url, model=MODEL_NAME) as client:  # examiners confirm one answer, correct another
+            confirmed, corrected = client.classify_batch(synthetic_patents(2, seed=6))
+            client.submit_feedback(confirmed.prediction_id, confirmed.labels[0].code)
+            client.submit_feedback(corrected.prediction_id, corrected.labels[1].code)
         # Wait until Prometheus holds the whole load (and the recording rules ran on it).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             scraped = prometheus.query(f'sum(pc_requests_succeeded_total{{model="{MODEL_NAME}"}})')
             shares = prometheus.query("pc:predictions:share_1h")
-            if scraped and float(scraped[0]["value"][1]) >= len(patents) and shares:
+            accuracy = prometheus.query(f'pc_live_accuracy_ratio{{model="{MODEL_NAME}"}}')
+            if scraped and float(scraped[0]["value"][1]) >= len(patents) and shares and accuracy:
                 break
             time.sleep(0.5)
         time.sleep(3)
@@ -293,7 +298,7 @@ def test_a_panel_naming_a_nonexistent_metric_fails_the_check(prometheus_after_lo
 def test_prometheus_evaluates_every_rule_without_error(prometheus_after_load):
     groups = prometheus_after_load.get("/api/v1/rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 9
+    assert len(rules) == 13
     assert [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"] == []
     # Under steady load no alert is firing.
     firing = [rule["name"] for rule in rules if rule.get("state") == "firing"]
