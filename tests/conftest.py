@@ -89,6 +89,7 @@ class Export:
     report: MergeReport
     models: ModelsFile
     reports: dict[str, MergeReport]
+    records_database: str  # where MODEL_NAME records its predictions and the feedback model their corrections
 
 
 @pytest.fixture(scope="session")
@@ -107,10 +108,11 @@ def family_demos(tmp_path_factory) -> dict[str, DemoModelPaths]:
     }
 
 
-def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]) -> dict:
+def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths], records_database: str) -> dict:
     """The tests' models file: what models.yaml says, with the tests' demo folders and small batches
-    (several forward passes per test, so requests really share them), and one model with a thread
-    count of its own, unlike its neighbours' "auto" share (tests/test_model_families.py)."""
+    (several forward passes per test, so requests really share them), one model with a thread
+    count of its own, unlike its neighbours' "auto" share (tests/test_model_families.py), and the
+    Gemma-2 model recording its predictions with their text into a SQLite file (tests/test_feedback.py)."""
     def entry(name: str, paths: DemoModelPaths, **serving) -> dict:
         return {"name": name, "base": str(paths.base), "adapter": str(paths.adapter) if paths.adapter else None,
                 "labels": str(paths.labels), "serving": serving}
@@ -118,7 +120,7 @@ def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]
     return {
         "defaults": {"max_batch_tokens": 4096, "device": "cpu"},
         "models": [
-            entry(MODEL_NAME, gemma2, max_length=MAX_LENGTH),
+            entry(MODEL_NAME, gemma2, max_length=MAX_LENGTH, prediction_records="text", records_database=records_database),
             entry(LLAMA_MODEL, families[LLAMA_MODEL], max_length=MAX_LENGTH),
             entry(KCBERT_MODEL, families[KCBERT_MODEL], max_length=KCBERT_MAX_LENGTH, preprocessing="kcbert"),
             entry(KOELECTRA_MODEL, families[KOELECTRA_MODEL], max_length=KOELECTRA_MAX_LENGTH, cpu_threads=KOELECTRA_CPU_THREADS),
@@ -129,16 +131,18 @@ def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]
 @pytest.fixture(scope="session")
 def exported(demo_models, family_demos, tmp_path_factory) -> Export:
     repository = tmp_path_factory.mktemp("model_repository")
-    models = ModelsFile.parse(demo_models_file(demo_models, family_demos))
+    records_database = f"sqlite:///{tmp_path_factory.mktemp('records') / 'prediction-records.db'}"
+    models = ModelsFile.parse(demo_models_file(demo_models, family_demos, records_database))
     reports = export_models(models, repository)
     merged_dir = merged_model_dir(repository, MODEL_NAME)
     # The Gemma-2 weights behind a queue that holds two full-length patents and computes them one
     # at a time: admission control and deadlines become observable with a handful of requests.
-    tight = models.model(MODEL_NAME).serving.model_copy(
-        update={"model_dir": merged_dir, "max_batch_tokens": MAX_LENGTH, "max_queue_tokens": 2 * MAX_LENGTH}
-    )
+    # It records nothing: its answers carry prediction ids all the same.
+    tight = models.model(MODEL_NAME).serving.model_copy(update={
+        "model_dir": merged_dir, "max_batch_tokens": MAX_LENGTH, "max_queue_tokens": 2 * MAX_LENGTH, "prediction_records": "off",
+    })
     write_triton_model(repository, TIGHT_MODEL_NAME, tight)
-    return Export(demo_models, repository, merged_dir, reports[MODEL_NAME], models, reports)
+    return Export(demo_models, repository, merged_dir, reports[MODEL_NAME], models, reports, models.records_database)
 
 
 def start_tritonserver(repository: Path, tmp_path_factory, ready_timeout_s: float) -> TritonServer:
@@ -279,3 +283,14 @@ def secure_server(exported, tmp_path_factory):
     )
     with TritonServer(config, log_path=folder / "tritonserver.log") as running:
         yield SecureServer(running, certificates, ACCESS_TOKEN, token_file)
+
+
+# --- a real PostgreSQL (Debian's package), for the records database -------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    from tests.postgres_server import PostgresServer
+
+    with PostgresServer() as running:
+        yield running
