@@ -45,9 +45,10 @@ GPU_PAD_TO_MULTIPLE_OF = 16
 
 def serving_config(engine: str, merged: Path, max_length: int, max_batch_tokens: int, max_batch_size: int = 64,
                    vllm_kv_cache_mib: int = 256, device: str = "auto", dtype: str = "auto",
-                   cpu_threads: int | str = "auto") -> ServingConfig:
+                   cpu_threads: int | str = "auto", prediction_records: str = "off",
+                   records_database: str | None = None) -> ServingConfig:
     """The same limits for both engines; device and dtype as each engine resolves "auto" (CPU, float32 here);
-    cpu_threads for the PyTorch engine only (vLLM places its own threads)."""
+    cpu_threads for the PyTorch engine only (vLLM places its own threads); prediction records as asked."""
     from core.hf_classifier import resolve_device
 
     return ServingConfig(
@@ -55,6 +56,7 @@ def serving_config(engine: str, merged: Path, max_length: int, max_batch_tokens:
         max_batch_size=max_batch_size, device="auto" if engine == "vllm" else device, dtype=dtype,
         vllm_kv_cache_mib=vllm_kv_cache_mib, cpu_threads=cpu_threads if engine == "torch" else "auto",
         pad_to_multiple_of=GPU_PAD_TO_MULTIPLE_OF if resolve_device(device).type == "cuda" else 1,
+        prediction_records=prediction_records, records_database=records_database,
     )
 
 
