@@ -65,21 +65,29 @@ def process_tree(root_pid: int) -> list[tuple[int, str]]:
     return tree
 
 
-def end_leftovers(tree: list[tuple[int, str]]) -> list[int]:
+def end_leftovers(tree: list[tuple[int, str]], timeout_s: float = 30.0) -> list[int]:
     """SIGKILL the processes of ``tree`` that outlived their server (a stub Triton gave up on at
     its exit timeout holds the model's memory until it is ended). The start time tells a
-    leftover from a new process that reuses its pid."""
+    leftover from a new process that reuses its pid. Returns once they have exited (or after
+    ``timeout_s``, logged)."""
     ended = []
     for pid, start in tree:
         if still_running(pid, start):
             try:
                 os.kill(pid, signal.SIGKILL)
-                ended.append(pid)
+                ended.append((pid, start))
             except ProcessLookupError:
                 pass
     if ended:
-        log.warning("ended %d processes that outlived tritonserver: %s", len(ended), ended)
-    return ended
+        log.warning("ended %d processes that outlived tritonserver: %s", len(ended), [pid for pid, _ in ended])
+    # SIGKILL only starts the exit: a process freeing a model's memory is still running for a
+    # while, and the caller may start the next server on that memory as soon as this returns.
+    deadline = time.monotonic() + timeout_s
+    while (left := [pid for pid, start in ended if still_running(pid, start)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        log.error("processes still exiting %.0f s after SIGKILL: %s", timeout_s, left)
+    return [pid for pid, _ in ended]
 
 
 def still_running(pid: int, start: str) -> bool:

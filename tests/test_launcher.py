@@ -6,6 +6,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from clients import PatentClassifier
@@ -133,4 +134,5 @@ def test_stopping_ends_a_stub_that_tritonserver_left_behind(exported, tmp_path):
     os.kill(server.process.pid, signal.SIGSTOP)
     server.stop()
     assert stub.pid in {pid for pid, _ in tree}
-    assert not any(still_running(pid, start) for pid, start in tree)
+    survivors = [(pid, Path(f"/proc/{pid}/stat").read_text()) for pid, start in tree if still_running(pid, start)]
+    assert survivors == []
