@@ -40,8 +40,7 @@ from tritonclient.utils import InferenceServerException
 from clients import replicas
 from core import access_token, feedback_protocol, protocol
 from core.errors import (
-    AccessDenied, DeadlineExceeded, ErrorKind, InvalidInput, ModelNotFound, ServerUnavailable, ServingError,
-    error_from_kind,
+    AccessDenied, DeadlineExceeded, InvalidInput, ModelNotFound, ServerUnavailable, ServingError, error_from_status,
 )
 from core.feedback_protocol import FEEDBACK_MODEL, Correction
 from core.patent_document import PatentDocument
@@ -52,31 +51,6 @@ DEFAULT_MODEL = "kscst-gemma2"
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 # What model_labels classifies with TOP_K = num_labels: the cheapest text that passes validation.
 _ONE_CHARACTER = "."
-
-# The one mapping from transport status to our error kinds (the server's side is in model.py).
-_GRPC_STATUS = {
-    "StatusCode.INVALID_ARGUMENT": ErrorKind.INVALID_INPUT,
-    "StatusCode.NOT_FOUND": ErrorKind.MODEL_NOT_FOUND,
-    "StatusCode.UNAVAILABLE": ErrorKind.UNAVAILABLE,
-    "StatusCode.RESOURCE_EXHAUSTED": ErrorKind.OVERLOADED,
-    "StatusCode.DEADLINE_EXCEEDED": ErrorKind.DEADLINE_EXCEEDED,
-    "StatusCode.CANCELLED": ErrorKind.CANCELLED,
-    "StatusCode.INTERNAL": ErrorKind.ENGINE_FAILURE,
-    "StatusCode.UNAUTHENTICATED": ErrorKind.ACCESS_DENIED,
-    "StatusCode.PERMISSION_DENIED": ErrorKind.ACCESS_DENIED,
-}
-_HTTP_STATUS = {
-    "400": ErrorKind.INVALID_INPUT,
-    "401": ErrorKind.ACCESS_DENIED,
-    "403": ErrorKind.ACCESS_DENIED,
-    "404": ErrorKind.MODEL_NOT_FOUND,
-    "429": ErrorKind.OVERLOADED,
-    "499": ErrorKind.CANCELLED,
-    "500": ErrorKind.ENGINE_FAILURE,
-    "503": ErrorKind.UNAVAILABLE,
-    "504": ErrorKind.DEADLINE_EXCEEDED,
-}
-
 
 # What the transports say when the address is wrong (seen with tritonclient 2.73): nothing
 # listening is a refused connection; a gRPC client at Triton's HTTP port sees the socket closed or
@@ -99,17 +73,24 @@ def unreachable(url: str, protocol_name: Protocol, detail: str) -> ServerUnavail
     return ServerUnavailable(f"{cause} [{detail}]")
 
 
+def _wire_status(status: str) -> tuple[Protocol, int | str] | None:
+    """tritonclient words a gRPC status "StatusCode.NAME" and an HTTP status as its number."""
+    if status.startswith("StatusCode."):
+        return "grpc", status.removeprefix("StatusCode.")
+    return ("http", int(status)) if status.isdigit() else None
+
+
 def typed_error(exc: InferenceServerException, url: str = "", protocol_name: Protocol = "grpc") -> ServingError:
-    status, message = str(exc.status()), exc.message() or str(exc)
-    if "unknown model" in message or "is not found" in message:
-        return error_from_kind(ErrorKind.MODEL_NOT_FOUND, message)
-    if access_token.is_refusal(message):  # Triton refuses a missing token with gRPC UNAVAILABLE
-        return AccessDenied(f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV}); {message}")
-    kind = _GRPC_STATUS.get(status) or _HTTP_STATUS.get(status)
+    """The typed error for what tritonclient raised, through the one table (``core.errors``)."""
+    message = exc.message() or str(exc)
+    wire = _wire_status(str(exc.status()))
     # No status, or gRPC's UNAVAILABLE from the channel itself: the server could not be reached.
-    if kind is None or message.startswith("failed to connect"):
+    error = None if wire is None or message.startswith("failed to connect") else error_from_status(*wire, message)
+    if error is None:
         return unreachable(url, protocol_name, message)
-    return error_from_kind(kind, message)
+    if isinstance(error, AccessDenied):
+        return AccessDenied(f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV}); {message}")
+    return error
 
 
 @dataclass(frozen=True)
