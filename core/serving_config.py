@@ -81,12 +81,6 @@ class ServingConfig(BaseModel):
     default_timeout_ms: int = Field(
         0, ge=0, description="deadline for requests that carry no timeout of their own; 0: none"
     )
-    batching: Literal["engine", "triton_dynamic", "none"] = Field(
-        "engine",
-        description="engine: continuous token-budget batching across requests (production). "
-        "triton_dynamic: each execute() runs what Triton's dynamic batcher handed it, then returns. "
-        "none: one request per execute(). The last two exist to measure the first against.",
-    )
     pad_to_multiple_of: int = Field(
         1, ge=1, le=512, description="round batch widths up to this many tokens (16 on a GPU: tensor-core friendly widths)"
     )

@@ -55,12 +55,10 @@ def config_pbtxt(name: str, config: ServingConfig) -> str:
         'backend: "python"\n'
         # The engine batches across requests by tokens, so Triton must not batch or split them:
         # each request reaches execute() as it arrives and is answered through its response sender.
-        # (Tensors carry a document dimension of their own, so Triton's batch dimension stays off,
-        # except for the dynamic-batcher baseline, which needs it to batch at all.)
-        f"max_batch_size: {config.max_batch_size if config.batching == 'triton_dynamic' else 0}\n"
+        # (Tensors carry a document dimension of their own, so Triton's batch dimension stays off.)
+        "max_batch_size: 0\n"
         + _tensor_block("input", protocol.INPUT_TENSORS, optional=True)
         + _tensor_block("output", protocol.OUTPUT_TENSORS, optional=False)
-        + _scheduling_block(config)
         + _instance_group(config)
         + parameters
     )
@@ -77,13 +75,6 @@ def _instance_group(config: ServingConfig) -> str:
     # Without a gpus list Triton places count instances on every GPU it sees.
     gpus = "" if instances.gpus == "all" else f" gpus: [ {', '.join(map(str, instances.gpus))} ]"
     return f"instance_group [ {{ kind: KIND_GPU count: {instances.count}{gpus} }} ]\n"
-
-
-def _scheduling_block(config: ServingConfig) -> str:
-    if config.batching != "triton_dynamic":
-        return ""
-    # Baseline only: let Triton group requests arriving within 2 ms into one execute() call.
-    return "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
 
 
 def write_triton_model(repository: Path, name: str, config: ServingConfig) -> Path:

@@ -190,6 +190,36 @@ def test_make_bench_against_a_running_server_writes_the_table_json_and_plot(serv
     assert (folder / "throughput_vs_p99.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_batching_baselines_answer_as_the_served_model_does(exported, tmp_path_factory):
+    """benchmarks/baseline_triton_model.py under Triton's dynamic batcher and one request per
+    execute(), beside the served model, in the real tritonserver: the same answers, and batch-1
+    really computes one request per execute()."""
+    from benchmarks.batching_comparison import MODES, requests_per_execute, write_compared_model
+    from clients import PatentClassifier
+    from core.serving_config import ServingConfig
+    from tests.conftest import start_tritonserver
+
+    repository = tmp_path_factory.mktemp("batching_repository")
+    config = ServingConfig(model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu")
+    for name, triton_batches in MODES.items():
+        write_compared_model(repository, name, config, triton_batches)
+    assert "dynamic_batching {" in (repository / "triton-batcher" / "config.pbtxt").read_text(encoding="utf-8")
+    documents = synthetic_patents(3, seed=17, long_share=0.5)
+    with start_tritonserver(repository, tmp_path_factory, ready_timeout_s=180) as server:
+        answers = {}
+        for name in MODES:
+            with PatentClassifier(server.grpc_url, model=name) as client:
+                assert client.served_config().batched == (MODES[name] is True)
+                answers[name] = [client.classify(document, top_k=3) for document in documents]
+        assert requests_per_execute(server.grpc_url, "batch-1") == 1.0
+    for name in ("triton-batcher", "batch-1"):
+        for baseline, served in zip(answers[name], answers["continuous"]):
+            assert [label.code for label in baseline.labels] == [label.code for label in served.labels]
+            assert baseline.token_count == served.token_count
+            # The same engine, one document per forward pass either way: the same computation.
+            assert [label.probability for label in baseline.labels] == [label.probability for label in served.labels]
+
+
 def test_the_report_names_every_configuration_and_point(tmp_path):
     points = [
         Point("hf-single", result("a", [70.0, 80.0], documents=2, seconds=0.15), 0.0),

@@ -13,7 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # The stub's embedded Python starts in the C locale whatever LANG or PYTHONUTF8 say, so open()
@@ -22,13 +21,12 @@ import triton_python_backend_utils as pb_utils
 locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 from core import protocol
-from core.errors import ServingError
 from core.serving_config import ServingConfig
 from server.dead_engine_exit import DeadEngineExit
 from server.engines import build_engine
 from server.model_instance import ModelInstance
 from server.prediction_records import prediction_recorder
-from server.request_dispatch import RequestDispatch, internal_error
+from server.request_dispatch import RequestDispatch
 from server.triton_errors import error_response
 from server.triton_metrics import TritonModelMetrics
 
@@ -53,46 +51,9 @@ class TritonPythonModel:
         self.dead_engine_exit = DeadEngineExit(self.engine, self.dispatch.send_queued)
 
     def execute(self, requests):
-        if self.config.batching != "engine":
-            return self._execute_synchronously(requests)
         for request in requests:
             self.dispatch.accept(request.get_response_sender(), lambda r=request: (self._decode(r), self._deadline(r)))
         return None
-
-    def _execute_synchronously(self, requests):
-        """Baselines only: compute exactly the requests Triton handed us, as one engine submission,
-        and return their responses, as a model without an engine of its own would."""
-        received = time.monotonic()
-        decoded, responses = {}, [None] * len(requests)
-        for position, request in enumerate(requests):
-            self.metrics.request_received()
-            try:
-                decoded[position] = self._decode(request)
-            except Exception as exc:
-                error = exc if isinstance(exc, ServingError) else internal_error(exc)
-                self.metrics.failed(error.kind, time.monotonic() - received)
-                responses[position] = error_response(pb_utils, error)
-        texts = [text for request in decoded.values() for text in request.texts]
-        try:
-            scores = self.engine.submit(texts).result() if texts else []
-        except Exception as exc:
-            error = exc if isinstance(exc, ServingError) else internal_error(exc)
-            for _ in decoded:
-                self.metrics.failed(error.kind, time.monotonic() - received)
-            return [response or error_response(pb_utils, error) for response in responses]
-        # Under Triton's dynamic batcher every tensor has Triton's leading batch dimension (of 1).
-        batched = self.config.batching == "triton_dynamic"
-        start = 0
-        for position, request in decoded.items():
-            answer = scores[start : start + len(request.texts)]
-            self.metrics.answered(answer, time.monotonic() - received)
-            ids = self.records.record(request.texts, request.documents, answer, request.top_k)
-            tensors = protocol.encode_answer(answer, self.labels, request.top_k, ids)
-            responses[position] = pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, value[np.newaxis] if batched else value) for name, value in tensors.items()]
-            )
-            start += len(request.texts)
-        return responses
 
     def _decode(self, request):
         return protocol.decode_request(
