@@ -58,9 +58,10 @@ FAMILIES = {
     "pc_batch_padded_tokens": ("HISTOGRAM", "Tokens a forward pass computed, padding included (width x documents)", TOKEN_BUCKETS),
     "pc_batch_padding_ratio": ("HISTOGRAM", "Share of a forward pass's tokens that were padding", RATIO_BUCKETS),
     "pc_batch_inference_duration_seconds": ("HISTOGRAM", "Seconds of one forward pass (softmax and copy back included)", DURATION_BUCKETS),
-    "pc_queue_documents": ("GAUGE", "Documents waiting in the engine's queue", None),
-    "pc_queue_tokens": ("GAUGE", "Tokens waiting in the engine's queue (admission refuses past max_queue_tokens)", None),
+    "pc_queue_documents": ("GAUGE", "Documents admitted and waiting (torch engine: for a forward pass; vllm engine: for their answer)", None),
+    "pc_queue_tokens": ("GAUGE", "Tokens of the waiting documents (admission refuses past max_queue_tokens)", None),
     "pc_engine_healthy": ("GAUGE", "1 while the model's engine can answer, 0 once it cannot", None),
+    "pc_engine_startup_seconds": ("GAUGE", "Seconds the engine took to start: loading the model, compiling, starting its threads", None),
     "pc_engine_cpu_threads": ("GAUGE", "Intra-op CPU threads of the PyTorch engine's forward passes (serving field cpu_threads)", None),
     "pc_top_class_probability_ratio": ("HISTOGRAM", "Probability the model gave its most likely class, per answered document", PROBABILITY_BUCKETS),
 }
@@ -110,6 +111,8 @@ class TritonModelMetrics:
                 stage: metric("pc_prediction_record_failures_total", stage=stage) for stage in self._records_seen.failures
             }
         self._plain["pc_engine_healthy"].set(1.0 if engine.is_healthy() else 0.0)
+        if engine.startup_seconds is not None:  # the engine started before its metrics are made
+            self._plain["pc_engine_startup_seconds"].set(engine.startup_seconds)
         if engine.cpu_threads is not None:  # fixed once the engine has started; none for vLLM's own threads
             self._plain["pc_engine_cpu_threads"] = metric("pc_engine_cpu_threads")
             self._plain["pc_engine_cpu_threads"].set(float(engine.cpu_threads))
@@ -154,11 +157,9 @@ class TritonModelMetrics:
                 log.exception("updating metrics failed")
 
     def _sample(self) -> None:
-        depth = getattr(self._engine, "queue_depth", None)
-        if depth is not None:
-            documents, tokens = depth()
-            self._plain["pc_queue_documents"].set(float(documents))
-            self._plain["pc_queue_tokens"].set(float(tokens))
+        documents, tokens = self._engine.queue_depth()
+        self._plain["pc_queue_documents"].set(float(documents))
+        self._plain["pc_queue_tokens"].set(float(tokens))
         self._engine_healthy(self._engine.is_healthy())
         records = self._record_stats()
         if records is not None:

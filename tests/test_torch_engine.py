@@ -134,3 +134,18 @@ def test_forward_passes_run_with_the_configured_cpu_threads(engine_factory, refe
         (scores,) = engine.submit([LONG_TEXTS[0]]).result(timeout=120)
         reference.assert_matches(LONG_TEXTS[0], scores.probabilities)
         assert engine.cpu_threads == threads
+
+
+def test_the_engine_reports_what_it_resolved_and_what_it_holds(engine_factory):
+    """The engine contract's own facts: the device and dtype it runs in, its start-up time, and
+    the queue depth, which counts what is admitted and not yet in a batch (held here, so it stays
+    queued however fast the machine)."""
+    engine = engine_factory(dtype="bfloat16")
+    assert (engine.device, engine.dtype) == ("cpu", "bfloat16")
+    assert engine.startup_seconds > 0
+    assert engine.queue_depth() == (0, 0)
+    with held_engines():
+        futures = [engine.submit(LONG_TEXTS[:2]), engine.submit(LONG_TEXTS[2:3])]
+        assert engine.queue_depth() == (3, 3 * MAX_LENGTH)  # every long patent is cut at MAX_LENGTH
+    assert all(len(future.result(timeout=120)) == count for future, count in zip(futures, (2, 1)))
+    assert engine.queue_depth() == (0, 0)
