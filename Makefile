@@ -14,7 +14,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser fonts prometheus gnu-time postgresql demo-models export serve test monitor eval web classify-example bench bench-batching bench-export soak gpu-wheels deploy-check clean
+.PHONY: setup browser fonts prometheus gnu-time postgresql demo-models export serve test test-fast monitor eval web classify-example bench bench-batching bench-export soak gpu-wheels deploy-check clean
 
 setup: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus gnu-time postgresql
 
@@ -98,6 +98,11 @@ serve: export
 
 test: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus postgresql
 	$(PY) -m pytest
+
+# The fast tier (docs/testing.md): the tests that need no model, server, vLLM, browser or long
+# external tool, without importing the modules that hold only such tests. promtool checks the alerts.
+test-fast: $(VENV)/.installed prometheus
+	$(PY) -m pytest --fast
 
 # The container file and the Kubernetes files, offline (deploy/manifest_check.py): hadolint and the
 # base image's server version; Helm's strict lint and render of each values file of the chart; every

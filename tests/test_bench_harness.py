@@ -65,6 +65,7 @@ def test_padding_waste_is_the_share_of_computed_tokens_that_were_padding():
     assert peers.padding_waste(real_tokens=0, padded_tokens=0) is None
 
 
+@pytest.mark.model
 def test_static_batches_count_their_padding_from_the_batches_they_ran(exported):
     documents = [synthetic_patents(1, seed=seed, long_share=share)[0] for seed, share in ((1, 1.0), (2, 0.0))]
     with peers.transformers_target("hf-static", exported.merged_dir, MAX_LENGTH, 2, "cpu", "float32") as target:
@@ -139,6 +140,7 @@ def test_an_open_loop_gives_up_on_answers_that_never_come():
 # --- against the real server ---------------------------------------------------------------------
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_closed_and_open_loops_against_the_real_server(server, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
@@ -156,6 +158,7 @@ def test_closed_and_open_loops_against_the_real_server(server, protocol):
     assert MAX_LENGTH * 4 < closed.tokens < MAX_LENGTH * 12  # 12 patents, about half of them at the cap
 
 
+@pytest.mark.server
 def test_the_pytorch_engines_padding_comes_from_the_servers_metrics(server):
     target = peers.ServerTarget("triton-torch", url=server.grpc_url, model_name=MODEL_NAME, metrics_url=server.metrics_url)
     before = target.computed_tokens()
@@ -172,6 +175,7 @@ def test_the_pytorch_engines_padding_comes_from_the_servers_metrics(server):
     assert padded >= real
 
 
+@pytest.mark.server
 def test_make_bench_against_a_running_server_writes_the_table_json_and_plot(server, tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", "--url", server.grpc_url, "--model", MODEL_NAME,
@@ -190,6 +194,7 @@ def test_make_bench_against_a_running_server_writes_the_table_json_and_plot(serv
     assert (folder / "throughput_vs_p99.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.server
 def test_the_batching_baselines_answer_as_the_served_model_does(exported, tmp_path_factory):
     """benchmarks/baseline_triton_model.py under Triton's dynamic batcher and one request per
     execute(), beside the served model, in the real tritonserver: the same answers, and batch-1
@@ -245,6 +250,7 @@ def test_an_open_loop_does_not_hide_a_broken_sender():
         asyncio.run(run_open_loop("broken", broken, [["a"]], rate=100.0, max_seconds=0.2, max_requests=5))
 
 
+@pytest.mark.model
 def test_mfu_is_tokens_per_second_times_flop_per_token_over_the_measured_matmul(exported, monkeypatch):
     from benchmarks import bench, model_flops
     from transformers import AutoModelForSequenceClassification

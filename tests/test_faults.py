@@ -7,12 +7,16 @@ import os
 import signal
 import time
 
+import pytest
+
 from clients import AsyncPatentClassifier, PatentClassifier
 from core.errors import DeadlineExceeded, EngineFailure, ModelNotFound, ServerUnavailable, ServingError
 from core.synthetic_patents import synthetic_patents
 from server.model_watchdog import stub_processes
 from tests.conftest import MODEL_NAME, held_engines
 from tests.test_monitoring import scrape, value
+
+pytestmark = pytest.mark.server  # stubs killed under load in the real tritonserver
 
 IN_FLIGHT_TIMEOUT_S = 15.0  # the clients' deadline: what bounds a request the dead stub held
 RECOVERY_LIMIT_S = 180.0

@@ -24,6 +24,8 @@ from core.synthetic_patents import synthetic_patents
 from tests.conftest import MODEL_NAME, PROJECT_ROOT, TIGHT_MODEL_NAME
 from tests.test_monitoring import scrape, value
 
+pytestmark = pytest.mark.server  # classify and correct through the real tritonserver
+
 METRICS_TIMEOUT_S = 15
 
 

@@ -26,6 +26,8 @@ from tests.conftest import ACCESS_TOKEN, MAX_LENGTH, MODEL_NAME
 from tests.postgres_server import PostgresServer
 from tests.test_monitoring import scrape, value
 
+pytestmark = [pytest.mark.server, pytest.mark.tools]  # tritonservers killed over a real PostgreSQL
+
 CORRECTING_THREADS = 4
 WAIT_TIMEOUT_S = 60
 

@@ -9,6 +9,8 @@ import urllib.request
 from pathlib import Path
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+import pytest
+
 from clients import PatentClassifier
 from core.synthetic_patents import synthetic_patents
 from core.serving_config import ServingConfig
@@ -16,6 +18,8 @@ from export.triton_package import write_triton_model
 from server.launcher import LaunchConfig, TritonServer, build_python_backend_directory, free_loopback_ports
 from server.model_watchdog import process_tree, still_running, stub_processes
 from tests.conftest import LLAMA_MODEL, MODEL_NAME, PROJECT_ROOT
+
+pytestmark = pytest.mark.server  # python -m server as make serve runs it
 
 
 def test_backend_folder_links_the_wheels_python_backend(tmp_path):

@@ -116,6 +116,7 @@ def documented_metrics() -> tuple[dict[str, str], set[str]]:
     return {name: kind for name, kind, _ in rows}, set(re.findall(r"`([a-z_]+)`", failure_row.partition("`err`:")[2]))
 
 
+@pytest.mark.server
 def test_the_documented_metric_list_is_exactly_what_the_server_exposes(server):
     samples, types = scrape(server.metrics_url)
     documented, documented_errors = documented_metrics()
@@ -146,6 +147,7 @@ def test_every_metric_name_follows_prometheus_conventions():
     assert FAMILIES["pc_queue_tokens"][0] == "GAUGE"  # the autoscaler's metric keeps its name
 
 
+@pytest.mark.server
 def test_the_metrics_count_what_clients_saw(server):
     patents = synthetic_patents(6, seed=31, long_share=0.5)
     before, _ = scrape(server.metrics_url)
@@ -279,22 +281,30 @@ def prometheus_after_load(server, tmp_path_factory):
         yield prometheus
 
 
+@pytest.mark.server
+@pytest.mark.tools
 @pytest.mark.parametrize("title, expr", panel_queries(), ids=[f"{t}:{e[:40]}" for t, e in panel_queries()])
 def test_every_dashboard_panel_returns_data_after_load(prometheus_after_load, title, expr):
     assert_returns_data(prometheus_after_load, expr)
 
 
+@pytest.mark.server
+@pytest.mark.tools
 def test_every_metric_a_panel_names_exists_in_prometheus(prometheus_after_load):
     known = set(prometheus_after_load.get("/api/v1/label/__name__/values"))
     named = {name for _, expr in panel_queries() for name in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr)}
     assert named and named <= known, f"panels name metrics Prometheus does not have: {sorted(named - known)}"
 
 
+@pytest.mark.server
+@pytest.mark.tools
 def test_a_panel_naming_a_nonexistent_metric_fails_the_check(prometheus_after_load):
     with pytest.raises(AssertionError, match="no series"):
         assert_returns_data(prometheus_after_load, 'sum by (model) (rate(pc_no_such_metric{model=~"$model"}[$__rate_interval]))')
 
 
+@pytest.mark.server
+@pytest.mark.tools
 def test_prometheus_evaluates_every_rule_without_error(prometheus_after_load):
     groups = prometheus_after_load.get("/api/v1/rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
@@ -308,6 +318,7 @@ def test_prometheus_evaluates_every_rule_without_error(prometheus_after_load):
 # --- make monitor ---------------------------------------------------------------------------------
 
 
+@pytest.mark.tools
 def test_the_links_make_monitor_prints_answer_on_the_prometheus_it_starts(tmp_path):
     (port, nobody_listens) = free_loopback_ports(2)
     monitor = subprocess.Popen(

@@ -115,6 +115,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.tools
 def test_records_wait_in_the_journal_while_the_database_is_down_and_survive_a_sigkill(outage, tmp_path):
     """Deterministic: the database is down for the whole life of the first process, so no record
     can leave its journal before the kill; the next start replays all of them."""
@@ -135,6 +136,7 @@ def test_records_wait_in_the_journal_while_the_database_is_down_and_survive_a_si
     restarted.stop()
 
 
+@pytest.mark.tools
 def test_an_unfinished_last_line_is_dropped_and_the_lines_before_it_replayed(outage, tmp_path):
     outage.down()
     first = recorder(PredictionStore(outage.url), tmp_path / "journal")
@@ -151,6 +153,7 @@ def test_an_unfinished_last_line_is_dropped_and_the_lines_before_it_replayed(out
     restarted.stop()
 
 
+@pytest.mark.tools
 def test_a_journal_no_running_instance_holds_is_replayed_into_its_own_database_and_removed(outage, tmp_path):
     folder = tmp_path / "journal"
     outage.down()
@@ -203,6 +206,7 @@ print(json.dumps({"ids": ids, "lost": stats.failures["journal"], "journaled": st
 """
 
 
+@pytest.mark.tools
 def test_records_the_disk_refuses_are_counted_the_answers_keep_their_ids_and_the_journal_stays_whole(outage, tmp_path):
     outage.down()  # nothing leaves the journal, so it grows until the kernel refuses
     full = subprocess.run(

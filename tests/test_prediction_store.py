@@ -25,7 +25,7 @@ LABELS = LabelSet(tuple(Label(f"C{i}", f"class {i}") for i in range(5)))
 PATENT = PatentDocument(ipc=["G06F 16/35"], title="분류 장치", abstract="특허 문서를 분류한다.", claims=["1. 장치."])
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.tools)])  # tools: a real PostgreSQL
 def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'records.db'}"

@@ -20,6 +20,8 @@ from core.synthetic_patents import synthetic_patents
 from server.launcher import LaunchConfig, _command, describe_command
 from tests.conftest import EXAMPLE_PATENTS, MODEL_NAME, PROJECT_ROOT, example_records
 
+pytestmark = pytest.mark.server  # a tritonserver behind TLS and the token
+
 PROTOCOLS = ["grpc", "http"]
 DOCUMENT = synthetic_patents(1, seed=21, long_share=0.0)[0]
 

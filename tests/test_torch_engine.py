@@ -13,6 +13,8 @@ from core.synthetic_patents import synthetic_patents
 from server.torch_engine import TorchEngine
 from tests.conftest import MAX_LENGTH, held_engines
 
+pytestmark = pytest.mark.model  # the PyTorch engine over the exported demo
+
 
 @pytest.fixture
 def engine_factory(exported):

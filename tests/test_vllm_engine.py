@@ -39,6 +39,8 @@ from tests.test_serving import (
     url,
 )
 
+pytestmark = [pytest.mark.server, pytest.mark.vllm]  # the vLLM engine behind tritonserver, and vllm serve
+
 # Which offline reference each vLLM-engine model must equal.
 REFERENCES = {VLLM_GEMMA2_MODEL: "reference", VLLM_LLAMA_MODEL: "llama_reference"}
 

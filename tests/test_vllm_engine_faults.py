@@ -12,6 +12,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from clients import AsyncPatentClassifier, PatentClassifier
@@ -24,6 +25,8 @@ from tests.conftest import MAX_LENGTH, VLLM_GEMMA2_MODEL, held_engines
 from tests.test_faults import timed_outcome
 from tests.test_monitoring import scrape, value
 from tests.test_serving import served_probabilities
+
+pytestmark = pytest.mark.vllm  # vLLM's engine, in this process and behind tritonserver
 
 IN_FLIGHT_TIMEOUT_S = 30.0
 RECOVERY_LIMIT_S = 480.0  # a new stub starts a new vLLM engine: the better part of a minute or more on 2 cores

@@ -28,6 +28,8 @@ from core.prediction_store import PredictionStore, feedback, predictions
 from server.launcher import free_loopback_ports
 from tests.conftest import KOELECTRA_MODEL, MODEL_NAME, PROJECT_ROOT
 
+pytestmark = [pytest.mark.browser, pytest.mark.server]  # headless Chromium on the page, against the real tritonserver
+
 SCREENSHOTS = PROJECT_ROOT / "build" / "screenshots"
 
 CHROMIUM = "/usr/bin/chromium"
