@@ -14,9 +14,9 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser fonts prometheus gnu-time demo-models export serve test monitor eval web classify-example bench bench-batching bench-export soak gpu-wheels deploy-check clean
+.PHONY: setup browser fonts prometheus gnu-time postgresql demo-models export serve test test-fast monitor eval web classify-example bench bench-batching bench-export soak gpu-wheels deploy-check clean
 
-setup: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus gnu-time
+setup: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus gnu-time postgresql
 
 # The browser tests drive Debian's chromium through Debian's chromedriver: no browser can be
 # downloaded here, so Playwright's or Selenium's own browser fetchers are never used.
@@ -45,6 +45,14 @@ prometheus:
 gnu-time:
 	@if [ ! -x /usr/bin/time ]; then \
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y time; \
+	fi
+
+# Debian's PostgreSQL, for the tests of the records database against a real PostgreSQL: they run
+# its initdb and postgres binaries (/usr/lib/postgresql/<version>/bin) on a free loopback port with
+# a data folder of their own (tests/postgres_server.py); never the system service.
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
 	fi
 
 # torch first, pinned: `pip install torch==2.13.0` takes the local CPU wheel (docs/operations.md);
@@ -80,7 +88,7 @@ export: $(REPOSITORY)/.exported
 # is replaced only once its export is proven (docs/export.md). EXPORT_ARGS takes the export's
 # machine settings, e.g. "--proof-memory-gib 16 --device cuda".
 EXPORT_ARGS ?=
-$(REPOSITORY)/.exported: $(MODELS_FILE) $(DEMO)/.built server/triton/model.py $(wildcard export/*.py) core/models_file.py core/serving_config.py
+$(REPOSITORY)/.exported: $(MODELS_FILE) $(DEMO)/.built server/triton/model.py server/triton/feedback_model.py $(wildcard export/*.py) core/models_file.py core/serving_config.py
 	$(PY) -m export models --models-file $(MODELS_FILE) --repository $(REPOSITORY) $(EXPORT_ARGS)
 	touch $@
 
@@ -88,8 +96,13 @@ serve: export
 	$(PY) -m server --model-repository $(REPOSITORY) --models-file $(MODELS_FILE) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-test: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus
+test: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus postgresql
 	$(PY) -m pytest
+
+# The fast tier (docs/testing.md): the tests that need no model, server, vLLM, browser or long
+# external tool, without importing the modules that hold only such tests. promtool checks the alerts.
+test-fast: $(VENV)/.installed prometheus
+	$(PY) -m pytest --fast
 
 # The container file and the Kubernetes files, offline (deploy/manifest_check.py): hadolint and the
 # base image's server version; Helm's strict lint and render of each values file of the chart; every

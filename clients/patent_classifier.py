@@ -17,6 +17,10 @@ Several replicas: ``PatentClassifier("a:8001,b:8001")`` (or a list, or ``dns:///
 addresses of a name) spreads the calls over them and tries a call that one replica could not
 take on another, within its timeout (``clients.replicas`` has the rules).
 
+An examiner's correction of an answer goes back through the same server (its ``feedback`` model,
+present when the served models record predictions): ``classifier.submit_feedback(answer.prediction_id,
+"KSCST-017", examiner_id="e-42")`` returns the verdict, "correct" or "wrong" (docs/feedback.md).
+
 A server with TLS and an access token: ``PatentClassifier(url, tls_ca="ca.pem", token=...)``
 (``tls=True`` alone trusts the system's CAs); ``core.access_token.read_token`` reads the token
 from a file or ``$PATENT_CLASSIFIER_TOKEN``.
@@ -34,11 +38,11 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from clients import replicas
-from core import access_token, protocol
+from core import access_token, feedback_protocol, protocol
 from core.errors import (
-    AccessDenied, DeadlineExceeded, ErrorKind, InvalidInput, ModelNotFound, ServerUnavailable, ServingError,
-    error_from_kind,
+    AccessDenied, DeadlineExceeded, InvalidInput, ModelNotFound, ServerUnavailable, ServingError, error_from_status,
 )
+from core.feedback_protocol import FEEDBACK_MODEL, Correction
 from core.patent_document import PatentDocument
 
 Document = Union[PatentDocument, Mapping, str]
@@ -47,31 +51,6 @@ DEFAULT_MODEL = "kscst-gemma2"
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 # What model_labels classifies with TOP_K = num_labels: the cheapest text that passes validation.
 _ONE_CHARACTER = "."
-
-# The one mapping from transport status to our error kinds (the server's side is in model.py).
-_GRPC_STATUS = {
-    "StatusCode.INVALID_ARGUMENT": ErrorKind.INVALID_INPUT,
-    "StatusCode.NOT_FOUND": ErrorKind.MODEL_NOT_FOUND,
-    "StatusCode.UNAVAILABLE": ErrorKind.UNAVAILABLE,
-    "StatusCode.RESOURCE_EXHAUSTED": ErrorKind.OVERLOADED,
-    "StatusCode.DEADLINE_EXCEEDED": ErrorKind.DEADLINE_EXCEEDED,
-    "StatusCode.CANCELLED": ErrorKind.CANCELLED,
-    "StatusCode.INTERNAL": ErrorKind.ENGINE_FAILURE,
-    "StatusCode.UNAUTHENTICATED": ErrorKind.ACCESS_DENIED,
-    "StatusCode.PERMISSION_DENIED": ErrorKind.ACCESS_DENIED,
-}
-_HTTP_STATUS = {
-    "400": ErrorKind.INVALID_INPUT,
-    "401": ErrorKind.ACCESS_DENIED,
-    "403": ErrorKind.ACCESS_DENIED,
-    "404": ErrorKind.MODEL_NOT_FOUND,
-    "429": ErrorKind.OVERLOADED,
-    "499": ErrorKind.CANCELLED,
-    "500": ErrorKind.ENGINE_FAILURE,
-    "503": ErrorKind.UNAVAILABLE,
-    "504": ErrorKind.DEADLINE_EXCEEDED,
-}
-
 
 # What the transports say when the address is wrong (seen with tritonclient 2.73): nothing
 # listening is a refused connection; a gRPC client at Triton's HTTP port sees the socket closed or
@@ -94,17 +73,24 @@ def unreachable(url: str, protocol_name: Protocol, detail: str) -> ServerUnavail
     return ServerUnavailable(f"{cause} [{detail}]")
 
 
+def _wire_status(status: str) -> tuple[Protocol, int | str] | None:
+    """tritonclient words a gRPC status "StatusCode.NAME" and an HTTP status as its number."""
+    if status.startswith("StatusCode."):
+        return "grpc", status.removeprefix("StatusCode.")
+    return ("http", int(status)) if status.isdigit() else None
+
+
 def typed_error(exc: InferenceServerException, url: str = "", protocol_name: Protocol = "grpc") -> ServingError:
-    status, message = str(exc.status()), exc.message() or str(exc)
-    if "unknown model" in message or "is not found" in message:
-        return error_from_kind(ErrorKind.MODEL_NOT_FOUND, message)
-    if access_token.is_refusal(message):  # Triton refuses a missing token with gRPC UNAVAILABLE
-        return AccessDenied(f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV}); {message}")
-    kind = _GRPC_STATUS.get(status) or _HTTP_STATUS.get(status)
+    """The typed error for what tritonclient raised, through the one table (``core.errors``)."""
+    message = exc.message() or str(exc)
+    wire = _wire_status(str(exc.status()))
     # No status, or gRPC's UNAVAILABLE from the channel itself: the server could not be reached.
-    if kind is None or message.startswith("failed to connect"):
+    error = None if wire is None or message.startswith("failed to connect") else error_from_status(*wire, message)
+    if error is None:
         return unreachable(url, protocol_name, message)
-    return error_from_kind(kind, message)
+    if isinstance(error, AccessDenied):
+        return AccessDenied(f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV}); {message}")
+    return error
 
 
 @dataclass(frozen=True)
@@ -265,6 +251,28 @@ class _ClassifierBase:
     def _repository_index_kwargs(self) -> dict:
         return self._config_kwargs()
 
+    def _feedback_request(self, corrections: Sequence[Correction]) -> tuple[list, list]:
+        if not corrections:
+            raise InvalidInput("corrections", "is empty; send at least 1 correction")
+        inputs = []
+        for name, values in feedback_protocol.encode_corrections(list(corrections)).items():
+            inputs.append(self._types.InferInput(name, [len(values)], "BYTES"))
+            inputs[-1].set_data_from_numpy(values)
+        return inputs, [self._types.InferRequestedOutput(feedback_protocol.VERDICT)]
+
+    def _feedback_error(self, exc: Exception) -> ServingError:
+        error = self._typed(exc)
+        if isinstance(error, ModelNotFound):
+            return ModelNotFound(
+                f"{self.url} takes no corrections: it serves no {FEEDBACK_MODEL!r} model, which it has when a "
+                "served model records predictions (serving field prediction_records)"
+            )
+        return error
+
+    @staticmethod
+    def _verdicts(result) -> list[str]:
+        return [verdict.decode() for verdict in result.as_numpy(feedback_protocol.VERDICT)]
+
     @staticmethod
     def _answers(result, batched: bool) -> list[protocol.Classification]:
         tensors = {name: result.as_numpy(name) for name, _, _ in protocol.OUTPUT_TENSORS}
@@ -330,6 +338,22 @@ class PatentClassifier(_ClassifierBase):
             return self._client.get_model_repository_index(**self._repository_index_kwargs())
         except (InferenceServerException, OSError, http.client.HTTPException):
             return []  # the index is only a hint: without it the error stands as reported
+
+    def submit_feedback(
+        self, prediction_id: str, correct_label: str, *, examiner_id: str | None = None, comment: str | None = None
+    ) -> str:
+        """Say which class is right for a classified document; "correct" if it is the answer's top-1, else "wrong".
+        Committed on the server before this returns; a second correction of one prediction is refused."""
+        return self.submit_feedback_batch([Correction(prediction_id, correct_label, examiner_id, comment)])[0]
+
+    def submit_feedback_batch(self, corrections: Sequence[Correction]) -> list[str]:
+        """Several corrections in one request: all recorded, or none (``InvalidInput`` names the bad one)."""
+        inputs, outputs = self._feedback_request(corrections)
+        try:
+            result = self._client.infer(FEEDBACK_MODEL, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
+        except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
+            raise self._feedback_error(exc) from None
+        return self._verdicts(result)
 
     def is_ready(self) -> bool:
         try:
@@ -399,6 +423,19 @@ class AsyncPatentClassifier(_ClassifierBase):
             return await self._client.get_model_repository_index(**self._repository_index_kwargs())
         except (InferenceServerException, ConnectionError, OSError):
             return []
+
+    async def submit_feedback(
+        self, prediction_id: str, correct_label: str, *, examiner_id: str | None = None, comment: str | None = None
+    ) -> str:
+        return (await self.submit_feedback_batch([Correction(prediction_id, correct_label, examiner_id, comment)]))[0]
+
+    async def submit_feedback_batch(self, corrections: Sequence[Correction]) -> list[str]:
+        inputs, outputs = self._feedback_request(corrections)
+        try:
+            result = await self._client.infer(FEEDBACK_MODEL, inputs, outputs=outputs, headers=self._headers, **self._timeout_kwargs())
+        except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
+            raise self._feedback_error(exc) from None
+        return self._verdicts(result)
 
     async def is_ready(self) -> bool:
         try:

@@ -1,7 +1,8 @@
 """The web page to try one patent: choose a model, type the patent's IPC codes, title, abstract
-and claims, see its most likely classes. For examiners, not programmers: every word on the page
-is Korean first, English second. It calls the classifier server through the client library, like
-any other client, and never loads a model itself.
+and claims, see its most likely classes, and, when the server records predictions, say whether
+the top class is right or pick the right one (an examiner's correction, docs/feedback.md). For
+examiners, not programmers: every word on the page is Korean first, English second. It calls the
+classifier server through the client library, like any other client, and never loads a model itself.
 
 Started by ``python -m clients web`` (``make web``), which runs it with Streamlit as
 
@@ -18,6 +19,7 @@ import streamlit as st
 from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS, PatentClassifier
 from core import access_token
 from core.errors import AccessDenied, InvalidInput, ServerUnavailable, ServingError
+from core.feedback_protocol import FEEDBACK_MODEL
 from core.protocol import Classification
 
 TOP_K = 5
@@ -116,6 +118,36 @@ def show_answer(answer: Classification) -> None:
         st.markdown(f"읽은 토큰 · Tokens read: **{answer.token_count}** · 잘림 · Truncated: **{truncation}**")
 
 
+def show_feedback_controls(classifier: PatentClassifier, answer: Classification, classes: dict[str, str] | None) -> None:
+    """"This is right", or "this is wrong" with the right class picked among all the model's classes."""
+    top = answer.labels[0]
+    options = list((classes or {score.code: score.name for score in answer.labels}).items())
+    st.markdown(f"**{top.code}이(가) 이 특허의 올바른 분류입니까?** 답은 모델의 기록에 남습니다 · "
+                f"**Is {top.code} the right class for this patent?** Your answer goes to the model's records.")
+    examiner = st.text_input("심사관 ID · Examiner id (선택 · optional)", key="examiner-id")
+    confirmed = st.button(f"맞음 · This is right ({top.code})", key="confirm")
+    with st.form("correction"):
+        picked = st.selectbox(
+            "올바른 분류 · The right class", options, index=None, key="right-class",
+            format_func=lambda entry: f"{entry[0]} · {entry[1]}", placeholder="올바른 분류를 고르세요 · Pick the right class …",
+        )
+        corrected = st.form_submit_button("틀림 · This is wrong: 고른 분류로 기록 · record the class picked")
+    if not (confirmed or corrected):
+        return
+    with st.container(key="feedback-result"):
+        if corrected and picked is None:
+            st.warning("먼저 올바른 분류를 고른 뒤 **틀림**을 다시 눌러 주세요 · Pick the right class first, then press **This is wrong** again.")
+            return
+        label = top.code if confirmed else picked[0]
+        try:
+            verdict = classifier.submit_feedback(answer.prediction_id, label, examiner_id=examiner.strip() or None)
+        except ServingError as error:
+            st.error(f"**정정을 기록하지 못했습니다** ({error.kind.value}) · The correction was not recorded: {error.message}")
+        else:
+            st.success(f"기록했습니다: 이 특허의 올바른 분류는 **{label}** (모델 {'맞음' if verdict == 'correct' else '틀림'}) · "
+                       f"Recorded: **{label}** is right for this patent (the model was **{verdict}**).")
+
+
 def patent_form() -> dict | None:
     """The typed patent, with the boxes left empty left out; None until the button is pressed."""
     with st.form("patent"):
@@ -142,7 +174,7 @@ def main() -> None:
     with st.container(key="server-status"):
         if not models:
             st.error(server_down_message(settings))
-    choices = sorted(set(models) | {settings.model})
+    choices = sorted((set(models) - {FEEDBACK_MODEL}) | {settings.model})  # the feedback model classifies nothing
     model = st.selectbox("모델 · Model", choices, index=choices.index(settings.model), key="model")
     try:
         classes = model_classes(settings, settings.url, model) if models else None
@@ -153,23 +185,32 @@ def main() -> None:
         st.caption(caption(model, classes, top_k))
 
     document = patent_form()
-    if document is None:
-        return
     with st.container(key="answer"), connect(settings, model) as classifier:
-        try:
-            with st.spinner("분류하는 중 · Classifying …"):
-                answer = classifier.classify(document, top_k=top_k)
-        except ServerUnavailable:
-            st.error(server_down_message(settings))
-        except AccessDenied:
-            st.error("**서버가 접근 토큰을 요구합니다.** 시스템 담당자에게 알려 주세요 · **The server requires an access "
-                     f"token.** Start this page with `--token-file` (or `${access_token.TOKEN_ENV}` set), as for the other clients.")
-        except InvalidInput as error:
-            st.warning(form_error_message(error))
-        except ServingError as error:
-            st.error(f"**이 특허를 분류하지 못했습니다** ({error.kind.value}) · The server could not classify this patent: {error.message}")
-        else:
+        if document is not None:
+            st.session_state.pop("answer", None)
+            classify(classifier, document, top_k, settings)
+        # Kept across the reruns the correction controls cause, for the model that gave it.
+        answered_model, answer = st.session_state.get("answer", (None, None))
+        if answer is not None and answered_model == model:
             show_answer(answer)
+    if answer is not None and answered_model == model and FEEDBACK_MODEL in models:
+        with st.container(key="feedback"), connect(settings, model) as classifier:
+            show_feedback_controls(classifier, answer, classes)
+
+
+def classify(classifier: PatentClassifier, document: dict, top_k: int, settings: argparse.Namespace) -> None:
+    try:
+        with st.spinner("분류하는 중 · Classifying …"):
+            st.session_state["answer"] = (classifier.model, classifier.classify(document, top_k=top_k))
+    except ServerUnavailable:
+        st.error(server_down_message(settings))
+    except AccessDenied:
+        st.error("**서버가 접근 토큰을 요구합니다.** 시스템 담당자에게 알려 주세요 · **The server requires an access "
+                 f"token.** Start this page with `--token-file` (or `${access_token.TOKEN_ENV}` set), as for the other clients.")
+    except InvalidInput as error:
+        st.warning(form_error_message(error))
+    except ServingError as error:
+        st.error(f"**이 특허를 분류하지 못했습니다** ({error.kind.value}) · The server could not classify this patent: {error.message}")
 
 
 main()

@@ -55,7 +55,3 @@ def request_headers(token: str | None, protocol: str = "http") -> dict[str, str]
         return None
     return {GRPC_HEADER if protocol == "grpc" else HEADER: header_value(token)}
 
-
-def is_refusal(message: str) -> bool:
-    """Whether a server error says the request lacked the token (Triton words both protocols alike)."""
-    return "is restricted, expecting header" in message

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -62,6 +62,14 @@ class BatchStats:
 BatchObserver = Callable[[BatchStats], None]
 
 
+class QueueDepth(NamedTuple):
+    """What an engine holds that is admitted and not yet computed (the PyTorch engine) or not yet
+    answered (the vLLM engine): the quantity admission counts against ``max_queue_tokens``."""
+
+    documents: int
+    tokens: int
+
+
 def complete(future: Future, result: object = None, error: BaseException | None = None) -> bool:
     """Complete ``future`` with ``result`` or ``error`` unless it is already complete; True if this call did.
 
@@ -99,13 +107,16 @@ class ClassificationEngine(abc.ABC):
 
     labels: LabelSet
     max_length: int
+    # Where the forward passes run ("cpu", "cuda:0") and in what precision ("float32", "bfloat16"),
+    # as resolved from the configuration's "auto": known once the engine has started; logged, and
+    # exported as the metric pc_engine_info.
+    device: str
+    dtype: str
+    # Seconds start() took: loading the model, compiling, starting the engine's threads.
+    startup_seconds: float | None = None
     # Intra-op CPU threads of the forward passes, as the computing thread sees them once started;
     # None where the engine leaves its threads to a library of its own (vLLM).
     cpu_threads: int | None = None
-    # What the forward passes compute in and where, once started (the serving fields' spelling:
-    # "bfloat16", "float32"; "cpu", "cuda"): logged, and exported as the metric pc_engine_info.
-    dtype: str | None = None
-    device: str | None = None
 
     def __init__(self) -> None:
         self._batch_observers: list[BatchObserver] = []
@@ -144,6 +155,10 @@ class ClassificationEngine(abc.ABC):
         compute and fails with ``DeadlineExceeded``. Work whose future was cancelled, or whose
         ``is_cancelled()`` turns true while queued, is dropped before compute and fails with
         ``Cancelled``. A full queue fails the future at once with ``Overloaded``."""
+
+    @abc.abstractmethod
+    def queue_depth(self) -> QueueDepth:
+        """Documents and tokens waiting now (cheap: metrics sample it every second)."""
 
     @abc.abstractmethod
     def is_healthy(self) -> bool:

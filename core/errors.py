@@ -1,22 +1,27 @@
-"""One typed error per failure a caller can see.
+"""One typed error per failure a caller can see, and the one table of how each travels.
 
-Each error carries an ``ErrorKind``; the Triton adapter maps kinds to Triton error codes
-(and so to HTTP/gRPC status) in one table, and the client maps statuses back in one table.
+Each error carries an ``ErrorKind``. ``WIRE`` says, per kind, the Triton error code the served
+model answers it with, the HTTP status and gRPC status code tritonserver turns that code into,
+and the prefix the message carries where kinds share a status. ``triton_error`` encodes (the
+Triton model builds its ``pb_utils.TritonError`` from it); ``error_from_status`` decodes what a
+client received, so a caller catches the same exception over either protocol.
 """
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+from typing import Literal
 
 
 class ErrorKind(enum.Enum):
-    INVALID_INPUT = "invalid_input"  # HTTP 400, gRPC INVALID_ARGUMENT
-    OVERLOADED = "overloaded"  # HTTP 503, gRPC UNAVAILABLE
+    INVALID_INPUT = "invalid_input"
+    OVERLOADED = "overloaded"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
-    MODEL_NOT_FOUND = "model_not_found"  # HTTP 400/404, gRPC NOT_FOUND
-    ENGINE_FAILURE = "engine_failure"  # HTTP 500, gRPC INTERNAL
-    UNAVAILABLE = "unavailable"  # server down or not ready
-    ACCESS_DENIED = "access_denied"  # no or wrong access token: HTTP 403, gRPC UNAVAILABLE/PERMISSION_DENIED
+    MODEL_NOT_FOUND = "model_not_found"
+    ENGINE_FAILURE = "engine_failure"
+    UNAVAILABLE = "unavailable"  # server down, not ready, or unreachable
+    ACCESS_DENIED = "access_denied"  # no or a wrong access token
 
 
 class ServingError(Exception):
@@ -78,19 +83,95 @@ class AccessDenied(ServingError):
 
 _ERROR_TYPES: dict[ErrorKind, type[ServingError]] = {
     error_type.kind: error_type
-    for error_type in (Overloaded, DeadlineExceeded, Cancelled, ModelNotFound, EngineFailure, ServerUnavailable, AccessDenied)
+    for error_type in (
+        InvalidInput, Overloaded, DeadlineExceeded, Cancelled, ModelNotFound, EngineFailure, ServerUnavailable, AccessDenied
+    )
 }
 
 
 def error_from_kind(kind: ErrorKind, message: str) -> ServingError:
-    """Rebuild the typed error a server reported (used by the client's status mapping)."""
-    if kind is ErrorKind.UNAVAILABLE:
-        # The server names kinds that share the UNAVAILABLE status in front of the message.
-        for named in (ErrorKind.OVERLOADED, ErrorKind.DEADLINE_EXCEEDED):
-            if message.startswith(f"{named.value}: "):
-                return _ERROR_TYPES[named](message[len(named.value) + 2 :])
+    """The typed error of ``kind`` with ``message``."""
     if kind is ErrorKind.INVALID_INPUT:
         # The server always words these "field: problem", so the field survives the trip.
         field, _, problem = message.partition(": ")
         return InvalidInput(field, problem) if problem else InvalidInput("request", message)
     return _ERROR_TYPES[kind](message)
+
+
+Protocol = Literal["http", "grpc"]
+
+
+@dataclass(frozen=True)
+class WireCoding:
+    triton_code: str  # the pb_utils.TritonError code the served model answers with, by name
+    http_status: int  # what tritonserver's HTTP front end turns that code into
+    grpc_status: str  # ... and its gRPC front end, a grpc.StatusCode name
+    prefix: str  # put in front of the message: another kind travels with the same status
+
+    def status(self, protocol: Protocol) -> int | str:
+        return self.http_status if protocol == "http" else self.grpc_status
+
+
+# Triton 2.51 maps its codes in src/http_server.cc (HttpCodeFromError) and src/grpc/grpc_utils.cc;
+# tests/test_error_table.py checks every row against the real server. Triton has no code for
+# "too many requests" or "too late", so overload and deadlines travel as UNAVAILABLE, named; and
+# its HTTP front end answers CANCELLED with 400, as it does INVALID_ARG, so cancellation is named.
+# An access token is checked by tritonserver before a request reaches the model (see
+# triton_refusal below); the row only keeps the table total.
+WIRE: dict[ErrorKind, WireCoding] = {
+    ErrorKind.INVALID_INPUT: WireCoding("INVALID_ARG", 400, "INVALID_ARGUMENT", ""),
+    ErrorKind.OVERLOADED: WireCoding("UNAVAILABLE", 503, "UNAVAILABLE", "overloaded: "),
+    ErrorKind.DEADLINE_EXCEEDED: WireCoding("UNAVAILABLE", 503, "UNAVAILABLE", "deadline_exceeded: "),
+    ErrorKind.CANCELLED: WireCoding("CANCELLED", 400, "CANCELLED", "cancelled: "),
+    ErrorKind.MODEL_NOT_FOUND: WireCoding("NOT_FOUND", 404, "NOT_FOUND", ""),
+    ErrorKind.ENGINE_FAILURE: WireCoding("INTERNAL", 500, "INTERNAL", ""),
+    ErrorKind.UNAVAILABLE: WireCoding("UNAVAILABLE", 503, "UNAVAILABLE", ""),
+    ErrorKind.ACCESS_DENIED: WireCoding("UNAVAILABLE", 503, "UNAVAILABLE", "access_denied: "),
+}
+
+# Statuses no served model sends that reach clients all the same.
+TRANSPORT_STATUSES: dict[tuple[Protocol, int | str], ErrorKind] = {
+    ("grpc", "DEADLINE_EXCEEDED"): ErrorKind.DEADLINE_EXCEEDED,  # the client's own call deadline passed
+    ("http", 403): ErrorKind.ACCESS_DENIED,  # tritonserver's refusal of a request without the token
+}
+
+# How tritonserver words the refusals it makes itself, before a request reaches the model, with
+# codes that do not say what happened: a name it does not serve is INVALID_ARG or NOT_FOUND or
+# UNAVAILABLE (model_repository_manager.cc); a missing token is HTTP 403 but gRPC UNAVAILABLE.
+UNKNOWN_MODEL = "Request for unknown model"
+TOKEN_REFUSAL = "is restricted, expecting header"
+
+
+def triton_error(error: ServingError) -> tuple[str, str]:
+    """The Triton error code (a ``pb_utils.TritonError`` attribute name) and message that carry ``error``."""
+    coding = WIRE[error.kind]
+    return coding.triton_code, coding.prefix + error.message
+
+
+def triton_refusal(message: str) -> ServingError | None:
+    """The typed error of a refusal tritonserver made itself, or None."""
+    if UNKNOWN_MODEL in message:
+        return ModelNotFound(message)
+    if TOKEN_REFUSAL in message:
+        return AccessDenied(message)
+    return None
+
+
+def error_from_status(protocol: Protocol, status: int | str, message: str) -> ServingError | None:
+    """The typed error a client received as ``status`` (an HTTP status, or a gRPC status code name)
+    and ``message``; None for a status that says nothing of ours (the caller decides)."""
+    refusal = triton_refusal(message)
+    if refusal is not None:
+        return refusal
+    kinds = [kind for kind, coding in WIRE.items() if coding.status(protocol) == status]
+    for kind in kinds:
+        prefix = WIRE[kind].prefix
+        if prefix and message.startswith(prefix):
+            return error_from_kind(kind, message[len(prefix):])
+    # A status one kind alone travels with is that kind, named or not (gRPC CANCELLED from the
+    # client's own cancel); among kinds sharing a status, the one without a prefix.
+    unnamed = [kind for kind in kinds if len(kinds) == 1 or not WIRE[kind].prefix]
+    if unnamed:
+        return error_from_kind(unnamed[0], message)
+    kind = TRANSPORT_STATUSES.get((protocol, status))
+    return None if kind is None else error_from_kind(kind, message)

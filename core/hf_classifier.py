@@ -85,6 +85,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def device_name(device: torch.device) -> str:
+    """"cpu", or an accelerator with its index ("cuda:1"). Without an index torch means the current
+    device, 0 unless the process selected another; asking torch would initialize CUDA in this
+    process, which must not happen before vLLM starts its workers."""
+    return device.type if device.type == "cpu" else f"{device.type}:{device.index or 0}"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``, the spelling of the serving field ``dtype``."""
     return str(dtype).removeprefix("torch.")

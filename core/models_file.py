@@ -2,6 +2,8 @@
 
     defaults:                      # optional; any serving field, applied to every model
       max_batch_tokens: 1024
+    feedback:                      # optional, when models record predictions: the feedback model's settings
+      live_accuracy_window: 200
     models:
       - name: kscst-gemma2         # the Triton model name clients call
         base: build/demo/gemma2-base
@@ -26,7 +28,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.serving_config import ServingConfig
+from core.feedback_protocol import FEEDBACK_MODEL
+from core.serving_config import FeedbackConfig, ServingConfig, resolve_sqlite_path
 
 # Triton takes the folder name as the model name, and clients put it in URLs.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -89,6 +92,11 @@ class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models: tuple[ServedModel, ...] = Field(min_length=1)
+    feedback: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the feedback model's settings besides the database (core/serving_config.py FeedbackConfig), "
+        "for a file whose models record predictions",
+    )
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> "ModelsFile":
@@ -98,9 +106,44 @@ class ModelsFile(BaseModel):
             raise ValueError(f"model names must be unique; repeated: {repeated}")
         return self
 
+    @model_validator(mode="after")
+    def _one_records_database(self) -> "ModelsFile":
+        # One feedback model takes the corrections of every recording model, from one database.
+        databases = {model.serving.records_database for model in self.recording_models}
+        if len(databases) > 1:
+            raise ValueError(f"records_database: the models that record predictions must share one database; got {sorted(databases)}")
+        if databases and FEEDBACK_MODEL in self.names:
+            raise ValueError(f"{FEEDBACK_MODEL!r} names the feedback model that recording predictions adds; rename this model")
+        if self.feedback and not databases:
+            raise ValueError("feedback: set, but no model records predictions (serving field prediction_records)")
+        if databases:
+            self.feedback_config  # fails here, at the boundary, naming the field
+        return self
+
     @property
     def names(self) -> list[str]:
         return [model.name for model in self.models]
+
+    @property
+    def recording_models(self) -> list[ServedModel]:
+        return [model for model in self.models if model.serving.prediction_records != "off"]
+
+    @property
+    def records_database(self) -> str | None:
+        """The database the recording models share; None when no model records predictions."""
+        return self.recording_models[0].serving.records_database if self.recording_models else None
+
+    @property
+    def feedback_config(self) -> FeedbackConfig:
+        try:
+            return FeedbackConfig(records_database=self.records_database, **self.feedback)
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"feedback.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+
+    @property
+    def triton_models(self) -> list[str]:
+        """What the server loads: the listed models, and the feedback model when any of them records."""
+        return self.names + ([FEEDBACK_MODEL] if self.recording_models else [])
 
     def model(self, name: str) -> ServedModel:
         for model in self.models:
@@ -155,7 +198,12 @@ def _resolve_paths(model: ServedModel, base_dir: Path) -> ServedModel:
     def resolved(path: Path | None) -> Path | None:
         return None if path is None else (path if path.is_absolute() else base_dir / path)
 
+    serving = model.serving
+    if serving.records_database is not None:  # a relative SQLite file is relative to the models file, as paths are
+        serving = serving.model_copy(update={"records_database": resolve_sqlite_path(serving.records_database, base_dir)})
+    if serving.records_journal is not None:
+        serving = serving.model_copy(update={"records_journal": resolved(serving.records_journal)})
     return model.model_copy(update={
         "base": resolved(model.base), "adapter": resolved(model.adapter), "labels": resolved(model.labels),
-        "labelled_file": resolved(model.labelled_file),
+        "labelled_file": resolved(model.labelled_file), "serving": serving,
     })

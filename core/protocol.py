@@ -12,11 +12,12 @@ Answer, per document i and rank j (most likely first):
   PROBABILITY  FP32  [n, k]
   TOKEN_COUNT  INT32 [n]    tokens the model read
   TRUNCATED    BOOL  [n]    the document was cut at the model's max length
+  PREDICTION_ID BYTES [n]   the server's id of this answer, for corrections (core/feedback_protocol.py)
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +35,7 @@ LABEL_NAME = "LABEL_NAME"
 PROBABILITY = "PROBABILITY"
 TOKEN_COUNT = "TOKEN_COUNT"
 TRUNCATED = "TRUNCATED"
+PREDICTION_ID = "PREDICTION_ID"
 
 # (name, Triton data type, dims) as config.pbtxt declares them.
 INPUT_TENSORS = ((TEXT, "TYPE_STRING", (-1,)), (DOCUMENT, "TYPE_STRING", (-1,)), (TOP_K, "TYPE_INT32", (1,)))
@@ -43,6 +45,7 @@ OUTPUT_TENSORS = (
     (PROBABILITY, "TYPE_FP32", (-1, -1)),
     (TOKEN_COUNT, "TYPE_INT32", (-1,)),
     (TRUNCATED, "TYPE_BOOL", (-1,)),
+    (PREDICTION_ID, "TYPE_STRING", (-1,)),
 )
 
 
@@ -50,6 +53,7 @@ OUTPUT_TENSORS = (
 class ClassifyRequest:
     texts: list[str]  # rendered model input, one per document
     top_k: int
+    documents: list[PatentDocument] | None = None  # the structured documents, when they came as DOCUMENT
 
 
 def decode_request(
@@ -71,9 +75,11 @@ def decode_request(
     if elements.size > max_documents:
         raise InvalidInput(field, f"holds {elements.size} documents; the limit is {max_documents} per request")
     texts = [_decode_element(field, index, element) for index, element in enumerate(elements)]
+    documents = None
     if field == DOCUMENT:
-        texts = [_parse_document(f"{DOCUMENT}[{index}]", raw).render() for index, raw in enumerate(texts)]
-    return ClassifyRequest(texts, _decode_top_k(top_k, num_labels, default_top_k))
+        documents = [_parse_document(f"{DOCUMENT}[{index}]", raw) for index, raw in enumerate(texts)]
+        texts = [document.render() for document in documents]
+    return ClassifyRequest(texts, _decode_top_k(top_k, num_labels, default_top_k), documents)
 
 
 def _decode_element(field: str, index: int, element: object) -> str:
@@ -117,7 +123,9 @@ def _decode_top_k(top_k: np.ndarray | None, num_labels: int, default_top_k: int)
     return k
 
 
-def encode_answer(scores: Sequence[DocumentScores], labels: LabelSet, top_k: int) -> dict[str, np.ndarray]:
+def encode_answer(
+    scores: Sequence[DocumentScores], labels: LabelSet, top_k: int, prediction_ids: Sequence[str]
+) -> dict[str, np.ndarray]:
     """The output tensors for one request."""
     ranked = [document.top_k(top_k) for document in scores]
     codes, names = labels.codes, labels.names
@@ -127,6 +135,7 @@ def encode_answer(scores: Sequence[DocumentScores], labels: LabelSet, top_k: int
         PROBABILITY: np.array([probabilities for _, probabilities in ranked], dtype=np.float32),
         TOKEN_COUNT: np.array([document.token_count for document in scores], dtype=np.int32),
         TRUNCATED: np.array([document.truncated for document in scores], dtype=np.bool_),
+        PREDICTION_ID: np.array([prediction_id.encode() for prediction_id in prediction_ids], dtype=np.object_),
     }
 
 
@@ -144,12 +153,16 @@ class Classification:
     labels: list[LabelScore]  # most likely first
     token_count: int
     truncated: bool
+    # For a correction of this answer (PatentClassifier.submit_feedback). Unique per answer, so it
+    # is left out of equality: two answers to one document are equal when their content is.
+    prediction_id: str = field(compare=False)
 
     def to_json(self) -> dict:
         return {
             "labels": [{"code": s.code, "name": s.name, "probability": s.probability} for s in self.labels],
             "token_count": self.token_count,
             "truncated": self.truncated,
+            "prediction_id": self.prediction_id,
         }
 
 
@@ -164,6 +177,7 @@ def decode_answer(outputs: dict[str, np.ndarray]) -> list[Classification]:
             ],
             token_count=int(outputs[TOKEN_COUNT][row]),
             truncated=bool(outputs[TRUNCATED][row]),
+            prediction_id=outputs[PREDICTION_ID][row].decode(),
         )
         for row in range(codes.shape[0])
     ]

@@ -81,12 +81,6 @@ class ServingConfig(BaseModel):
     default_timeout_ms: int = Field(
         0, ge=0, description="deadline for requests that carry no timeout of their own; 0: none"
     )
-    batching: Literal["engine", "triton_dynamic", "none"] = Field(
-        "engine",
-        description="engine: continuous token-budget batching across requests (production). "
-        "triton_dynamic: each execute() runs what Triton's dynamic batcher handed it, then returns. "
-        "none: one request per execute(). The last two exist to measure the first against.",
-    )
     pad_to_multiple_of: int = Field(
         1, ge=1, le=512, description="round batch widths up to this many tokens (16 on a GPU: tensor-core friendly widths)"
     )
@@ -118,6 +112,22 @@ class ServingConfig(BaseModel):
     vllm_compile: bool = Field(
         False, description="vLLM engine: torch.compile the model (and CUDA graphs on a GPU); minutes more start-up"
     )
+    prediction_records: Literal["off", "hash", "text"] = Field(
+        "off",
+        description="hash: a record of every classified document in records_database (id, model, version, time, SHA-256 "
+        "of its text, top-k classes and probabilities); text: the same plus the text itself, for `feedback export` "
+        "(unpublished applications are confidential: only where keeping them is allowed); off: ids only",
+    )
+    records_database: str | None = Field(
+        None, description="SQLAlchemy URL: sqlite:///PATH (relative: to the models file; in config.pbtxt, to the model "
+        "version folder) or postgresql://USER@HOST[:PORT]/DATABASE (the password from PGPASSWORD or ~/.pgpass, not the URL)",
+    )
+    records_journal: Optional[Path] = Field(
+        None, description="folder of the local journal where records wait until the database has them (replayed at "
+        "start after a crash); default and relative: `prediction-journal` beside the model repository (a model's own "
+        "folder is replaced whole by a re-export, so the journal is never inside it)",
+    )
+    records_retention_days: int = Field(0, ge=0, description="days a prediction record and its correction are kept; 0: no limit")
 
     @field_validator("cpu_threads", mode="before")
     @classmethod
@@ -135,6 +145,16 @@ class ServingConfig(BaseModel):
         if isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             return value
         raise ValueError(f"is {value!r}; it must be auto, cpu, cuda or cuda:<GPU index>")
+    @field_validator("records_database")
+    @classmethod
+    def _a_supported_database(cls, url: str | None) -> str | None:
+        return None if url is None else normalized_database_url(url)
+
+    @model_validator(mode="after")
+    def _records_need_a_database(self) -> "ServingConfig":
+        if self.prediction_records != "off" and self.records_database is None:
+            raise ValueError(f"records_database: required with prediction_records {self.prediction_records!r}")
+        return self
 
     @model_validator(mode="after")
     def _budget_fits_one_document(self) -> "ServingConfig":
@@ -190,14 +210,17 @@ class ServingConfig(BaseModel):
     def from_triton_parameters(cls, parameters: dict, version_dir: Path) -> "ServingConfig":
         """Parse ``config.pbtxt`` parameters (``{key: {"string_value": ...}}``)."""
         values = {key: entry["string_value"] for key, entry in parameters.items()}
-        try:
-            config = cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-            raise ValueError(f"invalid parameters in config.pbtxt: {problems}") from None
+        config = _validate(cls, values)
+        version_dir = Path(version_dir)
+        resolved = {}
         if not config.model_dir.is_absolute():
-            config = config.model_copy(update={"model_dir": (version_dir / config.model_dir).resolve()})
-        return config
+            resolved["model_dir"] = (version_dir / config.model_dir).resolve()
+        if config.prediction_records != "off":
+            beside_repository = version_dir.resolve().parents[2]  # <repository>/<model>/<version>
+            journal = config.records_journal or Path(DEFAULT_JOURNAL_FOLDER)
+            resolved["records_journal"] = beside_repository / journal  # unchanged if absolute
+            resolved["records_database"] = resolve_sqlite_path(config.records_database, version_dir)
+        return config.model_copy(update=resolved)
 
     def to_triton_parameters(self) -> dict[str, str]:
         # instances is Triton's own instance_group in config.pbtxt (which an operator may also edit
@@ -213,3 +236,64 @@ class ServingConfig(BaseModel):
                 "export the model again"
             )
         return labels
+
+
+_DATABASE_SCHEMES = ("sqlite:///", "postgresql+psycopg://")
+DEFAULT_JOURNAL_FOLDER = "prediction-journal"
+
+
+def normalized_database_url(url: str) -> str:
+    """A records database URL as SQLAlchemy takes it; ``postgresql://`` goes through psycopg 3."""
+    url = url.strip()
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if not url.startswith(_DATABASE_SCHEMES) or url in _DATABASE_SCHEMES or ":memory:" in url:
+        raise ValueError(
+            f"is {url!r}; it must be sqlite:///PATH (a file) or postgresql://USER@HOST[:PORT]/DATABASE"
+        )
+    return url
+
+
+def resolve_sqlite_path(url: str, base_dir: Path) -> str:
+    """``sqlite:///relative.db`` made absolute against ``base_dir``; other URLs unchanged."""
+    if not url.startswith("sqlite:///"):
+        return url
+    path = Path(url.removeprefix("sqlite:///"))
+    return url if path.is_absolute() else f"sqlite:///{(Path(base_dir) / path).resolve()}"
+
+
+class FeedbackConfig(BaseModel):
+    """Parameters of the feedback model (``server/triton/feedback_model.py``), which the export
+    writes when any model records predictions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    records_database: str = Field(description="the database the classifiers record into (one for all of them)")
+    live_accuracy_window: int = Field(
+        200, ge=1, le=1_000_000, description="pc_live_accuracy_ratio: share of the model's last N corrections that confirmed its top-1"
+    )
+    pending_wait_s: float = Field(
+        5.0, ge=0.0, le=300.0,
+        description="how long after its answer a prediction may still be on its way to the database: a correction of "
+        "an id minted that recently waits for its record up to then, instead of failing as unknown",
+    )
+
+    @field_validator("records_database")
+    @classmethod
+    def _a_supported_database(cls, url: str) -> str:
+        return normalized_database_url(url)
+
+    @classmethod
+    def from_triton_parameters(cls, parameters: dict) -> "FeedbackConfig":
+        return _validate(cls, {key: entry["string_value"] for key, entry in parameters.items()})
+
+    def to_triton_parameters(self) -> dict[str, str]:
+        return {key: str(value) for key, value in self.model_dump().items()}
+
+
+def _validate(model: type[BaseModel], values: dict):
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid parameters in config.pbtxt: {problems}") from None

@@ -6,6 +6,7 @@ Each model's folder is built and proven in staging and replaces the served one i
 (``export.repository_staging``); a model that fails leaves its served folder as it was, and
 the error says so. The repository then holds exactly the file's models: a folder of ours (it
 has our ``model.py``) for a model the file no longer lists is removed, so it is not served by mistake.
+When a model records predictions, the repository also gets the ``feedback`` model (docs/feedback.md).
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import time
 from pathlib import Path
 
 from core.errors import InvalidInput
+from core.feedback_protocol import FEEDBACK_MODEL
 from core.labels import LabelSet
 from core.models_file import ModelsFile, ServedModel
 from export.merged_model_export import DEFAULT_PROOF_MEMORY_GIB, MergeReport, export_classifier
 from export.model_support import UnsupportedModel, check_servable
 from export.precision_agreement import labelled_texts, settle_served_precision
 from export.repository_staging import RepositoryStaging
-from export.triton_package import MODEL_VERSION, merged_model_dir, write_triton_model
+from export.triton_package import MODEL_VERSION, merged_model_dir, write_feedback_model, write_triton_model
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,12 @@ def export_models(
             started = time.perf_counter()
             reports[model.name] = export_model(staging, model, device, proof_memory_gib)
             log.info("%s exported and proven in %.1f s", model.name, time.perf_counter() - started)
+        if models.records_database is not None:
+            staged = staging.new_repository()
+            write_feedback_model(staged, models.feedback_config)
+            staging.publish(staged, FEEDBACK_MODEL)
         if not only:
-            remove_unlisted_models(staging, set(models.names))
+            remove_unlisted_models(staging, set(models.triton_models))
     return reports
 
 

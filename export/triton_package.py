@@ -4,6 +4,11 @@
     <repository>/<name>/1/model.py       the Triton adapter (a copy of server/triton/model.py)
     <repository>/<name>/1/model/         the merged model (written by the merge)
 
+and, when models record predictions, the feedback model that takes examiners' corrections:
+
+    <repository>/feedback/config.pbtxt   its tensors (core/feedback_protocol.py) and the records database
+    <repository>/feedback/1/model.py     its adapter (a copy of server/triton/feedback_model.py)
+
 The folder holds everything but the Python packages of this project, which the server's
 Python environment provides (``pip install .`` in NVIDIA's Triton container).
 """
@@ -12,11 +17,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from core import protocol
+from core import feedback_protocol, protocol
 from core.labels import LabelSet
-from core.serving_config import ServingConfig
+from core.serving_config import FeedbackConfig, ServingConfig
 
 TRITON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "server" / "triton" / "model.py"
+FEEDBACK_MODEL_SOURCE = TRITON_MODEL_SOURCE.with_name("feedback_model.py")
 MODEL_VERSION = "1"
 MERGED_MODEL_FOLDER = "model"
 
@@ -35,22 +41,24 @@ def _tensor_block(kind: str, tensors, optional: bool) -> str:
     return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
 
 
+def _parameters_block(parameters: dict[str, str]) -> str:
+    def quoted(value: str) -> str:  # a protobuf text-format string
+        return value.replace("\\", "\\\\").replace('"', '\\"')
+
+    return "".join(f'parameters {{ key: "{key}" value {{ string_value: "{quoted(value)}" }} }}\n' for key, value in parameters.items())
+
+
 def config_pbtxt(name: str, config: ServingConfig) -> str:
-    parameters = "".join(
-        f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
-        for key, value in config.to_triton_parameters().items()
-    )
+    parameters = _parameters_block(config.to_triton_parameters())
     return (
         f'name: "{name}"\n'
         'backend: "python"\n'
         # The engine batches across requests by tokens, so Triton must not batch or split them:
         # each request reaches execute() as it arrives and is answered through its response sender.
-        # (Tensors carry a document dimension of their own, so Triton's batch dimension stays off,
-        # except for the dynamic-batcher baseline, which needs it to batch at all.)
-        f"max_batch_size: {config.max_batch_size if config.batching == 'triton_dynamic' else 0}\n"
+        # (Tensors carry a document dimension of their own, so Triton's batch dimension stays off.)
+        "max_batch_size: 0\n"
         + _tensor_block("input", protocol.INPUT_TENSORS, optional=True)
         + _tensor_block("output", protocol.OUTPUT_TENSORS, optional=False)
-        + _scheduling_block(config)
         + _instance_group(config)
         + parameters
     )
@@ -69,13 +77,6 @@ def _instance_group(config: ServingConfig) -> str:
     return f"instance_group [ {{ kind: KIND_GPU count: {instances.count}{gpus} }} ]\n"
 
 
-def _scheduling_block(config: ServingConfig) -> str:
-    if config.batching != "triton_dynamic":
-        return ""
-    # Baseline only: let Triton group requests arriving within 2 ms into one execute() call.
-    return "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
-
-
 def write_triton_model(repository: Path, name: str, config: ServingConfig) -> Path:
     """The model's folder; ``num_labels`` is filled in from the merged model when it is already there."""
     model_folder = repository / name
@@ -85,4 +86,21 @@ def write_triton_model(repository: Path, name: str, config: ServingConfig) -> Pa
         config = config.model_copy(update={"num_labels": len(LabelSet.for_model_dir(model_dir))})
     (model_folder / "config.pbtxt").write_text(config_pbtxt(name, config), encoding="utf-8")
     shutil.copyfile(TRITON_MODEL_SOURCE, model_folder / MODEL_VERSION / "model.py")
+    return model_folder
+
+
+def write_feedback_model(repository: Path, config: FeedbackConfig) -> Path:
+    model_folder = repository / feedback_protocol.FEEDBACK_MODEL
+    (model_folder / MODEL_VERSION).mkdir(parents=True, exist_ok=True)
+    (model_folder / "config.pbtxt").write_text(
+        f'name: "{feedback_protocol.FEEDBACK_MODEL}"\n'
+        'backend: "python"\n'
+        "max_batch_size: 0\n"
+        + _tensor_block("input", feedback_protocol.INPUT_TENSORS, optional=True)
+        + _tensor_block("output", feedback_protocol.OUTPUT_TENSORS, optional=False)
+        + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+        + _parameters_block(config.to_triton_parameters()),
+        encoding="utf-8",
+    )
+    shutil.copyfile(FEEDBACK_MODEL_SOURCE, model_folder / MODEL_VERSION / "model.py")
     return model_folder

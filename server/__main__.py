@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     models: tuple[str, ...] = ()
     if args.models_file is not None:
         try:
-            models = tuple(ModelsFile.read(args.models_file).names)
+            models = tuple(ModelsFile.read(args.models_file).triton_models)
         except ModelsFileError as exc:
             parser.error(str(exc))
         missing = [] if remote else [name for name in models if not (args.model_repository / name / "config.pbtxt").exists()]

@@ -35,8 +35,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from core import access_token
+from core.feedback_protocol import FEEDBACK_MODEL
 from server.cpu_share import CPU_ENGINES_ENV, cpu_engines_of
-from server.model_watchdog import DeadStubWatchdog
+from server.model_watchdog import DeadStubWatchdog, end_leftovers, process_tree
 from server.tls_front import TlsFront, server_tls_context
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -108,12 +109,13 @@ class LaunchConfig(BaseModel):
     @property
     def cpu_engines(self) -> int:
         """Engines the server runs on the CPU: every CPU instance of the models it loads (the
-        listed ones, else every model folder of the repository), at least 1."""
+        listed ones, else every model folder of the repository), at least 1. The feedback model
+        computes nothing."""
         if isinstance(self.model_repository, str):
             return max(1, len(self.models))  # a bucket cannot be read before Triton reads it: one engine a model
         listed = [self.model_repository / name / "config.pbtxt" for name in self.models]
         configs = listed or self.model_repository.glob("*/config.pbtxt")
-        return max(1, sum(cpu_engines_of(config) for config in configs if config.exists()))
+        return max(1, sum(cpu_engines_of(config) for config in configs if config.exists() and config.parent.name != FEEDBACK_MODEL))
 
 
 # Everything a client could use to change or read out the server's state; health, metadata,
@@ -316,9 +318,11 @@ class TritonServer:
         The TLS front stays up until Triton has exited, so HTTPS requests in flight are answered too."""
         if self.watchdog is not None:
             self.watchdog.stop()  # a stub stopping at shutdown is no fault to recover from
+        tree: list[tuple[int, str]] = []
         try:
             if self.process is None or self.process.poll() is not None:
                 return None if self.process is None else self.process.returncode
+            tree = process_tree(self.process.pid)
             self.process.send_signal(signal.SIGTERM)
             try:
                 return self.process.wait(self.config.exit_timeout_s + 15)
@@ -326,6 +330,7 @@ class TritonServer:
                 self.process.kill()
                 return self.process.wait()
         finally:
+            end_leftovers(tree)
             if self._front is not None:
                 self._front.stop()
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 import urllib.error
@@ -49,6 +51,63 @@ class Recovery:
 def stub_processes(server_pid: int) -> list[StubProcess]:
     """The running (not dead) Python-backend stubs of a tritonserver."""
     return [stub for pid, state in _children(server_pid) if state != "Z" and (stub := _stub_of(pid)) is not None]
+
+
+def process_tree(root_pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every process below ``root_pid``: the stubs, and what they started (vLLM's engine core)."""
+    tree, pending = [], [root_pid]
+    while pending:
+        for pid, _ in _children(pending.pop()):
+            start = _start_time(pid)
+            if start is not None:
+                tree.append((pid, start))
+                pending.append(pid)
+    return tree
+
+
+def end_leftovers(tree: list[tuple[int, str]], timeout_s: float = 30.0) -> list[int]:
+    """SIGKILL the processes of ``tree`` that outlived their server (a stub Triton gave up on at
+    its exit timeout holds the model's memory until it is ended). The start time tells a
+    leftover from a new process that reuses its pid. Returns once they have exited (or after
+    ``timeout_s``, logged)."""
+    ended = []
+    for pid, start in tree:
+        if still_running(pid, start):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                ended.append((pid, start))
+            except ProcessLookupError:
+                pass
+    if ended:
+        log.warning("ended %d processes that outlived tritonserver: %s", len(ended), [pid for pid, _ in ended])
+    # SIGKILL only starts the exit: a process freeing a model's memory is still running for a
+    # while, and the caller may start the next server on that memory as soon as this returns.
+    deadline = time.monotonic() + timeout_s
+    while (left := [pid for pid, start in ended if still_running(pid, start)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        log.error("processes still exiting %.0f s after SIGKILL: %s", timeout_s, left)
+    return [pid for pid, _ in ended]
+
+
+def still_running(pid: int, start: str) -> bool:
+    """The process of ``process_tree``'s entry is still there, and not a corpse."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[19] == start and fields[0] != "Z"
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return None if fields is None else fields[19]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name: state first, start time at index 19."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields if len(fields) > 19 else None
 
 
 def _children(parent_pid: int) -> list[tuple[int, str]]:

@@ -23,6 +23,7 @@ from core import protocol
 from core.engine import ClassificationEngine, DocumentScores
 from core.errors import EngineFailure, ErrorKind, ServingError
 from core.labels import LabelSet
+from server.prediction_records import PredictionIds
 
 log = logging.getLogger("patent_classifier.triton")
 
@@ -55,9 +56,19 @@ def internal_error(exc: BaseException) -> EngineFailure:
     return EngineFailure(f"internal error: {type(exc).__name__}: {exc}")
 
 
+class PredictionRecords(Protocol):
+    """Ids for an answer's documents, and their records kept (server.prediction_records)."""
+
+    def record(self, texts: Sequence[str], documents, scores: Sequence[DocumentScores], top_k: int) -> list[str]: ...
+
+
 class RequestDispatch:
-    def __init__(self, engine: ClassificationEngine, labels: LabelSet, replies: Replies, metrics: RequestMetrics):
+    def __init__(
+        self, engine: ClassificationEngine, labels: LabelSet, replies: Replies, metrics: RequestMetrics,
+        records: PredictionRecords | None = None,
+    ):
         self.engine, self.labels, self.replies, self.metrics = engine, labels, replies, metrics
+        self.records = records or PredictionIds()
         self._answers: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._send_answers, name="triton-answers", daemon=True)
         self._thread.start()
@@ -78,7 +89,7 @@ class RequestDispatch:
             log.exception("accepting a request failed")
             self._refuse(sender, internal_error(exc), received)
             return
-        future.add_done_callback(lambda done: self._answers.put((sender, done, decoded.top_k, received)))
+        future.add_done_callback(lambda done: self._answers.put((sender, done, decoded, received)))
 
     def send_queued(self, timeout_s: float) -> None:
         """Wait, up to ``timeout_s``, until every answer queued so far has been sent."""
@@ -101,14 +112,18 @@ class RequestDispatch:
 
     def _send_answers(self) -> None:
         while (item := self._answers.get()) is not _STOP:
-            sender, future, top_k, received = item
-            self._send_answer(sender, future, top_k, received)
+            sender, future, request, received = item
+            self._send_answer(sender, future, request, received)
             self._answers.task_done()
 
-    def _send_answer(self, sender: ResponseSender, future: "Future[list[DocumentScores]]", top_k: int, received: float) -> None:
+    def _send_answer(
+        self, sender: ResponseSender, future: "Future[list[DocumentScores]]", request: protocol.ClassifyRequest, received: float
+    ) -> None:
         try:
             scores = future.result()
-            tensors = protocol.encode_answer(scores, self.labels, top_k)
+            # Before the answer leaves: its records are journaled (not yet in the database) by then.
+            ids = self.records.record(request.texts, request.documents, scores, request.top_k)
+            tensors = protocol.encode_answer(scores, self.labels, request.top_k, ids)
         except ServingError as error:
             self._refuse(sender, error, received)
             return

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from core import causal_flex_attention
-from core.engine import BatchStats, ClassificationEngine, DocumentScores, caller_gave_up, complete, padded_width
+from core.engine import BatchStats, ClassificationEngine, DocumentScores, QueueDepth, caller_gave_up, complete, padded_width
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.hf_classifier import (
     classifier_logits,
+    device_name,
     DocumentEncoder,
     dtype_name,
     EncodedText,
@@ -107,7 +108,7 @@ class TorchEngine(ClassificationEngine):
         self.max_length = config.max_length
         self._device = resolve_device(config.device)
         self._dtype = resolve_dtype(config.dtype, self._device)
-        self.dtype, self.device = dtype_name(self._dtype), self._device.type
+        self.device, self.dtype = device_name(self._device), dtype_name(self._dtype)
         self._scheduler: TokenBudgetScheduler[_QueuedDocument] = TokenBudgetScheduler(
             config.max_batch_tokens,
             config.max_batch_size,
@@ -126,6 +127,7 @@ class TorchEngine(ClassificationEngine):
         self._in_flight: set[_Submission] = set()
 
     def start(self) -> None:
+        started = time.monotonic()
         self.labels = self.config.model_labels()
         self._encoder = DocumentEncoder(self.config.model_dir, self.max_length, self.config.preprocessing)
         from transformers import AutoConfig
@@ -154,11 +156,11 @@ class TorchEngine(ClassificationEngine):
             thread.start()
             self._threads.append(thread)
         self._cpu_threads_applied.wait()
+        self.startup_seconds = time.monotonic() - started
         log.info(
-            "torch engine: %s on %s, %s, %s attention, %s batches, %d CPU threads",
-            self.config.model_dir, self._device, self._dtype, attention,
-            "padded" if self._packed is None else "packed",
-            self.cpu_threads,
+            "torch engine: %s on %s, %s, %s attention, %s batches, %d CPU threads, started in %.1f s",
+            self.config.model_dir, self.device, self.dtype, attention, "padded" if self._packed is None else "packed",
+            self.cpu_threads, self.startup_seconds,
         )
 
     def submit(
@@ -199,10 +201,10 @@ class TorchEngine(ClassificationEngine):
     def is_healthy(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads) and self._loop_error is None
 
-    def queue_depth(self) -> tuple[int, int]:
-        """(documents, tokens) waiting."""
+    def queue_depth(self) -> QueueDepth:
+        """Admitted and not yet taken into a batch (what admission counts)."""
         with self._wakeup:
-            return len(self._scheduler), self._scheduler.waiting_tokens
+            return QueueDepth(len(self._scheduler), self._scheduler.waiting_tokens)
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         with self._wakeup:

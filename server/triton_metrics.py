@@ -21,12 +21,14 @@ import collections
 import logging
 import queue
 import threading
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from core.engine import BatchStats, ClassificationEngine, DocumentScores
 from core.errors import ErrorKind
+from core.feedback_protocol import VERDICTS
+from server.prediction_records import RecorderStats
 
 log = logging.getLogger("patent_classifier.metrics")
 
@@ -35,6 +37,8 @@ DURATION_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 TOKEN_BUCKETS = [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 RATIO_BUCKETS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+# From a 188-class model's barely-better-than-uniform answers (1/188 ≈ 0.005) to a sure one.
+PROBABILITY_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
 
 SAMPLE_INTERVAL_S = 1.0
 
@@ -54,11 +58,21 @@ FAMILIES = {
     "pc_batch_padded_tokens": ("HISTOGRAM", "Tokens a forward pass computed, padding included (width x documents)", TOKEN_BUCKETS),
     "pc_batch_padding_ratio": ("HISTOGRAM", "Share of a forward pass's tokens that were padding", RATIO_BUCKETS),
     "pc_batch_inference_duration_seconds": ("HISTOGRAM", "Seconds of one forward pass (softmax and copy back included)", DURATION_BUCKETS),
-    "pc_queue_documents": ("GAUGE", "Documents waiting in the engine's queue", None),
-    "pc_queue_tokens": ("GAUGE", "Tokens waiting in the engine's queue (admission refuses past max_queue_tokens)", None),
+    "pc_queue_documents": ("GAUGE", "Documents admitted and waiting (torch engine: for a forward pass; vllm engine: for their answer)", None),
+    "pc_queue_tokens": ("GAUGE", "Tokens of the waiting documents (admission refuses past max_queue_tokens)", None),
     "pc_engine_healthy": ("GAUGE", "1 while the model's engine can answer, 0 once it cannot", None),
+    "pc_engine_startup_seconds": ("GAUGE", "Seconds the engine took to start: loading the model, compiling, starting its threads", None),
     "pc_engine_cpu_threads": ("GAUGE", "Intra-op CPU threads of the PyTorch engine's forward passes (serving field cpu_threads)", None),
     "pc_engine_info": ("GAUGE", "1, labelled with the dtype the model computes in and the device it runs on (serving fields dtype, device)", None),
+    "pc_top_class_probability_ratio": ("HISTOGRAM", "Probability the model gave its most likely class, per answered document", PROBABILITY_BUCKETS),
+}
+# Only for a model whose prediction_records is on (server/prediction_records.py).
+RECORD_FAMILIES = {
+    "pc_prediction_records_written_total": ("COUNTER", "Prediction records the records database committed", None),
+    "pc_prediction_record_failures_total": (
+        "COUNTER", "Failures on the way to the records database, by stage: journal (records not journaled, or a journal "
+        "line unreadable: lost), database (a write attempt that failed; its records wait in the journal and are retried)", None),
+    "pc_prediction_records_pending_documents": ("GAUGE", "Prediction records in the journal that the records database does not have yet", None),
 }
 
 _STOP = object()
@@ -68,34 +82,45 @@ class TritonModelMetrics:
     """One model's metrics. ``batch``, ``request_received``, ``answered`` and ``failed`` only queue."""
 
     def __init__(
-        self, pb_utils, model_name: str, label_codes: Sequence[str], engine: ClassificationEngine, instance_name: str | None = None
+        self, pb_utils, model_name: str, label_codes: Sequence[str], engine: ClassificationEngine,
+        instance_name: str | None = None, record_stats: Callable[[], RecorderStats | None] = lambda: None,
     ):
         self._engine = engine
+        self._record_stats = record_stats
         self._events: queue.Queue = queue.Queue()
+        families = {**FAMILIES, **(RECORD_FAMILIES if record_stats() is not None else {})}
         self._families = {
             name: pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
-            for name, (kind, help_text, _) in FAMILIES.items()
+            for name, (kind, help_text, _) in families.items()
         }
         model = {"model": model_name, **({"model_instance": instance_name} if instance_name else {})}
 
         def metric(name: str, **labels: str):
-            buckets = FAMILIES[name][2]
+            buckets = families[name][2]
             extra = {"buckets": buckets} if buckets is not None else {}
             return self._families[name].Metric(labels={**model, **labels}, **extra)
 
-        made_below = ("pc_requests_failed_total", "pc_predictions_total", "pc_engine_cpu_threads", "pc_engine_info")
-        self._plain = {name: metric(name) for name in FAMILIES if name not in made_below}
+        made_below = ("pc_requests_failed_total", "pc_predictions_total", "pc_engine_cpu_threads", "pc_engine_info",
+                      "pc_prediction_record_failures_total")
+        self._plain = {name: metric(name) for name in families if name not in made_below}
         # Created up front, at zero, so every error kind and every class exists as a series from the
         # start: rates and shares are then defined before the first occurrence.
         self._failures = {kind: metric("pc_requests_failed_total", err=kind.value) for kind in ErrorKind}
         self._predictions = [metric("pc_predictions_total", label=code) for code in label_codes]
+        self._records_seen = RecorderStats()
+        if "pc_prediction_record_failures_total" in families:
+            self._record_failures = {
+                stage: metric("pc_prediction_record_failures_total", stage=stage) for stage in self._records_seen.failures
+            }
         self._plain["pc_engine_healthy"].set(1.0 if engine.is_healthy() else 0.0)
+        if engine.startup_seconds is not None:  # the engine started before its metrics are made
+            self._plain["pc_engine_startup_seconds"].set(engine.startup_seconds)
         if engine.cpu_threads is not None:  # fixed once the engine has started; none for vLLM's own threads
             self._plain["pc_engine_cpu_threads"] = metric("pc_engine_cpu_threads")
             self._plain["pc_engine_cpu_threads"].set(float(engine.cpu_threads))
-        if engine.dtype is not None:  # what "auto" resolved to on this machine, readable off the server
-            self._plain["pc_engine_info"] = metric("pc_engine_info", dtype=engine.dtype, device=engine.device or "unknown")
-            self._plain["pc_engine_info"].set(1.0)
+        # What "auto" resolved to on this machine, readable off the server.
+        self._plain["pc_engine_info"] = metric("pc_engine_info", dtype=engine.dtype, device=engine.device)
+        self._plain["pc_engine_info"].set(1.0)
         self._thread = threading.Thread(target=self._run, name="triton-metrics", daemon=True)
         self._thread.start()
 
@@ -137,12 +162,24 @@ class TritonModelMetrics:
                 log.exception("updating metrics failed")
 
     def _sample(self) -> None:
-        depth = getattr(self._engine, "queue_depth", None)
-        if depth is not None:
-            documents, tokens = depth()
-            self._plain["pc_queue_documents"].set(float(documents))
-            self._plain["pc_queue_tokens"].set(float(tokens))
+        documents, tokens = self._engine.queue_depth()
+        self._plain["pc_queue_documents"].set(float(documents))
+        self._plain["pc_queue_tokens"].set(float(tokens))
         self._engine_healthy(self._engine.is_healthy())
+        records = self._record_stats()
+        if records is not None:
+            self._apply_record_stats(records)
+
+    def _apply_record_stats(self, records: RecorderStats) -> None:
+        # The recorder keeps totals; Triton's counters only increment: add what is new since the last sample.
+        seen = self._records_seen
+        if records.written > seen.written:
+            self._plain["pc_prediction_records_written_total"].increment(float(records.written - seen.written))
+        for stage, count in records.failures.items():
+            if count > seen.failures[stage]:
+                self._record_failures[stage].increment(float(count - seen.failures[stage]))
+        self._plain["pc_prediction_records_pending_documents"].set(float(records.pending))
+        self._records_seen = records
 
     def _apply(self, what: str, payload) -> None:
         plain = self._plain
@@ -157,6 +194,8 @@ class TritonModelMetrics:
                 plain["pc_documents_truncated_total"].increment(float(truncated))
             for index, count in _top_classes(scores).items():
                 self._predictions[index].increment(float(count))
+            for document in scores:
+                plain["pc_top_class_probability_ratio"].observe(float(document.probabilities.max()))
         elif what == "failed":
             kind, seconds = payload
             self._failures[kind].increment(1.0)
@@ -181,3 +220,43 @@ class TritonModelMetrics:
 
 def _top_classes(scores: Iterable[DocumentScores]) -> collections.Counter:
     return collections.Counter(int(np.argmax(document.probabilities)) for document in scores)
+
+
+FEEDBACK_FAMILIES = {
+    "pc_feedback_total": ("COUNTER", "Examiners' corrections recorded, by model and verdict: correct (the predicted "
+                          "top-1 was the right class), wrong", None),
+    "pc_live_accuracy_ratio": ("GAUGE", "Share of the model's most recent corrections (up to the feedback model's "
+                               "live_accuracy_window) that confirmed its top-1", None),
+    "pc_live_accuracy_window_documents": ("GAUGE", "Corrected documents pc_live_accuracy_ratio is computed over "
+                                          "(at most live_accuracy_window)", None),
+}
+
+
+class TritonFeedbackMetrics:
+    """The feedback model's metrics, labelled with the classifier each correction is about. Updated
+    inline: corrections are few, and each is acknowledged only after its database commit anyway."""
+
+    def __init__(self, pb_utils):
+        self._families = {
+            name: pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
+            for name, (kind, help_text, _) in FEEDBACK_FAMILIES.items()
+        }
+        self._series: dict[tuple[str, ...], object] = {}
+
+    def _metric(self, name: str, **labels: str):
+        key = (name, *sorted(labels.items()))
+        if key not in self._series:
+            self._series[key] = self._families[name].Metric(labels=labels)
+        return self._series[key]
+
+    def recorded(self, model: str, counts: dict[str, int]) -> None:
+        # Both verdicts exist from the model's first sight, at zero, so the accuracy's rate() is defined.
+        for verdict in VERDICTS:
+            counter = self._metric("pc_feedback_total", model=model, verdict=verdict)
+            if counts.get(verdict):
+                counter.increment(float(counts[verdict]))
+
+    def live_accuracy(self, accuracy) -> None:
+        """``accuracy``: a ``core.prediction_store.LiveAccuracy``."""
+        self._metric("pc_live_accuracy_ratio", model=accuracy.model).set(accuracy.accuracy)
+        self._metric("pc_live_accuracy_window_documents", model=accuracy.model).set(float(accuracy.corrections))

@@ -34,9 +34,9 @@ from vllm.pooling_params import PoolingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from core.engine import ClassificationEngine, DocumentScores, caller_gave_up, complete
+from core.engine import ClassificationEngine, DocumentScores, QueueDepth, caller_gave_up, complete
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable, ServingError
-from core.hf_classifier import DocumentEncoder, dtype_name, EncodedText, resolve_dtype, softmax
+from core.hf_classifier import DocumentEncoder, EncodedText, device_name, dtype_name, resolve_dtype, softmax
 from core.serving_config import ServingConfig
 from server.engine_hold import POLL_S as HOLD_POLL_S, EngineHold
 
@@ -69,7 +69,6 @@ class VllmEngine(ClassificationEngine):
         super().__init__()
         self.config = config
         self.max_length = config.max_length
-        self.startup_seconds: float | None = None
         self._loop = asyncio.new_event_loop()
         self._loop_thread: threading.Thread | None = None
         self._engine: AsyncLLM | None = None
@@ -77,8 +76,11 @@ class VllmEngine(ClassificationEngine):
         self._in_flight: dict[asyncio.Task, Future] = {}  # touched only on the loop thread
         # vLLM queues whatever it is given; admission is bounded here instead, in tokens handed
         # to vLLM and not yet answered, so overload is refused at once as by the PyTorch engine.
+        # The same count is the engine's queue depth: vLLM does not say which of the documents it
+        # holds wait and which compute.
         self._admission = threading.RLock()  # reentrant: a future completed under it releases under it
         self._admitted_tokens = 0
+        self._admitted_documents = 0
         self._admitted: set[Future] = set()  # not yet complete, wherever they are: what stop() fails last
         self._hold = EngineHold.from_environment()
 
@@ -98,11 +100,11 @@ class VllmEngine(ClassificationEngine):
         except BaseException:
             self._shut_down()
             raise
+        # What vLLM resolved, as it runs the model.
+        self.device = device_name(torch.device(self._engine.vllm_config.device_config.device_type))
+        self.dtype = dtype_name(self._engine.model_config.dtype)
         self.startup_seconds = time.monotonic() - started
-        # What vLLM settled on, not what was asked: its config is the one its workers run.
-        self.dtype, self.device = dtype_name(self._engine.model_config.dtype), current_platform.device_type
-        log.info("vllm engine: %s on %s, %s, started in %.1f s",
-                 self.config.model_dir, self.device, self.dtype, self.startup_seconds)
+        log.info("vllm engine: %s on %s, %s, started in %.1f s", self.config.model_dir, self.device, self.dtype, self.startup_seconds)
 
     async def _create_engine(self) -> AsyncLLM:
         # Built on the loop it will serve: AsyncLLM starts its output handler on the running loop.
@@ -118,7 +120,7 @@ class VllmEngine(ClassificationEngine):
         if future.done():
             return future
         encoded = self._encoder.encode(texts)
-        if not self._admit(future, sum(len(item.token_ids) for item in encoded)):
+        if not self._admit(future, len(encoded), sum(len(item.token_ids) for item in encoded)):
             return future
         try:
             self._loop.call_soon_threadsafe(self._begin, future, encoded, deadline, is_cancelled)
@@ -126,20 +128,27 @@ class VllmEngine(ClassificationEngine):
             future.set_exception(ServerUnavailable("the engine is not running"))
         return future
 
-    def _admit(self, future: Future, tokens: int) -> bool:
+    def _admit(self, future: Future, documents: int, tokens: int) -> bool:
         with self._admission:
             if self._admitted_tokens + tokens > self.config.max_queue_tokens:
                 future.set_exception(Overloaded.queue_full(self._admitted_tokens, tokens, self.config.max_queue_tokens))
                 return False
             self._admitted_tokens += tokens
+            self._admitted_documents += documents
             self._admitted.add(future)
-        future.add_done_callback(lambda _: self._release(future, tokens))  # whatever the outcome
+        future.add_done_callback(lambda _: self._release(future, documents, tokens))  # whatever the outcome
         return True
 
-    def _release(self, future: Future, tokens: int) -> None:
+    def _release(self, future: Future, documents: int, tokens: int) -> None:
         with self._admission:
             self._admitted_tokens -= tokens
+            self._admitted_documents -= documents
             self._admitted.discard(future)
+
+    def queue_depth(self) -> QueueDepth:
+        """Admitted and not yet answered (what admission counts)."""
+        with self._admission:
+            return QueueDepth(self._admitted_documents, self._admitted_tokens)
 
     def is_healthy(self) -> bool:
         return (

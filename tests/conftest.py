@@ -5,9 +5,17 @@ to start on 2 cores).
 
 Everything is built from scratch in a temporary folder, the way a user's `make serve` builds
 it, so the suite tests the same path and needs nothing prepared beforehand.
+
+The tiers (docs/testing.md): a test that needs torch or a model, a server, vLLM, a browser or a
+long-running external tool carries the marker that says so (a module whose every test does,
+``pytestmark``), and every such test is also ``slow``. ``make test-fast`` (``pytest --fast``) runs
+the rest: it selects ``not slow``, does not even import a module marked slow as a whole, and
+fails if anything it runs imports a heavy stack. So this file imports only light modules at
+its top; the fixtures import what they build with.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -16,30 +24,104 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from core.labels import LabelSet
-from core.serving_config import ServingConfig
 from core.models_file import ModelsFile
+from core.serving_config import ServingConfig
 from core.text_preprocessing import Preprocessing, text_preprocessor
-from export.demo_models import (
-    DemoModelPaths,
-    build_gemma2_demo,
-    build_kcbert_demo,
-    build_koelectra_demo,
-    build_llama_demo,
-)
-from export.merged_model_export import MergeReport
-from export.models_file_export import export_models
 from export.triton_package import merged_model_dir, write_triton_model
 from server.engine_hold import HOLD_FILE_ENV
-from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
 from tests.parity import Float32Parity, assert_served_probabilities_match
+
+if TYPE_CHECKING:
+    from export.demo_models import DemoModelPaths
+    from export.merged_model_export import MergeReport
+    from server.launcher import TritonServer
+    from tests.tls_certificates import CertificateFiles
+
+# --- tiers ----------------------------------------------------------------------------------------
+
+# Markers that put a test in the slow tier (registered, with what each means, in pyproject.toml).
+SLOW_MARKERS = ("model", "server", "vllm", "browser", "tools")
+# Fixtures that build or export models or start servers: a test that uses one must be slow.
+SLOW_FIXTURES = frozenset({
+    "demo_models", "family_demos", "exported", "server", "llama_demo", "vllm_repository", "vllm_server",
+    "reference", "llama_reference", "secure_server", "postgres",
+})
+# What the fast tier never imports: each takes seconds, and each means a model, vLLM or a browser.
+HEAVY_MODULES = ("torch", "transformers", "peft", "vllm", "selenium", "streamlit")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fast", action="store_true",
+        help="the fast tier: -m 'not slow', without importing a module marked slow as a whole, and failing "
+        "if anything imports " + ", ".join(HEAVY_MODULES),
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("fast"):
+        given = config.option.markexpr
+        config.option.markexpr = f"({given}) and not slow" if given else "not slow"
+
+
+def pytest_ignore_collect(collection_path, config):
+    # Importing such a module is what would cost (torch, transformers, vLLM at its top).
+    if config.getoption("fast") and collection_path.suffix == ".py" and whole_module_markers(collection_path) & set(SLOW_MARKERS):
+        return True
+    return None
+
+
+def whole_module_markers(path: Path) -> set[str]:
+    """The markers a test module's top-level ``pytestmark`` names, read without importing it."""
+    if not path.name.startswith("test_"):
+        return set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "pytestmark" for target in node.targets):
+            return {attribute.attr for attribute in ast.walk(node.value) if isinstance(attribute, ast.Attribute)} - {"mark"}
+    return set()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers added here
+def pytest_collection_modifyitems(config, items):
+    unmarked = []
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SLOW_MARKERS):
+            item.add_marker(pytest.mark.slow)
+        elif SLOW_FIXTURES & set(item.fixturenames):
+            unmarked.append(f"{item.nodeid} uses {', '.join(sorted(SLOW_FIXTURES & set(item.fixturenames)))}")
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that build models or start servers without a marker saying so "
+            f"({', '.join(SLOW_MARKERS)}):\n  " + "\n  ".join(unmarked)
+        )
+
+
+def heavy_modules_imported() -> list[str]:
+    return [name for name in HEAVY_MODULES if name in sys.modules]
+
+
+def pytest_collection_finish(session):
+    if session.config.getoption("fast") and (imported := heavy_modules_imported()):
+        raise pytest.UsageError(
+            f"collecting the fast tier imported {', '.join(imported)}: a module with fast tests imports it at its top "
+            "(import it inside the tests that need it, or mark the module slow)"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_light(request):
+    before = heavy_modules_imported()
+    yield
+    if request.config.getoption("fast") and (imported := sorted(set(heavy_modules_imported()) - set(before))):
+        pytest.fail(f"{request.node.nodeid} imported {', '.join(imported)}: mark it slow ({', '.join(SLOW_MARKERS)})")
+
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PATENTS = PROJECT_ROOT / "clients" / "examples" / "patents.jsonl"
@@ -89,16 +171,21 @@ class Export:
     report: MergeReport
     models: ModelsFile
     reports: dict[str, MergeReport]
+    records_database: str  # where MODEL_NAME records its predictions and the feedback model their corrections
 
 
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> DemoModelPaths:
+    from export.demo_models import build_gemma2_demo
+
     return build_gemma2_demo(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="session")
 def family_demos(tmp_path_factory) -> dict[str, DemoModelPaths]:
     """The other families' demo models, by the Triton model name they are served under."""
+    from export.demo_models import build_kcbert_demo, build_koelectra_demo, build_llama_demo
+
     folder = tmp_path_factory.mktemp("family-demos")
     return {
         LLAMA_MODEL: build_llama_demo(folder),
@@ -107,10 +194,11 @@ def family_demos(tmp_path_factory) -> dict[str, DemoModelPaths]:
     }
 
 
-def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]) -> dict:
+def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths], records_database: str) -> dict:
     """The tests' models file: what models.yaml says, with the tests' demo folders and small batches
-    (several forward passes per test, so requests really share them), and one model with a thread
-    count of its own, unlike its neighbours' "auto" share (tests/test_model_families.py)."""
+    (several forward passes per test, so requests really share them), one model with a thread
+    count of its own, unlike its neighbours' "auto" share (tests/test_model_families.py), and the
+    Gemma-2 model recording its predictions with their text into a SQLite file (tests/test_feedback.py)."""
     def entry(name: str, paths: DemoModelPaths, **serving) -> dict:
         return {"name": name, "base": str(paths.base), "adapter": str(paths.adapter) if paths.adapter else None,
                 "labels": str(paths.labels), "serving": serving}
@@ -120,7 +208,7 @@ def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]
         # "auto" would compute in bf16; tests/test_precision.py covers that).
         "defaults": {"max_batch_tokens": 4096, "device": "cpu", "dtype": "float32"},
         "models": [
-            entry(MODEL_NAME, gemma2, max_length=MAX_LENGTH),
+            entry(MODEL_NAME, gemma2, max_length=MAX_LENGTH, prediction_records="text", records_database=records_database),
             entry(LLAMA_MODEL, families[LLAMA_MODEL], max_length=MAX_LENGTH),
             entry(KCBERT_MODEL, families[KCBERT_MODEL], max_length=KCBERT_MAX_LENGTH, preprocessing="kcbert"),
             entry(KOELECTRA_MODEL, families[KOELECTRA_MODEL], max_length=KOELECTRA_MAX_LENGTH, cpu_threads=KOELECTRA_CPU_THREADS),
@@ -130,20 +218,26 @@ def demo_models_file(gemma2: DemoModelPaths, families: dict[str, DemoModelPaths]
 
 @pytest.fixture(scope="session")
 def exported(demo_models, family_demos, tmp_path_factory) -> Export:
+    from export.models_file_export import export_models
+
     repository = tmp_path_factory.mktemp("model_repository")
-    models = ModelsFile.parse(demo_models_file(demo_models, family_demos))
+    records_database = f"sqlite:///{tmp_path_factory.mktemp('records') / 'prediction-records.db'}"
+    models = ModelsFile.parse(demo_models_file(demo_models, family_demos, records_database))
     reports = export_models(models, repository)
     merged_dir = merged_model_dir(repository, MODEL_NAME)
     # The Gemma-2 weights behind a queue that holds two full-length patents and computes them one
     # at a time: admission control and deadlines become observable with a handful of requests.
-    tight = models.model(MODEL_NAME).serving.model_copy(
-        update={"model_dir": merged_dir, "max_batch_tokens": MAX_LENGTH, "max_queue_tokens": 2 * MAX_LENGTH}
-    )
+    # It records nothing: its answers carry prediction ids all the same.
+    tight = models.model(MODEL_NAME).serving.model_copy(update={
+        "model_dir": merged_dir, "max_batch_tokens": MAX_LENGTH, "max_queue_tokens": 2 * MAX_LENGTH, "prediction_records": "off",
+    })
     write_triton_model(repository, TIGHT_MODEL_NAME, tight)
-    return Export(demo_models, repository, merged_dir, reports[MODEL_NAME], models, reports)
+    return Export(demo_models, repository, merged_dir, reports[MODEL_NAME], models, reports, models.records_database)
 
 
 def start_tritonserver(repository: Path, tmp_path_factory, ready_timeout_s: float) -> TritonServer:
+    from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
+
     http_port, grpc_port, metrics_port = free_loopback_ports(3)
     config = LaunchConfig(
         model_repository=repository,
@@ -203,6 +297,9 @@ class OfflineReference:
     on the text after the model's own cleaning: what the served answers must equal."""
 
     def __init__(self, merged_dir: Path, max_length: int = MAX_LENGTH, preprocessing: Preprocessing = "none"):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(merged_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             merged_dir, dtype=torch.float32, attn_implementation="eager"
@@ -213,12 +310,16 @@ class OfflineReference:
         # How far a served float32 answer may stray from this one: tests/parity.py.
         self.parity = Float32Parity.for_model(self.model.config, max_length)
 
-    @torch.inference_mode()
     def logits(self, text: str) -> tuple[np.ndarray, int]:
+        import torch
+
         encoded = self.tokenizer(self.preprocess(text), truncation=True, max_length=self.max_length, return_tensors="pt")
-        return self.model(**encoded).logits[0].numpy(), int(encoded["input_ids"].shape[1])
+        with torch.inference_mode():
+            return self.model(**encoded).logits[0].numpy(), int(encoded["input_ids"].shape[1])
 
     def probabilities(self, text: str) -> tuple[np.ndarray, int]:
+        import torch
+
         logits, token_count = self.logits(text)
         return torch.softmax(torch.as_tensor(logits), dim=-1).numpy(), token_count
 
@@ -263,6 +364,7 @@ def secure_server(exported, tmp_path_factory):
     """The demo model alone, behind TLS (gRPC and HTTPS) and the access token, with dead-stub reload on."""
     from pydantic import SecretStr
 
+    from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
     from tests.tls_certificates import write_test_certificates
 
     folder = tmp_path_factory.mktemp("secure")
@@ -281,3 +383,14 @@ def secure_server(exported, tmp_path_factory):
     )
     with TritonServer(config, log_path=folder / "tritonserver.log") as running:
         yield SecureServer(running, certificates, ACCESS_TOKEN, token_file)
+
+
+# --- a real PostgreSQL (Debian's package), for the records database -------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    from tests.postgres_server import PostgresServer
+
+    with PostgresServer() as running:
+        yield running

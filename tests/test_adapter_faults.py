@@ -18,6 +18,8 @@ from export.triton_package import MODEL_VERSION, write_triton_model
 from tests.conftest import MAX_LENGTH, start_tritonserver
 from tests.test_monitoring import scrape, value
 
+pytestmark = pytest.mark.server  # every test here starts or calls a tritonserver
+
 MODEL = "faulty-engine"
 # Imported only inside the stub (it needs Triton's pb_utils): every third submission raises.
 FAULTY_MODEL_PY = Path(__file__).parent / "triton_models" / "faulty_engine_model.py"

@@ -14,6 +14,8 @@ from core.errors import DeadlineExceeded, Overloaded
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import TIGHT_MODEL_NAME, held_engines
 
+pytestmark = pytest.mark.server  # every test here calls the real tritonserver
+
 LONG_PATENTS = synthetic_patents(12, seed=77, long_share=1.0)
 QUEUED = 2  # the tight-queue model admits two full-length patents (max_queue_tokens=1024)
 WAIT_S = 60.0

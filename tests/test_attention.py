@@ -9,6 +9,8 @@ from core.hf_classifier import encode_texts, load_tokenizer, pad_batch, serving_
 from core.synthetic_patents import synthetic_patents
 from tests.parity import Float32Parity
 
+pytestmark = pytest.mark.model  # tiny models and the exported demo, in torch
+
 
 def softcapped_model(merged_dir, attention: str):
     """The demo Gemma-2 with attention logits well past the 50.0 cap, as in trained Gemma-2."""

@@ -65,6 +65,7 @@ def test_padding_waste_is_the_share_of_computed_tokens_that_were_padding():
     assert peers.padding_waste(real_tokens=0, padded_tokens=0) is None
 
 
+@pytest.mark.model
 def test_static_batches_count_their_padding_from_the_batches_they_ran(exported):
     documents = [synthetic_patents(1, seed=seed, long_share=share)[0] for seed, share in ((1, 1.0), (2, 0.0))]
     with peers.transformers_target("hf-static", exported.merged_dir, MAX_LENGTH, 2, "cpu", "float32") as target:
@@ -139,6 +140,7 @@ def test_an_open_loop_gives_up_on_answers_that_never_come():
 # --- against the real server ---------------------------------------------------------------------
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_closed_and_open_loops_against_the_real_server(server, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
@@ -156,6 +158,7 @@ def test_closed_and_open_loops_against_the_real_server(server, protocol):
     assert MAX_LENGTH * 4 < closed.tokens < MAX_LENGTH * 12  # 12 patents, about half of them at the cap
 
 
+@pytest.mark.server
 def test_the_pytorch_engines_padding_comes_from_the_servers_metrics(server):
     target = peers.ServerTarget("triton-torch", url=server.grpc_url, model_name=MODEL_NAME, metrics_url=server.metrics_url)
     before = target.computed_tokens()
@@ -172,6 +175,7 @@ def test_the_pytorch_engines_padding_comes_from_the_servers_metrics(server):
     assert padded >= real
 
 
+@pytest.mark.server
 def test_make_bench_against_a_running_server_writes_the_table_json_and_plot(server, tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", "--url", server.grpc_url, "--model", MODEL_NAME,
@@ -188,6 +192,37 @@ def test_make_bench_against_a_running_server_writes_the_table_json_and_plot(serv
     assert "| configuration | samples/s |" in completed.stdout
     assert (folder / "bench.md").read_text(encoding="utf-8") in completed.stdout
     assert (folder / "throughput_vs_p99.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.server
+def test_the_batching_baselines_answer_as_the_served_model_does(exported, tmp_path_factory):
+    """benchmarks/baseline_triton_model.py under Triton's dynamic batcher and one request per
+    execute(), beside the served model, in the real tritonserver: the same answers, and batch-1
+    really computes one request per execute()."""
+    from benchmarks.batching_comparison import MODES, requests_per_execute, write_compared_model
+    from clients import PatentClassifier
+    from core.serving_config import ServingConfig
+    from tests.conftest import start_tritonserver
+
+    repository = tmp_path_factory.mktemp("batching_repository")
+    config = ServingConfig(model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu")
+    for name, triton_batches in MODES.items():
+        write_compared_model(repository, name, config, triton_batches)
+    assert "dynamic_batching {" in (repository / "triton-batcher" / "config.pbtxt").read_text(encoding="utf-8")
+    documents = synthetic_patents(3, seed=17, long_share=0.5)
+    with start_tritonserver(repository, tmp_path_factory, ready_timeout_s=180) as server:
+        answers = {}
+        for name in MODES:
+            with PatentClassifier(server.grpc_url, model=name) as client:
+                assert client.served_config().batched == (MODES[name] is True)
+                answers[name] = [client.classify(document, top_k=3) for document in documents]
+        assert requests_per_execute(server.grpc_url, "batch-1") == 1.0
+    for name in ("triton-batcher", "batch-1"):
+        for baseline, served in zip(answers[name], answers["continuous"]):
+            assert [label.code for label in baseline.labels] == [label.code for label in served.labels]
+            assert baseline.token_count == served.token_count
+            # The same engine, one document per forward pass either way: the same computation.
+            assert [label.probability for label in baseline.labels] == [label.probability for label in served.labels]
 
 
 def test_the_report_names_every_configuration_and_point(tmp_path):
@@ -215,6 +250,7 @@ def test_an_open_loop_does_not_hide_a_broken_sender():
         asyncio.run(run_open_loop("broken", broken, [["a"]], rate=100.0, max_seconds=0.2, max_requests=5))
 
 
+@pytest.mark.model
 def test_a_classification_costs_every_weight_per_token_but_the_last_layers_query_side_and_the_head(exported):
     """The classifier reads one token: the last layer's query side (all but its key and value
     projections) and the head run for that token only; everything else but the embedding lookup
@@ -235,6 +271,7 @@ def test_a_classification_costs_every_weight_per_token_but_the_last_layers_query
     assert f"model.layers.{last}.self_attn.k_proj.weight" not in once and f"model.layers.{last}.mlp.up_proj.weight" in once
 
 
+@pytest.mark.model  # benchmarks.model_flops measures matmuls in torch
 def test_mfu_is_the_classifications_flops_over_the_matmul_of_the_same_precision():
     from benchmarks.model_flops import ClassificationFlops, MatmulCeiling, mfu
 
@@ -248,6 +285,7 @@ def test_mfu_is_the_classifications_flops_over_the_matmul_of_the_same_precision(
         mfu(2560.0, 5.0, flops, float32_ceiling, "bfloat16")
 
 
+@pytest.mark.model  # benchmarks.model_flops measures matmuls in torch
 def test_the_ceiling_is_measured_in_the_asked_precision_and_is_the_faster_of_the_two_matmuls():
     from benchmarks.model_flops import matmul_ceiling
 
@@ -257,6 +295,7 @@ def test_the_ceiling_is_measured_in_the_asked_precision_and_is_the_faster_of_the
         assert ceiling.method in ("torch.matmul", "oneDNN packed")
 
 
+@pytest.mark.model
 def test_the_bench_measures_its_ceiling_in_the_dtype_its_configurations_ran(exported, monkeypatch):
     """dtype auto resolves as the engines resolve it (bf16 on a CPU with native bf16, patched here
     both ways), and the matmul the MFU divides by is measured in that dtype."""

@@ -10,6 +10,7 @@ import queue
 import time
 
 import numpy as np
+import pytest
 import tritonclient.grpc
 
 from clients import PatentClassifier
@@ -18,6 +19,8 @@ from core.errors import Cancelled
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MODEL_NAME, held_engines
 from tests.test_monitoring import scrape, value
+
+pytestmark = pytest.mark.server  # through the real tritonserver
 
 PATENTS = synthetic_patents(4, seed=51, long_share=1.0)
 AHEAD, CANCELLED, BEHIND = PATENTS[0:2], PATENTS[2], PATENTS[3]

@@ -10,9 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
 from tests.conftest import EXAMPLE_PATENTS, KOELECTRA_MODEL, PROJECT_ROOT, example_records
+
+pytestmark = pytest.mark.server  # the CLI against the real tritonserver
 
 OUTPUT_TIMEOUT_S = 120
 

@@ -10,8 +10,12 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from server.launcher import free_loopback_ports
 from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.tools  # pip into fresh virtual environments
 
 PACKAGES = ("core", "clients", "server", "export")  # pyproject.toml's [tool.setuptools] packages
 INSTALL_TIMEOUT_S = 600

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = manifest_check.CHART
 
 
+@pytest.mark.tools
 def test_deploy_check_passes_on_the_project_files(capsys):
     assert manifest_check.main() == 0, capsys.readouterr().out
     output = capsys.readouterr().out
@@ -46,6 +47,7 @@ def _replace(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1), encoding="utf-8")
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize(
     "old, new, expected",
     [
@@ -63,6 +65,7 @@ def test_values_that_break_the_schema_fail_the_check(chart_copy, old, new, expec
     assert any(expected in problem and "helm lint (Kubernetes 1.37.0)" in problem for problem in problems), problems
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize(
     "template, old, new, expected, versions",
     [
@@ -89,6 +92,7 @@ def test_rendered_objects_that_kubernetes_would_refuse_fail_the_check(chart_copy
     assert len(matching) == len(versions), problems
 
 
+@pytest.mark.tools
 def test_a_scaled_object_with_a_wrong_type_fails_the_check(chart_copy):
     _replace(chart_copy / "templates" / "scaledobject.yaml",
              "minReplicaCount: {{ .Values.autoscaling.minReplicas }}", 'minReplicaCount: "{{ .Values.autoscaling.minReplicas }}"')
@@ -127,6 +131,7 @@ def test_a_base_image_of_another_server_version_fails_the_check(tmp_path):
     assert len(problems) == 1 and "nvidia-pytriton 0.0.1 is not in PYTRITON_SERVER_VERSION" in problems[0]
 
 
+@pytest.mark.server
 def test_the_installed_tritonserver_is_the_version_the_base_image_table_names(tmp_path):
     """The table that picks the image's tag, against the server the project actually runs: the
     nvidia-pytriton wheel's tritonserver, asked for its version (GET /v2)."""
@@ -163,6 +168,7 @@ def _one(objects: list[dict], kind: str) -> dict:
     return found
 
 
+@pytest.mark.tools
 def test_the_prometheus_rule_is_monitoring_alerts_yml():
     """One source for the alerts: the chart's file links to monitoring/alerts.yml, and the rendered
     PrometheusRule holds exactly its groups."""
@@ -172,6 +178,7 @@ def test_the_prometheus_rule_is_monitoring_alerts_yml():
     assert rule["spec"]["groups"] == yaml.safe_load((ROOT / "monitoring" / "alerts.yml").read_text(encoding="utf-8"))["groups"]
 
 
+@pytest.mark.tools
 def test_autoscaling_targets_the_queue_token_gauge_the_server_exports():
     hpa = _one(_rendered("values-gpu.yaml"), "HorizontalPodAutoscaler")
     [metric] = hpa["spec"]["metrics"]
@@ -184,6 +191,7 @@ def test_autoscaling_targets_the_queue_token_gauge_the_server_exports():
     assert scaled["spec"]["triggers"][0]["metadata"]["query"].startswith("sum(pc_queue_tokens{")
 
 
+@pytest.mark.tools
 def test_one_pod_per_gpu_and_one_pod_per_eight_gpu_node():
     for values_file, gpus in (("values-gpu.yaml", 1), ("values-gpu-node-8.yaml", 8), ("values-cpu-demo.yaml", 0)):
         container = _one(_rendered(values_file), "Deployment")["spec"]["template"]["spec"]["containers"][0]
@@ -191,6 +199,7 @@ def test_one_pod_per_gpu_and_one_pod_per_eight_gpu_node():
         assert container["resources"]["requests"].get("nvidia.com/gpu") == (gpus or None)
 
 
+@pytest.mark.server
 def test_the_deployments_command_line_and_probes_work_against_the_real_server(exported, tmp_path):
     """The rendered Deployment of values-gpu.yaml (token and TLS from Secrets), run as the image would
     run it, on loopback: `python -m server` with the container's arguments (paths and ports mapped to

@@ -21,6 +21,8 @@ from core.synthetic_patents import synthetic_patents
 from server.torch_engine import TorchEngine
 from tests.conftest import MAX_LENGTH
 
+pytestmark = pytest.mark.model  # the PyTorch engine over the exported demo
+
 REQUESTS = 10_000
 SUBMITTING_THREADS = 4
 

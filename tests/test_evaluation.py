@@ -15,7 +15,6 @@ from PIL import Image
 from clients import PatentClassifier
 from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
-from export.demo_labelled_set import demo_labelled_rows
 from server.launcher import free_loopback_ports
 from tests.conftest import LLAMA_MODEL, MODEL_NAME, PROJECT_ROOT
 
@@ -65,6 +64,7 @@ def ranked_answers(server):
     return documents, [[score.code for score in answer.labels] for answer in answers]
 
 
+@pytest.mark.server
 def test_report_on_a_file_with_known_answers(server, exported, ranked_answers, reference, tmp_path):
     documents, ranked = ranked_answers
     # Five labelled with the served top class (right), three with its second (wrong, but in the
@@ -114,6 +114,7 @@ def test_report_on_a_file_with_known_answers(server, exported, ranked_answers, r
     assert "accuracy          0.5000" in result.stdout and "top-5 accuracy    0.8000" in result.stdout
 
 
+@pytest.mark.server
 def test_a_file_labelled_with_the_served_answers_scores_one_over_http_without_loading_a_model(server, ranked_answers, tmp_path):
     documents, ranked = ranked_answers
     labelled = write_labelled_file(tmp_path / "perfect.jsonl", documents, [codes[0] for codes in ranked])
@@ -133,6 +134,7 @@ def test_a_file_labelled_with_the_served_answers_scores_one_over_http_without_lo
     assert "sklearn" in imported and imported.isdisjoint({"torch", "transformers"})
 
 
+@pytest.mark.server
 def test_accuracy_under_min_accuracy_fails_the_release_gate_after_writing_the_report(server, ranked_answers, tmp_path):
     documents, ranked = ranked_answers
     labels = [codes[0] for codes in ranked[:7]] + [codes[1] for codes in ranked[7:]]  # accuracy 0.7
@@ -146,6 +148,7 @@ def test_accuracy_under_min_accuracy_fails_the_release_gate_after_writing_the_re
     assert read_report(tmp_path / "failed")["accuracy"] == pytest.approx(0.7)
 
 
+@pytest.mark.server
 def test_a_file_labelled_for_another_model_is_refused_naming_its_labels_and_the_model(server, tmp_path):
     """The KSCST-labelled file against the 9-class IPC model: before, accuracy 0.0000 and exit 0."""
     result = run_evaluate("--input", SHIPPED_LABELLED_FILE, "--out", tmp_path / "out", "--url", server.grpc_url, "--model", LLAMA_MODEL)
@@ -157,7 +160,10 @@ def test_a_file_labelled_for_another_model_is_refused_naming_its_labels_and_the_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.server
 def test_make_eval_path_on_the_shipped_file_gives_the_documented_numbers(exported, tmp_path):
+    from export.demo_labelled_set import demo_labelled_rows
+
     """`make eval` starts its own server; on the shipped file a served model equal to the offline
     one scores exactly the shares the generator documents."""
     prefix = 20  # row i of the generator does not depend on the file's length

@@ -23,6 +23,8 @@ from export.triton_package import merged_model_dir
 from tests.conftest import KCBERT_MODEL, KOELECTRA_MODEL, LLAMA_MODEL, MAX_LENGTH, MODEL_NAME, PROJECT_ROOT
 from tests.parity import Float32Parity
 
+pytestmark = pytest.mark.model  # merges and proofs in torch
+
 # Both sides compute W + scale·(B·A) in float32 with PEFT's operations; only the summation order
 # inside the rank-r product may differ between matmul kernels. In the demo adapters
 # (export/demo_models.py) |A| ≤ 1/√fan_in (PEFT's initialisation), B ~ N(0, 0.05) and W ~ N(0, 0.02),

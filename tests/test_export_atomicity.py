@@ -17,9 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from clients import PatentClassifier
 from core.synthetic_patents import synthetic_patents
@@ -108,6 +106,8 @@ def _adapter_missing_a_target(demo, folder: Path) -> Path:
 
 
 def _base_with_a_nan(demo, folder: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
     shutil.copytree(demo.base, folder)
     weights = load_file(folder / "model.safetensors")
     weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
@@ -117,6 +117,9 @@ def _base_with_a_nan(demo, folder: Path) -> Path:
 
 def _retrained_head(demo, folder: Path) -> Path:
     """A valid adapter whose answers differ: the head a second fine-tune would have trained."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
     shutil.copytree(demo.adapter, folder)
     weights = load_file(folder / "adapter_model.safetensors")
     weights["base_model.model.score.weight"] = torch.roll(weights["base_model.model.score.weight"], shifts=1, dims=0)
@@ -124,6 +127,7 @@ def _retrained_head(demo, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("tamper, field, returncode, message", [
     (_adapter_missing_a_target, "adapter", 1, "merge proof FAILED"),
     (_base_with_a_nan, "base", 2, "holds NaN"),
@@ -142,6 +146,7 @@ def test_a_failed_export_leaves_the_served_model_as_it_was(served, demo_models, 
     assert np.array_equal(served.answers(), answers)
 
 
+@pytest.mark.server
 def test_an_export_killed_midway_leaves_the_served_model_and_the_next_one_cleans_up(served, demo_models, tmp_path):
     answers, files = served.answers(), served.files()
     retrained = _retrained_head(demo_models, tmp_path / "retrained")

@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from clients import AsyncPatentClassifier, PatentClassifier
 from core.errors import DeadlineExceeded, EngineFailure, ModelNotFound, ServerUnavailable, ServingError
 from core.synthetic_patents import synthetic_patents
@@ -14,10 +16,23 @@ from server.model_watchdog import stub_processes
 from tests.conftest import MODEL_NAME, held_engines
 from tests.test_monitoring import scrape, value
 
+pytestmark = pytest.mark.server  # stubs killed under load in the real tritonserver
+
 IN_FLIGHT_TIMEOUT_S = 15.0  # the clients' deadline: what bounds a request the dead stub held
 RECOVERY_LIMIT_S = 180.0
 PATENTS = synthetic_patents(16, seed=31, long_share=1.0)
 PROBE = synthetic_patents(1, seed=32, long_share=0.0)[0]
+
+
+async def timed_outcome(client, document) -> tuple[object, float]:
+    """("answered" or the typed error, seconds taken) of one classification."""
+    started = time.monotonic()
+    try:
+        await client.classify(document)
+        outcome = "answered"
+    except ServingError as error:
+        outcome = error
+    return outcome, time.monotonic() - started
 
 
 def test_killing_the_stub_under_load_fails_requests_in_flight_and_the_model_comes_back(secure_server):
@@ -38,19 +53,10 @@ def test_killing_the_stub_under_load_fails_requests_in_flight_and_the_model_come
             await grpc_client.classify(PROBE)
             await http_client.classify(PROBE)
 
-            async def one(client, document):
-                started = time.monotonic()
-                try:
-                    await client.classify(document)
-                    outcome = "answered"
-                except ServingError as error:
-                    outcome = error
-                return outcome, time.monotonic() - started
-
             # Held (server/engine_hold.py): every request is queued in the stub when it dies,
             # however fast the machine would have answered them.
             with held_engines():
-                in_flight = [asyncio.ensure_future(one(client, document))
+                in_flight = [asyncio.ensure_future(timed_outcome(client, document))
                              for document in PATENTS for client in (grpc_client, http_client)]
                 while queued() < len(in_flight):
                     await asyncio.sleep(0.1)
@@ -61,7 +67,7 @@ def test_killing_the_stub_under_load_fails_requests_in_flight_and_the_model_come
             probes = []
             while time.monotonic() - killed_at < RECOVERY_LIMIT_S:
                 ready = await grpc_client.is_ready()
-                outcome, _ = await one(grpc_client, PROBE)
+                outcome, _ = await timed_outcome(grpc_client, PROBE)
                 probes.append((time.monotonic() - killed_at, ready, outcome))
                 if outcome == "answered" and ready:
                     break

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from transformers import AutoConfig
 
 from benchmarks import gpu_gemma2_9b
 from benchmarks.model_flops import classification_flops
 from core import causal_flex_attention
 from tests.parity import Float32Parity
+
+pytestmark = pytest.mark.model  # the GPU script, run whole on the CPU
 
 
 def test_the_gpu_script_measures_parity_throughput_and_mfu_end_to_end(tmp_path):

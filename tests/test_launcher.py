@@ -6,12 +6,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+import pytest
 
 from clients import PatentClassifier
 from core.synthetic_patents import synthetic_patents
-from server.launcher import build_python_backend_directory, free_loopback_ports
+from core.serving_config import ServingConfig
+from export.triton_package import write_triton_model
+from server.launcher import LaunchConfig, TritonServer, build_python_backend_directory, free_loopback_ports
+from server.model_watchdog import process_tree, still_running, stub_processes
 from tests.conftest import LLAMA_MODEL, MODEL_NAME, PROJECT_ROOT
+
+pytestmark = pytest.mark.server  # python -m server as make serve runs it
 
 
 def test_backend_folder_links_the_wheels_python_backend(tmp_path):
@@ -109,3 +117,26 @@ def test_serve_refuses_a_models_file_naming_an_unexported_model(exported, tmp_pa
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2 and "['not-exported']" in result.stderr and "make export" in result.stderr
+
+
+def test_stopping_ends_a_stub_that_tritonserver_left_behind(exported, tmp_path):
+    """A tritonserver that does not answer SIGTERM (frozen here with SIGSTOP; in production a hung
+    shutdown) is killed after its exit timeout, and then cannot stop its stubs: the launcher ends
+    them rather than leave the model's memory held by orphans."""
+    repository = tmp_path / "repository"
+    write_triton_model(repository, MODEL_NAME, ServingConfig(
+        model_dir=exported.merged_dir.resolve(), max_length=512, max_batch_tokens=4096, device="cpu"
+    ))
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
+    config = LaunchConfig(
+        model_repository=repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+        backend_directory=tmp_path / "backends", ready_timeout_s=180, exit_timeout_s=1,
+    )
+    server = TritonServer(config, log_path=tmp_path / "tritonserver.log").start()
+    [stub] = stub_processes(server.process.pid)
+    tree = process_tree(server.process.pid)
+    os.kill(server.process.pid, signal.SIGSTOP)
+    server.stop()
+    assert stub.pid in {pid for pid, _ in tree}
+    survivors = [(pid, Path(f"/proc/{pid}/stat").read_text()) for pid, start in tree if still_running(pid, start)]
+    assert survivors == []

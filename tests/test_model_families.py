@@ -10,14 +10,12 @@ import sys
 
 import numpy as np
 import pytest
-from transformers import BertConfig
 
 from clients import PatentClassifier
+from core.feedback_protocol import FEEDBACK_MODEL
 from core.models_file import ModelsFile, ModelsFileError
 from core.synthetic_patents import synthetic_patents
 from core.text_preprocessing import kcbert_clean
-from export.merged_model_export import MERGE_TOLERANCE
-from export.model_support import UnsupportedModel, check_servable
 from tests.conftest import (
     KCBERT_MODEL,
     KOELECTRA_CPU_THREADS,
@@ -40,6 +38,7 @@ def references(exported):
     return {name: OfflineReference.for_served_model(exported, name) for name in FAMILIES}
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("model", FAMILIES)
 def test_each_family_serves_what_transformers_computes(server, references, model, protocol):
@@ -59,6 +58,7 @@ def test_each_family_serves_what_transformers_computes(server, references, model
     assert min(top_probabilities) < 0.9
 
 
+@pytest.mark.server
 def test_koelectra_truncates_at_60_tokens_and_says_so(server, references):
     reference = references[KOELECTRA_MODEL]
     long_text, short_text = synthetic_patents(1, seed=3, long_share=1.0)[0].render(), "좋은 발명입니다."
@@ -79,6 +79,7 @@ def test_kcbert_cleaning_follows_its_authors():
     assert "😀" not in kcbert_clean(NOISY_COMMENT, keep_emoji=False)
 
 
+@pytest.mark.server
 def test_kcbert_is_served_on_cleaned_text(server, references):
     """The served token count is the cleaned text's, not the raw text's, and the scores match the
     reference on the cleaned text only."""
@@ -92,7 +93,10 @@ def test_kcbert_is_served_on_cleaned_text(server, references):
     reference.assert_matches(NOISY_COMMENT, served_probabilities(answer, reference.labels))
 
 
+@pytest.mark.model
 def test_llama_merge_is_proven_like_gemma(exported):
+    from export.merged_model_export import MERGE_TOLERANCE
+
     report = exported.reports[LLAMA_MODEL]
     assert report.adapter is not None
     assert report.merged_in_float32.max_abs_logit_diff <= MERGE_TOLERANCE
@@ -103,6 +107,7 @@ def test_llama_merge_is_proven_like_gemma(exported):
     assert reference.model.config.pad_token_id == reference.tokenizer.eos_token_id
 
 
+@pytest.mark.server
 def test_cpu_threads_go_from_the_models_file_to_each_models_engine(exported, server):
     """The export writes each model's cpu_threads into its config.pbtxt, and each engine reports on
     Triton's metrics port the threads its forward passes run with: the models file's count, or for
@@ -110,7 +115,7 @@ def test_cpu_threads_go_from_the_models_file_to_each_models_engine(exported, ser
     for name, setting in ((MODEL_NAME, "auto"), (KOELECTRA_MODEL, KOELECTRA_CPU_THREADS)):
         config = (exported.repository / name / "config.pbtxt").read_text()
         assert f'parameters {{ key: "cpu_threads" value {{ string_value: "{setting}" }} }}' in config
-    hosted = len(list(exported.repository.glob("*/config.pbtxt")))
+    hosted = len([c for c in exported.repository.glob("*/config.pbtxt") if c.parent.name != FEEDBACK_MODEL])  # it computes nothing
     samples, _ = scrape(server.metrics_url)
     assert value(samples, "pc_engine_cpu_threads", model=MODEL_NAME) == max(1, len(os.sched_getaffinity(0)) // hosted)
     assert value(samples, "pc_engine_cpu_threads", model=KOELECTRA_MODEL) == KOELECTRA_CPU_THREADS
@@ -135,7 +140,12 @@ def test_models_file_errors_name_the_model_and_the_field():
         ModelsFile.parse({"models": [{"name": "twice", "base": "x", "serving": {"max_length": 64}}] * 2})
 
 
+@pytest.mark.model
 def test_unsupported_models_are_refused_at_export_with_the_reason(tmp_path, exported):
+    from transformers import BertConfig
+
+    from export.model_support import UnsupportedModel, check_servable
+
     masked_lm = tmp_path / "masked-lm"
     BertConfig(architectures=["BertForMaskedLM"]).save_pretrained(masked_lm)
     with pytest.raises(UnsupportedModel, match="BertForMaskedLM.*not a \\*ForSequenceClassification"):

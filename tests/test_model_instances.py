@@ -128,6 +128,7 @@ def per_instance(samples, name: str) -> dict[str, float]:
     return values
 
 
+@pytest.mark.server
 def test_two_cpu_instances_both_compute_and_answer_what_transformers_computes(two_instance_server, reference):
     documents = example_documents() + synthetic_patents(6, seed=77, long_share=0.5)
     before = per_instance(scrape(two_instance_server.metrics_url)[0], "pc_documents_total")

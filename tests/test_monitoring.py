@@ -21,7 +21,7 @@ from core.errors import ErrorKind
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
 from server.prometheus_monitor import MONITORING, Prometheus, write_config
-from server.triton_metrics import FAMILIES
+from server.triton_metrics import FAMILIES, FEEDBACK_FAMILIES, RECORD_FAMILIES
 from tests.conftest import MODEL_NAME, PROJECT_ROOT
 
 ALERTS = MONITORING / "alerts.yml"
@@ -64,7 +64,7 @@ def alert_names() -> set[str]:
 def test_the_alerts_the_office_asked_for_exist():
     assert alert_names() == {
         "TritonServerDown", "ModelNotReady", "HighErrorRate", "P99LatencyAboveTarget",
-        "QueueTimeGrowing", "NoTraffic", "ClassShareDrift",
+        "QueueTimeGrowing", "NoTraffic", "ClassShareDrift", "ConfidenceDrop", "LiveAccuracyDrop",
     }
 
 
@@ -116,6 +116,7 @@ def documented_metrics() -> tuple[dict[str, str], set[str]]:
     return {name: kind for name, kind, _ in rows}, set(re.findall(r"`([a-z_]+)`", failure_row.partition("`err`:")[2]))
 
 
+@pytest.mark.server
 def test_the_documented_metric_list_is_exactly_what_the_server_exposes(server):
     samples, types = scrape(server.metrics_url)
     documented, documented_errors = documented_metrics()
@@ -132,7 +133,7 @@ def test_the_documented_metric_list_is_exactly_what_the_server_exposes(server):
 def test_every_metric_name_follows_prometheus_conventions():
     """Counters end in _total (and one of seconds in _seconds_total); a family that counts or
     measures seconds says so; nothing else ends like a histogram's own series or a counter."""
-    for name, (kind, help_text, _) in FAMILIES.items():
+    for name, (kind, help_text, _) in {**FAMILIES, **RECORD_FAMILIES, **FEEDBACK_FAMILIES}.items():
         assert re.fullmatch(r"pc_[a-z_]+", name), name
         if kind == "COUNTER":
             assert name.endswith("_total"), name
@@ -140,12 +141,14 @@ def test_every_metric_name_follows_prometheus_conventions():
             assert not name.endswith(("_total", "_count", "_sum", "_bucket")), name
         in_seconds = help_text.startswith("Seconds")
         assert in_seconds == name.endswith(("_seconds", "_seconds_total")), (name, help_text)
-        # Every gauge and histogram names its unit (or is a 0/1 state).
+        # Every gauge and histogram names its unit, or is a 0/1 state, or an info metric (constant 1,
+        # its facts in labels, named _info as Prometheus' own are).
         if kind != "COUNTER":
-            assert name.endswith(("_seconds", "_documents", "_tokens", "_ratio", "_threads", "_healthy")), name
+            assert name.endswith(("_seconds", "_documents", "_tokens", "_ratio", "_threads", "_healthy", "_info")), name
     assert FAMILIES["pc_queue_tokens"][0] == "GAUGE"  # the autoscaler's metric keeps its name
 
 
+@pytest.mark.server
 def test_the_metrics_count_what_clients_saw(server):
     patents = synthetic_patents(6, seed=31, long_share=0.5)
     before, _ = scrape(server.metrics_url)
@@ -262,38 +265,51 @@ def prometheus_after_load(server, tmp_path_factory):
         patents = synthetic_patents(48, seed=5, long_share=0.3)
         load = closed_loop("monitoring", server.grpc_url, MODEL_NAME, [[p] for p in patents], concurrency=4, max_seconds=60)
         assert load.failures == 0 and load.requests == len(patents)
+        with PatentClassifier(server.grpc_url, model=MODEL_NAME) as client:  # examiners confirm one answer, correct another
+            confirmed, corrected = client.classify_batch(synthetic_patents(2, seed=6))
+            client.submit_feedback(confirmed.prediction_id, confirmed.labels[0].code)
+            client.submit_feedback(corrected.prediction_id, corrected.labels[1].code)
         # Wait until Prometheus holds the whole load (and the recording rules ran on it).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             scraped = prometheus.query(f'sum(pc_requests_succeeded_total{{model="{MODEL_NAME}"}})')
             shares = prometheus.query("pc:predictions:share_1h")
-            if scraped and float(scraped[0]["value"][1]) >= len(patents) and shares:
+            accuracy = prometheus.query(f'pc_live_accuracy_ratio{{model="{MODEL_NAME}"}}')
+            if scraped and float(scraped[0]["value"][1]) >= len(patents) and shares and accuracy:
                 break
             time.sleep(0.5)
         time.sleep(3)
         yield prometheus
 
 
+@pytest.mark.server
+@pytest.mark.tools
 @pytest.mark.parametrize("title, expr", panel_queries(), ids=[f"{t}:{e[:40]}" for t, e in panel_queries()])
 def test_every_dashboard_panel_returns_data_after_load(prometheus_after_load, title, expr):
     assert_returns_data(prometheus_after_load, expr)
 
 
+@pytest.mark.server
+@pytest.mark.tools
 def test_every_metric_a_panel_names_exists_in_prometheus(prometheus_after_load):
     known = set(prometheus_after_load.get("/api/v1/label/__name__/values"))
     named = {name for _, expr in panel_queries() for name in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr)}
     assert named and named <= known, f"panels name metrics Prometheus does not have: {sorted(named - known)}"
 
 
+@pytest.mark.server
+@pytest.mark.tools
 def test_a_panel_naming_a_nonexistent_metric_fails_the_check(prometheus_after_load):
     with pytest.raises(AssertionError, match="no series"):
         assert_returns_data(prometheus_after_load, 'sum by (model) (rate(pc_no_such_metric{model=~"$model"}[$__rate_interval]))')
 
 
+@pytest.mark.server
+@pytest.mark.tools
 def test_prometheus_evaluates_every_rule_without_error(prometheus_after_load):
     groups = prometheus_after_load.get("/api/v1/rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 9
+    assert len(rules) == 13
     assert [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"] == []
     # Under steady load no alert is firing.
     firing = [rule["name"] for rule in rules if rule.get("state") == "firing"]
@@ -303,6 +319,7 @@ def test_prometheus_evaluates_every_rule_without_error(prometheus_after_load):
 # --- make monitor ---------------------------------------------------------------------------------
 
 
+@pytest.mark.tools
 def test_the_links_make_monitor_prints_answer_on_the_prometheus_it_starts(tmp_path):
     (port, nobody_listens) = free_loopback_ports(2)
     monitor = subprocess.Popen(

@@ -10,6 +10,8 @@ from transformers import Gemma2Config, Gemma2ForSequenceClassification
 from core.hf_classifier import pad_batch
 from tests.parity import Float32Parity, probability_sum_slack
 
+pytestmark = pytest.mark.model  # tiny Gemma-2 models in torch
+
 MAX_LENGTH = 96
 LENGTHS = (96, 80, 57, 31, 12)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from core import hf_classifier
+
 from core.models_file import ModelsFile
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
@@ -24,6 +25,8 @@ from tests.test_monitoring import scrape, value
 LABELLED_FILE = EXAMPLE_PATENTS.parent / "labelled_patents.jsonl"
 # bf16 keeps 8 significant bits: every rounding to it moves a value by at most this share.
 BF16_UNIT_ROUNDOFF = 2.0**-8
+
+pytestmark = pytest.mark.model  # torch, the PyTorch engine and the exported demo
 
 
 @pytest.fixture
@@ -116,12 +119,14 @@ def test_bf16_answers_agree_with_float32_within_what_bf16_rounding_allows(export
         engine.stop()
 
 
+@pytest.mark.server
 def test_the_served_dtype_and_device_are_a_metric(server):
     samples, types = scrape(server.metrics_url)
     assert types["pc_engine_info"] == "gauge"
     assert value(samples, "pc_engine_info", dtype="float32", device="cpu") == 1.0  # the tests' models file pins float32
 
 
+@pytest.mark.vllm
 def test_the_vllm_engine_computes_in_what_auto_resolves_to(native_bf16, tmp_path):
     from server.vllm_engine import engine_args
 
@@ -133,6 +138,8 @@ def test_the_vllm_engine_computes_in_what_auto_resolves_to(native_bf16, tmp_path
     assert engine_args(config.model_copy(update={"dtype": "float32"})).dtype == torch.float32
 
 
+@pytest.mark.server
+@pytest.mark.vllm
 def test_the_vllm_engine_reports_the_dtype_vllm_runs(vllm_server):
     samples, _ = scrape(vllm_server.metrics_url)
     assert value(samples, "pc_engine_info", model=VLLM_GEMMA2_MODEL, dtype="float32", device="cpu") == 1.0
@@ -208,13 +215,3 @@ def test_the_export_writes_the_settled_dtype_into_config_pbtxt(exported, tmp_pat
     config = (tmp_path / "refused-bf16" / "config.pbtxt").read_text()
     assert 'key: "dtype" value { string_value: "float32" }' in config
     assert json.loads((merged_model_dir(tmp_path, "refused-bf16") / precision_agreement.REPORT_FILENAME).read_text())["top1_agreement"] == 0.5
-
-
-def test_models_file_agreement_fields_are_validated():
-    from core.models_file import ModelsFileError
-
-    entry = {"name": "m", "base": "x", "serving": {"max_length": 512}}
-    with pytest.raises(ModelsFileError, match=r"models\[0\] \(m\)\.min_top1_agreement: Input should be less than or equal to 1"):
-        ModelsFile.parse({"models": [{**entry, "min_top1_agreement": 1.5}]})
-    with pytest.raises(ModelsFileError, match=r"agreement_documents: Input should be greater than or equal to 1"):
-        ModelsFile.parse({"models": [{**entry, "agreement_documents": 0}]})

@@ -9,6 +9,7 @@ from core.engine import DocumentScores
 from core.errors import InvalidInput
 from core.labels import Label, LabelSet
 from core.patent_document import MAX_DOCUMENT_BYTES, TEXT_TEMPLATE, PatentDocument, without_control_characters
+from core.prediction_id import new_prediction_id
 
 
 def texts(*values: bytes) -> np.ndarray:
@@ -89,8 +90,10 @@ def test_answers_round_trip_with_ranked_labels():
         DocumentScores(np.array([0.1, 0.6, 0.1, 0.2], dtype=np.float32), token_count=7, truncated=False),
         DocumentScores(np.array([0.7, 0.1, 0.15, 0.05], dtype=np.float32), token_count=512, truncated=True),
     ]
-    answers = protocol.decode_answer(protocol.encode_answer(scores, labels, top_k=2))
+    ids = [new_prediction_id(), new_prediction_id()]
+    answers = protocol.decode_answer(protocol.encode_answer(scores, labels, top_k=2, prediction_ids=ids))
     assert [[s.code for s in a.labels] for a in answers] == [["C1", "C3"], ["C0", "C2"]]
+    assert [a.prediction_id for a in answers] == ids
     assert answers[0].labels[0].name == "class 1"
     assert answers[1].labels[0].probability == pytest.approx(0.7)
     assert [(a.token_count, a.truncated) for a in answers] == [(7, False), (512, True)]

@@ -117,6 +117,7 @@ def urls(servers, protocol: str) -> str:
     return ",".join(server.grpc_url if protocol == "grpc" else server.http_url for server in servers)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_the_client_spreads_requests_over_both_replicas(replicas, protocol):
     before = [answered(server) for server in replicas]
@@ -130,6 +131,7 @@ def test_the_client_spreads_requests_over_both_replicas(replicas, protocol):
     assert min(done) >= SPREAD_SHARE * len(SHORT), done
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_the_asyncio_client_spreads_requests_too(replicas, protocol):
     before = [answered(server) for server in replicas]
@@ -145,6 +147,7 @@ def test_the_asyncio_client_spreads_requests_too(replicas, protocol):
     assert min(done) >= SPREAD_SHARE * len(SHORT), done
 
 
+@pytest.mark.server
 def test_a_grpc_target_of_several_addresses_is_balanced_by_grpc(replicas):
     """gRPC's own target syntax, as a headless Service's dns:/// name resolves: one channel, round_robin."""
     first, second = replicas
@@ -159,6 +162,7 @@ def test_a_grpc_target_of_several_addresses_is_balanced_by_grpc(replicas):
     assert min(done) >= SPREAD_SHARE * len(SHORT), done
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_dns_name_reaches_the_replicas_it_resolves_to(replicas, protocol):
     first, _ = replicas
@@ -168,6 +172,7 @@ def test_a_dns_name_reaches_the_replicas_it_resolves_to(replicas, protocol):
         assert client.classify(SHORT[0]).token_count > 0
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_model_no_replica_has_is_model_not_found(replicas, protocol):
     with PatentClassifier(urls(replicas, protocol), protocol, "no-such-model", timeout_s=TIMEOUT_S) as client:
@@ -188,6 +193,7 @@ def victim(replica_folder, tmp_path, monkeypatch):
         yield server, hold
 
 
+@pytest.mark.server
 def test_killing_a_replica_mid_run_loses_no_request(replicas, victim):
     survivor, _ = replicas
     victim, hold = victim
@@ -310,6 +316,7 @@ def test_the_retry_rules():
     assert late.pause_before_retry(late.next_replica(), ServerUnavailable("refused")) is None  # no time left
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_the_cli_with_one_dead_address_answers_every_line(replicas, protocol, tmp_path):
     first, _ = replicas

@@ -93,6 +93,7 @@ def raw_requests(draw):
     return tensors
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol_name", ["grpc", "http"])
 def test_random_raw_requests_never_take_the_server_down(server, protocol_name):
     module = tritonclient.grpc if protocol_name == "grpc" else tritonclient.http

@@ -16,6 +16,8 @@ from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
 from tests.conftest import MAX_LENGTH, MODEL_NAME, example_records
 
+pytestmark = pytest.mark.server  # the demo models through the real tritonserver
+
 PROTOCOLS = ["grpc", "http"]
 
 

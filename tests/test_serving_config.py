@@ -1,4 +1,5 @@
 """config.pbtxt parameters: validated once, when the model loads, with the field's name in the error."""
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,64 @@ def test_num_labels_is_written_from_the_merged_model_and_must_agree_with_it(tmp_
         stale.model_labels()
     # A model exported before num_labels existed still loads: nothing to check it against.
     assert "num_labels" not in ServingConfig(model_dir=Path("model"), max_length=512).to_triton_parameters()
+def test_prediction_records_need_a_database_named_by_a_supported_url(tmp_path):
+    with pytest.raises(ValueError, match="records_database: required with prediction_records 'hash'"):
+        ServingConfig(model_dir=tmp_path, max_length=64, prediction_records="hash")
+    with pytest.raises(ValueError, match=r"records_database\n.*is 'mysql://db/records'; it must be sqlite:///PATH"):
+        ServingConfig(model_dir=tmp_path, max_length=64, prediction_records="hash", records_database="mysql://db/records")
+    config = ServingConfig(model_dir=tmp_path, max_length=64, prediction_records="text", records_database="postgresql://pc@db/records")
+    assert config.records_database == "postgresql+psycopg://pc@db/records"  # psycopg 3, which the server installs
+
+
+def test_a_relative_sqlite_file_is_the_model_folders_own_and_the_journal_lies_beside_the_repository(tmp_path):
+    version_dir = tmp_path / "model_repository" / "m" / "1"
+    config = ServingConfig.from_triton_parameters(
+        parameters(model_dir="model", max_length=64, prediction_records="hash", records_database="sqlite:///records.db"), version_dir
+    )
+    assert config.records_database == f"sqlite:///{version_dir.resolve() / 'records.db'}"
+    # Not inside the model's folder, which a re-export replaces whole.
+    assert config.records_journal == tmp_path.resolve() / "prediction-journal"
+
+
+def models_file(*servings, **extra) -> dict:
+    return {"models": [{"name": f"m{i}", "base": "base", "serving": {"max_length": 64, **serving}} for i, serving in enumerate(servings)],
+            **extra}
+
+
+RECORDING = {"prediction_records": "hash", "records_database": "sqlite:///records.db"}
+
+
+def test_the_models_file_adds_the_feedback_model_when_a_model_records(tmp_path):
+    from core.models_file import ModelsFile
+
+    models = ModelsFile.parse(models_file(RECORDING, {}, {"prediction_records": "text", "records_database": "sqlite:///records.db"},
+                                          feedback={"live_accuracy_window": 50}), base_dir=tmp_path)
+    assert models.triton_models == ["m0", "m1", "m2", "feedback"]
+    assert models.records_database == f"sqlite:///{tmp_path / 'records.db'}"  # relative to the models file, as its paths are
+    assert models.feedback_config.live_accuracy_window == 50
+    assert ModelsFile.parse(models_file({})).triton_models == ["m0"]
+
+
+@pytest.mark.parametrize("document, words", [
+    (models_file(RECORDING, {"prediction_records": "hash", "records_database": "sqlite:///other.db"}),
+     "records_database: the models that record predictions must share one database"),
+    ({"models": models_file(RECORDING)["models"] + [{"name": "feedback", "base": "b", "serving": {"max_length": 64}}]},
+     "'feedback' names the feedback model that recording predictions adds; rename this model"),
+    (models_file({}, feedback={"live_accuracy_window": 50}), "feedback: set, but no model records predictions"),
+    (models_file(RECORDING, feedback={"live_accuracy_window": 0}), "feedback.live_accuracy_window: Input should be greater than or equal to 1"),
+])
+def test_the_models_file_refuses_records_it_cannot_serve(document, words):
+    from core.models_file import ModelsFile, ModelsFileError
+
+    with pytest.raises(ModelsFileError, match=re.escape(words)):
+        ModelsFile.parse(document)
+
+
+def test_models_file_agreement_fields_are_validated():
+    from core.models_file import ModelsFile, ModelsFileError
+
+    entry = {"name": "m", "base": "x", "serving": {"max_length": 512}}
+    with pytest.raises(ModelsFileError, match=r"models\[0\] \(m\)\.min_top1_agreement: Input should be less than or equal to 1"):
+        ModelsFile.parse({"models": [{**entry, "min_top1_agreement": 1.5}]})
+    with pytest.raises(ModelsFileError, match=r"agreement_documents: Input should be greater than or equal to 1"):
+        ModelsFile.parse({"models": [{**entry, "agreement_documents": 0}]})

@@ -3,10 +3,13 @@ over gRPC and HTTP, every one accounted for. (Bigger runs: python -m benchmarks.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from benchmarks.soak import bad_cases, run_soak
 from core import protocol
 from tests.conftest import MODEL_NAME, TIGHT_MODEL_NAME
+
+pytestmark = pytest.mark.server  # 10,000 requests against the real tritonserver
 
 REQUESTS = 10_000
 

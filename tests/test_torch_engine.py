@@ -13,6 +13,8 @@ from core.synthetic_patents import synthetic_patents
 from server.torch_engine import TorchEngine
 from tests.conftest import MAX_LENGTH, held_engines
 
+pytestmark = pytest.mark.model  # the PyTorch engine over the exported demo
+
 
 @pytest.fixture
 def engine_factory(exported):
@@ -146,3 +148,18 @@ def test_gemma2_on_the_cpu_computes_packed_batches_with_padded_batches_answers(e
         assert computed_documents(engine) == 12 and len(engine.batches) < 12
     assert all(b.padded_tokens == b.real_tokens <= 1024 for b in packed.batches)
     assert sum(b.padded_tokens for b in padded.batches) > sum(b.real_tokens for b in padded.batches)
+
+
+def test_the_engine_reports_what_it_resolved_and_what_it_holds(engine_factory):
+    """The engine contract's own facts: the device and dtype it runs in, its start-up time, and
+    the queue depth, which counts what is admitted and not yet in a batch (held here, so it stays
+    queued however fast the machine)."""
+    engine = engine_factory(dtype="bfloat16")
+    assert (engine.device, engine.dtype) == ("cpu", "bfloat16")
+    assert engine.startup_seconds > 0
+    assert engine.queue_depth() == (0, 0)
+    with held_engines():
+        futures = [engine.submit(LONG_TEXTS[:2]), engine.submit(LONG_TEXTS[2:3])]
+        assert engine.queue_depth() == (3, 3 * MAX_LENGTH)  # every long patent is cut at MAX_LENGTH
+    assert all(len(future.result(timeout=120)) == count for future, count in zip(futures, (2, 1)))
+    assert engine.queue_depth() == (0, 0)

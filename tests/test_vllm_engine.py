@@ -28,6 +28,7 @@ from tests.conftest import (
     OfflineReference,
     held_engines,
 )
+from tests.test_monitoring import scrape, value
 from tests.test_serving import (
     BAD_DOCUMENTS,
     BAD_KSERVE_REQUESTS,
@@ -37,6 +38,8 @@ from tests.test_serving import (
     served_probabilities,
     url,
 )
+
+pytestmark = [pytest.mark.server, pytest.mark.vllm]  # the vLLM engine behind tritonserver, and vllm serve
 
 # Which offline reference each vLLM-engine model must equal.
 REFERENCES = {VLLM_GEMMA2_MODEL: "reference", VLLM_LLAMA_MODEL: "llama_reference"}
@@ -157,6 +160,36 @@ def test_the_vllm_engine_refuses_overload_and_loses_nothing(vllm_server, referen
     # The refused tokens were never counted, and the answered ones were released.
     with PatentClassifier(vllm_server.grpc_url, model=VLLM_GEMMA2_MODEL) as client:
         assert len(client.classify_batch(long_documents[:20])) == 20
+
+
+def test_the_queue_gauges_count_what_the_vllm_engine_holds(vllm_server):
+    """Under vLLM, pc_queue_documents and pc_queue_tokens count what is admitted and not yet
+    answered (what admission counts). The engine is held before vLLM (server/engine_hold.py), so
+    the requests stay admitted however fast the machine."""
+    documents = synthetic_patents(3, seed=33, long_share=1.0)  # each cut at MAX_LENGTH tokens
+    gauges = lambda: tuple(value(scrape(vllm_server.metrics_url)[0], name, model=VLLM_GEMMA2_MODEL)
+                           for name in ("pc_queue_documents", "pc_queue_tokens"))
+
+    def wait_for(expected: tuple[float, float]) -> tuple[float, float]:
+        deadline = time.monotonic() + 30  # the gauges are sampled every second
+        while (seen := gauges()) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return seen
+
+    async def scenario():
+        async with AsyncPatentClassifier(vllm_server.grpc_url, model=VLLM_GEMMA2_MODEL) as client:
+            with held_engines():
+                pending = [asyncio.ensure_future(client.classify_batch(documents[:2])),
+                           asyncio.ensure_future(client.classify(documents[2]))]
+                held = await asyncio.to_thread(wait_for, (3.0, 3.0 * MAX_LENGTH))
+            return held, await asyncio.gather(*pending)
+
+    assert wait_for((0.0, 0.0)) == (0.0, 0.0)
+    held, (pair, single) = asyncio.run(scenario())
+    assert held == (3.0, 3.0 * MAX_LENGTH)
+    assert len(pair) == 2 and single.token_count == MAX_LENGTH
+    assert wait_for((0.0, 0.0)) == (0.0, 0.0)  # answered: released
+    assert value(scrape(vllm_server.metrics_url)[0], "pc_engine_startup_seconds", model=VLLM_GEMMA2_MODEL) > 0
 
 
 def post_json(url: str, body: dict, timeout: float = 60) -> dict:

@@ -12,17 +12,21 @@ from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from clients import AsyncPatentClassifier, PatentClassifier
-from core.errors import DeadlineExceeded, EngineFailure, ServerUnavailable, ServingError
+from core.errors import DeadlineExceeded, EngineFailure, ServerUnavailable
 from core.hf_classifier import EncodedText
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from server.model_watchdog import stub_processes
 from tests.conftest import MAX_LENGTH, VLLM_GEMMA2_MODEL, held_engines
+from tests.test_faults import timed_outcome
 from tests.test_monitoring import scrape, value
 from tests.test_serving import served_probabilities
+
+pytestmark = pytest.mark.vllm  # vLLM's engine, in this process and behind tritonserver
 
 IN_FLIGHT_TIMEOUT_S = 30.0
 RECOVERY_LIMIT_S = 480.0  # a new stub starts a new vLLM engine: the better part of a minute or more on 2 cores
@@ -94,18 +98,9 @@ def test_the_engine_core_dying_under_load_fails_requests_in_flight_and_the_model
 
     async def scenario():
         async with AsyncPatentClassifier(vllm_server.grpc_url, model=VLLM_GEMMA2_MODEL, timeout_s=IN_FLIGHT_TIMEOUT_S) as client:
-            async def one(document):
-                started = time.monotonic()
-                try:
-                    await client.classify(document)
-                    outcome = "answered"
-                except ServingError as error:
-                    outcome = error
-                return outcome, time.monotonic() - started
-
             # Held before vLLM (server/engine_hold.py): in flight when the core dies, however fast the machine.
             with held_engines():
-                in_flight = [asyncio.ensure_future(one(document)) for document in PATENTS]
+                in_flight = [asyncio.ensure_future(timed_outcome(client, document)) for document in PATENTS]
                 while received() < received_before + len(PATENTS):
                     await asyncio.sleep(0.1)
                 os.kill(core, signal.SIGKILL)
@@ -115,7 +110,7 @@ def test_the_engine_core_dying_under_load_fails_requests_in_flight_and_the_model
             probes = []
             while time.monotonic() - killed_at < RECOVERY_LIMIT_S:
                 ready = await client.is_ready()
-                outcome, _ = await one(PROBE)
+                outcome, _ = await timed_outcome(client, PROBE)
                 probes.append((ready, outcome))
                 if outcome == "answered" and ready:
                     break

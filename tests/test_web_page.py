@@ -1,11 +1,12 @@
 """The try-a-patent page (`make web`) in headless Chromium, as an examiner uses it: choose a model,
-type a patent, press the button, read the answer, in Korean first. Debian's chromium and
-chromedriver and the Nanum fonts (installed by `make setup`), driven with Selenium; the page talks
-to the real tritonserver through the client library. The first test leaves a screenshot of the
-answered page in build/screenshots/."""
+type a patent, press the button, read the answer, in Korean first, and correct it. Debian's
+chromium and chromedriver and the Nanum fonts (installed by `make setup`), driven with Selenium;
+the page talks to the real tritonserver through the client library. The first test leaves a
+screenshot of the answered page in build/screenshots/."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -18,11 +19,16 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
+from sqlalchemy import select
 
 from core.patent_document import PatentDocument
+from core.prediction_store import PredictionStore, feedback, predictions
 from server.launcher import free_loopback_ports
 from tests.conftest import KOELECTRA_MODEL, MODEL_NAME, PROJECT_ROOT
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]  # headless Chromium on the page, against the real tritonserver
 
 SCREENSHOTS = PROJECT_ROOT / "build" / "screenshots"
 
@@ -212,3 +218,38 @@ def test_page_says_clearly_when_the_server_is_down(browser, tmp_path):
             assert "The classifier server cannot be reached." in shown
             assert "make serve" not in shown  # an examiner does not start servers
         assert not browser.find_elements(By.CSS_SELECTOR, ".st-key-top-class")
+
+
+def test_an_examiner_marks_the_class_wrong_picks_the_right_one_and_the_database_has_it(browser, page_on_server, exported, reference):
+    expected, _ = reference.probabilities(PATENT.render())
+    ranked = [reference.labels[int(index)] for index in (-expected).argsort(kind="stable")]
+    right = ranked[7]  # not among the five the page shows: the picker offers every class
+    right_class = right.code
+    fill_and_submit(browser, page_on_server, PATENT)
+    assert ranked[0].code in text_of(browser, ".st-key-top-class")
+
+    picker = WebDriverWait(browser, ANSWER_TIMEOUT_S).until(
+        lambda page: page.find_elements(By.CSS_SELECTOR, ".st-key-right-class input"))[0]
+    picker.click()
+    picker.send_keys(f"{right.code} · {right.name}")  # the option's own text: its code alone also matches others
+    picker.send_keys(Keys.ENTER)
+    button = next(b for b in browser.find_elements(By.CSS_SELECTOR, ".st-key-feedback button") if "This is wrong" in b.text)
+    button.click()
+
+    result = text_of(browser, ".st-key-feedback-result")
+    assert f"Recorded: {right_class} is right for this patent (the model was wrong)" in result
+    store = PredictionStore(exported.records_database)
+    text_hash = hashlib.sha256(PATENT.render().encode("utf-8")).hexdigest()
+    with store.engine.connect() as connection:
+        corrected = connection.execute(
+            select(feedback.c.verdict, predictions.c.top_label)
+            .join(predictions, predictions.c.id == feedback.c.prediction_id)
+            .where(predictions.c.text_sha256 == text_hash, feedback.c.correct_label == right_class)
+        ).all()
+    store.close()
+    assert [tuple(row) for row in corrected] == [("wrong", ranked[0].code)]
+
+    # A second word on the same answer is refused, and the page says why.
+    next(b for b in browser.find_elements(By.CSS_SELECTOR, ".st-key-feedback button") if "This is right" in b.text).click()
+    WebDriverWait(browser, ANSWER_TIMEOUT_S).until(
+        lambda page: "already has a correction" in page.find_element(By.CSS_SELECTOR, ".st-key-feedback-result").text)

