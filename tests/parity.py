@@ -98,3 +98,16 @@ def probability_sum_slack(count: int) -> float:
     """A float32 sum of ``count`` probabilities, each rounded to float32 (≤ u relative) and added
     with ≤ u relative error per addition, exceeds 1 by at most about 2·count·u."""
     return 2 * count * FLOAT32_UNIT_ROUNDOFF
+
+
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits
+
+
+def bf16_relative_logit_bound(layers: int) -> float:
+    """How far a bf16 forward pass's logits may stand from the exact ones, relative to their scale.
+    Each of the model's 2L residual sublayers and its head rounds its inputs, its weights and its
+    output to bf16 (three roundings of relative size u = 2^-8; the matmuls accumulate in float32,
+    which adds nothing at this order): to first order 3(2L + 1)·u. Two bf16 computations of one
+    model in different summation orders differ by at most twice that, as do logits centred on
+    their mean."""
+    return 3 * (2 * layers + 1) * BF16_UNIT_ROUNDOFF

@@ -7,7 +7,7 @@ from transformers import AutoConfig, BertConfig, BertForSequenceClassification, 
 from core import causal_flex_attention
 from core.hf_classifier import encode_texts, load_tokenizer, pad_batch, serving_attention
 from core.synthetic_patents import synthetic_patents
-from tests.parity import Float32Parity
+from tests.parity import Float32Parity, bf16_relative_logit_bound
 
 pytestmark = pytest.mark.model  # tiny models and the exported demo, in torch
 
@@ -93,15 +93,26 @@ def test_packed_batches_keep_the_softcap_and_compute_what_padded_eager_attention
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_packed_documents_answer_does_not_depend_on_its_batch_mates(exported, dtype):
-    """Bit for bit: alone, in pairs, or among 20 others (more pooled rows than one block), a
-    five-token patent included; the matmul kernels run at row counts that keep each row's bits."""
+    """Alone, in pairs, or among 20 others (more pooled rows than one block), a five-token patent
+    included: the same answer within what another summation order may change (tests/parity.py:
+    float32's bound, or twice bf16's first-order error), far below what attention across
+    documents would. The matmuls run at row counts whose kernels keep each row's bits where a
+    CPU's kernels allow (server/packed_decoder.py), so on most CPUs the answers are bit for bit."""
     from core.hf_classifier import load_sequence_classifier
     from server.packed_decoder import PackedGemma2
 
     tokenizer = load_tokenizer(exported.merged_dir)
     documents = [e.token_ids for e in encode_texts(tokenizer, [d.render() for d in synthetic_patents(20, seed=3, long_share=0.3)], 512)]
     documents.append(documents[0][:5])
-    packed = PackedGemma2(load_sequence_classifier(exported.merged_dir, dtype))
-    alone = torch.cat([packed.logits([ids]) for ids in documents])
-    assert torch.equal(alone, packed.logits(documents))
-    assert torch.equal(alone, torch.cat([packed.logits(documents[i : i + 2]) for i in range(0, len(documents), 2)]))
+    model = load_sequence_classifier(exported.merged_dir, dtype)
+    packed = PackedGemma2(model)
+    alone = torch.cat([packed.logits([ids]) for ids in documents]).float().numpy()
+    together = packed.logits(documents).float().numpy()
+    in_pairs = torch.cat([packed.logits(documents[i : i + 2]) for i in range(0, len(documents), 2)]).float().numpy()
+    if dtype == torch.float32:
+        parity = Float32Parity.for_model(model.config, 512)
+        assert parity.logit_excess(alone, together) <= 1.0 and parity.logit_excess(alone, in_pairs) <= 1.0
+    else:
+        relative = 2 * bf16_relative_logit_bound(model.config.num_hidden_layers)
+        for batched in (together, in_pairs):
+            assert all(np.abs(b - a).max() <= relative * np.abs(a).max() for a, b in zip(alone, batched))

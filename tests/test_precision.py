@@ -20,11 +20,10 @@ from export.precision_agreement import PrecisionRefused, settle_served_precision
 from export.triton_package import merged_model_dir
 from server.torch_engine import TorchEngine
 from tests.conftest import EXAMPLE_PATENTS, MAX_LENGTH, MODEL_NAME, VLLM_GEMMA2_MODEL
+from tests.parity import bf16_relative_logit_bound
 from tests.test_monitoring import scrape, value
 
 LABELLED_FILE = EXAMPLE_PATENTS.parent / "labelled_patents.jsonl"
-# bf16 keeps 8 significant bits: every rounding to it moves a value by at most this share.
-BF16_UNIT_ROUNDOFF = 2.0**-8
 
 pytestmark = pytest.mark.model  # torch, the PyTorch engine and the exported demo
 
@@ -93,12 +92,9 @@ def centred_log_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 
 def test_bf16_answers_agree_with_float32_within_what_bf16_rounding_allows(exported, reference, native_bf16):
-    """The bound, from bf16's unit roundoff u = 2^-8: each of the model's 2L residual sublayers and
-    its classification head rounds its inputs, its weights and its output to bf16 (three roundings
-    of relative size u; the matmuls accumulate in float32, which adds nothing at this order). To
-    first order the logits then move by at most 3(2L + 1)·u of their scale, and logits centred on
-    their mean by twice that. A class whose float32 lead over the runner-up exceeds twice the bound
-    (both may move) must stay on top."""
+    """The bound (tests/parity.py, bf16_relative_logit_bound) for centred logits: twice bf16's
+    first-order error. A class whose float32 lead over the runner-up exceeds twice the bound (both
+    may move) must stay on top."""
     native_bf16(True)
     engine = start_engine(exported, dtype="auto")
     try:
@@ -110,7 +106,7 @@ def test_bf16_answers_agree_with_float32_within_what_bf16_rounding_allows(export
             (served,) = future.result(timeout=300)
             expected = reference.probabilities(text)[0]
             served_logits, expected_logits = centred_log_probabilities(served.probabilities), centred_log_probabilities(expected)
-            bound = 2 * 3 * (2 * layers + 1) * BF16_UNIT_ROUNDOFF * np.abs(expected_logits).max()
+            bound = 2 * bf16_relative_logit_bound(layers) * np.abs(expected_logits).max()
             assert np.abs(served_logits - expected_logits).max() <= bound
             runner_up, best = np.sort(expected_logits)[-2:]
             if best - runner_up > 2 * bound:

@@ -117,6 +117,13 @@ def urls(servers, protocol: str) -> str:
     return ",".join(server.grpc_url if protocol == "grpc" else server.http_url for server in servers)
 
 
+def assert_spread(replicas, before: list[int]) -> None:
+    """SHORT was answered once in all, and each replica answered at least SPREAD_SHARE of it."""
+    done = [after - count for after, count in zip(answered_once_counted(replicas, sum(before) + len(SHORT)), before)]
+    assert sum(done) == len(SHORT)
+    assert min(done) >= SPREAD_SHARE * len(SHORT), done
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_the_client_spreads_requests_over_both_replicas(replicas, protocol):
@@ -126,9 +133,7 @@ def test_the_client_spreads_requests_over_both_replicas(replicas, protocol):
     answers = [answer for batch in batches for _, answer in batch]
 
     assert all(isinstance(answer, Classification) for answer in answers)
-    done = [after - count for after, count in zip(answered_once_counted(replicas, sum(before) + len(SHORT)), before)]
-    assert sum(done) == len(SHORT)
-    assert min(done) >= SPREAD_SHARE * len(SHORT), done
+    assert_spread(replicas, before)
 
 
 @pytest.mark.server
@@ -142,9 +147,7 @@ def test_the_asyncio_client_spreads_requests_too(replicas, protocol):
             return await asyncio.gather(*(client.classify(document) for document in SHORT))
 
     assert len(asyncio.run(run())) == len(SHORT)
-    done = [after - count for after, count in zip(answered_once_counted(replicas, sum(before) + len(SHORT)), before)]
-    assert sum(done) == len(SHORT)
-    assert min(done) >= SPREAD_SHARE * len(SHORT), done
+    assert_spread(replicas, before)
 
 
 @pytest.mark.server
@@ -157,9 +160,7 @@ def test_a_grpc_target_of_several_addresses_is_balanced_by_grpc(replicas):
     with PatentClassifier(target, model=MODEL_NAME, timeout_s=TIMEOUT_S) as client:
         answers = [client.classify(document) for document in SHORT]
     assert len(answers) == len(SHORT)
-    done = [after - count for after, count in zip(answered_once_counted(replicas, sum(before) + len(SHORT)), before)]
-    assert sum(done) == len(SHORT)
-    assert min(done) >= SPREAD_SHARE * len(SHORT), done
+    assert_spread(replicas, before)
 
 
 @pytest.mark.server
