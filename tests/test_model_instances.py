@@ -108,6 +108,7 @@ def two_instance_server(exported, tmp_path_factory):
     folder = tmp_path_factory.mktemp("two-instances")
     write_triton_model(folder / "model_repository", MODEL_NAME, ServingConfig(
         model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu",
+        dtype="float32",  # the answers are held to the float32 reference's bound
         instances={"count": INSTANCES},
     ))
     http_port, grpc_port, metrics_port = free_loopback_ports(3)
