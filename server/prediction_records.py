@@ -275,22 +275,28 @@ class PredictionRecorder:
                 return
 
     def _write(self, offset: int) -> int:
-        from core.prediction_store import PredictionRecord
-
         while True:
             chunk, end = self.journal.read(offset)
             if not chunk:
                 return offset
-            records = []
-            for line in chunk.splitlines():
-                try:
-                    records.append(PredictionRecord.from_json(json.loads(line)))
-                except (ValueError, TypeError, KeyError):
-                    self._count_failures("journal", 1)
-                    log.error("%s: skipping a prediction journal line that does not parse: %.200r", self.model, line)
+            records = self._parsed(chunk)
             self.store.insert_predictions(records)
             self._stats.written += len(records)
             offset = self.journal.committed(end, chunk.count(b"\n"))
+
+    def _parsed(self, chunk: bytes) -> list:
+        """The records of a chunk of journal lines; a line that does not parse is counted lost and
+        skipped, so it never holds up the records after it."""
+        from core.prediction_store import PredictionRecord
+
+        records = []
+        for line in chunk.splitlines():
+            try:
+                records.append(PredictionRecord.from_json(json.loads(line)))
+            except (ValueError, TypeError, KeyError):
+                self._count_failures("journal", 1)
+                log.error("%s: skipping a prediction journal line that does not parse: %.200r", self.model, line)
+        return records
 
     def _expire(self) -> None:
         from core.prediction_store import utc_now
@@ -300,8 +306,6 @@ class PredictionRecorder:
             log.info("%s: removed %d prediction records older than %d days", self.model, removed, self.retention_days)
 
     def _adopt_orphaned_journals(self) -> None:
-        from core.prediction_store import PredictionRecord
-
         for path in sorted(self.journal_path.parent.glob(f"{self.model}@*{self._journal_suffix}")):
             if path == self.journal_path:
                 continue
@@ -316,10 +320,10 @@ class PredictionRecorder:
                 continue
             try:
                 size = _drop_torn_tail(fd)
-                lines = os.pread(fd, size, 0).splitlines() if size else []
-                self.store.insert_predictions([PredictionRecord.from_json(json.loads(line)) for line in lines])
+                records = self._parsed(os.pread(fd, size, 0)) if size else []
+                self.store.insert_predictions(records)
                 log.warning("%s: replayed %d prediction records from %s, which no running instance owns", self.model,
-                            len(lines), path)
+                            len(records), path)
                 path.unlink()
             finally:
                 os.close(fd)

@@ -21,7 +21,7 @@ from core.labels import Label, LabelSet
 from core.patent_document import PatentDocument
 from core.prediction_id import minted_at
 from core.prediction_store import PredictionStore, predictions
-from server.prediction_records import PredictionRecorder
+from server.prediction_records import PredictionJournal, PredictionRecorder
 from tests.conftest import PROJECT_ROOT
 from tests.postgres_server import PostgresServer
 
@@ -179,6 +179,25 @@ def test_a_journal_no_running_instance_holds_is_replayed_into_its_own_database_a
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     adopter.stop()
     held.stop()
+
+
+def test_a_line_of_an_orphaned_journal_that_does_not_parse_is_counted_lost_and_holds_nothing_up(tmp_path):
+    """The orphan's good records reach the database, and so do the adopter's own after them."""
+    store, folder = sqlite_store(tmp_path), tmp_path / "journal"
+    left_behind = PredictionRecorder(store, "m", "1", LABELS, folder, "m_1", keep_text=False)
+    left_behind.journal = PredictionJournal(left_behind.journal_path)  # journaled, its writer never started
+    orphan_ids = left_behind.record([PATENTS[0].render()], None, SCORES[:1], top_k=1)
+    left_behind.journal.close()
+    with open(left_behind.journal_path, "ab") as journal:
+        journal.write(b'{"prediction_id": "not a record"}\n')
+
+    adopter = recorder(store, folder, "m_0")
+    own = adopter.record([PATENTS[1].render()], None, SCORES[1:2], top_k=1)
+    wait_until(lambda: store.stored_prediction_ids(own) == set(own))
+    assert store.stored_prediction_ids(orphan_ids) == set(orphan_ids)
+    assert not left_behind.journal_path.exists()
+    assert adopter.stats().failures == {"journal": 1, "database": 0}
+    adopter.stop()
 
 
 def test_a_second_server_on_the_same_journal_folder_takes_a_journal_of_its_own(tmp_path):
