@@ -16,8 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from core import protocol
-from core.errors import ServingError
-from server.request_dispatch import internal_error
+from core.errors import EngineFailure, ServingError
 from server.triton.model import TritonPythonModel as EngineModel
 from server.triton_errors import error_response
 
@@ -54,6 +53,6 @@ class TritonPythonModel(EngineModel):
         return responses
 
     def _failed(self, exc: Exception, received: float):
-        error = exc if isinstance(exc, ServingError) else internal_error(exc)
+        error = exc if isinstance(exc, ServingError) else EngineFailure.internal(exc)
         self.metrics.failed(error.kind, time.monotonic() - received)
         return error_response(pb_utils, error)

@@ -70,6 +70,11 @@ class ModelNotFound(ServingError):
 class EngineFailure(ServingError):
     kind = ErrorKind.ENGINE_FAILURE
 
+    @classmethod
+    def internal(cls, error: BaseException) -> "EngineFailure":
+        """A fault of ours (a bug, not the model) on one request, as its caller is told."""
+        return cls(f"internal error: {type(error).__name__}: {error}")
+
 
 class ServerUnavailable(ServingError):
     kind = ErrorKind.UNAVAILABLE

@@ -160,6 +160,20 @@ class PredictionStore:
 
     # --- schema -------------------------------------------------------------------------------
 
+    @classmethod
+    def prepared(cls, url: str, register: tuple[str, str, LabelSet] | None = None) -> "PredictionStore":
+        """A store on ``url`` with its schema upgraded (and ``register``'s model, version and labels
+        registered), ready for a server; else RuntimeError naming the database, the store closed."""
+        store = cls(url)
+        try:
+            store.upgrade_schema()
+            if register is not None:
+                store.register_model(*register)
+        except Exception as error:
+            store.close()
+            raise RuntimeError(f"records_database {store.describe()}: cannot prepare the records database: {error}") from None
+        return store
+
     def upgrade_schema(self) -> None:
         from alembic import command
         from alembic.config import Config

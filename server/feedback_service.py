@@ -30,12 +30,7 @@ class FeedbackService:
         """``metrics``: a ``server.triton_metrics.TritonFeedbackMetrics``, or None."""
         self.config = config
         self.metrics = metrics
-        self.store = PredictionStore(config.records_database)
-        try:
-            self.store.upgrade_schema()
-        except Exception as error:
-            self.store.close()
-            raise RuntimeError(f"records_database {self.store.describe()}: cannot prepare the records database: {error}") from None
+        self.store = PredictionStore.prepared(config.records_database)
         for model in self.store.recording_models():
             self._publish(model)
 

@@ -80,13 +80,7 @@ def prediction_recorder(config: ServingConfig, model: str, version: str, instanc
         return PredictionIds()
     from core.prediction_store import PredictionStore
 
-    store = PredictionStore(config.records_database)
-    try:
-        store.upgrade_schema()
-        store.register_model(model, version, labels)
-    except Exception as error:
-        store.close()
-        raise RuntimeError(f"records_database {store.describe()}: cannot prepare the records database: {error}") from None
+    store = PredictionStore.prepared(config.records_database, register=(model, version, labels))
     recorder = PredictionRecorder(store, model, version, labels, config.records_journal, instance,
                                   keep_text=config.prediction_records == "text", retention_days=config.records_retention_days)
     recorder.start()

@@ -52,10 +52,6 @@ class RequestMetrics(Protocol):
     def failed(self, kind: ErrorKind, seconds: float) -> None: ...
 
 
-def internal_error(exc: BaseException) -> EngineFailure:
-    return EngineFailure(f"internal error: {type(exc).__name__}: {exc}")
-
-
 class PredictionRecords(Protocol):
     """Ids for an answer's documents, and their records kept (server.prediction_records)."""
 
@@ -87,7 +83,7 @@ class RequestDispatch:
             return
         except Exception as exc:  # a fault of ours: this request fails, the others of the call go on
             log.exception("accepting a request failed")
-            self._refuse(sender, internal_error(exc), received)
+            self._refuse(sender, EngineFailure.internal(exc), received)
             return
         future.add_done_callback(lambda done: self._answers.put((sender, done, decoded, received)))
 
@@ -129,7 +125,7 @@ class RequestDispatch:
             return
         except Exception as exc:  # never leave a client waiting on an answer we failed to build
             log.exception("building an answer failed")
-            self._refuse(sender, internal_error(exc), received)
+            self._refuse(sender, EngineFailure.internal(exc), received)
             return
         try:
             self.replies.answer(sender, tensors)

@@ -35,7 +35,7 @@ class TritonPythonModel:
             return error_response(pb_utils, error)
         except Exception as error:  # a request that trips a bug gets an answer, and the next one is served
             log.exception("recording corrections failed")
-            return error_response(pb_utils, EngineFailure(f"internal error: {error}"))
+            return error_response(pb_utils, EngineFailure.internal(error))
         return pb_utils.InferenceResponse([pb_utils.Tensor(name, value) for name, value in outputs.items()])
 
     def finalize(self):
