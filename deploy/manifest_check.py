@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -136,6 +137,7 @@ def check_container_python(release: str, pyproject: Path = PYPROJECT) -> Report:
     return report
 
 
+@functools.cache  # about 2 MB of JSON, asked for by every object checked against that version
 def _definitions(version: str) -> referencing.Resource:
     contents = schema_contents(f"kubernetes-json-schema/v{version}-local-strict/_definitions.json", version)
     return referencing.Resource.from_contents(contents)

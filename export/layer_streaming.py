@@ -24,11 +24,10 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from core.hf_classifier import class_logits
 from export.checkpoint_files import CheckpointError
 from export.classifier_layout import empty_classifier
-from export.lora_adapter import LoraAdapter
+from export.lora_adapter import SAVED_PREFIX, LoraAdapter
 from export.streamed_merge import WeightSource
 
 STREAMED_BATCH = 16
-_PEFT_MODEL_PREFIX = "base_model.model."
 
 
 def _source_key(parameter_name: str) -> str | None:
@@ -36,7 +35,7 @@ def _source_key(parameter_name: str) -> str | None:
     copy of a head that ``modules_to_save`` replaces (never run)."""
     if ".original_module." in parameter_name:
         return None
-    return parameter_name.removeprefix(_PEFT_MODEL_PREFIX).replace(".base_layer.", ".")
+    return parameter_name.removeprefix(SAVED_PREFIX).replace(".base_layer.", ".")
 
 
 class LayerStreamedClassifier:
@@ -91,12 +90,12 @@ class LayerStreamedClassifier:
         ``meta``: assign them from the adapter instead."""
         values = {}
         for key, update in adapter.updates.items():
-            module = _PEFT_MODEL_PREFIX + key.removesuffix(".weight")
+            module = SAVED_PREFIX + key.removesuffix(".weight")
             values[f"{module}.lora_A.default.weight"] = update.a.float()
             values[f"{module}.lora_B.default.weight"] = update.b.float()
         for key, tensor in adapter.replacements.items():
             module, _, leaf = key.rpartition(".")
-            values[f"{_PEFT_MODEL_PREFIX}{module}.modules_to_save.default.{leaf}"] = tensor.float()
+            values[f"{SAVED_PREFIX}{module}.modules_to_save.default.{leaf}"] = tensor.float()
         # strict=False: a tensor with no LoRA module to go to (adapter_config.json's target_modules
         # leaves out a module its weights carry) is not run by PEFT, the reference, so not here
         # either; the merge, which merges every update the weights carry, then fails the proof.

@@ -309,13 +309,18 @@ class OfflineReference:
         self.preprocess = text_preprocessor(preprocessing) or (lambda text: text)
         # How far a served float32 answer may stray from this one: tests/parity.py.
         self.parity = Float32Parity.for_model(self.model.config, max_length)
+        # Tests compare a text's probabilities and assert_matches it: one forward pass serves both.
+        self._computed: dict[str, tuple[np.ndarray, int]] = {}
 
     def logits(self, text: str) -> tuple[np.ndarray, int]:
         import torch
 
-        encoded = self.tokenizer(self.preprocess(text), truncation=True, max_length=self.max_length, return_tensors="pt")
-        with torch.inference_mode():
-            return self.model(**encoded).logits[0].numpy(), int(encoded["input_ids"].shape[1])
+        if text not in self._computed:
+            encoded = self.tokenizer(self.preprocess(text), truncation=True, max_length=self.max_length, return_tensors="pt")
+            with torch.inference_mode():
+                self._computed[text] = self.model(**encoded).logits[0].numpy(), int(encoded["input_ids"].shape[1])
+        logits, token_count = self._computed[text]
+        return logits.copy(), token_count
 
     def probabilities(self, text: str) -> tuple[np.ndarray, int]:
         import torch

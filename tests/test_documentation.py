@@ -7,6 +7,7 @@ the document and the line, so the fix starts at the right place.
 """
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -120,6 +121,7 @@ def shell_problems(block: CodeBlock) -> list[str]:
     return problems
 
 
+@functools.cache  # one `git ls-files` for every document checked
 def repository_files() -> set[str] | None:
     """Files a fresh clone has (tracked, or new and not ignored), relative to the root; None without git."""
     if shutil.which("git") is None or not (PROJECT_ROOT / ".git").exists():

@@ -162,10 +162,10 @@ def test_a_file_labelled_for_another_model_is_refused_naming_its_labels_and_the_
 
 @pytest.mark.server
 def test_make_eval_path_on_the_shipped_file_gives_the_documented_numbers(exported, tmp_path):
-    from export.demo_labelled_set import demo_labelled_rows
-
     """`make eval` starts its own server; on the shipped file a served model equal to the offline
     one scores exactly the shares the generator documents."""
+    from export.demo_labelled_set import demo_labelled_rows
+
     prefix = 20  # row i of the generator does not depend on the file's length
     rows = demo_labelled_rows(exported.merged_dir, count=prefix)
     shipped = [json.loads(line) for line in SHIPPED_LABELLED_FILE.read_text(encoding="utf-8").splitlines()[:prefix]]

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from clients import PatentClassifier
+from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from export import repository_staging
 from export.repository_staging import RepositoryStaging, StagingError
@@ -52,7 +53,7 @@ class ServedExport:
         return [sys.executable, "-m", "export", "models", "--models-file", str(models_file), "--repository", str(self.repository)]
 
     def answers(self) -> np.ndarray:
-        labels = OfflineReference(merged_model_dir(self.repository, MODEL_NAME)).labels
+        labels = LabelSet.for_model_dir(merged_model_dir(self.repository, MODEL_NAME))
         with PatentClassifier(self.server.grpc_url, model=MODEL_NAME) as client:
             return np.stack([served_probabilities(client.classify(text, top_k=len(labels)), labels) for text in PROBES])
 
