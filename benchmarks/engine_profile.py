@@ -27,14 +27,13 @@ def batches_in_flight(lengths: list[int], in_flight: int, max_batch_tokens: int)
     from server.scheduler import ScheduledDocument, TokenBudgetScheduler
 
     scheduler = TokenBudgetScheduler(max_batch_tokens, 64, max(lengths))
-    waiting, batches, next_index = 0, [], 0
+    batches, next_index = [], 0
     while next_index < len(lengths) or len(scheduler):
-        while waiting < in_flight and next_index < len(lengths):
+        while len(scheduler) < in_flight and next_index < len(lengths):
             scheduler.admit([ScheduledDocument(lengths[next_index], next_index)])
-            waiting, next_index = waiting + 1, next_index + 1
+            next_index += 1
         batch = scheduler.next_batch(time.monotonic())
         batches.append([document.payload for document in batch.documents])
-        waiting -= len(batch.documents)
     return batches
 
 
