@@ -19,7 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from clients.patent_lines import json_object, line_id, patent_document
+from clients.patent_lines import line_id
+from core.patent_document import json_object, patent_document
 from core.errors import InvalidInput, ServingError, error_from_kind
 from core.patent_document import PatentDocument
 from core.protocol import Classification

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator, TextIO, Union
 
 from core.errors import InvalidInput, ServingError
-from core.patent_document import PatentDocument, without_control_characters
+from core.patent_document import PatentDocument, json_object, patent_document
 
 Identifier = Union[str, int]
 _REQUEST_FIELD = re.compile(r"^(DOCUMENT|TEXT)\[\d+\]")
@@ -42,32 +42,12 @@ def read_patent_lines(handle: TextIO, name: str) -> Iterator[PatentLine]:
             yield PatentLine(number, identifier, document)
 
 
-def json_object(line: str, where: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(where, f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
-    if not isinstance(record, dict):
-        raise InvalidInput(where, f"must be a JSON object, got {type(record).__name__}")
-    return record
-
-
 def line_id(record: dict, where: str, number: int) -> Identifier:
     """The line's "id", taken out of ``record``; the line number when it has none."""
     identifier = record.pop("id", number)
     if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
         raise InvalidInput(f"{where}.id", f"must be a string or a whole number, got {json.dumps(identifier)}")
     return identifier
-
-
-def patent_document(record: dict, where: str) -> PatentDocument | str:
-    """The document of one line's object, once the id (and any field of the caller's) is taken out."""
-    if set(record) == {"text"}:
-        text = record["text"]
-        if not isinstance(text, str) or not without_control_characters(text).strip():
-            raise InvalidInput(f"{where}.text", "must be text with at least 1 character other than spaces and control characters")
-        return text
-    return PatentDocument.parse(record, field=where)
 
 
 def at_line(error: ServingError, line: PatentLine, name: str) -> ServingError:

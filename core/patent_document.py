@@ -23,6 +23,7 @@ blank one, rather than classified as if it were a patent.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import string
 from typing import Annotated, Optional
@@ -132,3 +133,27 @@ def _describe(error: dict) -> str:
     if kind == "value_error" and "no_text" in error["msg"]:
         return f"holds none of {', '.join(TEXT_FIELDS)}; send at least one of them"
     return error["msg"]
+
+
+# One line of a JSON-lines file of patents (the CLI's files, make eval's labelled file, the
+# export's agreement patents): an object with the document's fields, or {"text": ...}.
+
+
+def json_object(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(where, f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(record, dict):
+        raise InvalidInput(where, f"must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def patent_document(record: dict, where: str) -> PatentDocument | str:
+    """The document of one line's object, once the id (and any field of the caller's) is taken out."""
+    if set(record) == {"text"}:
+        text = record["text"]
+        if not isinstance(text, str) or not without_control_characters(text).strip():
+            raise InvalidInput(f"{where}.text", "must be text with at least 1 character other than spaces and control characters")
+        return text
+    return PatentDocument.parse(record, field=where)

@@ -29,7 +29,7 @@ from transformers import AutoConfig
 from core.errors import InvalidInput
 from core.hf_classifier import class_logits, DTYPES, load_sequence_classifier, load_tokenizer, softmax
 from core.models_file import ServedModel
-from core.patent_document import PatentDocument
+from core.patent_document import json_object, patent_document
 from core.serving_config import ServingConfig
 from core.text_preprocessing import text_preprocessor
 from export.checkpoint_files import CheckpointFolder
@@ -84,14 +84,9 @@ def labelled_texts(path: Path) -> list[str]:
         if not line.strip():
             continue
         where = f"{Path(path).name} line {number}"
-        try:
-            record = {key: value for key, value in json.loads(line).items() if key not in ("id", "label")}
-        except (json.JSONDecodeError, AttributeError):
-            raise InvalidInput(where, "must be a JSON object") from None
-        text = record.get("text") if set(record) == {"text"} else PatentDocument.parse(record, field=where).render()
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidInput(f"{where}.text", "must be non-empty text")
-        texts.append(text)
+        record = {key: value for key, value in json_object(line, where).items() if key not in ("id", "label")}
+        document = patent_document(record, where)
+        texts.append(document if isinstance(document, str) else document.render())
     if not texts:
         raise InvalidInput(str(path), "holds no labelled patents")
     return texts
