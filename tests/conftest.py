@@ -51,7 +51,7 @@ SLOW_MARKERS = ("model", "server", "vllm", "browser", "tools")
 # Fixtures that build or export models or start servers: a test that uses one must be slow.
 SLOW_FIXTURES = frozenset({
     "demo_models", "family_demos", "exported", "server", "llama_demo", "vllm_repository", "vllm_server",
-    "reference", "llama_reference", "secure_server", "postgres",
+    "reference", "llama_reference", "secure_server", "postgres", "engine_factory",
 })
 # What the fast tier never imports: each takes seconds, and each means a model, vLLM or a browser.
 HEAVY_MODULES = ("torch", "transformers", "peft", "vllm", "selenium", "streamlit")
@@ -248,6 +248,29 @@ def start_tritonserver(repository: Path, tmp_path_factory, ready_timeout_s: floa
         ready_timeout_s=ready_timeout_s,
     )
     return TritonServer(config, log_path=tmp_path_factory.mktemp("logs") / "tritonserver.log")
+
+
+@pytest.fixture
+def engine_factory(exported):
+    """PyTorch engines on the exported demo, float32 unless overridden, each recording its
+    batches in ``engine.batches``; stopped at the end of the test."""
+    from core.serving_config import ServingConfig
+    from server.torch_engine import TorchEngine
+
+    engines = []
+
+    def build(**overrides):
+        settings = dict(model_dir=exported.merged_dir, max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu", dtype="float32")
+        engine = TorchEngine(ServingConfig(**{**settings, **overrides}))
+        engine.start()
+        engine.batches = []
+        engine.observe_batches(engine.batches.append)
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        engine.stop(drain_timeout_s=60)
 
 
 @pytest.fixture(scope="session")

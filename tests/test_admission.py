@@ -3,7 +3,6 @@ nothing lost, the server still serving. The engine is held (server/engine_hold.p
 load arrives, so what fits in the queue and what does not is the same on any machine."""
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
 
@@ -13,19 +12,12 @@ from clients import AsyncPatentClassifier, PatentClassifier
 from core.errors import DeadlineExceeded, Overloaded
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import TIGHT_MODEL_NAME, held_engines
+from tests.waiting import until
 
 pytestmark = pytest.mark.server  # every test here calls the real tritonserver
 
 LONG_PATENTS = synthetic_patents(12, seed=77, long_share=1.0)
 QUEUED = 2  # the tight-queue model admits two full-length patents (max_queue_tokens=1024)
-WAIT_S = 60.0
-
-
-async def until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {WAIT_S:.0f} s: {what}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

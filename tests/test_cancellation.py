@@ -7,7 +7,6 @@ is sent, so the request is still waiting when the engine looks, however fast the
 from __future__ import annotations
 
 import queue
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from core.errors import Cancelled
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MODEL_NAME, held_engines
 from tests.test_monitoring import scrape, value
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.server  # through the real tritonserver
 
@@ -30,13 +30,6 @@ WAIT_S = 60.0
 def metric(server, name: str, **labels: str) -> float:
     samples, _ = scrape(server.metrics_url)
     return value(samples, name, model=MODEL_NAME, **labels)
-
-
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {WAIT_S:.0f} s: {what}"
-        time.sleep(0.1)
 
 
 def test_a_cancelled_grpc_request_is_dropped_before_compute(server):
@@ -55,12 +48,12 @@ def test_a_cancelled_grpc_request_is_dropped_before_compute(server):
             for index, document in enumerate(AHEAD):
                 request(f"ahead-{index}", document)
             waiting = request("cancelled", CANCELLED)
-            wait_for(lambda: metric(server, "pc_queue_documents") == len(AHEAD) + 1, "the requests queued in the held engine")
+            wait_until(lambda: metric(server, "pc_queue_documents") == len(AHEAD) + 1, "the requests queued in the held engine")
             waiting.cancel()
             # Sent after the cancellation on the same connection: once the engine holds it, the
             # server has read the cancellation that came before it.
             request("behind", BEHIND)
-            wait_for(lambda: metric(server, "pc_queue_documents") == len(AHEAD) + 2, "the request behind queued")
+            wait_until(lambda: metric(server, "pc_queue_documents") == len(AHEAD) + 2, "the request behind queued")
         results = {name: answers.get(timeout=WAIT_S) for name, answers in outcomes.items()}
     finally:
         client.close()
@@ -68,7 +61,7 @@ def test_a_cancelled_grpc_request_is_dropped_before_compute(server):
     result, error = results.pop("cancelled")
     assert result is None and isinstance(typed_error(error), Cancelled)
     assert all(result is not None and error is None for result, error in results.values())  # the others were answered
-    wait_for(lambda: metric(server, "pc_requests_failed_total", err="cancelled") == cancelled_before + 1,
+    wait_until(lambda: metric(server, "pc_requests_failed_total", err="cancelled") == cancelled_before + 1,
              "the server counted the cancellation")
     with PatentClassifier(server.grpc_url, model=MODEL_NAME) as classifier:
         assert classifier.classify(CANCELLED).token_count == 512

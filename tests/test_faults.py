@@ -15,6 +15,7 @@ from core.synthetic_patents import synthetic_patents
 from server.model_watchdog import stub_processes
 from tests.conftest import MODEL_NAME, held_engines
 from tests.test_monitoring import scrape, value
+from tests.waiting import until
 
 pytestmark = pytest.mark.server  # stubs killed under load in the real tritonserver
 
@@ -58,8 +59,7 @@ def test_killing_the_stub_under_load_fails_requests_in_flight_and_the_model_come
             with held_engines():
                 in_flight = [asyncio.ensure_future(timed_outcome(client, document))
                              for document in PATENTS for client in (grpc_client, http_client)]
-                while queued() < len(in_flight):
-                    await asyncio.sleep(0.1)
+                await until(lambda: queued() >= len(in_flight), "every request queued in the held stub")
                 os.kill(stub.pid, signal.SIGKILL)
                 killed_at = time.monotonic()
 

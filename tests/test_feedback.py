@@ -22,11 +22,10 @@ from core.prediction_id import new_prediction_id
 from core.prediction_store import PredictionStore, feedback, predictions
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MODEL_NAME, PROJECT_ROOT, TIGHT_MODEL_NAME
-from tests.test_monitoring import scrape, value
+from tests.test_monitoring import metrics_after, scrape, value
 
 pytestmark = pytest.mark.server  # classify and correct through the real tritonserver
 
-METRICS_TIMEOUT_S = 15
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +39,6 @@ def rows(store, table, ids) -> dict:
     key = table.c.id if table is predictions else table.c.prediction_id
     with store.engine.connect() as connection:
         return {row[0]: row._asdict() for row in connection.execute(table.select().where(key.in_(list(ids))))}
-
-
-def metrics_after(server, before, condition):
-    """The metrics once ``condition(delta)`` holds (the metrics thread applies updates behind the answers)."""
-    deadline = time.monotonic() + METRICS_TIMEOUT_S
-    while True:
-        after, _ = scrape(server.metrics_url)
-
-        def delta(name, **labels):
-            return value(after, name, **labels) - value(before, name, **labels)
-
-        if condition(delta) or time.monotonic() > deadline:
-            return after, delta
-        time.sleep(0.2)
 
 
 def test_classify_correct_then_the_database_the_metrics_and_the_export_have_it(server, exported, store, tmp_path):
@@ -112,7 +97,7 @@ def test_classify_correct_then_the_database_the_metrics_and_the_export_have_it(s
     assert stored[answers[1].prediction_id]["comment"] == "청구항 1은 소재에 관한 것"
 
     # The metrics: confidence per answered document, records written, corrections by verdict, live accuracy.
-    after, delta = metrics_after(server, before, lambda d: d("pc_feedback_total") >= 4 and d("pc_prediction_records_written_total") >= 4)
+    after, delta = metrics_after(server.metrics_url, before, lambda d: d("pc_feedback_total") >= 4 and d("pc_prediction_records_written_total") >= 4)
     assert delta("pc_feedback_total", verdict="correct") == 2
     assert delta("pc_feedback_total", verdict="wrong") == 2
     assert delta("pc_top_class_probability_ratio_count") == 4

@@ -25,6 +25,7 @@ from server.model_watchdog import stub_processes
 from tests.conftest import ACCESS_TOKEN, MAX_LENGTH, MODEL_NAME
 from tests.postgres_server import PostgresServer
 from tests.test_monitoring import scrape, value
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.server, pytest.mark.tools]  # tritonservers killed over a real PostgreSQL
 
@@ -72,14 +73,6 @@ def sigkill(server: TritonServer) -> None:
 
 def connect(server: TritonServer, **options) -> PatentClassifier:
     return PatentClassifier(server.grpc_url, model=MODEL_NAME, timeout_s=30, **{"token": ACCESS_TOKEN, **options})
-
-
-def wait_until(condition, what: str):
-    deadline = time.monotonic() + WAIT_TIMEOUT_S
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return result
 
 
 def test_corrections_need_the_access_token_like_classification(repository, tmp_path):

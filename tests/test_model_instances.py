@@ -17,9 +17,9 @@ from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from export.triton_package import config_pbtxt, write_triton_model
 from server.cpu_share import cpu_engines_of
-from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
+from server.launcher import LaunchConfig
 from server.model_instance import ModelInstance
-from tests.conftest import MAX_LENGTH, MODEL_NAME
+from tests.conftest import MAX_LENGTH, MODEL_NAME, start_tritonserver
 from tests.test_monitoring import scrape
 from tests.test_serving import example_documents, served_probabilities
 
@@ -111,12 +111,7 @@ def two_instance_server(exported, tmp_path_factory):
         dtype="float32",  # the answers are held to the float32 reference's bound
         instances={"count": INSTANCES},
     ))
-    http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    config = LaunchConfig(
-        model_repository=folder / "model_repository", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        backend_directory=folder / "backends", ready_timeout_s=180,
-    )
-    with TritonServer(config, log_path=folder / "tritonserver.log") as running:
+    with start_tritonserver(folder / "model_repository", tmp_path_factory, ready_timeout_s=180) as running:
         yield running
 
 

@@ -109,6 +109,21 @@ def value(samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and wanted.items() <= dict(ls).items())
 
 
+def metrics_after(metrics_url: str, before, condition, timeout_s: float = 15.0):
+    """The samples once ``condition(delta)`` holds, or after ``timeout_s`` (the metrics thread
+    applies updates behind the answers), and ``delta(name, **labels)``: a sample's change since ``before``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after, _ = scrape(metrics_url)
+
+        def delta(name, **labels):
+            return value(after, name, **labels) - value(before, name, **labels)
+
+        if condition(delta) or time.monotonic() > deadline:
+            return after, delta
+        time.sleep(0.2)
+
+
 def documented_metrics() -> tuple[dict[str, str], set[str]]:
     """The metric table of docs/monitoring.md: {name: type}, and the `err` values its failure row lists."""
     rows = re.findall(r"^\| `(pc_[a-z_]+)(?:\{\w+\})?` \| (counter|gauge|histogram) \| (.*) \|$", MONITORING_DOC.read_text(), re.M)
@@ -158,15 +173,9 @@ def test_the_metrics_count_what_clients_saw(server):
             client.classify(patents[0], top_k=0)
     tops = [answer.labels[0].code for answer in answers]
 
-    def delta(name, **labels):
-        return value(after, name, **labels) - value(before, name, **labels)
-
-    deadline = time.monotonic() + 15  # the metrics thread applies updates asynchronously
-    while True:
-        after, _ = scrape(server.metrics_url)
-        if delta("pc_requests_total") >= 4 and delta("pc_requests_failed_total", err="invalid_input") >= 1 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    after, delta = metrics_after(
+        server.metrics_url, before, lambda d: d("pc_requests_total") >= 4 and d("pc_requests_failed_total", err="invalid_input") >= 1
+    )
     assert delta("pc_requests_total") == 4
     assert delta("pc_requests_succeeded_total") == 3
     assert delta("pc_requests_failed_total", err="invalid_input") == 1

@@ -18,7 +18,6 @@ from core.synthetic_patents import synthetic_patents
 from export import precision_agreement
 from export.precision_agreement import PrecisionRefused, settle_served_precision
 from export.triton_package import merged_model_dir
-from server.torch_engine import TorchEngine
 from tests.conftest import EXAMPLE_PATENTS, MAX_LENGTH, MODEL_NAME, VLLM_GEMMA2_MODEL
 from tests.parity import bf16_relative_logit_bound
 from tests.test_monitoring import scrape, value
@@ -65,24 +64,14 @@ def test_the_detection_reads_the_cpus_bf16_features(monkeypatch):
     assert detect() == in_cpuinfo
 
 
-def start_engine(exported, **overrides) -> TorchEngine:
-    engine = TorchEngine(ServingConfig(**{"model_dir": exported.merged_dir, "max_length": MAX_LENGTH,
-                                          "max_batch_tokens": 4096, "device": "cpu", **overrides}))
-    engine.start()
-    return engine
-
-
-def test_a_cpu_without_native_bf16_serves_auto_in_float32_as_before(exported, reference, native_bf16):
+def test_a_cpu_without_native_bf16_serves_auto_in_float32_as_before(engine_factory, reference, native_bf16):
     native_bf16(False)
-    engine = start_engine(exported, dtype="auto")
-    try:
-        assert (engine.dtype, engine.device) == ("float32", "cpu")
-        assert {p.dtype for p in engine._model.parameters()} == {torch.float32}
-        text = synthetic_patents(1, seed=3, long_share=1.0)[0].render()
-        (scores,) = engine.submit([text]).result(timeout=120)
-        reference.assert_matches(text, scores.probabilities)
-    finally:
-        engine.stop()
+    engine = engine_factory(dtype="auto")
+    assert (engine.dtype, engine.device) == ("float32", "cpu")
+    assert {p.dtype for p in engine._model.parameters()} == {torch.float32}
+    text = synthetic_patents(1, seed=3, long_share=1.0)[0].render()
+    (scores,) = engine.submit([text]).result(timeout=120)
+    reference.assert_matches(text, scores.probabilities)
 
 
 def centred_log_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -91,28 +80,25 @@ def centred_log_probabilities(probabilities: np.ndarray) -> np.ndarray:
     return logs - logs.mean(axis=-1, keepdims=True)
 
 
-def test_bf16_answers_agree_with_float32_within_what_bf16_rounding_allows(exported, reference, native_bf16):
+def test_bf16_answers_agree_with_float32_within_what_bf16_rounding_allows(engine_factory, reference, native_bf16):
     """The bound (tests/parity.py, bf16_relative_logit_bound) for centred logits: twice bf16's
     first-order error. A class whose float32 lead over the runner-up exceeds twice the bound (both
     may move) must stay on top."""
     native_bf16(True)
-    engine = start_engine(exported, dtype="auto")
-    try:
-        assert engine.dtype == "bfloat16" and {p.dtype for p in engine._model.parameters()} == {torch.bfloat16}
-        layers = engine._model.config.num_hidden_layers
-        texts = [d.render() for d in synthetic_patents(24, seed=12, long_share=0.5)]
-        futures = [engine.submit([text]) for text in texts]  # together: batched as in service
-        for text, future in zip(texts, futures):
-            (served,) = future.result(timeout=300)
-            expected = reference.probabilities(text)[0]
-            served_logits, expected_logits = centred_log_probabilities(served.probabilities), centred_log_probabilities(expected)
-            bound = 2 * bf16_relative_logit_bound(layers) * np.abs(expected_logits).max()
-            assert np.abs(served_logits - expected_logits).max() <= bound
-            runner_up, best = np.sort(expected_logits)[-2:]
-            if best - runner_up > 2 * bound:
-                assert served.probabilities.argmax() == expected.argmax()
-    finally:
-        engine.stop()
+    engine = engine_factory(dtype="auto")
+    assert engine.dtype == "bfloat16" and {p.dtype for p in engine._model.parameters()} == {torch.bfloat16}
+    layers = engine._model.config.num_hidden_layers
+    texts = [d.render() for d in synthetic_patents(24, seed=12, long_share=0.5)]
+    futures = [engine.submit([text]) for text in texts]  # together: batched as in service
+    for text, future in zip(texts, futures):
+        (served,) = future.result(timeout=300)
+        expected = reference.probabilities(text)[0]
+        served_logits, expected_logits = centred_log_probabilities(served.probabilities), centred_log_probabilities(expected)
+        bound = 2 * bf16_relative_logit_bound(layers) * np.abs(expected_logits).max()
+        assert np.abs(served_logits - expected_logits).max() <= bound
+        runner_up, best = np.sort(expected_logits)[-2:]
+        if best - runner_up > 2 * bound:
+            assert served.probabilities.argmax() == expected.argmax()
 
 
 @pytest.mark.server

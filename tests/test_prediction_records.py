@@ -5,6 +5,7 @@ next start, never into another."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from core.patent_document import PatentDocument
 from core.prediction_id import minted_at
 from core.prediction_store import PredictionStore, predictions
 from server.prediction_records import PredictionJournal, PredictionRecorder
+from tests import waiting
 from tests.conftest import PROJECT_ROOT
 from tests.postgres_server import PostgresServer
 
@@ -69,12 +71,7 @@ def recorder(store, folder: Path, instance: str = "m_0", keep_text: bool = False
     return running
 
 
-def wait_until(condition, timeout_s: float = WRITE_TIMEOUT_S):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-    return result
+wait_until = functools.partial(waiting.wait_until, what="the records written", timeout_s=WRITE_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("keep_text", [False, True], ids=["hash", "text"])

@@ -3,35 +3,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from core import causal_flex_attention
 from core.errors import Cancelled, DeadlineExceeded, Overloaded
-from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
-from server.torch_engine import TorchEngine
 from tests.conftest import MAX_LENGTH, held_engines
 
 pytestmark = pytest.mark.model  # the PyTorch engine over the exported demo
-
-
-@pytest.fixture
-def engine_factory(exported):
-    engines = []
-
-    def build(**overrides):
-        settings = dict(model_dir=exported.merged_dir, max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu", dtype="float32")
-        engine = TorchEngine(ServingConfig(**{**settings, **overrides}))
-        engine.start()
-        engine.batches = []
-        engine.observe_batches(engine.batches.append)
-        engines.append(engine)
-        return engine
-
-    yield build
-    for engine in engines:
-        engine.stop(drain_timeout_s=60)
 
 
 LONG_TEXTS = [d.render() for d in synthetic_patents(48, seed=21, long_share=1.0)]

@@ -4,6 +4,7 @@ not-ready and comes back, and no request in flight waits past its deadline)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -20,11 +21,12 @@ from core.errors import DeadlineExceeded, EngineFailure, ServerUnavailable
 from core.hf_classifier import EncodedText
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
-from server.model_watchdog import stub_processes
+from server.model_watchdog import process_tree, stub_processes
 from tests.conftest import MAX_LENGTH, VLLM_GEMMA2_MODEL, held_engines
 from tests.test_faults import timed_outcome
 from tests.test_monitoring import scrape, value
 from tests.test_serving import served_probabilities
+from tests.waiting import until
 
 pytestmark = pytest.mark.vllm  # vLLM's engine, in this process and behind tritonserver
 
@@ -68,22 +70,11 @@ def test_a_cancellation_probe_that_raises_never_leaves_a_request_unanswered():
 
 def engine_core_of(stub_pid: int) -> int:
     """The vLLM engine-core process under a stub (vLLM titles it VLLM::EngineCore)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    pending, found = [stub_pid], []
-    while pending:
-        for child in children.get(pending.pop(), []):
-            pending.append(child)
-            try:
-                if b"EngineCore" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(child)
-            except OSError:
-                pass
+    found = []
+    for pid, _ in process_tree(stub_pid):
+        with contextlib.suppress(OSError):
+            if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
     assert len(found) == 1, f"expected one engine core under stub {stub_pid}, found {found}"
     return found[0]
 
@@ -101,8 +92,7 @@ def test_the_engine_core_dying_under_load_fails_requests_in_flight_and_the_model
             # Held before vLLM (server/engine_hold.py): in flight when the core dies, however fast the machine.
             with held_engines():
                 in_flight = [asyncio.ensure_future(timed_outcome(client, document)) for document in PATENTS]
-                while received() < received_before + len(PATENTS):
-                    await asyncio.sleep(0.1)
+                await until(lambda: received() >= received_before + len(PATENTS), "every request received by the held engine")
                 os.kill(core, signal.SIGKILL)
                 killed_at = time.monotonic()
                 # The dead engine fails what it held (stopping overrides the hold), then its stub exits.
