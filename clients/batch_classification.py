@@ -11,7 +11,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar, Union
+from typing import Callable, Iterable, Iterator, TypeVar, Union
 
 from core.errors import InvalidInput, ServingError
 from core.protocol import Classification
@@ -19,7 +19,8 @@ from clients.patent_classifier import DEFAULT_MODEL, Document, PatentClassifier,
 
 Answer = Union[Classification, ServingError]
 Key = TypeVar("Key")  # what the caller pairs each document with (its line, its index)
-T = TypeVar("T")
+T = TypeVar("T")  # what is sent: a document, a correction
+R = TypeVar("R")  # what comes back for it
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,24 @@ def classify_in_batches(
 
     An item whose document is already a ``ServingError`` (a line that could not be read) is passed through.
     """
+    return in_batches(
+        items, server, lambda client, documents: client.classify_batch(documents, top_k),
+        lambda client, document: client.classify(document, top_k), batch_size, concurrency,
+    )
+
+
+def in_batches(
+    items: Iterable[tuple[Key, T | ServingError]],
+    server: ServerAddress,
+    send_batch: Callable[[PatentClassifier, list[T]], list[R]],
+    send_one: Callable[[PatentClassifier, T], R],
+    batch_size: int,
+    concurrency: int,
+) -> Iterator[list[tuple[Key, R | ServingError]]]:
+    """Items sent ``batch_size`` a request, ``concurrency`` requests at a time, outcomes yielded batch
+    by batch in input order, ``items`` read lazily. A request succeeds or fails whole, so a batch
+    that one bad item fails (``InvalidInput``) is resent one by one, and the others get through; an
+    item that is already a ``ServingError`` is passed through; any other error answers its batch."""
     if batch_size < 1 or concurrency < 1:
         raise InvalidInput("batch_size/concurrency", f"must be at least 1, got {batch_size}/{concurrency}")
     # HTTP clients must not be shared between threads, so each worker thread keeps its own.
@@ -61,23 +80,22 @@ def classify_in_batches(
             local.client = server.connect()
         return local.client
 
-    def classify_one(document: Document | ServingError) -> Answer:
-        if isinstance(document, ServingError):
-            return document
+    def send_alone(item: T | ServingError) -> R | ServingError:
+        if isinstance(item, ServingError):
+            return item
         try:
-            return client().classify(document, top_k)
+            return send_one(client(), item)
         except ServingError as error:
             return error
 
-    def classify_batch(batch: list[tuple[Key, Document | ServingError]]) -> list[tuple[Key, Answer]]:
-        keys, documents = [key for key, _ in batch], [document for _, document in batch]
-        if any(isinstance(document, ServingError) for document in documents):
-            return list(zip(keys, map(classify_one, documents)))
+    def send(batch: list[tuple[Key, T | ServingError]]) -> list[tuple[Key, R | ServingError]]:
+        keys, payloads = [key for key, _ in batch], [item for _, item in batch]
+        if any(isinstance(item, ServingError) for item in payloads):
+            return list(zip(keys, map(send_alone, payloads)))
         try:
-            return list(zip(keys, client().classify_batch(documents, top_k)))
+            return list(zip(keys, send_batch(client(), payloads)))
         except InvalidInput:
-            # One bad document fails its whole request: resend one by one to find it and answer the rest.
-            return list(zip(keys, map(classify_one, documents)))
+            return list(zip(keys, map(send_alone, payloads)))
         except ServingError as error:
             return [(key, error) for key in keys]
 
@@ -85,7 +103,7 @@ def classify_in_batches(
         in_flight: collections.deque[Future] = collections.deque()
         try:
             for batch in _batches(items, batch_size):
-                in_flight.append(pool.submit(classify_batch, batch))
+                in_flight.append(pool.submit(send, batch))
                 while in_flight and (in_flight[0].done() or len(in_flight) > 2 * concurrency):
                     yield in_flight.popleft().result()
             while in_flight:

@@ -13,14 +13,13 @@ the others are counted, not exported.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 from core.errors import InvalidInput, ServingError
 from core.feedback_protocol import Correction
-from clients.batch_classification import ServerAddress
+from clients.batch_classification import ServerAddress, in_batches
 
 CorrectionOrError = Union[Correction, ServingError]
 TRAINING_FIELDS = ("ipc", "title", "abstract", "claims")
@@ -59,29 +58,11 @@ def submit_in_batches(
 ) -> Iterator[list[str | ServingError]]:
     """Each correction's verdict or error, batch by batch, in input order. A request is recorded whole
     or not at all, so a batch that one bad correction fails is resent one by one: the rest are recorded."""
-    def submit(batch: Sequence[CorrectionOrError]) -> list[str | ServingError]:
-        with server.connect() as client:
-            good = [c for c in batch if isinstance(c, Correction)]
-            if len(good) == len(batch):
-                try:
-                    return client.submit_feedback_batch(good)
-                except InvalidInput:
-                    pass
-                except ServingError as error:
-                    return [error] * len(batch)
-            return [one(client, correction) for correction in batch]
-
-    def one(client, correction: CorrectionOrError) -> str | ServingError:
-        if isinstance(correction, ServingError):
-            return correction
-        try:
-            return client.submit_feedback_batch([correction])[0]
-        except ServingError as error:
-            return error
-
-    batches = [corrections[start : start + batch_size] for start in range(0, len(corrections), batch_size)]
-    with ThreadPoolExecutor(concurrency) as pool:
-        yield from pool.map(submit, batches)
+    for batch in in_batches(
+        enumerate(corrections), server, lambda client, good: client.submit_feedback_batch(good),
+        lambda client, correction: client.submit_feedback_batch([correction])[0], batch_size, concurrency,
+    ):
+        yield [outcome for _, outcome in batch]
 
 
 @dataclass(frozen=True)
