@@ -185,10 +185,11 @@ def main() -> None:
         st.caption(caption(model, classes, top_k))
 
     document = patent_form()
-    with st.container(key="answer"), connect(settings, model) as classifier:
-        if document is not None:
+    with st.container(key="answer"):
+        if document is not None:  # a connection only when there is a patent to send, not on every rerun
             st.session_state.pop("answer", None)
-            classify(classifier, document, top_k, settings)
+            with connect(settings, model) as classifier:
+                classify(classifier, document, top_k, settings)
         # Kept across the reruns the correction controls cause, for the model that gave it.
         answered_model, answer = st.session_state.get("answer", (None, None))
         if answer is not None and answered_model == model:
