@@ -217,6 +217,18 @@ def check_chart(values_file: Path, chart: Path = CHART, crds: dict | None = None
         return _check_chart(values_file, chart, crds)
 
 
+def rendered_objects(chart: Path, values: dict) -> list[tuple[str, dict]]:
+    """(template, object) of every object the chart renders with ``values``, as Helm installs it."""
+    import helm_python as helm
+
+    with helm.Chart.load(chart) as loaded:
+        rendered = loaded.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [
+        (template, document) for template, text in sorted(rendered.items()) if template.endswith((".yaml", ".yml"))
+        for document in yaml.safe_load_all(text) if document is not None
+    ]
+
+
 def _check_chart(values_file: Path, chart: Path, crds: dict | None) -> Report:
     import helm_python as helm
 
@@ -235,19 +247,13 @@ def _check_chart(values_file: Path, chart: Path, crds: dict | None) -> Report:
     if report.problems:
         return report
     try:
-        with helm.Chart.load(chart) as loaded:
-            rendered = loaded.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        rendered = rendered_objects(chart, values)
     except helm.HelmError as exc:
         report.problems.append(f"{values_file.name}: helm render: {exc}")
         return report
-    objects = []
-    for template, text in sorted(rendered.items()):
-        if not template.endswith((".yaml", ".yml")):
-            continue
-        for document in yaml.safe_load_all(text):
-            if document is not None:
-                objects.append(document)
-                report.problems += validate_object(document, f"{values_file.name} {template.split('/', 1)[1]}", crds)
+    objects = [document for _, document in rendered]
+    for template, document in rendered:
+        report.problems += validate_object(document, f"{values_file.name} {template.split('/', 1)[1]}", crds)
     report.lines.append(
         f"{values_file.name}: helm lint --strict clean on Kubernetes {' and '.join(KUBERNETES_VERSIONS)}; "
         f"rendered {_kinds(objects)}"

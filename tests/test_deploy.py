@@ -148,19 +148,10 @@ def test_the_installed_tritonserver_is_the_version_the_base_image_table_names(tm
     assert manifest_check.expected_base_image(metadata["version"]) in manifest_check.DOCKERFILE.read_text(encoding="utf-8")
 
 
-def _rendered(values_file: str, **overrides) -> list[dict]:
-    import helm_python as helm
-
+def _rendered(values_file: str) -> list[dict]:
     values = yaml.safe_load((CHART / values_file).read_text(encoding="utf-8"))
-    for dotted, value in overrides.items():
-        target = values
-        *parents, leaf = dotted.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    with manifest_check._quiet_symlink_notes(), helm.Chart.load(CHART) as chart:
-        rendered = chart.render(values=values, name="patent-classifier", namespace="patents")
-    return [doc for name, text in rendered.items() if name.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+    with manifest_check._quiet_symlink_notes():
+        return [document for _, document in manifest_check.rendered_objects(CHART, values)]
 
 
 def _one(objects: list[dict], kind: str) -> dict:
