@@ -88,7 +88,7 @@ export: $(REPOSITORY)/.exported
 # is replaced only once its export is proven (docs/export.md). EXPORT_ARGS takes the export's
 # machine settings, e.g. "--proof-memory-gib 16 --device cuda".
 EXPORT_ARGS ?=
-$(REPOSITORY)/.exported: $(MODELS_FILE) $(DEMO)/.built server/triton/model.py server/triton/feedback_model.py $(wildcard export/*.py) core/models_file.py core/serving_config.py
+$(REPOSITORY)/.exported: $(MODELS_FILE) $(DEMO)/.built server/triton/model.py server/triton/feedback_model.py $(wildcard export/*.py) core/models_file.py core/serving_config.py core/packed_decoder.py
 	$(PY) -m export models --models-file $(MODELS_FILE) --repository $(REPOSITORY) $(EXPORT_ARGS)
 	touch $@
 
@@ -171,7 +171,7 @@ $(DEMO)/gemma2-bench/.built: $(VENV)/.installed export/demo_models.py core/synth
 	$(PY) -m export demo-models --out $(DEMO) --model gemma2-bench
 	touch $@
 
-$(BENCH_REPOSITORY)/.exported: $(BENCH_MODELS_FILE) $(DEMO)/gemma2-bench/.built $(wildcard export/*.py) core/models_file.py core/serving_config.py
+$(BENCH_REPOSITORY)/.exported: $(BENCH_MODELS_FILE) $(DEMO)/gemma2-bench/.built $(wildcard export/*.py) core/models_file.py core/serving_config.py core/packed_decoder.py
 	$(PY) -m export models --models-file $(BENCH_MODELS_FILE) --repository $(BENCH_REPOSITORY)
 	touch $@
 

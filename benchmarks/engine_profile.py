@@ -1,6 +1,6 @@
 """Where the PyTorch engine's forward passes spend their time: torch's profiler on the batches the
 engine forms with 1 and with 8 patents in flight, for transformers' padded forward and for the
-packed one (server/packed_decoder.py), in each precision asked.
+packed one (core/packed_decoder.py), in each precision asked.
 
 With 1 in flight every batch is one patent; with 8, the engine's scheduler (the real
 ``TokenBudgetScheduler``, ``--max-batch-tokens``) groups the 8 waiting patents into batches, as
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.hf_classifier import DTYPES, classifier_logits, encode_texts, load_sequence_classifier, load_tokenizer, pad_batch
     from core.synthetic_patents import synthetic_patents
-    from server.packed_decoder import PackedGemma2, supports
+    from core.packed_decoder import PackedGemma2, supports
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, required=True)

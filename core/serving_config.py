@@ -91,7 +91,7 @@ class ServingConfig(BaseModel):
     packing: Literal["auto", "off"] = Field(
         "auto",
         description="torch engine: auto: on the CPU, Gemma-2 computes a batch's documents packed end to end, "
-        "no padding, the last layer for the pooled token only (server/packed_decoder.py; exact as eager attention); "
+        "no padding, the last layer for the pooled token only (core/packed_decoder.py; exact as eager attention); "
         "off: padded batches through transformers",
     )
     cpu_threads: int | Literal["auto"] = Field(

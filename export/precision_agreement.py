@@ -6,7 +6,10 @@ patents (``agreement_documents`` of them, the proof's own first) and, where the 
 one, every patent of the model's labelled file. It records the share of patents whose top class is
 the same and the largest |Δprobability| in ``precision_report.json`` beside the weights. Like the
 proof, it runs the model whole when its float32 weights fit ``proof_memory_gib``, else layer by
-layer (``export.layer_streaming``).
+layer (``export.layer_streaming``). The served precision runs the forward pass the PyTorch engine
+runs on the export's device: on a CPU, Gemma-2's packed one (``core.packed_decoder``, whose bf16
+keeps the residual stream in float32). Layer by layer it runs transformers' layers, whose bf16
+rounds the stream after every sublayer: a lower agreement than the server's, if anything.
 
 The precision measured is the configured ``dtype``, or for ``auto`` bf16: what ``auto`` computes
 in on a GPU and on a CPU with native bf16 (``core.hf_classifier.resolve_dtype``), whichever
@@ -24,11 +27,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import AutoConfig
 
 from core.errors import InvalidInput
-from core.hf_classifier import class_logits, DTYPES, load_sequence_classifier, load_tokenizer, softmax
+from core.hf_classifier import class_logits, DTYPES, encode_texts, load_sequence_classifier, load_tokenizer, resolve_device, softmax
 from core.models_file import ServedModel
+from core.packed_decoder import PackedGemma2, serves_packed
 from core.patent_document import json_object, patent_document
 from core.serving_config import ServingConfig
 from core.text_preprocessing import text_preprocessor
@@ -102,26 +107,40 @@ def agreement_texts(model: ServedModel) -> tuple[list[str], int]:
     return ([preprocess(text) for text in texts] if preprocess else texts), len(labelled)
 
 
-def compare_precisions(model_dir: Path, dtype: str, texts: list[str], max_length: int, device: str,
+def compare_precisions(model_dir: Path, serving: ServingConfig, texts: list[str], device: str,
                        proof_memory_gib: float = DEFAULT_PROOF_MEMORY_GIB) -> tuple[float, float]:
-    """(top-1 agreement, max |Δprobability|) of the model in ``dtype`` against float32, one model in memory at a time."""
+    """(top-1 agreement, max |Δprobability|) of the model in the served precision against float32,
+    one model in memory at a time. The served side runs the forward pass the PyTorch engine will
+    run on ``device``: packed (core/packed_decoder.py, whose bf16 keeps its stream in float32) where
+    the engine packs, else transformers'."""
+    dtype = measured_dtype(serving)
     tokenizer = load_tokenizer(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     layout = ClassifierLayout(config)
     whole = layout.float32_bytes() <= proof_memory_gib * 2**30
+    packed = whole and serves_packed(serving, config, resolve_device(device))
     logits = {}
     for name in (REFERENCE_DTYPE, dtype):
         if whole:
             model = load_sequence_classifier(model_dir, DTYPES[name], device)
-            logits[name] = class_logits(model, tokenizer, texts, max_length, batch_size=STREAMED_BATCH)
-        else:
+            if packed and name == dtype:
+                logits[name] = packed_logits(PackedGemma2(model), tokenizer, texts, serving.max_length)
+            else:
+                logits[name] = class_logits(model, tokenizer, texts, serving.max_length, batch_size=STREAMED_BATCH)
+        else:  # layer by layer through transformers' layers: in bf16, a stream rounded after every sublayer
             model = LayerStreamedClassifier(config, BaseWeights(CheckpointFolder(model_dir), layout), device, dtype=DTYPES[name])
-            logits[name] = model.logits(tokenizer, texts, max_length)
+            logits[name] = model.logits(tokenizer, texts, serving.max_length)
         del model
         gc.collect()
     reference, served = logits[REFERENCE_DTYPE], logits[dtype]
     agreement = float((reference.argmax(-1) == served.argmax(-1)).mean())
     return agreement, float(np.abs(softmax(reference) - softmax(served)).max())
+
+
+def packed_logits(packed: PackedGemma2, tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    encoded = [item.token_ids for item in encode_texts(tokenizer, texts, max_length)]
+    return torch.cat([packed.logits(encoded[first : first + STREAMED_BATCH])
+                      for first in range(0, len(encoded), STREAMED_BATCH)]).numpy()
 
 
 def settle_served_precision(
@@ -133,7 +152,7 @@ def settle_served_precision(
     dtype = measured_dtype(model.serving)
     texts, labelled = agreement_texts(model) if dtype != REFERENCE_DTYPE else ([], 0)
     top1, difference = (
-        compare_precisions(model_dir, dtype, texts, model.serving.max_length, device, proof_memory_gib) if texts else (1.0, 0.0)
+        compare_precisions(model_dir, model.serving, texts, device, proof_memory_gib) if texts else (1.0, 0.0)
     )
     accepted = top1 >= model.min_top1_agreement
     serving = model.serving if accepted else model.serving.model_copy(update={"dtype": REFERENCE_DTYPE})

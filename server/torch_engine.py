@@ -6,7 +6,7 @@
                                (packed batches: nothing to pad, the token ids go as they are)
     compute thread             forward pass, softmax, hand each document's scores to its request
 
-On the CPU, Gemma-2 computes packed batches (``server.packed_decoder``, serving field
+On the CPU, Gemma-2 computes packed batches (``core.packed_decoder``, serving field
 ``packing``): documents end to end with no padding, so the scheduler's budget counts their tokens.
 
 The prepare thread builds batch N+1 while the compute thread runs batch N, and holds at most
@@ -45,7 +45,7 @@ from core.hf_classifier import (
 from core.serving_config import ServingConfig
 from server.cpu_share import engine_cpu_threads
 from server.engine_hold import EngineHold
-from server.packed_decoder import PackedGemma2, supports as packs_exactly
+from core.packed_decoder import PackedGemma2, serves_packed
 from server.scheduler import ScheduledBatch, ScheduledDocument, TokenBudgetScheduler
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,7 @@ class TorchEngine(ClassificationEngine):
         if self._pad_token_id is None:
             self._pad_token_id = self._encoder.tokenizer.pad_token_id
             self._model.config.pad_token_id = self._pad_token_id
-        packs = (self.config.packing == "auto" and self._device.type == "cpu" and attention == "eager"
-                 and packs_exactly(self._model.config, self.max_length))
+        packs = serves_packed(self.config, self._model.config, self._device)
         self._packed = PackedGemma2(self._model, rows_hint=min(self.config.max_batch_tokens, 1024)) if packs else None
         self._scheduler.padded = self._packed is None  # before the first batch is taken: the threads start below
         # On a GPU the forward pass is not the CPU's work, so torch's default stays.

@@ -73,10 +73,10 @@ def test_servers_pick_an_exact_attention_per_device(exported):
 
 def test_packed_batches_keep_the_softcap_and_compute_what_padded_eager_attention_does(exported, mixed_length_batch):
     """Documents packed end to end, attention per document, the last layer for the pooled token
-    only (server/packed_decoder.py), against transformers' eager attention over the padded batch:
+    only (core/packed_decoder.py), against transformers' eager attention over the padded batch:
     the same float32 arithmetic in another order, so within tests/parity.py's bound. A packed
     forward that dropped the softcap fails it."""
-    from server.packed_decoder import PackedGemma2
+    from core.packed_decoder import PackedGemma2
 
     input_ids, attention_mask = mixed_length_batch
     documents = [ids[: int(mask.sum())].tolist() for ids, mask in zip(input_ids, attention_mask)]
@@ -98,9 +98,9 @@ def test_a_packed_documents_answer_does_not_depend_on_its_batch_mates(exported, 
     included: the same answer within what another summation order may change (tests/parity.py:
     float32's bound, or twice bf16's first-order error), far below what attention across
     documents would. The matmuls run at row counts whose kernels keep each row's bits where a
-    CPU's kernels allow (server/packed_decoder.py), so on most CPUs the answers are bit for bit."""
+    CPU's kernels allow (core/packed_decoder.py), so on most CPUs the answers are bit for bit."""
     from core.hf_classifier import load_sequence_classifier
-    from server.packed_decoder import PackedGemma2
+    from core.packed_decoder import PackedGemma2
 
     tokenizer = load_tokenizer(exported.merged_dir)
     documents = [e.token_ids for e in encode_texts(tokenizer, [d.render() for d in synthetic_patents(20, seed=3, long_share=0.3)], 512)]
@@ -117,3 +117,25 @@ def test_a_packed_documents_answer_does_not_depend_on_its_batch_mates(exported, 
         relative = 2 * bf16_relative_logit_bound(model.config.num_hidden_layers)
         for batched in (together, in_pairs):
             assert all(np.abs(b - a).max() <= relative * np.abs(a).max() for a, b in zip(alone, batched))
+
+
+def test_packed_bf16_keeps_its_stream_in_float32_and_stands_nearer_to_float32_than_transformers_bf16(exported):
+    """The packed forward's bf16 rounds the matmuls' inputs and outputs but not the residual stream,
+    the rotary embedding or the logits (core/packed_decoder.py): fewer roundings than transformers'
+    bf16 forward, so its answers stand nearer to the float32 model's, and its logits come out in
+    float32 rather than rounded to bf16's steps. The float32 reference computes with the bf16
+    weights, so only the arithmetic's rounding is compared, not the weights' (the same in both)."""
+    from core.hf_classifier import classifier_logits, load_sequence_classifier
+    from core.packed_decoder import PackedGemma2
+
+    tokenizer = load_tokenizer(exported.merged_dir)
+    documents = [e.token_ids for e in encode_texts(tokenizer, [d.render() for d in synthetic_patents(24, seed=5)], 512)]
+    float32 = PackedGemma2(load_sequence_classifier(exported.merged_dir, torch.bfloat16).float()).logits(documents).numpy()
+    model = load_sequence_classifier(exported.merged_dir, torch.bfloat16)
+    packed = PackedGemma2(model).logits(documents)
+    assert packed.dtype == torch.float32
+    with torch.inference_mode():
+        transformers_bf16 = torch.cat([classifier_logits(model, *pad_batch([ids], model.config.pad_token_id, torch.device("cpu")))
+                                       for ids in documents]).float().numpy()
+    packed_error, transformers_error = np.abs(packed.numpy() - float32).mean(), np.abs(transformers_bf16 - float32).mean()
+    assert packed_error < transformers_error, f"mean |Δlogit|: packed {packed_error:.3g}, transformers {transformers_error:.3g}"

@@ -142,20 +142,30 @@ def served_model(exported, tmp_path, **fields):
     return ModelsFile.parse({"models": [entry]}).models[0], folder
 
 
-def test_the_report_measures_bf16_against_float32_on_generated_and_labelled_patents(exported, tmp_path):
+@pytest.mark.parametrize("packing", ["auto", "off"])
+def test_the_report_measures_bf16_against_float32_on_generated_and_labelled_patents(exported, tmp_path, packing):
+    """Through the forward pass the engine will run: packed on this CPU (its bf16 keeps the stream
+    in float32), transformers' padded one where packing is off."""
+    from core.packed_decoder import PackedGemma2
+
     labelled_file = tmp_path / "labelled.jsonl"
     labelled_file.write_text("".join(LABELLED_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:10]), encoding="utf-8")
-    model, folder = served_model(exported, tmp_path, agreement_documents=6, labelled_file=str(labelled_file),
-                                 min_top1_agreement=0.0, serving={"max_length": MAX_LENGTH, "dtype": "bfloat16"})
+    model, folder = served_model(exported, tmp_path, agreement_documents=6, labelled_file=str(labelled_file), min_top1_agreement=0.0,
+                                 serving={"max_length": MAX_LENGTH, "dtype": "bfloat16", "packing": packing})
     serving, agreement = settle_served_precision(model, folder)
     texts, labelled = precision_agreement.agreement_texts(model)
     assert (agreement.documents, agreement.labelled_documents, labelled) == (16, 10, 10)
     # The same figures from the two models run here directly.
     tokenizer = hf_classifier.load_tokenizer(folder)
-    logits = {dtype: hf_classifier.class_logits(hf_classifier.load_sequence_classifier(folder, dtype), tokenizer, texts, MAX_LENGTH)
-              for dtype in (torch.float32, torch.bfloat16)}
-    assert agreement.top1_agreement == pytest.approx((logits[torch.float32].argmax(1) == logits[torch.bfloat16].argmax(1)).mean())
-    difference = np.abs(hf_classifier.softmax(logits[torch.float32]) - hf_classifier.softmax(logits[torch.bfloat16])).max()
+    float32 = hf_classifier.class_logits(hf_classifier.load_sequence_classifier(folder, torch.float32), tokenizer, texts, MAX_LENGTH)
+    bf16_model = hf_classifier.load_sequence_classifier(folder, torch.bfloat16)
+    if packing == "auto":
+        documents = [item.token_ids for item in hf_classifier.encode_texts(tokenizer, texts, MAX_LENGTH)]
+        bf16 = PackedGemma2(bf16_model).logits(documents).numpy()
+    else:
+        bf16 = hf_classifier.class_logits(bf16_model, tokenizer, texts, MAX_LENGTH)
+    assert agreement.top1_agreement == pytest.approx((float32.argmax(1) == bf16.argmax(1)).mean())
+    difference = np.abs(hf_classifier.softmax(float32) - hf_classifier.softmax(bf16)).max()
     assert agreement.max_abs_probability_diff == pytest.approx(difference)
     assert difference > 0  # bf16 rounding is measured, not assumed away
     written = json.loads((folder / precision_agreement.REPORT_FILENAME).read_text())
