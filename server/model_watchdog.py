@@ -12,7 +12,10 @@ a new stub. The server must run with ``--model-control-mode=explicit`` for the r
 A stub that died is told apart from one that Triton stopped on purpose (an unload, a reload
 after a re-export, a new version) by its corpse: Triton reaps a stub it stops (``waitpid``)
 moments after it exits, but one that died stays a zombie child of tritonserver until the
-instance is destroyed. So a corpse counts only when it is still there at the next look.
+instance is destroyed. So a corpse counts only when it is still there at the next look. Should
+Triton ever reap a dead stub before that, the model it leaves behind tells: still READY with no
+stub, where an unload first makes it not ready and a reload starts the new stub before it ends
+the old. One look that fails (a process vanishing under it) is logged, and the watching goes on.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -102,10 +105,11 @@ def _start_time(pid: int) -> str | None:
 
 
 def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name: state first, start time at index 19."""
+    """/proc/PID/stat after the command name: state first, parent pid next, start time at index 19.
+    Read as bytes: a command name cut at 15 bytes may end inside a UTF-8 character."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].decode("ascii").split()
+    except (OSError, IndexError, UnicodeDecodeError):  # exited while we looked, or not a process's stat
         return None
     return fields if len(fields) > 19 else None
 
@@ -113,13 +117,9 @@ def _stat_fields(pid: int) -> list[str] | None:
 def _children(parent_pid: int) -> list[tuple[int, str]]:
     """(pid, state) of the processes whose parent is ``parent_pid``."""
     children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # exited while we looked
-        if int(fields[1]) == parent_pid:
-            children.append((int(stat.parent.name), fields[0]))
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (fields := _stat_fields(int(name))) is not None and fields[1] == str(parent_pid):
+            children.append((int(name), fields[0]))
     return children
 
 
@@ -133,6 +133,17 @@ def _stub_of(pid: int) -> StubProcess | None:
         return None
     model_py = Path(argv[1].decode(errors="replace"))
     return StubProcess(pid, model_py.parent.parent.name, argv[8].decode(errors="replace"))
+
+
+@dataclass
+class _Looks:
+    """What the watchdog remembers from one look to the next."""
+
+    looked_at: float
+    live: dict[int, StubProcess] = field(default_factory=dict)  # stubs seen running, by pid (a zombie's cmdline is empty)
+    corpses: dict[int, float] = field(default_factory=dict)  # stubs of `live` seen dead once, and when they were last seen alive
+    handled: set[int] = field(default_factory=set)
+    without_stub: dict[str, tuple[StubProcess, int]] = field(default_factory=dict)  # model: its last stub, looks since it went
 
 
 class DeadStubWatchdog:
@@ -157,28 +168,49 @@ class DeadStubWatchdog:
             self._thread.join(self.reload_timeout_s)
 
     def _watch(self) -> None:
-        live: dict[int, StubProcess] = {}  # stubs seen running, by pid (a zombie's cmdline is empty)
-        corpses: dict[int, float] = {}  # stubs of `live` seen dead once, and when they were last seen alive
-        handled: set[int] = set()
-        looked_at = time.monotonic()
+        looks = _Looks(time.monotonic())
         while not self._stop.wait(self.poll_s):
-            children = _children(self.server_pid)
-            now = time.monotonic()
-            for pid, state in children:
-                if state == "Z" and pid in live and pid not in handled:
-                    if pid not in corpses:  # perhaps stopped on purpose and not yet reaped: look again
-                        corpses[pid] = looked_at
-                        continue
-                    handled.add(pid)
-                    self._recover(live.pop(pid), now - corpses.pop(pid))
-                elif state != "Z" and pid not in live and (stub := _stub_of(pid)) is not None:
-                    live[pid] = stub
-            present = {pid for pid, _ in children}
-            alive = {pid for pid, state in children if state != "Z"}
-            corpses = {pid: seen for pid, seen in corpses.items() if pid in present}  # reaped: stopped on purpose
-            live = {pid: stub for pid, stub in live.items() if pid in alive or pid in corpses}
-            handled &= present
-            looked_at = time.monotonic()
+            try:
+                self._look(looks)
+            except Exception:  # one failed look must not end the watching: the next one may see a death
+                log.exception("stub watchdog: a look at tritonserver's children failed; looking again")
+
+    def _look(self, looks: "_Looks") -> None:
+        children = _children(self.server_pid)
+        now = time.monotonic()
+        for pid, state in children:
+            if state == "Z" and pid in looks.live and pid not in looks.handled:
+                if pid not in looks.corpses:  # perhaps stopped on purpose and not yet reaped: look again
+                    looks.corpses[pid] = looks.looked_at
+                    continue
+                looks.handled.add(pid)
+                self._recover(looks.live.pop(pid), now - looks.corpses.pop(pid))
+            elif state != "Z" and pid not in looks.live and (stub := _stub_of(pid)) is not None:
+                looks.live[pid] = stub
+        present = {pid for pid, _ in children}
+        alive = {pid for pid, state in children if state != "Z"}
+        looks.corpses = {pid: seen for pid, seen in looks.corpses.items() if pid in present}  # reaped: stopped on purpose
+        gone = [stub for pid, stub in looks.live.items() if pid not in alive and pid not in looks.corpses]
+        looks.live = {pid: stub for pid, stub in looks.live.items() if pid in alive or pid in looks.corpses}
+        looks.handled &= present
+        self._look_for_reaped_deaths(looks, gone)
+        looks.looked_at = time.monotonic()
+
+    def _look_for_reaped_deaths(self, looks: "_Looks", gone: list[StubProcess]) -> None:
+        """A stub that left no corpse was reaped: stopped on purpose (then its model is unloading, or
+        a new stub has replaced it) or, should Triton reap a dead one, died. So a model whose stubs
+        are all gone, none back on the next look, that Triton still calls ready, lost its stub."""
+        for stub in gone:
+            looks.without_stub.setdefault(stub.model, (stub, 0))
+        for model, (stub, counted) in list(looks.without_stub.items()):
+            if any(live.model == model for live in looks.live.values()):
+                del looks.without_stub[model]  # replaced, or still a corpse the rule above handles
+            elif counted < 1:
+                looks.without_stub[model] = (stub, counted + 1)
+            else:
+                del looks.without_stub[model]
+                if self._model_ready(model):
+                    self._recover(stub, 2 * self.poll_s)
 
     def _recover(self, stub: StubProcess, detected_after_s: float) -> None:
         log.error("stub %d of model %s (%s) died; reloading the model", stub.pid, stub.model, stub.instance)

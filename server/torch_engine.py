@@ -42,10 +42,10 @@ from core.hf_classifier import (
     resolve_dtype,
     serving_attention,
 )
+from core.packed_decoder import PackedGemma2, serves_packed
 from core.serving_config import ServingConfig
 from server.cpu_share import engine_cpu_threads
 from server.engine_hold import EngineHold
-from core.packed_decoder import PackedGemma2, serves_packed
 from server.scheduler import ScheduledBatch, ScheduledDocument, TokenBudgetScheduler
 
 log = logging.getLogger(__name__)
