@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,12 @@ class DeadStubWatchdog:
     """Polls tritonserver's children; reloads the model of any stub that died. ``recoveries`` records each."""
 
     def __init__(self, server_pid: int, http_url: str, headers: dict[str, str] | None = None, poll_s: float = 0.5,
-                 reload_timeout_s: float = 600.0):
+                 reload_timeout_s: float = 600.0, children_of: Callable[[int], list[tuple[int, str]]] = _children,
+                 stub_of: Callable[[int], StubProcess | None] = _stub_of):
         self.server_pid, self.http_url, self.headers = server_pid, http_url, headers or {}
+        # How /proc is read: injected by the tests, which script the looks of this watchdog alone
+        # (every server of a test session runs its own watchdog thread beside them).
+        self._children_of, self._stub_of = children_of, stub_of
         self.poll_s, self.reload_timeout_s = poll_s, reload_timeout_s
         self.recoveries: list[Recovery] = []
         self._stop = threading.Event()
@@ -176,7 +181,7 @@ class DeadStubWatchdog:
                 log.exception("stub watchdog: a look at tritonserver's children failed; looking again")
 
     def _look(self, looks: "_Looks") -> None:
-        children = _children(self.server_pid)
+        children = self._children_of(self.server_pid)
         now = time.monotonic()
         for pid, state in children:
             if state == "Z" and pid in looks.live and pid not in looks.handled:
@@ -185,7 +190,7 @@ class DeadStubWatchdog:
                     continue
                 looks.handled.add(pid)
                 self._recover(looks.live.pop(pid), now - looks.corpses.pop(pid))
-            elif state != "Z" and pid not in looks.live and (stub := _stub_of(pid)) is not None:
+            elif state != "Z" and pid not in looks.live and (stub := self._stub_of(pid)) is not None:
                 looks.live[pid] = stub
         present = {pid for pid, _ in children}
         alive = {pid for pid, state in children if state != "Z"}

@@ -29,10 +29,9 @@ def watch(monkeypatch, looks: list, ready: bool = False) -> list[str]:
             raise look
         return look
 
-    monkeypatch.setattr(model_watchdog, "_children", children)
-    monkeypatch.setattr(model_watchdog, "_stub_of", lambda pid: {101: STUB, 102: OTHER}.get(pid))
     reloaded: list[str] = []
-    watchdog = DeadStubWatchdog(server_pid=1, http_url="unused", poll_s=0.001)
+    watchdog = DeadStubWatchdog(server_pid=1, http_url="unused", poll_s=0.001, children_of=children,
+                                stub_of=lambda pid: {101: STUB, 102: OTHER}.get(pid))
     monkeypatch.setattr(watchdog, "_recover", lambda stub, after: reloaded.append(stub.model))
     monkeypatch.setattr(watchdog, "_model_ready", lambda model: ready)
     watchdog.start()
