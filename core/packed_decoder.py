@@ -284,7 +284,8 @@ class PackedGemma2:
         cos, sin = cos[0], sin[0]
         for layer in self.layers[:-1]:
             stream = self._layer(layer, stream, cos, sin, spans)
-        stream = self._layer(self.layers[-1], stream, cos, sin, spans, pooled_only=True)
+        pooled_rows = torch.tensor(pooled, device=self.device)
+        stream = self._layer(self.layers[-1], stream, cos, sin, spans, pooled_rows)
         return self._head(rms_normed(stream, self._norm_scale[base.norm], self.eps))
 
     def _pooled_position(self, ids: Sequence[int]) -> int:
@@ -296,12 +297,13 @@ class PackedGemma2:
     def _heads(self, rows: torch.Tensor, head_dim: int) -> torch.Tensor:
         return rows.view(rows.shape[0], -1, head_dim)
 
-    def _self_attention(self, module: nn.Module, normed: torch.Tensor, cos, sin, spans, pooled_only: bool) -> torch.Tensor:
+    def _self_attention(self, module: nn.Module, normed: torch.Tensor, cos, sin, spans,
+                        pooled_rows: torch.Tensor | None) -> torch.Tensor:
         head_dim, softcap, scale = module.head_dim, module.attn_logit_softcapping, query_scale(module)
         key = rotary(self._heads(self._tokens[module.k_proj](normed), head_dim), cos, sin).transpose(0, 1)
         value = self._heads(self._tokens[module.v_proj](normed), head_dim).transpose(0, 1)
-        if pooled_only:
-            rows = torch.tensor([pooled for _, _, pooled in spans], device=normed.device)
+        if pooled_rows is not None:
+            rows = pooled_rows
             query = rotary(self._heads(self._pooled[module.q_proj](normed[rows]), head_dim), cos[rows], sin[rows], scale)
             query = query.transpose(0, 1)
             # The pooled token attends to its document up to itself: every key it is given, no mask.
@@ -314,20 +316,21 @@ class PackedGemma2:
                                         value[:, start : start + length], self._causal_mask(length), softcap)
                        for start, length, _ in spans]
         merged = torch.cat([output.transpose(0, 1) for output in outputs]).reshape(-1, module.config.num_attention_heads * head_dim)
-        return (self._pooled if pooled_only else self._tokens)[module.o_proj](merged)
+        return (self._tokens if pooled_rows is None else self._pooled)[module.o_proj](merged)
 
     def _mlp(self, mlp: nn.Module, rows: torch.Tensor, pooled: bool) -> torch.Tensor:
         projections = self._pooled if pooled else self._tokens
         activated = projections[mlp.up_proj].times(rows, projections[mlp.gate_proj].gelu(rows))
         return projections[mlp.down_proj](activated)
 
-    def _layer(self, layer: nn.Module, stream: torch.Tensor, cos, sin, spans, pooled_only: bool = False) -> torch.Tensor:
-        """One decoder layer on the float32 stream; ``pooled_only`` (the last layer): only the pooled
-        token of each document leaves the model, so only it goes on past attention."""
+    def _layer(self, layer: nn.Module, stream: torch.Tensor, cos, sin, spans,
+               pooled_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoder layer on the float32 stream; with ``pooled_rows`` (the last layer: each
+        document's pooled token) only those tokens leave the model, so only they go on past attention."""
         attended = self._self_attention(layer.self_attn, self._normed(stream, layer.input_layernorm), cos, sin, spans,
-                                        pooled_only)
-        if pooled_only:
-            stream = stream[torch.tensor([pooled for _, _, pooled in spans], device=stream.device)]
+                                        pooled_rows)
+        if pooled_rows is not None:
+            stream = stream[pooled_rows]
         stream = self._add_normed(stream, attended, layer.post_attention_layernorm)
-        update = self._mlp(layer.mlp, self._normed(stream, layer.pre_feedforward_layernorm), pooled_only)
+        update = self._mlp(layer.mlp, self._normed(stream, layer.pre_feedforward_layernorm), pooled_rows is not None)
         return self._add_normed(stream, update, layer.post_feedforward_layernorm)
