@@ -16,6 +16,11 @@ instance is destroyed. So a corpse counts only when it is still there at the nex
 Triton ever reap a dead stub before that, the model it leaves behind tells: still READY with no
 stub, where an unload first makes it not ready and a reload starts the new stub before it ends
 the old. One look that fails (a process vanishing under it) is logged, and the watching goes on.
+
+A corpse's command line is empty, so a stub is known (its model, its instance) only once a look
+has seen it running: the first look is taken before ``start()`` returns, and the one after a
+reload at once. A stub that a load started and that died before the next look is reported, not
+reloaded.
 """
 from __future__ import annotations
 
@@ -23,8 +28,10 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -136,13 +143,25 @@ def _stub_of(pid: int) -> StubProcess | None:
     return StubProcess(pid, model_py.parent.parent.name, argv[8].decode(errors="replace"))
 
 
+@dataclass(frozen=True)
+class WatchdogState:
+    """What a watchdog knows at one moment, for a log line or a failure message."""
+
+    running: bool
+    looks: int  # finished, since start
+    seconds_since_look: float | None  # None: none finished yet
+    watched: tuple[StubProcess, ...]  # the stubs it has seen running
+    corpses: tuple[int, ...]  # seen dead once, to be confirmed at the next look
+    where: str  # the watching thread's stack now ("" when it is not running)
+
+
 @dataclass
 class _Looks:
     """What the watchdog remembers from one look to the next."""
 
     looked_at: float
     live: dict[int, StubProcess] = field(default_factory=dict)  # stubs seen running, by pid (a zombie's cmdline is empty)
-    corpses: dict[int, float] = field(default_factory=dict)  # stubs of `live` seen dead once, and when they were last seen alive
+    corpses: dict[int, float] = field(default_factory=dict)  # children seen dead once, and the look before that
     handled: set[int] = field(default_factory=set)
     without_stub: dict[str, tuple[StubProcess, int]] = field(default_factory=dict)  # model: its last stub, looks since it went
 
@@ -161,8 +180,15 @@ class DeadStubWatchdog:
         self.recoveries: list[Recovery] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._looks = _Looks(time.monotonic())
+        self._finished_looks, self._last_look_at = 0, None
+        self._look_at_once = False  # after a reload: its new stub is known from the next moment, not one poll later
 
     def start(self) -> "DeadStubWatchdog":
+        """Takes the first look before it returns: a stub is known only once seen running (a
+        corpse has no command line to name its model), so one that died before a first look in
+        the background would never be reloaded."""
+        self._look_once()
         self._thread = threading.Thread(target=self._watch, name="stub-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -172,24 +198,43 @@ class DeadStubWatchdog:
         if self._thread is not None:
             self._thread.join(self.reload_timeout_s)
 
+    def state(self) -> WatchdogState:
+        running = self._thread is not None and self._thread.is_alive()
+        frame = sys._current_frames().get(self._thread.ident) if running else None
+        return WatchdogState(
+            running, self._finished_looks,
+            None if self._last_look_at is None else time.monotonic() - self._last_look_at,
+            tuple(self._looks.live.values()), tuple(self._looks.corpses),
+            "".join(traceback.format_stack(frame)) if frame is not None else "",
+        )
+
     def _watch(self) -> None:
-        looks = _Looks(time.monotonic())
-        while not self._stop.wait(self.poll_s):
-            try:
-                self._look(looks)
-            except Exception:  # one failed look must not end the watching: the next one may see a death
-                log.exception("stub watchdog: a look at tritonserver's children failed; looking again")
+        while not self._stop.wait(0.0 if self._look_at_once else self.poll_s):
+            self._look_at_once = False
+            self._look_once()
+
+    def _look_once(self) -> None:
+        try:
+            self._look(self._looks)
+        except Exception:  # one failed look must not end the watching: the next one may see a death
+            log.exception("stub watchdog: a look at tritonserver's children failed; looking again")
+        self._finished_looks, self._last_look_at = self._finished_looks + 1, time.monotonic()
 
     def _look(self, looks: "_Looks") -> None:
         children = self._children_of(self.server_pid)
         now = time.monotonic()
         for pid, state in children:
-            if state == "Z" and pid in looks.live and pid not in looks.handled:
+            if state == "Z" and pid not in looks.handled:
                 if pid not in looks.corpses:  # perhaps stopped on purpose and not yet reaped: look again
                     looks.corpses[pid] = looks.looked_at
                     continue
                 looks.handled.add(pid)
-                self._recover(looks.live.pop(pid), now - looks.corpses.pop(pid))
+                last_seen_alive = looks.corpses.pop(pid)
+                if pid in looks.live:
+                    self._recover(looks.live.pop(pid), now - last_seen_alive)
+                else:  # started and dead between two looks (a model loaded through the repository API)
+                    log.error("a stub (pid %d) died before the watchdog saw it running: its corpse does not name "
+                              "its model; reload that model through the repository API, or restart the server", pid)
             elif state != "Z" and pid not in looks.live and (stub := self._stub_of(pid)) is not None:
                 looks.live[pid] = stub
         present = {pid for pid, _ in children}
@@ -227,6 +272,7 @@ class DeadStubWatchdog:
             ready = self._model_ready(stub.model)
         except (urllib.error.URLError, OSError) as exc:
             log.error("reloading model %s failed: %s", stub.model, exc)
+        self._look_at_once = True
         recovery = Recovery(stub.model, stub.pid, detected_after_s, time.monotonic() - started, ready)
         self.recoveries.append(recovery)
         log.warning("model %s %s %.1f s after its stub died", stub.model, "ready again" if ready else "NOT ready",

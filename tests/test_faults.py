@@ -95,8 +95,9 @@ def test_killing_the_stub_under_load_fails_requests_in_flight_and_the_model_come
         for outcome in failures
     ), failures
     assert not any(isinstance(outcome, ModelNotFound) for outcome in failures)
-    assert any(not ready for _, ready, _ in probes)
-    assert last == "answered", f"the model did not come back within {RECOVERY_LIMIT_S:.0f} s: {probes[-3:]}"
+    watchdog = secure.server.watchdog.state()
+    assert any(not ready for _, ready, _ in probes), f"no reload began within {RECOVERY_LIMIT_S:.0f} s; {watchdog}"
+    assert last == "answered", f"the model did not come back within {RECOVERY_LIMIT_S:.0f} s: {probes[-3:]}; {watchdog}"
 
     # The watchdog reloaded it (a new stub), and the reloaded model gives the same answer.
     [recovery] = [r for r in secure.server.watchdog.recoveries if r.dead_stub_pid == stub.pid]

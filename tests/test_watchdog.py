@@ -9,6 +9,7 @@ import pytest
 
 from server import model_watchdog
 from server.model_watchdog import DeadStubWatchdog, StubProcess
+from tests.waiting import wait_until
 
 STUB = StubProcess(pid=101, model="kscst-gemma2", instance="kscst-gemma2_0_0")
 OTHER = StubProcess(pid=102, model="ipc-llama", instance="ipc-llama_0_0")
@@ -72,8 +73,89 @@ def test_a_look_that_fails_does_not_end_the_watching(monkeypatch):
     assert watch(monkeypatch, [alive, OSError("/proc went away"), ValueError("garbled stat"), dead, dead]) == ["kscst-gemma2"]
 
 
+def test_a_stub_killed_as_soon_as_the_watchdog_has_started_is_reloaded(monkeypatch):
+    """Killed right after ``start()`` returns, before the watching thread's first look: a corpse
+    has no command line to name its model, so ``start()`` has seen the stub running already."""
+    killed, dead_looks = threading.Event(), []
+
+    def children(_server_pid):
+        if killed.is_set():
+            dead_looks.append(1)
+            return [(101, "Z")]
+        return [(101, "S")]
+
+    reloaded: list[str] = []
+    watchdog = DeadStubWatchdog(server_pid=1, http_url="unused", poll_s=0.05, children_of=children,
+                                stub_of=lambda pid: {101: STUB}.get(pid))
+    monkeypatch.setattr(watchdog, "_recover", lambda stub, after: reloaded.append(stub.model))
+    watchdog.start()
+    killed.set()
+    try:
+        wait_until(lambda: len(dead_looks) >= 4, "four looks at the corpse", timeout_s=10)
+    finally:
+        watchdog.stop()
+    assert reloaded == ["kscst-gemma2"]
+
+
+def test_a_stub_that_died_before_any_look_saw_it_running_is_reported_not_guessed(monkeypatch, caplog):
+    """Its corpse has no command line to name its model: an error says so, and nothing is reloaded."""
+    assert watch(monkeypatch, [[(101, "Z")]] * 3) == []
+    assert "a stub (pid 101) died before the watchdog saw it running" in caplog.text
+
+
+def test_after_a_reload_the_next_look_comes_at_once(monkeypatch):
+    """So the new stub is known from the moment its model is ready, not one poll interval later,
+    in which it could die unseen."""
+    looked_at: list[float] = []
+    script = [[(101, "S")], [(101, "Z")], [(101, "Z")], [(103, "S")]]
+
+    def children(_server_pid):
+        looked_at.append(time.monotonic())
+        return script[min(len(looked_at), len(script)) - 1]
+
+    watchdog = DeadStubWatchdog(server_pid=1, http_url="unused", poll_s=1.0, children_of=children,
+                                stub_of=lambda pid: StubProcess(pid, STUB.model, STUB.instance) if pid in (101, 103) else None)
+    reloads: list[float] = []
+    monkeypatch.setattr(watchdog, "_repository", lambda model, action: reloads.append(time.monotonic()))
+    monkeypatch.setattr(watchdog, "_model_ready", lambda model: True)
+    watchdog.start()
+    try:
+        wait_until(lambda: len(looked_at) >= 4, "the look after the reload", timeout_s=10)
+    finally:
+        watchdog.stop()
+    assert len(reloads) == 2  # unload, load
+    assert looked_at[3] - reloads[-1] < 0.5  # not the 1 s of a poll
+    assert watchdog.recoveries[0].ready and watchdog.state().watched == (StubProcess(103, STUB.model, STUB.instance),)
+
+
 def test_children_are_read_from_this_machines_proc():
     """The real reading: this test's own process is a child of its parent, whatever its name's bytes."""
     import os
 
     assert os.getpid() in {pid for pid, _ in model_watchdog._children(os.getppid())}
+
+
+def test_its_state_names_the_stubs_it_watches_and_where_a_look_that_never_returns_waits():
+    """What a failure message shows: a look stuck in reading /proc (here: held) is seen in the
+    watching thread's stack, with the seconds since the last finished look."""
+    first_look_done, release = threading.Event(), threading.Event()
+
+    def stuck_after_one_look(_server_pid):
+        if first_look_done.is_set():
+            release.wait(10)
+        first_look_done.set()
+        return [(101, "S")]
+
+    watchdog = DeadStubWatchdog(server_pid=1, http_url="unused", poll_s=0.001, children_of=stuck_after_one_look,
+                                stub_of=lambda pid: {101: STUB}.get(pid)).start()
+    try:
+        assert first_look_done.wait(10)
+        time.sleep(0.2)
+        state = watchdog.state()
+        assert state.running and state.looks == 1 and state.watched == (STUB,)
+        assert state.seconds_since_look > 0.1  # its one look finished before the 0.2 s of waiting began, or within it
+        assert "in stuck_after_one_look" in state.where and "release.wait" in state.where
+    finally:
+        release.set()
+        watchdog.stop()
+    assert not watchdog.state().running and watchdog.state().where == ""
