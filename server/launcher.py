@@ -237,6 +237,14 @@ class ServerNotReady(RuntimeError):
     pass
 
 
+def _answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
 @dataclass
 class TritonServer:
     """A running tritonserver process (with its TLS front and stub watchdog when configured).
@@ -296,11 +304,9 @@ class TritonServer:
         return self
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.triton_http_url}/v2/health/ready", timeout=2) as answer:
-                return answer.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        """Triton's HTTP endpoint says ready, and its metrics endpoint answers: tritonserver starts
+        that one last, after HTTP, so a scrape right after a bare HTTP probe can be refused."""
+        return _answers_200(f"http://{self.triton_http_url}/v2/health/ready") and _answers_200(self.metrics_url)
 
     def wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s

@@ -140,3 +140,40 @@ def test_stopping_ends_a_stub_that_tritonserver_left_behind(exported, tmp_path):
     assert stub.pid in {pid for pid, _ in tree}
     survivors = [(pid, Path(f"/proc/{pid}/stat").read_text()) for pid, start in tree if still_running(pid, start)]
     assert survivors == []
+
+
+def test_a_server_is_ready_only_once_its_metrics_endpoint_answers_too(tmp_path):
+    """tritonserver starts its metrics endpoint after its HTTP one: a launcher that took HTTP's
+    "ready" alone returned a server whose first scrape could be refused."""
+    import http.server
+    import threading
+
+    class Answers200(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    def listening(port):
+        listener = http.server.ThreadingHTTPServer(("127.0.0.1", port), Answers200)
+        threading.Thread(target=listener.serve_forever, daemon=True).start()
+        return listener
+
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
+    server = TritonServer(LaunchConfig(model_repository=tmp_path, http_port=http_port, grpc_port=grpc_port,
+                                       metrics_port=metrics_port))
+    server._triton_http_port = http_port  # as start() sets it, without starting a tritonserver
+    health = listening(http_port)
+    try:
+        assert not server.is_ready()  # HTTP answers, the metrics port refuses
+        metrics = listening(metrics_port)
+        try:
+            assert server.is_ready()
+        finally:
+            metrics.shutdown()
+            metrics.server_close()
+    finally:
+        health.shutdown()
+        health.server_close()
