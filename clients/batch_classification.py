@@ -72,12 +72,15 @@ def in_batches(
     item that is already a ``ServingError`` is passed through; any other error answers its batch."""
     if batch_size < 1 or concurrency < 1:
         raise InvalidInput("batch_size/concurrency", f"must be at least 1, got {batch_size}/{concurrency}")
-    # HTTP clients must not be shared between threads, so each worker thread keeps its own.
-    local = threading.local()
+    # HTTP clients must not be shared between threads, so each worker thread keeps its own; all
+    # are closed when the run ends, or their connections would outlive it in a long-lived caller.
+    local, opened, opening = threading.local(), [], threading.Lock()
 
     def client() -> PatentClassifier:
         if not hasattr(local, "client"):
             local.client = server.connect()
+            with opening:
+                opened.append(local.client)
         return local.client
 
     def send_alone(item: T | ServingError) -> R | ServingError:
@@ -99,18 +102,22 @@ def in_batches(
         except ServingError as error:
             return [(key, error) for key in keys]
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        in_flight: collections.deque[Future] = collections.deque()
-        try:
-            for batch in _batches(items, batch_size):
-                in_flight.append(pool.submit(send, batch))
-                while in_flight and (in_flight[0].done() or len(in_flight) > 2 * concurrency):
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            in_flight: collections.deque[Future] = collections.deque()
+            try:
+                for batch in _batches(items, batch_size):
+                    in_flight.append(pool.submit(send, batch))
+                    while in_flight and (in_flight[0].done() or len(in_flight) > 2 * concurrency):
+                        yield in_flight.popleft().result()
+                while in_flight:
                     yield in_flight.popleft().result()
-            while in_flight:
-                yield in_flight.popleft().result()
-        finally:  # the caller stopped early: drop what has not started
-            for future in in_flight:
-                future.cancel()
+            finally:  # the caller stopped early: drop what has not started
+                for future in in_flight:
+                    future.cancel()
+    finally:  # the pool has shut down, so no worker uses its client any more
+        for each in opened:
+            each.close()
 
 
 def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -3,6 +3,7 @@ way an office runs a backlog through it: errors that name the input line, one cl
 the server cannot be reached, and a run killed halfway that --resume finishes with every id once."""
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
-from tests.conftest import EXAMPLE_PATENTS, KOELECTRA_MODEL, PROJECT_ROOT, example_records
+from tests.conftest import EXAMPLE_PATENTS, KOELECTRA_MODEL, MODEL_NAME, PROJECT_ROOT, example_records
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.server  # the CLI against the real tritonserver
 
@@ -139,3 +141,50 @@ def test_a_run_killed_halfway_through_1000_patents_resumes_to_exactly_1000_answe
     assert sorted(line["id"] for line in after) == [f"P{index:04d}" for index in range(1000)]
     assert after[: len(before)] == before  # the first run's answers kept as they were
     assert all(len(line["labels"]) == 3 for line in after)  # sentiment-koelectra: 3 classes, all of them
+
+
+def connections_to(port: int) -> int:
+    """This process's established TCP connections to ``port`` (/proc/net/tcp and tcp6, by the
+    socket inodes among this process's open files)."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC's sockets are IPv6 ones, to IPv4-mapped addresses
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port, state, inode = int(fields[2].rsplit(":", 1)[1], 16), fields[3], fields[9]
+            count += remote_port == port and state == "01" and inode in inodes
+    return count
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_batch_run_leaves_no_connection_open_in_the_calling_process(server, protocol):
+    """Each worker thread of a run opens its own client. A service that runs many batch jobs must
+    not keep their connections, and a server being stopped waits out its exit timeout for open
+    HTTP connections. Both when the run ends and when its caller stops reading early."""
+    from clients.batch_classification import ServerAddress, classify_in_batches
+    from core.protocol import Classification
+
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    port = int(url.rsplit(":", 1)[1])
+    documents = synthetic_patents(12, seed=83, long_share=0.0)
+    # Two replica addresses (the same server twice): a replica set's clients are not freed when
+    # the run's threads end, so only closing them ends their connections.
+    address = ServerAddress(f"{url},{url}", protocol, MODEL_NAME, timeout_s=60)
+
+    answers = [answer for batch in classify_in_batches(enumerate(documents), address, batch_size=2, concurrency=4)
+               for _, answer in batch]
+    assert len(answers) == len(documents) and all(isinstance(answer, Classification) for answer in answers)
+    wait_until(lambda: connections_to(port) == 0, f"the run's {protocol} connections closed", timeout_s=10)
+
+    run = classify_in_batches(enumerate(documents), address, batch_size=2, concurrency=4)
+    assert isinstance(next(run)[0][1], Classification)
+    assert connections_to(port) > 0  # what the check sees while a run is open
+    run.close()
+    wait_until(lambda: connections_to(port) == 0, f"the stopped run's {protocol} connections closed", timeout_s=10)
