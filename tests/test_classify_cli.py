@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -146,8 +147,6 @@ def test_a_run_killed_halfway_through_1000_patents_resumes_to_exactly_1000_answe
 def connections_to(port: int) -> int:
     """This process's established TCP connections to ``port`` (/proc/net/tcp and tcp6, by the
     socket inodes among this process's open files)."""
-    import os
-
     inodes = set()
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):

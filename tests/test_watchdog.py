@@ -153,7 +153,7 @@ def test_its_state_names_the_stubs_it_watches_and_where_a_look_that_never_return
         time.sleep(0.2)
         state = watchdog.state()
         assert state.running and state.looks == 1 and state.watched == (STUB,)
-        assert state.seconds_since_look > 0.1  # its one look finished before the 0.2 s of waiting began, or within it
+        assert state.seconds_since_look > 0.1  # its one look ended as the 0.2 s of sleep began
         assert "in stuck_after_one_look" in state.where and "release.wait" in state.where
     finally:
         release.set()
