@@ -36,6 +36,12 @@ class TlsFront:
         self._thread: threading.Thread | None = None
         self._listening = threading.Event()
         self._start_error: BaseException | None = None
+        self._relays: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections being relayed now."""
+        return len(self._relays)
 
     def start(self) -> "TlsFront":
         self._thread = threading.Thread(target=self._run, name="tls-front", daemon=True)
@@ -73,21 +79,27 @@ class TlsFront:
 
     async def _close_connections(self) -> None:
         self._server.close()
-        relays = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        relays = list(self._relays)
         for task in relays:
             task.cancel()
         await asyncio.gather(*relays, return_exceptions=True)
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        relay = asyncio.current_task()
+        self._relays.add(relay)
+        relay.add_done_callback(self._relays.discard)
+        writers = [client_writer]
         try:
             backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
+            writers.append(backend_writer)
+            await asyncio.gather(_pipe(client_reader, backend_writer), _pipe(backend_reader, client_writer))
         except OSError as exc:
             log.warning("tls front: Triton's HTTP endpoint refused the connection: %s", exc)
-            client_writer.close()
-            return
-        await asyncio.gather(_pipe(client_reader, backend_writer), _pipe(backend_reader, client_writer))
-        for writer in (backend_writer, client_writer):
-            _close(writer)
+        except asyncio.CancelledError:
+            pass  # the front is stopping (asyncio's streams log a connection handler that ends cancelled as an error)
+        finally:
+            for writer in writers:
+                _close(writer)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -95,14 +107,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(_CHUNK):
             writer.write(data)
             await writer.drain()
-        # Pass the end of the stream on: a half-close where the transport has one (plain TCP to
-        # Triton), else a close (TLS has no half-close), which also ends the other direction.
-        if writer.can_write_eof():
-            writer.write_eof()
-        else:
-            _close(writer)
     except (ConnectionError, ssl.SSLError, OSError):
-        _close(writer)  # the peer went away; so does our side
+        pass  # the peer went away
+    # The end of either direction ends the connection: the client side is TLS, which has no
+    # half-close, so a client that left cannot read an answer. A half-close to Triton would keep
+    # the relay and Triton's connection waiting for that answer, for good if it never comes (a
+    # request held by a dead stub).
+    _close(writer)
 
 
 def _close(writer: asyncio.StreamWriter) -> None:

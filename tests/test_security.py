@@ -127,3 +127,48 @@ def test_serve_refuses_a_short_token(exported):
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, TOKEN_ENV: "short"},
     )
     assert result.returncode == 2 and f"${TOKEN_ENV}: the token has 5 characters; it needs at least 16" in result.stderr
+
+
+def test_a_client_that_leaves_before_the_answer_closes_the_relays_connection_to_triton(tmp_path):
+    """A request Triton never answers (held by a dead stub): when its HTTPS client gives up, the
+    TLS front closes its connection to Triton too, so neither the relay nor that connection stays."""
+    import asyncio
+    import socket
+    import ssl
+    import threading
+
+    from server.launcher import free_loopback_ports
+    from server.tls_front import TlsFront, server_tls_context
+    from tests.tls_certificates import write_test_certificates
+    from tests.waiting import wait_until
+
+    certificates = write_test_certificates(tmp_path / "certificates")
+    backend_port, front_port = free_loopback_ports(2)
+    silent_triton = socket.create_server(("127.0.0.1", backend_port))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent_triton.accept()[0]), daemon=True).start()
+    front = TlsFront("127.0.0.1", front_port, backend_port,
+                     server_tls_context(certificates.server_certificate, certificates.server_key)).start()
+
+    async def leave_unanswered():
+        context = ssl.create_default_context(cafile=str(certificates.ca))
+        reader, writer = await asyncio.open_connection("127.0.0.1", front_port, ssl=context, server_hostname="localhost")
+        writer.write(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: m\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.5)  # the deadline: Triton never answers
+        writer.close()
+        await writer.wait_closed()
+
+    try:
+        asyncio.run(leave_unanswered())
+        wait_until(lambda: front.open_connections == 0, "the relay ended", timeout_s=10)
+        [triton_side] = accepted
+        triton_side.settimeout(10)
+        received = b""
+        while chunk := triton_side.recv(4096):  # b"" once the front has closed its end
+            received += chunk
+        assert received.endswith(b"{}")
+    finally:
+        front.stop()
+        silent_triton.close()
