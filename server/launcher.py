@@ -27,8 +27,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from core import access_token
 from core.feedback_protocol import FEEDBACK_MODEL
 from server.cpu_share import CPU_ENGINES_ENV, cpu_engines_of
-from server.model_watchdog import DeadStubWatchdog, end_leftovers, process_tree
+from server.model_watchdog import DeadStubWatchdog, answers_200, end_leftovers, process_tree
 from server.tls_front import TlsFront, server_tls_context
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -237,14 +235,6 @@ class ServerNotReady(RuntimeError):
     pass
 
 
-def _answers_200(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            return answer.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
 @dataclass
 class TritonServer:
     """A running tritonserver process (with its TLS front and stub watchdog when configured).
@@ -306,7 +296,7 @@ class TritonServer:
     def is_ready(self) -> bool:
         """Triton's HTTP endpoint says ready, and its metrics endpoint answers: tritonserver starts
         that one last, after HTTP, so a scrape right after a bare HTTP probe can be refused."""
-        return _answers_200(f"http://{self.triton_http_url}/v2/health/ready") and _answers_200(self.metrics_url)
+        return answers_200(f"http://{self.triton_http_url}/v2/health/ready", timeout_s=2) and answers_200(self.metrics_url, timeout_s=2)
 
     def wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s

@@ -64,6 +64,15 @@ def stub_processes(server_pid: int) -> list[StubProcess]:
     return [stub for pid, state in _children(server_pid) if state != "Z" and (stub := _stub_of(pid)) is not None]
 
 
+def answers_200(url: str, timeout_s: float) -> bool:
+    """A GET of ``url`` answers 200 (a refused connection, a timeout or another status: no)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+            return answer.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def process_tree(root_pid: int) -> list[tuple[int, str]]:
     """(pid, start time) of every process below ``root_pid``: the stubs, and what they started (vLLM's engine core)."""
     tree, pending = [], [root_pid]
@@ -229,9 +238,9 @@ class DeadStubWatchdog:
                     looks.corpses[pid] = looks.looked_at
                     continue
                 looks.handled.add(pid)
-                last_seen_alive = looks.corpses.pop(pid)
+                previous_look = looks.corpses.pop(pid)  # the last that saw it running, if one did
                 if pid in looks.live:
-                    self._recover(looks.live.pop(pid), now - last_seen_alive)
+                    self._recover(looks.live.pop(pid), now - previous_look)
                 else:  # started and dead between two looks (a model loaded through the repository API)
                     log.error("a stub (pid %d) died before the watchdog saw it running: its corpse does not name "
                               "its model; reload that model through the repository API, or restart the server", pid)
@@ -287,8 +296,4 @@ class DeadStubWatchdog:
             pass
 
     def _model_ready(self, model: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=5) as answer:
-                return answer.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_200(f"http://{self.http_url}/v2/models/{model}/ready", timeout_s=5)
