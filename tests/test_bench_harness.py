@@ -295,6 +295,29 @@ def test_the_ceiling_is_measured_in_the_asked_precision_and_is_the_faster_of_the
         assert ceiling.method in ("torch.matmul", "oneDNN packed")
 
 
+@pytest.mark.model  # torch's profiler on the packed forward's and transformers' matmuls
+def test_the_profiles_projection_share_is_the_matmuls_own_time_by_the_names_torchs_profiler_gives_them():
+    """engine_profile's MFU ceiling divides by this share: were torch to rename an operator, the
+    share would drop to 0 and the ceiling read infinite, so the names are checked on a real profile."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.engine_profile import projection_share
+    from core.packed_decoder import OneDNNProjection, TorchProjection
+
+    linear = torch.nn.Linear(64, 64, bias=False)
+    rows = torch.randn(40, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        OneDNNProjection(linear, 40)(rows)
+        TorchProjection(linear)(rows)
+        torch.tanh(rows)
+    events = profiled.key_averages()
+    by_name = {event.key: event.self_cpu_time_total for event in events}
+    assert {"mkldnn::_linear_pointwise", "aten::mm"} <= set(by_name)
+    expected = (by_name["mkldnn::_linear_pointwise"] + by_name["aten::mm"]) / sum(by_name.values())
+    assert projection_share(events) == pytest.approx(expected) and 0 < expected < 1
+
+
 @pytest.mark.model
 def test_the_bench_measures_its_ceiling_in_the_dtype_its_configurations_ran(exported, monkeypatch):
     """dtype auto resolves as the engines resolve it (bf16 on a CPU with native bf16, patched here
