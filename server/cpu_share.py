@@ -10,12 +10,17 @@ instance of every hosted model. Only the launcher knows how many that is (the mo
 configurations), and only the stub knows which cores it may use (``taskset``, a container's
 cpuset), so the launcher passes the count to the stubs in their environment and each engine
 divides its own cores by it.
+
+Within a stub, OpenMP's threads are the compute thread's alone (``on_a_thread_that_ends``).
 """
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, TypeVar
+
+T = TypeVar("T")
 
 CPU_ENGINES_ENV = "PATENT_CLASSIFIER_CPU_ENGINES"
 
@@ -32,6 +37,32 @@ def engine_cpu_threads(setting: int | Literal["auto"]) -> int:
     if setting != "auto":
         return setting
     return max(1, len(os.sched_getaffinity(0)) // cpu_engines())
+
+
+def on_a_thread_that_ends(work: Callable[[], T], name: str) -> T:
+    """``work()`` on a new thread that has ended when this returns (its exception raised here).
+
+    For the torch work an engine does before it serves (loading, packing weights, compiling):
+    every thread that runs a parallel torch operator keeps an OpenMP team of its own for as long
+    as it lives, and libgomp cuts its workers' spin-wait to a hundred iterations whenever it
+    manages more threads than there are cores. Loaded on a thread that lives on (the stub's main
+    thread), the compute thread's workers then go to sleep between operators and are woken for
+    the next, and a forward pass takes longer (benchmarks/results/2026-11-30-precision.md). A
+    thread's team ends with it."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # re-raised on the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def cpu_engines_of(config_pbtxt: Path) -> int:

@@ -44,7 +44,7 @@ from core.hf_classifier import (
 )
 from core.packed_decoder import PackedGemma2, serves_packed
 from core.serving_config import ServingConfig
-from server.cpu_share import engine_cpu_threads
+from server.cpu_share import engine_cpu_threads, on_a_thread_that_ends
 from server.engine_hold import EngineHold
 from server.scheduler import ScheduledBatch, ScheduledDocument, TokenBudgetScheduler
 
@@ -133,23 +133,10 @@ class TorchEngine(ClassificationEngine):
         from transformers import AutoConfig
 
         attention = serving_attention(AutoConfig.from_pretrained(self.config.model_dir), self._device, self.config.attention)
-        self._model = load_sequence_classifier(self.config.model_dir, self._dtype, self._device, attention)
-        if self._model.config.num_labels != len(self.labels):
-            raise ValueError(
-                f"{self.config.model_dir}: the model has {self._model.config.num_labels} classes but "
-                f"{len(self.labels)} labels are listed"
-            )
-        self._pad_token_id = self._model.config.pad_token_id
-        if self._pad_token_id is None:
-            self._pad_token_id = self._encoder.tokenizer.pad_token_id
-            self._model.config.pad_token_id = self._pad_token_id
-        packs = serves_packed(self.config, self._model.config, self._device)
-        self._packed = PackedGemma2(self._model, rows_hint=min(self.config.max_batch_tokens, 1024)) if packs else None
+        on_a_thread_that_ends(lambda: self._load(attention), "engine-load")
         self._scheduler.padded = self._packed is None  # before the first batch is taken: the threads start below
         # On a GPU the forward pass is not the CPU's work, so torch's default stays.
         self._wanted_cpu_threads = engine_cpu_threads(self.config.cpu_threads) if self._device.type == "cpu" else None
-        if attention in COMPILED_ATTENTION:
-            self._warm_up()
         for name, target in (("engine-prepare", self._prepare_loop), ("engine-compute", self._compute_loop)):
             thread = threading.Thread(target=self._guarded(target), name=name, daemon=True)
             thread.start()
@@ -218,6 +205,23 @@ class TorchEngine(ClassificationEngine):
         # Whatever did not finish within the drain (queued, or held by a loop that died) fails now.
         for submission in unfinished:
             submission.fail(ServerUnavailable("the server shut down before this request ran"))
+
+    def _load(self, attention: str) -> None:
+        """Everything torch computes before serving: off the caller's thread (``on_a_thread_that_ends``)."""
+        self._model = load_sequence_classifier(self.config.model_dir, self._dtype, self._device, attention)
+        if self._model.config.num_labels != len(self.labels):
+            raise ValueError(
+                f"{self.config.model_dir}: the model has {self._model.config.num_labels} classes but "
+                f"{len(self.labels)} labels are listed"
+            )
+        self._pad_token_id = self._model.config.pad_token_id
+        if self._pad_token_id is None:
+            self._pad_token_id = self._encoder.tokenizer.pad_token_id
+            self._model.config.pad_token_id = self._pad_token_id
+        packs = serves_packed(self.config, self._model.config, self._device)
+        self._packed = PackedGemma2(self._model, rows_hint=min(self.config.max_batch_tokens, 1024)) if packs else None
+        if attention in COMPILED_ATTENTION:
+            self._warm_up()
 
     def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:

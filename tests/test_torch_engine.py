@@ -142,3 +142,62 @@ def test_the_engine_reports_what_it_resolved_and_what_it_holds(engine_factory):
         assert engine.queue_depth() == (3, 3 * MAX_LENGTH)  # every long patent is cut at MAX_LENGTH
     assert all(len(future.result(timeout=120)) == count for future, count in zip(futures, (2, 1)))
     assert engine.queue_depth() == (0, 0)
+
+
+# --- OpenMP's threads belong to the compute thread ------------------------------------------------
+
+# In a fresh interpreter: the threads of the process after a parallel torch operator (a sum of 4 M
+# elements, split among 2 OpenMP threads) on a thread that ends, then on the main thread.
+_TEAMS_SCRIPT = """
+import os, time
+import torch
+from server.cpu_share import on_a_thread_that_ends
+from tests.waiting import wait_until
+torch.set_num_threads(2)
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+on_a_thread_that_ends(lambda: torch.ones(1 << 22).sum(), "work")
+wait_until(lambda: threads() == before, "the ended thread's OpenMP worker to exit", timeout_s=10)
+torch.ones(1 << 22).sum()
+time.sleep(0.2)
+print(before, threads())
+"""
+
+
+def test_a_thread_that_ends_takes_its_openmp_team_with_it():
+    """Why the engine loads on such a thread (server/cpu_share.py): a thread that lives on, here
+    the main one, keeps its team, whose worker is one more thread of the process."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    ran = subprocess.run([sys.executable, "-c", _TEAMS_SCRIPT], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    before, after_main = map(int, ran.stdout.split())
+    assert after_main == before + 1
+
+
+def test_the_engine_loads_on_a_thread_that_has_ended_before_it_serves(engine_factory, monkeypatch):
+    """So the compute thread's OpenMP workers are the process's only ones, and spin between
+    operators instead of sleeping (server/cpu_share.py); a failed load still fails start()."""
+    from server import torch_engine
+
+    loaders = []
+    load = torch_engine.load_sequence_classifier
+
+    def recorded_load(*args, **kwargs):
+        loaders.append(threading.current_thread())
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch_engine, "load_sequence_classifier", recorded_load)
+    engine = engine_factory()
+    assert len(loaders) == 1 and loaders[0] is not threading.current_thread() and not loaders[0].is_alive()
+    assert len(engine.submit(LONG_TEXTS[:2]).result(timeout=120)) == 2
+
+    def failed_load(*args, **kwargs):
+        raise OSError("model.safetensors: input/output error")
+
+    monkeypatch.setattr(torch_engine, "load_sequence_classifier", failed_load)
+    with pytest.raises(OSError, match="input/output error"):
+        engine_factory()
