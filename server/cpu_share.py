@@ -16,7 +16,7 @@ Within a stub, OpenMP's threads are the compute thread's alone (``on_a_thread_th
 from __future__ import annotations
 
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Literal, TypeVar
 
@@ -49,20 +49,8 @@ def on_a_thread_that_ends(work: Callable[[], T], name: str) -> T:
     thread), the compute thread's workers then go to sleep between operators and are woken for
     the next, and a forward pass takes longer (benchmarks/results/2026-11-30-precision.md). A
     thread's team ends with it."""
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = work()
-        except BaseException as exc:  # re-raised on the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    with ThreadPoolExecutor(1, thread_name_prefix=name) as one_thread:  # leaving it joins the thread
+        return one_thread.submit(work).result()
 
 
 def cpu_engines_of(config_pbtxt: Path) -> int:

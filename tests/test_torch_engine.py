@@ -149,7 +149,7 @@ def test_the_engine_reports_what_it_resolved_and_what_it_holds(engine_factory):
 # In a fresh interpreter: the threads of the process after a parallel torch operator (a sum of 4 M
 # elements, split among 2 OpenMP threads) on a thread that ends, then on the main thread.
 _TEAMS_SCRIPT = """
-import os, time
+import os
 import torch
 from server.cpu_share import on_a_thread_that_ends
 from tests.waiting import wait_until
@@ -159,7 +159,6 @@ before = threads()
 on_a_thread_that_ends(lambda: torch.ones(1 << 22).sum(), "work")
 wait_until(lambda: threads() == before, "the ended thread's OpenMP worker to exit", timeout_s=10)
 torch.ones(1 << 22).sum()
-time.sleep(0.2)
 print(before, threads())
 """
 
