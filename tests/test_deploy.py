@@ -220,8 +220,10 @@ def test_the_deployments_command_line_and_probes_work_against_the_real_server(ex
         "--tls-key=/etc/patent-classifier/tls/tls.key": f"--tls-key={certificates.server_key}",
     }
     arguments = [mapped.get(argument, argument) for argument in container["args"]]
-    assert all(argument.split("=")[0] in {"--ready-timeout", "--exit-timeout", "--log-verbose"} for argument in arguments
+    assert all(argument.split("=")[0] in {"--ready-timeout", "--exit-timeout", "--log-verbose", "--grpc-max-connection-age",
+                                          "--grpc-max-connection-age-grace"} for argument in arguments
                if argument not in mapped.values()), arguments
+    assert "--grpc-max-connection-age=300" in arguments  # the chart's default: new pods reached within minutes
     log = (tmp_path / "server.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "server", *arguments], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -287,3 +289,20 @@ def test_a_bucket_repository_reaches_tritonserver_as_written(tmp_path):
         assert command[command.index("--model-repository") + 1] == uri
         assert config.cpu_engines == 1
     assert LaunchConfig(model_repository=str(tmp_path), tritonserver=sys.executable).model_repository == tmp_path
+
+
+def test_the_connection_age_reaches_tritonserver_in_milliseconds():
+    """tritonserver 2.51's --grpc-max-connection-age(-grace) take milliseconds (its --help); the
+    launcher's settings are seconds. tests/test_fleet.py shows the age working on the real server."""
+    from pydantic import ValidationError
+
+    from server.launcher import _command
+
+    bucket = "s3://patents/model_repository"  # no local folder needed to build the command line
+    aged = LaunchConfig(model_repository=bucket, tritonserver=sys.executable, grpc_max_connection_age_s=300,
+                        grpc_max_connection_age_grace_s=120)
+    command = _command(aged)
+    assert "--grpc-max-connection-age=300000" in command and "--grpc-max-connection-age-grace=120000" in command
+    assert not any("connection-age" in argument for argument in _command(LaunchConfig(model_repository=bucket, tritonserver=sys.executable)))
+    with pytest.raises(ValidationError, match="grpc_max_connection_age_grace_s: a grace applies"):
+        LaunchConfig(model_repository=bucket, grpc_max_connection_age_grace_s=120)
