@@ -29,7 +29,7 @@ CHART = manifest_check.CHART
 def test_deploy_check_passes_on_the_project_files(capsys):
     assert manifest_check.main() == 0, capsys.readouterr().out
     output = capsys.readouterr().out
-    for values_file in ("values-cpu-demo.yaml", "values-gpu.yaml", "values-gpu-node-8.yaml"):
+    for values_file in ("values-cpu-demo.yaml", "values-gpu.yaml", "values-gpu-node-8.yaml", "values-backlog.yaml"):
         assert f"ok    {values_file}: helm lint --strict clean on Kubernetes 1.25.0 and 1.37.0" in output
     assert "every object validated against Kubernetes 1.25 and 1.37" in output
     assert "deploy-check: passed" in output
@@ -188,6 +188,48 @@ def test_one_pod_per_gpu_and_one_pod_per_eight_gpu_node():
         container = _one(_rendered(values_file), "Deployment")["spec"]["template"]["spec"]["containers"][0]
         assert container["resources"]["limits"].get("nvidia.com/gpu") == (gpus or None)
         assert container["resources"]["requests"].get("nvidia.com/gpu") == (gpus or None)
+
+
+def _rendered_for(values_file: str, kube_version: str) -> list[dict]:
+    values = yaml.safe_load((CHART / values_file).read_text(encoding="utf-8"))
+    with manifest_check._quiet_symlink_notes():
+        return [document for _, document in manifest_check.rendered_objects(CHART, values, kube_version)]
+
+
+@pytest.mark.tools
+def test_the_backlog_job_retries_each_shard_on_its_own_where_kubernetes_can():
+    """backoffLimitPerIndex is a Kubernetes 1.29 field: the Job rendered for 1.37 has it (and gives
+    up a shard at once on exit 2, bad input), the one rendered for 1.25 a Job-wide backoffLimit.
+    Each is valid on its own version; the 1.37 one would not be on 1.25, which is why
+    `make deploy-check` renders for each version it validates against."""
+    from clients.__main__ import EXIT_BAD_INPUT
+
+    old, new = (_one(_rendered_for("values-backlog.yaml", version), "Job") for version in ("1.25.0", "1.37.0"))
+    assert old["spec"]["completionMode"] == new["spec"]["completionMode"] == "Indexed"
+    assert "backoffLimitPerIndex" not in old["spec"] and old["spec"]["backoffLimit"] == 3 * old["spec"]["completions"]
+    assert new["spec"]["backoffLimitPerIndex"] == 3 and "backoffLimit" not in new["spec"]
+    [rule] = new["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailIndex" and rule["onExitCodes"]["values"] == [EXIT_BAD_INPUT]
+    assert manifest_check.validate_object(old, "old", {}, ("1.25.0",)) == []
+    assert manifest_check.validate_object(new, "new", {}, ("1.37.0",)) == []
+    assert any("'backoffLimitPerIndex' was unexpected" in problem for problem in manifest_check.validate_object(new, "new", {}, ("1.25.0",)))
+
+
+@pytest.mark.tools
+def test_no_service_or_disruption_budget_selects_the_backlog_pods():
+    """The Job's workers and the check pod are clients: were they selected by the headless Service,
+    clients would be sent to them."""
+    objects = _rendered("values-backlog.yaml")
+    selectors = [obj["spec"]["selector"] for obj in objects if obj["kind"] == "Service"]
+    selectors += [obj["spec"]["selector"]["matchLabels"] for obj in objects if obj["kind"] == "PodDisruptionBudget"]
+    assert len(selectors) == 4
+
+    def selected(labels: dict) -> bool:
+        return any(selector.items() <= labels.items() for selector in selectors)
+
+    assert selected(_one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"])
+    assert not selected(_one(objects, "Job")["spec"]["template"]["metadata"]["labels"])
+    assert not selected(_one(objects, "Pod")["metadata"]["labels"])
 
 
 @pytest.mark.server

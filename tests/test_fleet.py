@@ -1,26 +1,36 @@
 """The fleet, against real tritonservers on loopback: a replica added to a dns name mid-run gets
 its share once the servers' max connection age has made the clients resolve the name again; when
 every replica answers Overloaded, the client's retry budget keeps its attempts near one per
-request."""
+request; and the backlog Job's own command lines, three shard workers of which one is killed
+midway and re-run, answer a 1,000-patent input exactly once, as its check command says."""
 from __future__ import annotations
 
 import contextlib
+import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import yaml
 
 from clients import PatentClassifier
+from clients.answers_file import id_key
 from clients.batch_classification import ServerAddress, classify_in_batches
 from clients.replicas import RETRY_TOKENS
+from clients.shards import shard_of
 from core.errors import Overloaded
 from core.protocol import Classification
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
+from deploy import manifest_check
 from export.triton_package import write_triton_model
 from server.triton_metrics import SAMPLE_INTERVAL_S
-from tests.conftest import MAX_LENGTH, MODEL_NAME, held_engines
+from tests.conftest import KOELECTRA_MODEL, MAX_LENGTH, MODEL_NAME, PROJECT_ROOT, held_engines
 from tests.test_monitoring import scrape, value
 from tests.test_replicas import answered, answered_once_counted, ports_free_on, replica, replica_repository
 
@@ -207,3 +217,102 @@ def test_when_every_replica_is_overloaded_retries_stay_within_the_budget(fleet):
     assert requests <= attempts <= requests * 1.1 + RETRY_TOKENS, attempts
     assert any("the retry budget is spent" in error.message for error, _ in outcomes)
 
+
+# --- the backlog Job: its rendered command lines run here, against the session's server ---------
+
+BACKLOG_SHARDS = 3
+
+
+def backlog_job(values_overrides: dict) -> tuple[dict, dict]:
+    """The Job's container and the check pod's container, rendered from values-backlog.yaml."""
+    values = yaml.safe_load((manifest_check.CHART / "values-backlog.yaml").read_text(encoding="utf-8"))
+    for key, overrides in values_overrides.items():
+        values[key] = {**values.get(key, {}), **overrides}
+    with manifest_check._quiet_symlink_notes():
+        objects = [document for _, document in manifest_check.rendered_objects(manifest_check.CHART, values, "1.37.0")]
+    [job] = [obj for obj in objects if obj["kind"] == "Job"]
+    [check] = [obj for obj in objects if obj["kind"] == "Pod"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == BACKLOG_SHARDS
+    return job["spec"]["template"]["spec"]["containers"][0], check["spec"]["containers"][0]
+
+
+def as_run_here(container: dict, data: Path, url: str, index: int | None = None) -> list[str]:
+    """The container's command line as this machine runs it: the claim at ``data``, the Service at
+    ``url``, $(JOB_COMPLETION_INDEX) expanded as the kubelet does, the image's python3 this one."""
+    assert container["command"] == ["python3", "-m", "clients"]
+    command = [sys.executable, "-m", "clients"]
+    for argument in container["args"]:
+        if index is not None:
+            argument = argument.replace("$(JOB_COMPLETION_INDEX)", str(index))
+        if argument.startswith("--url="):
+            argument = f"--url={url}"
+        elif argument.startswith("--model="):
+            argument = f"--model={KOELECTRA_MODEL}"  # the session server's quickest model
+        command.append(argument.replace("/data/", f"{data}/"))
+    return command
+
+
+def whole_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_the_backlog_jobs_shard_workers_answer_1000_patents_once_though_one_is_killed_midway(server, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    ids = [f"P{index:04d}" for index in range(1000)]
+    patents = synthetic_patents(1000, seed=1031, long_share=0.1)
+    (data / "backlog.jsonl").write_text(
+        "".join(json.dumps({"id": identifier, **patent.to_json()}, ensure_ascii=False) + "\n" for identifier, patent in zip(ids, patents)),
+        encoding="utf-8",
+    )
+    worker, check = backlog_job({
+        "backlogJob": {"shards": BACKLOG_SHARDS, "parallelism": BACKLOG_SHARDS, "concurrency": 2, "batchSize": 8},
+        "auth": {"tokenSecret": ""}, "tls": {"secret": ""},  # the session's server has neither
+    })
+    commands = [as_run_here(worker, data, server.grpc_url, index) for index in range(BACKLOG_SHARDS)]
+    outputs = [data / "answers" / f"shard-{index}-of-{BACKLOG_SHARDS}.jsonl" for index in range(BACKLOG_SHARDS)]
+    assert [f"--output={output}" in command for output, command in zip(outputs, commands)] == [True] * BACKLOG_SHARDS
+    victim, shard_size = 1, sum(shard_of(id_key(identifier), BACKLOG_SHARDS) == 1 for identifier in ids)
+
+    runs = [subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
+    try:
+        # Killed once 100 answers are written: the engines are held first, so at most the requests
+        # already computed (2 × concurrency + 1 batches of 8) are written after that.
+        wait_for(lambda: whole_lines(outputs[victim]) >= 100 or runs[victim].poll() is not None, "100 answers of shard 1", 300)
+        with held_engines():
+            runs[victim].send_signal(signal.SIGKILL)
+            runs[victim].wait(timeout=30)
+        results = [run.communicate(timeout=300) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    killed_at = whole_lines(outputs[victim])
+    assert runs[victim].returncode == -signal.SIGKILL and 100 <= killed_at < shard_size, (killed_at, shard_size)
+    assert [runs[index].returncode for index in (0, 2)] == [0, 0], [results[index][1] for index in (0, 2)]
+    with open(outputs[victim], "a", encoding="utf-8") as handle:  # what a kill mid-write leaves
+        handle.write('{"id": "P9999", "lab')
+
+    check_command = as_run_here(check, data, server.grpc_url)
+    incomplete = subprocess.run(check_command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert incomplete.returncode == 1
+    missing = {problem["id"] for problem in map(json.loads, incomplete.stdout.splitlines()) if problem["problem"] == "missing"}
+    assert len(missing) == shard_size - killed_at and all(shard_of(id_key(identifier), BACKLOG_SHARDS) == victim for identifier in missing)
+
+    # The Job controller starts the index again: the same command, --resume included.
+    rerun = subprocess.run(commands[victim], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming {outputs[victim]}: {killed_at} documents answered already; 1 line of the earlier run to redo" in rerun.stderr
+
+    complete = subprocess.run(check_command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert complete.returncode == 0 and complete.stdout == "", complete.stderr
+    assert complete.stderr.strip() == f"complete: all 1000 ids of backlog.jsonl answered exactly once in {BACKLOG_SHARDS} outputs"
+    lines = [json.loads(line) for output in outputs for line in output.read_text(encoding="utf-8").splitlines()]
+    assert sorted(line["id"] for line in lines) == ids and all("labels" in line for line in lines)
+    for index, output in enumerate(outputs):
+        assert all(shard_of(id_key(line["id"]), BACKLOG_SHARDS) == index for line in map(json.loads, output.read_text().splitlines()))
+
+    # A shard's file resumed as another shard (another N) is refused: the check would find doubles.
+    wrong = [argument.replace(f"--shard={victim}/{BACKLOG_SHARDS}", "--shard=0/2") for argument in commands[victim]]
+    refused = subprocess.run(wrong, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "ids of other shards" in refused.stderr and "was it written with another --shard?" in refused.stderr
