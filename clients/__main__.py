@@ -3,6 +3,8 @@ set, open the web page, or submit and export examiners' corrections.
 
     python -m clients classify --input clients/examples/patents.jsonl [--output answers.jsonl [--resume]]
         [--url 127.0.0.1:8001[,host2:8001...] | --url dns:///name:8001] [--protocol grpc|http] [--model kscst-gemma2] [--top-k 5]
+        [--shard I/N]
+    python -m clients shards check --input backlog.jsonl --outputs answers-0.jsonl answers-1.jsonl ...
     python -m clients evaluate --input clients/examples/labelled_patents.jsonl --out build/eval
         [--url ... | --start-server model_repository] [--min-accuracy 0.8]
         [--model-dir model_repository/kscst-gemma2/1/model]
@@ -18,7 +20,9 @@ answers. Lines are written in input order as their batches are answered; with --
 continues its output file, skipping the ids answered there and redoing its error lines, so an
 interrupted backlog loses nothing and repeats nothing. Several --url addresses (or a dns:/// name)
 spread the requests over the replicas, and a request one replica could not take goes to another
-(clients/replicas.py).
+(clients/replicas.py). --shard I/N answers only shard I of N of the input (each line's shard
+follows from its id; clients/shards.py), so N workers split a backlog, each with its own output
+file; `shards check` then verifies the N outputs answer every line exactly once.
 
 evaluate: the same lines plus the true class code in "label"; refuses a file whose labels are not
 the model's classes; writes report.json (accuracy, macro-F1, top-k accuracy, per-class figures,
@@ -49,6 +53,7 @@ from core.errors import AccessDenied, InvalidInput, ModelNotFound, ServerUnavail
 from clients.answers_file import AnswersFile, id_key
 from clients.batch_classification import ServerAddress, classify_in_batches
 from clients.replicas import parse_targets
+from clients import shards
 from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS
 from clients.patent_lines import at_line, read_patent_lines
 
@@ -102,14 +107,16 @@ class DuplicateId(Exception):
     pass
 
 
-def _lines_to_send(lines, answers: AnswersFile, name: str, progress):
-    """The input lines not answered yet; stops at an id already seen in this input."""
+def _lines_to_send(lines, answers: AnswersFile, name: str, progress, shard: shards.Shard | None = None):
+    """The input lines (of the shard) not answered yet; stops at an id already seen in this input."""
     seen: dict[str, int] = {}
     for line in lines:
         key = id_key(line.identifier)
         if key in seen:
             raise DuplicateId(f"{name} line {line.number}.id: {key} is the id of line {seen[key]} too; ids must be unique")
         seen[key] = line.number
+        if shard is not None and not shard.holds(key):
+            continue
         if key in answers.answered:
             progress.update(1)
         else:
@@ -128,8 +135,12 @@ def classify_command(args: argparse.Namespace) -> int:
         print(f"--top-k {args.top_k}: model {args.model!r} has {served.num_labels} classes", file=sys.stderr)
         return EXIT_BAD_INPUT
     name = "stdin" if args.input == "-" else Path(args.input).name
-    total = _count_lines(args.input)
+    total = None if args.shard else _count_lines(args.input)  # a shard's size is known only once read
     answers = AnswersFile(None if args.output == "-" else Path(args.output), resume=args.resume)
+    if args.shard and (refusal := shards.foreign_answers(answers.answered, args.shard, args.output)):
+        answers.close()
+        print(refusal, file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.resume:
         redo = f"; {answers.dropped} line{'s' * (answers.dropped != 1)} of the earlier run to redo (errors, a line cut short)"
         print(f"resuming {args.output}: {len(answers.answered)} documents answered already{redo if answers.dropped else ''}",
@@ -139,7 +150,7 @@ def classify_command(args: argparse.Namespace) -> int:
     progress = _progress(total, enabled=args.input != "-" and not args.quiet)
     try:
         with source, progress:
-            pending = _lines_to_send(read_patent_lines(source, name), answers, name, progress)
+            pending = _lines_to_send(read_patent_lines(source, name), answers, name, progress, args.shard)
             for batch in classify_in_batches(pending, address, args.top_k, args.batch_size, args.concurrency):
                 stop = next((answer for _, answer in batch if isinstance(answer, _SERVER_ERRORS)), None)
                 if stop is not None:
@@ -404,8 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_server_arguments(classify, timeout_s=120.0)
     _add_security_arguments(classify)
     classify.add_argument("--top-k", type=int, default=None, help="classes per document (server default: 5)")
+    classify.add_argument("--shard", type=shards.Shard.parse, default=None, metavar="I/N",
+                          help="answer only shard I (from 0) of N of the input, by each line's id (clients/shards.py)")
     _add_batching_arguments(classify)
     classify.set_defaults(run=classify_command)
+    shards.add_commands(commands, HelpFormatter)
 
     evaluate = commands.add_parser("evaluate", help="accuracy report of the served model on a labelled JSON-lines file", formatter_class=HelpFormatter)
     evaluate.add_argument("--input", type=Path, required=True, help='JSON-lines file: patents with their true class code in "label"')

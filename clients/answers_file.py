@@ -33,13 +33,14 @@ class AnswersFile:
             return
         if resume and path.exists():
             self._keep_answered_lines()
+        path.parent.mkdir(parents=True, exist_ok=True)  # a shard's folder on a fresh volume
         self._handle = open(path, "a" if resume else "w", encoding="utf-8")
 
     def _keep_answered_lines(self) -> None:
         kept = []
         with open(self.path, encoding="utf-8", errors="replace") as handle:
             for line in handle:
-                answer = _answer_line(line)
+                answer = answer_line(line)
                 if answer is None or id_key(answer["id"]) in self.answered:
                     self.dropped += 1
                     continue
@@ -59,7 +60,7 @@ class AnswersFile:
             self._handle.close()
 
 
-def _answer_line(line: str) -> dict | None:
+def answer_line(line: str) -> dict | None:
     """The line's content if it is whole and holds an answer; None for a torn, unreadable or error line."""
     if not line.endswith("\n"):
         return None

@@ -25,13 +25,22 @@ spend an attempt on it. Once every replica has been tried, each further attempt 
 too. Each attempt carries the time left until the caller's deadline as its own timeout, no
 attempt or pause starts past the deadline, and a call makes at most MAX_ATTEMPTS attempts. When
 they are spent, the last attempt's error is raised, with the attempts named in its message.
+
+Retries cannot multiply an overload: every target (the ``url``, shared by all the clients of a
+process that name it) has a retry budget, gRPC's retryThrottling (gRFC A6): a bucket of
+RETRY_TOKENS tokens, one taken by each attempt that failed with a retryable error, TOKEN_RATIO
+given back by each classification answered; while it holds half its tokens or fewer, a failed
+call is not retried but raised at once. So when every replica refuses, a process makes at most
+RETRY_TOKENS / 2 retries in all, and in steady state about one retry per 1 / TOKEN_RATIO answers.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -45,6 +54,10 @@ FIRST_PAUSE_S = 0.05
 MAX_PAUSE_S = 2.0
 AVOID_S = 2.0
 RESOLVE_EVERY_S = 30.0
+# gRPC's own example values are 10 and 0.1; a bigger bucket lets a process fail over the requests
+# one lost replica held (up to RETRY_TOKENS / 2 of them at once) before the budget holds retries back.
+RETRY_TOKENS = 100
+TOKEN_RATIO = 0.1
 
 # The retry rules above, keyed on the typed errors of core.errors.
 _ELSEWHERE_AT_ONCE = (ServerUnavailable, ModelNotFound)
@@ -112,10 +125,17 @@ def resolve(name: str, port: int) -> tuple[str, ...]:
     return tuple(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host in hosts)
 
 
+# gRPC's round_robin policy, chosen through the service config (the lb_policy_name channel
+# argument is the older way): one subchannel per resolved address, calls spread over the ready ones.
+ROUND_ROBIN_SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}]}
+
+
 def round_robin_channel_args() -> list[tuple[str, Any]]:
-    """tritonclient's own channel arguments, plus gRPC's round_robin policy: one subchannel per
-    resolved address, calls spread over the ready ones (gRPC's default, pick_first, uses one).
-    gRPC resolves the name again whenever a connection to one of its addresses breaks."""
+    """tritonclient's own channel arguments, plus the round_robin service config (gRPC's default
+    policy, pick_first, would send every call to one address). gRPC resolves the name again when
+    a connection to one of its addresses ends, a server's GOAWAY at its max connection age
+    included (pick_first.cc: the selected subchannel leaving READY requests re-resolution), at
+    most once every 30 s (the dns resolver's grpc.dns_min_time_between_resolutions_ms)."""
     import tritonclient.grpc as grpc_client
 
     keepalive = grpc_client.KeepAliveOptions()
@@ -126,8 +146,41 @@ def round_robin_channel_args() -> list[tuple[str, Any]]:
         ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
         ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.service_config", json.dumps(ROUND_ROBIN_SERVICE_CONFIG)),
     ]
+
+
+class RetryBudget:
+    """gRPC's retryThrottling for one target: ``max_tokens`` tokens, one taken by each failed
+    attempt, ``token_ratio`` given back by each answer; retries only while more than half remain."""
+
+    def __init__(self, max_tokens: float = RETRY_TOKENS, token_ratio: float = TOKEN_RATIO):
+        self.max_tokens = max_tokens
+        self.token_ratio = token_ratio
+        self.tokens = float(max_tokens)
+        self._lock = threading.Lock()  # the calls of every thread (and event loop) of the process share it
+
+    def failed(self) -> bool:
+        """An attempt failed retryably: take its token, and say whether a retry is allowed now.
+        One step under the lock, so concurrent failures cannot all see the last allowed retry."""
+        with self._lock:
+            self.tokens = max(0.0, self.tokens - 1)
+            return self.tokens > self.max_tokens / 2
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self.tokens = min(float(self.max_tokens), self.tokens + self.token_ratio)
+
+
+_budgets: dict[tuple[str, str], RetryBudget] = {}
+_budgets_lock = threading.Lock()
+
+
+def retry_budget(protocol: str, target: str) -> RetryBudget:
+    """The process's budget for a target: every client naming it shares it (as gRPC keys its
+    throttling by server name), so a run with 32 clients has one budget, not 32."""
+    with _budgets_lock:
+        return _budgets.setdefault((protocol, target), RetryBudget())
 
 
 # (target, timeout_s, channel_args) -> a tritonclient InferenceServerClient
@@ -149,9 +202,11 @@ class Attempts:
 
     order: list[Replica]
     deadline: float | None
+    budget: RetryBudget = field(default_factory=RetryBudget)
     attempts: int = 0
     pauses: int = 0
     tried: list[str] = field(default_factory=list)
+    throttled: bool = False  # a retry was held back: the target's retry budget was spent
 
     def next_replica(self) -> Replica:
         replica = self.order[self.attempts % len(self.order)]
@@ -164,11 +219,17 @@ class Attempts:
 
     def pause_before_retry(self, replica: Replica, error: ServingError) -> float | None:
         """Seconds to wait before the next attempt, or None: raise this error."""
-        if not isinstance(error, _ELSEWHERE_AT_ONCE + _ELSEWHERE_AFTER_A_PAUSE) or self.attempts >= MAX_ATTEMPTS:
+        if not isinstance(error, _ELSEWHERE_AT_ONCE + _ELSEWHERE_AFTER_A_PAUSE):
+            return None
+        allowed = self.budget.failed()  # every retryable failure costs its token, retried or not
+        if self.attempts >= MAX_ATTEMPTS:
             return None
         if isinstance(error, ModelNotFound) and self.attempts >= len(self.order):
             return None
         replica.avoid_until = time.monotonic() + AVOID_S
+        if not allowed:
+            self.throttled = True
+            return None
         pause = 0.0
         if isinstance(error, _ELSEWHERE_AFTER_A_PAUSE) or self.attempts >= len(self.order):
             # Full jitter: callers that failed together do not come back together.
@@ -194,7 +255,8 @@ class Attempts:
 
         if not isinstance(exc, InferenceServerException):
             return exc
-        note = f" [{self.attempts} attempt(s): {', '.join(self.tried)}]"
+        held_back = "; no retry: the retry budget is spent (too many failed attempts lately)" if self.throttled else ""
+        note = f" [{self.attempts} attempt(s): {', '.join(self.tried)}{held_back}]"
         return InferenceServerException(msg=(exc.message() or str(exc)) + note, status=exc.status(), debug_details=exc.debug_details())
 
 
@@ -216,6 +278,7 @@ class _ReplicaSetBase:
         self._attempt_error = attempt_error
         self._transport_errors = transport_errors
         self._turn = itertools.count(random.randrange(1 << 16))  # clients started together do not all begin at one replica
+        self._budget = retry_budget(protocol, targets.describe())
         self._resolved_at = 0.0
         self._replicas: list[Replica] = []
         self._retired: list[Replica] = []  # resolved away; closed with the set (a call may still use one)
@@ -249,7 +312,7 @@ class _ReplicaSetBase:
         return sorted(rotated, key=lambda replica: replica.avoid_until > now)  # stable: in turn, avoided ones last
 
     def _infer_call(self, kwargs: dict) -> Attempts:
-        return Attempts(self._order(), _deadline(kwargs))
+        return Attempts(self._order(), _deadline(kwargs), self._budget)
 
     def _metadata_call(self) -> Attempts:
         """Configuration and readiness: each replica once, in turn, all within the client's timeout."""
@@ -272,12 +335,15 @@ class ReplicaSet(_ReplicaSetBase):
         while True:
             replica = call.next_replica()
             try:
-                return self._attempt(replica, call, lambda client: client.infer(model_name, inputs, **call.attempt_timeouts(kwargs)))
+                result = self._attempt(replica, call, lambda client: client.infer(model_name, inputs, **call.attempt_timeouts(kwargs)))
             except self._transport_errors as exc:
                 pause = call.pause_before_retry(replica, self._attempt_error(exc))
                 if pause is None:
                     raise call.final(exc) from None
                 time.sleep(pause)
+            else:
+                self._budget.succeeded()
+                return result
 
     def _attempt(self, replica: Replica, call: Attempts, request):
         remaining = call.remaining()
@@ -349,12 +415,15 @@ class AsyncReplicaSet(_ReplicaSetBase):
         while True:
             replica = call.next_replica()
             try:
-                return await self._attempt(call, replica.client.infer(model_name, inputs, **call.attempt_timeouts(kwargs)))
+                result = await self._attempt(call, replica.client.infer(model_name, inputs, **call.attempt_timeouts(kwargs)))
             except self._transport_errors as exc:
                 pause = call.pause_before_retry(replica, self._attempt_error(exc))
                 if pause is None:
                     raise call.final(exc) from None
                 await asyncio.sleep(pause)
+            else:
+                self._budget.succeeded()
+                return result
 
     @staticmethod
     async def _attempt(call: Attempts, request):

@@ -5,10 +5,13 @@
 1. ``deploy/Dockerfile``: hadolint reports nothing, and the base image is NVIDIA's Triton container
    of the server version the project pins (nvidia-pytriton in requirements-nodeps.txt).
 2. The Helm chart, for each ``values-*.yaml`` beside it: Helm's strict lint (which applies
-   ``values.schema.json``) for the oldest and newest Kubernetes version supported, then a render,
-   both by Helm itself (the ``helm-python-sdk`` package embeds it; no cluster, no network).
-3. Every rendered object and every file of ``deploy/kserve/``: a built-in kind against the
-   Kubernetes schemas of both versions in strict mode (an unknown field fails); a kind or API
+   ``values.schema.json``) for the oldest and newest Kubernetes version supported, then a render
+   for each of them (templates may differ by version: the backlog Job's per-index retry limit
+   exists from 1.29), all by Helm itself (the ``helm-python-sdk`` package embeds it; no cluster,
+   no network).
+3. Every rendered object, against the version it was rendered for, and every file of
+   ``deploy/kserve/``, against both: a built-in kind against the
+   Kubernetes schemas in strict mode (an unknown field fails); a kind or API
    version those schemas lack fails too, so a removed API (``autoscaling/v2beta2``) cannot slip
    through as "no schema"; a custom resource against its CRD's subset in ``deploy/crd-schemas/``.
 """
@@ -161,15 +164,15 @@ def custom_resource_schemas(folder: Path = CRD_SCHEMAS) -> dict[tuple[str, str],
     return schemas
 
 
-def validate_object(obj: dict, where: str, crds: dict[tuple[str, str], dict]) -> list[str]:
-    """Every problem of one object on every supported Kubernetes version; none when it is valid on all.
+def validate_object(obj: dict, where: str, crds: dict[tuple[str, str], dict], versions: tuple[str, ...] = KUBERNETES_VERSIONS) -> list[str]:
+    """Every problem of one object on each of ``versions``; none when it is valid on all.
     Built-in kinds use kubernetes-validate's strict schemas (an unknown field is refused); custom
     resources their CRD subset, whose embedded Kubernetes types resolve to the same strict schemas."""
     if not isinstance(obj, dict) or "apiVersion" not in obj or "kind" not in obj:
         return [f"{where}: not a Kubernetes object (no apiVersion/kind)"]
     name = f"{where}: {obj['kind']} {obj.get('metadata', {}).get('name', '?')} ({obj['apiVersion']})"
     problems = []
-    for version in KUBERNETES_VERSIONS:
+    for version in versions:
         minor = version.rsplit(".", 1)[0]
         custom = crds.get((obj["apiVersion"], obj["kind"]))
         schema = custom if custom is not None else _built_in_schema(obj["apiVersion"], obj["kind"], version)
@@ -217,12 +220,22 @@ def check_chart(values_file: Path, chart: Path = CHART, crds: dict | None = None
         return _check_chart(values_file, chart, crds)
 
 
-def rendered_objects(chart: Path, values: dict) -> list[tuple[str, dict]]:
-    """(template, object) of every object the chart renders with ``values``, as Helm installs it."""
+def rendered_objects(chart: Path, values: dict, kube_version: str | None = None) -> list[tuple[str, dict]]:
+    """(template, object) of every object the chart renders with ``values``, as Helm installs it
+    on a cluster of ``kube_version`` (None: Helm's default)."""
     import helm_python as helm
+    from helm_python import _native
 
+    options = {"name": RELEASE, "namespace": NAMESPACE, "is_install": True}
     with helm.Chart.load(chart) as loaded:
-        rendered = loaded.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        if kube_version is None:
+            rendered = loaded.render(values=values, **options)
+        else:
+            # Chart.render (helm-python-sdk 0.2.2) does not pass a version on; the library it wraps
+            # takes one, as `helm template --kube-version` does.
+            rendered = json.loads(_native.call_string(
+                "helm_render", loaded._raw(), json.dumps(values), json.dumps({**options, "kube_version": f"v{kube_version}"})
+            ))
     return [
         (template, document) for template, text in sorted(rendered.items()) if template.endswith((".yaml", ".yml"))
         for document in yaml.safe_load_all(text) if document is not None
@@ -246,14 +259,15 @@ def _check_chart(values_file: Path, chart: Path, crds: dict | None) -> Report:
         report.problems += [f"{values_file.name}: helm lint (Kubernetes {version}): {e.strip()}" for e in linted["errors"] if not findings]
     if report.problems:
         return report
-    try:
-        rendered = rendered_objects(chart, values)
-    except helm.HelmError as exc:
-        report.problems.append(f"{values_file.name}: helm render: {exc}")
-        return report
-    objects = [document for _, document in rendered]
-    for template, document in rendered:
-        report.problems += validate_object(document, f"{values_file.name} {template.split('/', 1)[1]}", crds)
+    for version in KUBERNETES_VERSIONS:
+        try:
+            rendered = rendered_objects(chart, values, version)
+        except helm.HelmError as exc:
+            report.problems.append(f"{values_file.name}: helm render (Kubernetes {version}): {exc}")
+            return report
+        objects = [document for _, document in rendered]
+        for template, document in rendered:
+            report.problems += validate_object(document, f"{values_file.name} {template.split('/', 1)[1]}", crds, (version,))
     report.lines.append(
         f"{values_file.name}: helm lint --strict clean on Kubernetes {' and '.join(KUBERNETES_VERSIONS)}; "
         f"rendered {_kinds(objects)}"

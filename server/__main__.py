@@ -3,6 +3,7 @@
     python -m server --model-repository model_repository [--models-file models.yaml]
         [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
         [--tls-certificate server.pem --tls-key server.key] [--token-file token.txt]
+        [--grpc-max-connection-age 300 --grpc-max-connection-age-grace 120]
 
 With --models-file the server loads exactly the models that file lists (each must have been
 exported into the repository); without it, every model folder in the repository.
@@ -53,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         "--no-model-reload", dest="reload_dead_models", action="store_false",
         help="do not reload a model whose Python-backend stub died (without --models-file, Triton's model control mode stays 'none')",
     )
+    parser.add_argument(
+        "--grpc-max-connection-age", type=float, default=None, metavar="SECONDS",
+        help="close each client's gRPC connection (GOAWAY) after this many seconds, so clients of a dns:/// name re-resolve "
+        "it and reach replicas added since (tritonserver's flag of the same name, which takes milliseconds); default: never",
+    )
+    parser.add_argument(
+        "--grpc-max-connection-age-grace", type=float, default=None, metavar="SECONDS",
+        help="seconds the calls in flight on a connection past its age may take to finish; default: as long as they take",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -84,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             ready_timeout_s=args.ready_timeout, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose,
             models=models,
             tls_certificate=args.tls_certificate, tls_key=args.tls_key, token=token, reload_dead_models=args.reload_dead_models,
+            grpc_max_connection_age_s=args.grpc_max_connection_age, grpc_max_connection_age_grace_s=args.grpc_max_connection_age_grace,
         )
     except ValidationError as exc:
         parser.error(str(exc))

@@ -74,6 +74,14 @@ class LaunchConfig(BaseModel):
     reload_dead_models: bool = Field(
         True, description="reload a model whose Python-backend stub died (runs Triton with --model-control-mode=explicit)"
     )
+    grpc_max_connection_age_s: float | None = Field(
+        None, gt=0, description="seconds a client's gRPC connection may live before the server sends GOAWAY: the "
+        "client then re-resolves its dns:/// name, so replicas added since get traffic; None: forever"
+    )
+    grpc_max_connection_age_grace_s: float | None = Field(
+        None, ge=0, description="seconds the calls in flight on a connection past its age may take to finish before it "
+        "is closed; None: as long as they take"
+    )
 
     @field_validator("model_repository", mode="before")
     @classmethod
@@ -91,6 +99,13 @@ class LaunchConfig(BaseModel):
             path = getattr(self, field)
             if path is not None and not path.is_file():
                 raise ValueError(f"{field}: {path} is not a file")
+        return self
+
+    @model_validator(mode="after")
+    def _grace_needs_an_age(self) -> "LaunchConfig":
+        if self.grpc_max_connection_age_grace_s is not None and self.grpc_max_connection_age_s is None:
+            raise ValueError("grpc_max_connection_age_grace_s: a grace applies to connections past their age; "
+                             "give grpc_max_connection_age_s too")
         return self
 
     @field_validator("token")
@@ -172,6 +187,7 @@ def _command(config: LaunchConfig, triton_http_port: int | None = None) -> list[
         "--exit-timeout-secs", str(config.exit_timeout_s),
         "--log-verbose", str(config.log_verbose),
         *_model_control_args(config),
+        *_connection_age_args(config),
         *(["--grpc-use-ssl=true", f"--grpc-server-cert={config.tls_certificate.resolve()}",
            f"--grpc-server-key={config.tls_key.resolve()}"] if config.tls else []),
         *_restricted_api_args(config),
@@ -184,6 +200,17 @@ def _model_control_args(config: LaunchConfig) -> list[str]:
     if config.models:
         return ["--model-control-mode=explicit", *(f"--load-model={name}" for name in config.models)]
     return ["--model-control-mode=explicit", "--load-model=*"] if config.reload_dead_models else []
+
+
+def _connection_age_args(config: LaunchConfig) -> list[str]:
+    # tritonserver 2.51 takes both in milliseconds (its --help; gRPC's max_connection_age_ms and
+    # max_connection_age_grace_ms channel arguments); gRPC adds ±10 % jitter to the age.
+    arguments = []
+    if config.grpc_max_connection_age_s is not None:
+        arguments.append(f"--grpc-max-connection-age={max(1, round(config.grpc_max_connection_age_s * 1000))}")
+    if config.grpc_max_connection_age_grace_s is not None:
+        arguments.append(f"--grpc-max-connection-age-grace={round(config.grpc_max_connection_age_grace_s * 1000)}")
+    return arguments
 
 
 def _restricted_api_args(config: LaunchConfig) -> list[str]:

@@ -29,7 +29,7 @@ CHART = manifest_check.CHART
 def test_deploy_check_passes_on_the_project_files(capsys):
     assert manifest_check.main() == 0, capsys.readouterr().out
     output = capsys.readouterr().out
-    for values_file in ("values-cpu-demo.yaml", "values-gpu.yaml", "values-gpu-node-8.yaml"):
+    for values_file in ("values-cpu-demo.yaml", "values-gpu.yaml", "values-gpu-node-8.yaml", "values-backlog.yaml"):
         assert f"ok    {values_file}: helm lint --strict clean on Kubernetes 1.25.0 and 1.37.0" in output
     assert "every object validated against Kubernetes 1.25 and 1.37" in output
     assert "deploy-check: passed" in output
@@ -190,6 +190,48 @@ def test_one_pod_per_gpu_and_one_pod_per_eight_gpu_node():
         assert container["resources"]["requests"].get("nvidia.com/gpu") == (gpus or None)
 
 
+def _rendered_for(values_file: str, kube_version: str) -> list[dict]:
+    values = yaml.safe_load((CHART / values_file).read_text(encoding="utf-8"))
+    with manifest_check._quiet_symlink_notes():
+        return [document for _, document in manifest_check.rendered_objects(CHART, values, kube_version)]
+
+
+@pytest.mark.tools
+def test_the_backlog_job_retries_each_shard_on_its_own_where_kubernetes_can():
+    """backoffLimitPerIndex is a Kubernetes 1.29 field: the Job rendered for 1.37 has it (and gives
+    up a shard at once on exit 2, bad input), the one rendered for 1.25 a Job-wide backoffLimit.
+    Each is valid on its own version; the 1.37 one would not be on 1.25, which is why
+    `make deploy-check` renders for each version it validates against."""
+    from clients.__main__ import EXIT_BAD_INPUT
+
+    old, new = (_one(_rendered_for("values-backlog.yaml", version), "Job") for version in ("1.25.0", "1.37.0"))
+    assert old["spec"]["completionMode"] == new["spec"]["completionMode"] == "Indexed"
+    assert "backoffLimitPerIndex" not in old["spec"] and old["spec"]["backoffLimit"] == 3 * old["spec"]["completions"]
+    assert new["spec"]["backoffLimitPerIndex"] == 3 and "backoffLimit" not in new["spec"]
+    [rule] = new["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailIndex" and rule["onExitCodes"]["values"] == [EXIT_BAD_INPUT]
+    assert manifest_check.validate_object(old, "old", {}, ("1.25.0",)) == []
+    assert manifest_check.validate_object(new, "new", {}, ("1.37.0",)) == []
+    assert any("'backoffLimitPerIndex' was unexpected" in problem for problem in manifest_check.validate_object(new, "new", {}, ("1.25.0",)))
+
+
+@pytest.mark.tools
+def test_no_service_or_disruption_budget_selects_the_backlog_pods():
+    """The Job's workers and the check pod are clients: were they selected by the headless Service,
+    clients would be sent to them."""
+    objects = _rendered("values-backlog.yaml")
+    selectors = [obj["spec"]["selector"] for obj in objects if obj["kind"] == "Service"]
+    selectors += [obj["spec"]["selector"]["matchLabels"] for obj in objects if obj["kind"] == "PodDisruptionBudget"]
+    assert len(selectors) == 4
+
+    def selected(labels: dict) -> bool:
+        return any(selector.items() <= labels.items() for selector in selectors)
+
+    assert selected(_one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"])
+    assert not selected(_one(objects, "Job")["spec"]["template"]["metadata"]["labels"])
+    assert not selected(_one(objects, "Pod")["metadata"]["labels"])
+
+
 @pytest.mark.server
 def test_the_deployments_command_line_and_probes_work_against_the_real_server(exported, tmp_path):
     """The rendered Deployment of values-gpu.yaml (token and TLS from Secrets), run as the image would
@@ -220,8 +262,10 @@ def test_the_deployments_command_line_and_probes_work_against_the_real_server(ex
         "--tls-key=/etc/patent-classifier/tls/tls.key": f"--tls-key={certificates.server_key}",
     }
     arguments = [mapped.get(argument, argument) for argument in container["args"]]
-    assert all(argument.split("=")[0] in {"--ready-timeout", "--exit-timeout", "--log-verbose"} for argument in arguments
+    assert all(argument.split("=")[0] in {"--ready-timeout", "--exit-timeout", "--log-verbose", "--grpc-max-connection-age",
+                                          "--grpc-max-connection-age-grace"} for argument in arguments
                if argument not in mapped.values()), arguments
+    assert "--grpc-max-connection-age=300" in arguments  # the chart's default: new pods reached within minutes
     log = (tmp_path / "server.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "server", *arguments], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -287,3 +331,20 @@ def test_a_bucket_repository_reaches_tritonserver_as_written(tmp_path):
         assert command[command.index("--model-repository") + 1] == uri
         assert config.cpu_engines == 1
     assert LaunchConfig(model_repository=str(tmp_path), tritonserver=sys.executable).model_repository == tmp_path
+
+
+def test_the_connection_age_reaches_tritonserver_in_milliseconds():
+    """tritonserver 2.51's --grpc-max-connection-age(-grace) take milliseconds (its --help); the
+    launcher's settings are seconds. tests/test_fleet.py shows the age working on the real server."""
+    from pydantic import ValidationError
+
+    from server.launcher import _command
+
+    bucket = "s3://patents/model_repository"  # no local folder needed to build the command line
+    aged = LaunchConfig(model_repository=bucket, tritonserver=sys.executable, grpc_max_connection_age_s=300,
+                        grpc_max_connection_age_grace_s=120)
+    command = _command(aged)
+    assert "--grpc-max-connection-age=300000" in command and "--grpc-max-connection-age-grace=120000" in command
+    assert not any("connection-age" in argument for argument in _command(LaunchConfig(model_repository=bucket, tritonserver=sys.executable)))
+    with pytest.raises(ValidationError, match="grpc_max_connection_age_grace_s: a grace applies"):
+        LaunchConfig(model_repository=bucket, grpc_max_connection_age_grace_s=120)

@@ -21,7 +21,7 @@ import pytest
 
 from clients import AsyncPatentClassifier, PatentClassifier
 from clients.batch_classification import ServerAddress, classify_in_batches
-from clients.replicas import FIRST_PAUSE_S, MAX_ATTEMPTS, MAX_PAUSE_S, Attempts, Replica
+from clients.replicas import FIRST_PAUSE_S, MAX_ATTEMPTS, MAX_PAUSE_S, Attempts, Replica, RetryBudget
 from core.errors import (
     AccessDenied, DeadlineExceeded, EngineFailure, InvalidInput, ModelNotFound, Overloaded, ServerUnavailable,
 )
@@ -50,13 +50,14 @@ def replica_repository(folder: Path, merged_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def replica(repository: Path, folder: Path, address: str, ports: tuple[int, int, int], name: str = ""):
-    """A running replica. Its stub process outlives a tritonserver that is SIGKILLed, or that gives
-    up unloading at its exit timeout (a busy machine); whatever of it is left is ended here."""
+def replica(repository: Path, folder: Path, address: str, ports: tuple[int, int, int], name: str = "", **settings):
+    """A running replica (``settings``: more LaunchConfig fields). Its stub process outlives a
+    tritonserver that is SIGKILLed, or that gives up unloading at its exit timeout (a busy
+    machine); whatever of it is left is ended here."""
     http_port, grpc_port, metrics_port = ports
     config = LaunchConfig(
         model_repository=repository, address=address, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        backend_directory=folder / "backends", ready_timeout_s=180,
+        backend_directory=folder / "backends", ready_timeout_s=180, **settings,
     )
     with TritonServer(config, log_path=folder / f"tritonserver-{name or address}.log") as server:
         stubs = stub_processes(server.process.pid)
@@ -66,15 +67,15 @@ def replica(repository: Path, folder: Path, address: str, ports: tuple[int, int,
             os.kill(stub.pid, signal.SIGKILL)
 
 
-def ports_free_on_both(first: str, second: str) -> tuple[int, int, int]:
-    """Three ports free on both loopback addresses, so both replicas listen on the same ports (as
-    pods behind one headless Service do), each on its own address."""
+def ports_free_on(*others: str) -> tuple[int, int, int]:
+    """Three ports free on 127.0.0.1 and on each of the ``others`` loopback addresses, so replicas
+    listen on the same ports (as pods behind one headless Service do), each on its own address."""
     while True:
         ports = tuple(free_loopback_ports(3))
-        sockets = [socket.socket() for _ in ports]
+        sockets = [socket.socket() for _ in ports for _ in others]
         try:
-            for sock, port in zip(sockets, ports):
-                sock.bind((second, port))
+            for sock, (port, other) in zip(sockets, [(port, other) for port in ports for other in others]):
+                sock.bind((other, port))
             return ports
         except OSError:
             continue
@@ -93,7 +94,7 @@ def replica_folder(exported, tmp_path_factory):
 def replicas(replica_folder):
     """Two replicas on 127.0.0.1 and 127.0.0.2, on the same ports."""
     folder, repository = replica_folder
-    ports = ports_free_on_both("127.0.0.1", "127.0.0.2")
+    ports = ports_free_on("127.0.0.2")
     with replica(repository, folder, "127.0.0.1", ports) as first, replica(repository, folder, "127.0.0.2", ports) as second:
         yield first, second
 
@@ -315,6 +316,40 @@ def test_the_retry_rules():
     assert 0.4e6 < shrunk["timeout"] <= 0.5e6 and 0.4 < shrunk["client_timeout"] <= 0.5 and shrunk["headers"] == {}
     late = call(remaining_s=0.0)
     assert late.pause_before_retry(late.next_replica(), ServerUnavailable("refused")) is None  # no time left
+
+
+def test_the_retry_budget_holds_retries_back_once_half_its_tokens_are_spent():
+    """gRPC's retryThrottling arithmetic: 10 tokens, a failure takes one, an answer gives 0.5 back;
+    a retry only while more than 5 remain."""
+    budget = RetryBudget(max_tokens=10, token_ratio=0.5)
+    assert [budget.failed() for _ in range(6)] == [True, True, True, True, False, False]  # 9, 8, 7, 6 left; then 5, 4
+    for _ in range(5):
+        budget.succeeded()  # 4 + 5 × 0.5 = 6.5
+    assert budget.failed() and not budget.failed()  # 5.5, then 4.5
+    for _ in range(100):
+        budget.succeeded()
+    assert budget.tokens == 10  # never more than the bucket holds
+
+    # A call whose budget is spent raises its first retryable failure, and says why.
+    spent = Attempts([Replica("a:1", None), Replica("b:1", None)], None, budget=RetryBudget(max_tokens=2))
+    assert spent.pause_before_retry(spent.next_replica(), Overloaded("queue full")) is None
+    from tritonclient.utils import InferenceServerException
+
+    raised = spent.final(InferenceServerException(msg="overloaded: queue full", status="StatusCode.UNAVAILABLE"))
+    assert raised.message().endswith("[1 attempt(s): a:1; no retry: the retry budget is spent (too many failed attempts lately)]")
+    # Errors that are never retried cost no token.
+    kept = RetryBudget(max_tokens=2)
+    final = Attempts([Replica("a:1", None)], None, budget=kept)
+    assert final.pause_before_retry(final.next_replica(), InvalidInput("TEXT[0]", "is empty")) is None and kept.tokens == 2
+
+
+def test_concurrent_failures_cannot_take_more_retries_than_the_budget_allows():
+    """Taking a token and deciding on the retry is one step: 8 threads failing at once get exactly
+    the 49 retries a 100-token bucket allows (100 → 51 tokens), however they interleave."""
+    budget = RetryBudget(max_tokens=100)
+    with ThreadPoolExecutor(8) as pool:
+        allowed = sum(pool.map(lambda _: budget.failed(), range(400)))
+    assert allowed == 49
 
 
 @pytest.mark.server
