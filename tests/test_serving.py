@@ -108,16 +108,27 @@ def test_control_characters_are_dropped_alike_from_fields_and_texts(classifier):
     assert classifier.classify("\x00" + PatentDocument.model_validate(record).render()) == clean
 
 
+def test_empty_fields_of_a_database_export_are_classified_as_absent(classifier):
+    """What a backend sends for a new application with its empty columns: the same answer as the
+    document without those fields, probabilities and all; before, `DOCUMENT[0].ipc[0]: must not be empty`."""
+    title = "자율주행 차량의 경로 계획 방법"
+    with_empty = classifier.classify({"ipc": "", "title": title, "abstract": "", "claims": ""}, top_k=188)
+    without = classifier.classify({"title": title}, top_k=188)
+    assert with_empty.labels[0].code == without.labels[0].code
+    assert [(s.code, s.probability) for s in with_empty.labels] == [(s.code, s.probability) for s in without.labels]
+    nulls_and_blanks = classifier.classify({"ipc": [], "title": f" {title}\x00", "abstract": None, "claims": [" "]}, top_k=188)
+    assert nulls_and_blanks == without
+
+
 # (document, the field its error must name, a word its problem must contain)
 BAD_DOCUMENTS = [
     ("", "TEXT[0]", "empty"),
     ("   ", "TEXT[0]", "empty"),
     ("\x00\x00\x00", "TEXT[0]", "empty"),
     ({"ipc": ["G06F 16/35"]}, "DOCUMENT[0]", "none of title, abstract, claims"),
-    ({"ipc": "", "title": "제목", "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].ipc[0]", "empty"),
-    ({"title": "\x00 \x1f", "abstract": "요약"}, "DOCUMENT[0].title", "empty"),
+    ({"ipc": "", "title": "", "abstract": "", "claims": ""}, "DOCUMENT[0]", "none of title, abstract, claims: the document has no text"),
+    ({"title": "\x00 \x1f", "abstract": None, "claims": [" "]}, "DOCUMENT[0]", "none of title, abstract, claims"),
     ({"ipc": ["G06F"], "title": 123, "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "string"),
-    ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": [""]}, "DOCUMENT[0].claims[0]", "empty"),
     ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": "1", "inventor": "x"}, "DOCUMENT[0].inventor", "unknown"),
 ]
 
