@@ -100,6 +100,15 @@ def test_a_new_application_without_ipc_is_classified_as_its_template_renders_it(
     assert title_only == classifier.classify(f"발명의 명칭: {record['title']}")
 
 
+def test_the_clis_example_lines_are_documents_for_the_library_as_they_are(classifier):
+    """Before: `DOCUMENT[0].id: unknown field` for the lines of clients/examples/patents.jsonl."""
+    records = example_records()
+    assert all("id" in record for record in records)
+    assert classifier.classify_batch(records) == classifier.classify_batch(example_documents())
+    formatted = example_documents()[0].render()
+    assert classifier.classify({"id": "T", "text": formatted}) == classifier.classify(formatted)
+
+
 def test_control_characters_are_dropped_alike_from_fields_and_texts(classifier):
     record = {k: v for k, v in example_records()[4].items() if k != "id"}
     padded = {**record, "title": "\x00" + record["title"] + "\x00\x00", "abstract": record["abstract"] + "\x7f"}
@@ -237,11 +246,48 @@ def test_nothing_listening_is_named_as_the_likely_cause():
                 client.classify("특허")
 
 
-def test_unknown_model_is_model_not_found(server):
+def test_unknown_model_is_model_not_found_naming_the_classifiers_the_server_has(server):
     for protocol in PROTOCOLS:
-        with PatentClassifier(url(server, protocol), protocol=protocol, model="no-such-model") as client:
-            with pytest.raises(ModelNotFound):
+        with PatentClassifier(url(server, protocol), protocol=protocol, model="kscst-gemma") as client:
+            with pytest.raises(ModelNotFound) as error:
                 client.classify("특허")
+        message = error.value.message
+        assert message.startswith(f"{url(server, protocol)} serves no model 'kscst-gemma'; the classifiers it serves: ")
+        assert MODEL_NAME in message.split("the classifiers it serves: ")[1].split(", ")
+        assert "feedback" not in message and "\n" not in message
+
+
+def test_a_model_that_is_not_a_classifier_is_refused_before_any_patent_is_sent(server):
+    """`--model feedback` was taken, and every document then failed on the feedback model's inputs."""
+    for protocol in PROTOCOLS:
+        with PatentClassifier(url(server, protocol), protocol=protocol, model="feedback") as client:
+            with pytest.raises(ModelNotFound, match=r"^model 'feedback' at \S+ is not a patent classifier \(it takes "
+                               r"examiners' corrections\); the classifiers it serves: .*kscst-gemma2"):
+                client.classify("특허")
+
+
+@pytest.mark.parametrize("protocol, scheme", [("http", "http://"), ("grpc", "grpc://")])
+def test_an_address_with_its_scheme_is_taken(server, protocol, scheme):
+    with PatentClassifier(f"{scheme}{url(server, protocol)}/", protocol=protocol, model=MODEL_NAME) as client:
+        assert client.url == url(server, protocol)
+        assert client.classify("발명의 명칭: 장치").labels
+
+
+def test_an_address_of_the_other_protocol_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match=r"url: 'http://127.0.0.1:8000' is an HTTP address, but the protocol is grpc: "
+                                         r"use protocol http \(--protocol http\)"):
+        PatentClassifier("http://127.0.0.1:8000")
+
+
+def test_the_metrics_port_is_named_as_the_likely_cause_in_one_line(server):
+    """Before: rapidjson.JSONDecodeError out of tritonclient, not a ServingError."""
+    metrics_address = server.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    with PatentClassifier(metrics_address, protocol="http", model=MODEL_NAME, timeout_s=10) as client:
+        with pytest.raises(ServerUnavailable) as error:
+            client.classify("특허")
+    assert error.value.message.startswith(
+        f"{metrics_address} answers over HTTP, but not as a KServe v2 server (its answer is not JSON): is it the server's metrics port?")
+    assert "\n" not in error.value.message
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
