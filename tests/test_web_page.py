@@ -128,8 +128,9 @@ def fill_and_submit(browser, base_url: str | None, document: PatentDocument | No
 
 def choose_model(browser, base_url: str, model: str) -> None:
     browser.get(base_url)
-    WebDriverWait(browser, PAGE_START_TIMEOUT_S).until(lambda page: page.find_elements(By.CSS_SELECTOR, ".st-key-model"))
-    browser.find_element(By.CSS_SELECTOR, ".st-key-model button[aria-haspopup='listbox']").click()
+    # The chooser's button, not only its container: the container is drawn before the widget in it.
+    WebDriverWait(browser, PAGE_START_TIMEOUT_S).until(
+        lambda page: page.find_elements(By.CSS_SELECTOR, ".st-key-model button[aria-haspopup='listbox']"))[0].click()
     options = WebDriverWait(browser, PAGE_START_TIMEOUT_S).until(lambda page: page.find_elements(By.CSS_SELECTOR, "[role='option']"))
     next(option for option in options if option.text == model).click()
     WebDriverWait(browser, ANSWER_TIMEOUT_S).until(lambda page: text_of(page, ".st-key-caption").startswith(f"모델 {model} ·"))
