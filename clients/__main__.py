@@ -1,16 +1,16 @@
-"""python -m clients (or patent-classify): classify patents, evaluate a served model on a labelled
-set, open the web page, or submit and export examiners' corrections.
+"""patent-classify (also python -m clients): classify patents, evaluate a served model on a
+labelled set, open the web page, or submit and export examiners' corrections.
 
-    python -m clients classify --input clients/examples/patents.jsonl [--output answers.jsonl [--resume]]
+    patent-classify classify --input clients/examples/patents.jsonl [--output answers.jsonl [--resume]]
         [--url 127.0.0.1:8001[,host2:8001...] | --url dns:///name:8001] [--protocol grpc|http] [--model kscst-gemma2] [--top-k 5]
         [--shard I/N]
-    python -m clients shards check --input backlog.jsonl --outputs answers-0.jsonl answers-1.jsonl ...
-    python -m clients evaluate --input clients/examples/labelled_patents.jsonl --out build/eval
+    patent-classify shards check --input backlog.jsonl --outputs answers-0.jsonl answers-1.jsonl ...
+    patent-classify evaluate --input clients/examples/labelled_patents.jsonl --out build/eval
         [--url ... | --start-server model_repository] [--min-accuracy 0.8]
         [--model-dir model_repository/kscst-gemma2/1/model]
-    python -m clients web [--url 127.0.0.1:8001] [--port 8501]
-    python -m clients feedback submit --input corrections.jsonl [--output verdicts.jsonl] [--url 127.0.0.1:8001]
-    python -m clients feedback export --database sqlite:///build/prediction-records.db --out corrected.jsonl [--model NAME]
+    patent-classify web [--url 127.0.0.1:8001] [--port 8501]
+    patent-classify feedback submit --input corrections.jsonl [--output verdicts.jsonl] [--url 127.0.0.1:8001]
+    patent-classify feedback export --database sqlite:///build/prediction-records.db --out corrected.jsonl [--model NAME]
 
 classify: each input line is a patent ({"ipc", "title", "abstract", "claims"}, ipc optional, plus
 an optional "id") or {"text": "..."} with pre-formatted text. Each output line carries the line's
@@ -32,11 +32,13 @@ confused_pairs.txt and predictions.jsonl into --out. It loads no model itself un
 feedback submit: each line is {"prediction_id", "label", "examiner_id"?, "comment"?} (the label is
 the class that is right for the classified document); each output line, in input order, carries
 the prediction_id and its "verdict" (correct, wrong) or the error. feedback export: the corrected
-examples whose text was recorded, as the fine-tune reads them (ipc, title, abstract, claims, label).
-feedback submit exits 1 when any correction was not recorded.
+examples whose text was recorded, as the fine-tune reads them (ipc, title, abstract, claims, label);
+it reads the records database and never creates or changes it.
 
-Exit codes: 0 done; 1 some documents failed (their lines say why) or accuracy under --min-accuracy;
-2 bad input or options (nothing sent); 3 the server cannot be reached or refuses every request.
+A mistake of the user's (a missing file, a bad option, an unknown model, an unreachable server) is
+one line on standard error and an exit code: 0 done; 1 some documents or corrections failed (their
+lines say why), or accuracy under --min-accuracy; 2 bad input or options (nothing sent); 3 the
+server (or the records database) cannot be used. The table of every case: docs/clients.md.
 """
 from __future__ import annotations
 
@@ -54,23 +56,60 @@ from clients.answers_file import AnswersFile, id_key
 from clients.batch_classification import ServerAddress, classify_in_batches
 from clients.replicas import parse_targets
 from clients import shards
-from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS
+from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS, without_scheme
 from clients.patent_lines import at_line, read_patent_lines
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WEB_PAGE_SCRIPT = Path(__file__).resolve().parent / "web_page.py"
 
 
-# Exit codes of classify and evaluate.
-EXIT_SOME_FAILED = 1  # some documents got an error line (classify) or were not answered (evaluate)
+# Exit codes of every command (docs/clients.md#exit-codes has the table of cases).
+EXIT_SOME_FAILED = 1  # some documents or corrections got an error line, or the accuracy is under the gate
 EXIT_BAD_INPUT = 2  # the input or the options are wrong; nothing was sent
-EXIT_UNREACHABLE = 3  # the server cannot be reached or refuses every request (address, protocol, token, model)
+EXIT_UNREACHABLE = 3  # the server (or database) cannot be used: address, protocol, token, model, not reachable
 # Errors about the server, not a document: going on would only write the same error for every line.
 _SERVER_ERRORS = (ServerUnavailable, AccessDenied, ModelNotFound)
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """A bad option is one line and exit 2, like every other user error of this command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message}\n")
+
+
+def _program_name() -> str:
+    """The command as the user typed it: the installed `patent-classify`, or `python -m clients`."""
+    return "patent-classify" if Path(sys.argv[0]).name == "patent-classify" else "python -m clients"
+
+
 def _error_json(error: ServingError) -> dict:
     return {"error": {"kind": error.kind.value, "message": error.message}}
+
+
+def _server_problem(address: ServerAddress, error: ServingError, doing: str = "cannot reach") -> str:
+    """One line saying why the server cannot be used; an unknown model's message names the models there are."""
+    if isinstance(error, ModelNotFound):
+        return error.message
+    return f"{doing} model {address.model!r} at {address.url} ({address.protocol}): {error.message}"
+
+
+def _file_problem(path: str | Path, option: str, writing: bool = False) -> str | None:
+    """Why ``path`` cannot be read (or written, in a folder that exists), or None; "-" is a standard stream."""
+    if str(path) == "-":
+        return None
+    path = Path(path)
+    if writing:
+        if path.is_dir():
+            return f"{option} {path}: is a folder; give a file in it"
+        if not path.parent.is_dir():
+            return f"{option} {path}: the folder {path.parent} does not exist"
+        return None if os.access(path.parent, os.W_OK) else f"{option} {path}: the folder {path.parent} is not writable"
+    if not path.exists():
+        return f"{option} {path}: no such file"
+    if path.is_dir():
+        return f"{option} {path}: is a folder, not a file"
+    return None if os.access(path, os.R_OK) else f"{option} {path}: not readable (permission denied)"
 
 
 def _progress(total: int | None, enabled: bool, description: str | None = None):
@@ -92,7 +131,7 @@ def _served_config(address: ServerAddress):
         with address.connect() as probe:
             return probe.served_config()
     except ServingError as error:
-        print(f"cannot reach model {address.model!r} at {address.url} ({address.protocol}): {error.message}", file=sys.stderr)
+        print(_server_problem(address, error), file=sys.stderr)
         return None
 
 
@@ -132,7 +171,8 @@ def classify_command(args: argparse.Namespace) -> int:
     if served is None:
         return EXIT_UNREACHABLE
     if args.top_k is not None and served.num_labels is not None and not 1 <= args.top_k <= served.num_labels:
-        print(f"--top-k {args.top_k}: model {args.model!r} has {served.num_labels} classes", file=sys.stderr)
+        print(f"--top-k {args.top_k}: must be between 1 and {served.num_labels} (the number of classes of model "
+              f"{args.model!r})", file=sys.stderr)
         return EXIT_BAD_INPUT
     name = "stdin" if args.input == "-" else Path(args.input).name
     total = None if args.shard else _count_lines(args.input)  # a shard's size is known only once read
@@ -252,7 +292,7 @@ def _classify_labelled(args: argparse.Namespace, samples, address: ServerAddress
         with address.connect() as probe:
             class_names = probe.model_labels()
     except ServingError as error:
-        print(f"cannot evaluate: model {address.model!r} at {address.url} ({address.protocol}): {error.message}", file=sys.stderr)
+        print(f"cannot evaluate: {_server_problem(address, error, doing='with')}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if class_names is None:
         print(f"cannot evaluate: model {address.model!r} does not say which classes it has (no num_labels in its "
@@ -337,15 +377,26 @@ def web_command(args: argparse.Namespace) -> int:
 def feedback_submit_command(args: argparse.Namespace) -> int:
     from clients.corrections import Correction, read_corrections, submit_in_batches
 
+    address = _server_address(args)
+    try:  # as classify does: a server that cannot take corrections is one message, not an error per line
+        with address.connect() as probe:
+            probe.check_takes_corrections()
+    except ServingError as error:
+        print(f"cannot submit corrections to {address.url} ({address.protocol}): {error.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     with source:
         numbered = read_corrections(source.readlines(), "standard input" if args.input == "-" else Path(args.input).name)
     output = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    failures = 0
-    outcomes = (outcome for batch in submit_in_batches([c for _, c in numbered], _server_address(args), args.batch_size,
+    failures = written = 0
+    outcomes = (outcome for batch in submit_in_batches([c for _, c in numbered], address, args.batch_size,
                                                         args.concurrency) for outcome in batch)
     with output:
         for (number, correction), outcome in zip(numbered, outcomes):
+            if isinstance(outcome, _SERVER_ERRORS):
+                print(f"stopped: {outcome.message}\n{written} verdicts written to {args.output}; the corrections from "
+                      f"line {number} on were not sent", file=sys.stderr)
+                return EXIT_UNREACHABLE
             line = {"line": number, **({"prediction_id": correction.prediction_id} if isinstance(correction, Correction) else {})}
             if isinstance(outcome, ServingError):
                 failures += 1
@@ -353,9 +404,10 @@ def feedback_submit_command(args: argparse.Namespace) -> int:
             else:
                 line["verdict"] = outcome
             output.write(json.dumps(line, ensure_ascii=False) + "\n")
+            written += 1
     if failures:
         print(f"{failures} of {len(numbered)} corrections were not recorded; see their \"error\" lines", file=sys.stderr)
-    return 1 if failures else 0
+    return EXIT_SOME_FAILED if failures else 0
 
 
 def feedback_export_command(args: argparse.Namespace) -> int:
@@ -363,9 +415,15 @@ def feedback_export_command(args: argparse.Namespace) -> int:
 
     try:
         counts = export_corrected_examples(args.database, args.out, args.model)
-    except (ServingError, ValueError) as error:
+    except InvalidInput as error:
         print(f"cannot export: {error}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
+    except ValueError as error:  # not a database URL
+        print(f"cannot export: --database {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ServingError as error:
+        print(f"cannot export: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     print(f"{counts.written} corrected examples written to {args.out}"
           + (f"; {counts.without_text} more were recorded without their text (prediction_records: hash)"
              if counts.without_text else ""), file=sys.stderr)
@@ -402,7 +460,7 @@ def _add_batching_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients", description=__doc__, formatter_class=HelpFormatter)
+    parser = _ArgumentParser(prog=_program_name(), description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     classify = commands.add_parser("classify", help="classify patents from a JSON-lines file", formatter_class=HelpFormatter)
@@ -478,9 +536,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "url", None):  # every command but feedback export, which reads the database
         try:
+            args.url, scheme_asks_tls = without_scheme(args.url, args.protocol)
             parse_targets(args.url, args.protocol)
         except ValueError as exc:
             parser.error(f"--{exc}")
+        args.tls = args.tls or scheme_asks_tls
+    for option, path, writing in _files_named(args):
+        problem = _file_problem(path, option, writing)
+        if problem:
+            parser.error(problem)
     if hasattr(args, "token_file"):
         try:
             args.token = access_token.read_token(args.token_file)
@@ -495,7 +559,23 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--min-accuracy {args.min_accuracy}: must be between 0 and 1")
         if args.start_server is not None and args.url is not None:
             parser.error("give --url (a running server) or --start-server (start one), not both")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ServingError as error:  # what no command expected; still the user's one line, not a traceback
+        print(f"{parser.prog}: {error.kind.value}: {error.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(error, InvalidInput) else EXIT_UNREACHABLE
+
+
+def _files_named(args: argparse.Namespace) -> list[tuple[str, str | Path, bool]]:
+    """(option, path, written?) for each file the command reads or writes, checked before anything is sent."""
+    command = (args.command, getattr(args, "feedback_command", None))
+    if command in (("classify", None), ("feedback", "submit")):
+        return [("--input", args.input, False), ("--output", args.output, True)]
+    if command == ("evaluate", None):
+        return [("--input", args.input, False)]
+    if command == ("feedback", "export"):
+        return [("--out", args.out, True)]
+    return []
 
 
 if __name__ == "__main__":

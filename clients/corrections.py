@@ -12,6 +12,7 @@ the others are counted, not exported.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,15 +73,21 @@ class ExportCounts:
 
 
 def export_corrected_examples(database_url: str, out: Path, model: str | None = None) -> ExportCounts:
+    """Write ``out``; ``InvalidInput`` for a database that is not there or holds no records (nothing is
+    written), ``ServingError`` for one that cannot be read. The database is opened read-only."""
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
     from core.prediction_store import PredictionStore
 
-    store = PredictionStore(database_url)
+    store = PredictionStore(database_url, read_only=True)
+    shown = make_url(store.url).render_as_string(hide_password=True)
     written = without_text = 0
     try:
+        rows = store.corrected_examples(model)
+        first = next(rows, None)  # the query runs here: a database that cannot be read leaves no file behind
         with open(out, "w", encoding="utf-8") as handle:
-            for row in store.corrected_examples(model):
+            for row in itertools.chain([first] if first is not None else [], rows):
                 example = training_example(row)
                 if example is None:
                     without_text += 1
@@ -88,10 +95,20 @@ def export_corrected_examples(database_url: str, out: Path, model: str | None = 
                 handle.write(json.dumps(example, ensure_ascii=False) + "\n")
                 written += 1
     except SQLAlchemyError as error:
-        raise ServingError(f"cannot read the records database {store.describe()}: {type(error).__name__}: {error}") from None
+        raise _unreadable(shown, error) from None
     finally:
         store.close()
     return ExportCounts(written, without_text)
+
+
+def _unreadable(database: str, error: Exception) -> ServingError:
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]  # SQLAlchemy adds lines of its own
+    if "unable to open database file" in reason:
+        return InvalidInput(f"--database {database}", "no such database file (this command reads the records database "
+                            "the server writes and never creates one)")
+    if "no such table" in reason:
+        return InvalidInput(f"--database {database}", f"is not a records database ({reason})")
+    return ServingError(f"cannot read the records database {database}: {type(error).__name__}: {reason}")
 
 
 def training_example(row: dict) -> dict | None:

@@ -6,7 +6,8 @@
         print(answer.labels[0].code, answer.labels[0].probability, answer.token_count, answer.truncated)
 
 A document is a ``PatentDocument``, a mapping with its fields (the server renders it with the
-template the model was trained on) or a ``str`` of already formatted text. ``classify_batch``
+template the model was trained on) or a ``str`` of already formatted text; a mapping may also be a
+line of the CLI's files as it is (its "id" is left out, {"text": ...} is formatted text). ``classify_batch``
 takes any number of them: it learns the model's limit per request from the model's configuration
 (``max_documents_per_request``) once, sends as many requests as needed and answers in order.
 Failures raise the typed errors of ``core.errors`` (``InvalidInput`` names the field and the
@@ -54,13 +55,21 @@ _ONE_CHARACTER = "."
 
 # What the transports say when the address is wrong (seen with tritonclient 2.73): nothing
 # listening is a refused connection; a gRPC client at Triton's HTTP port sees the socket closed or
-# no HTTP/2, an HTTP client at the gRPC port an HTTP/2 frame where a status line should be.
+# no HTTP/2, an HTTP client at the gRPC port an HTTP/2 frame where a status line should be; an
+# HTTP client at the metrics port gets Prometheus text where KServe's JSON should be.
 _REFUSED = ("Connection refused", "Connect call failed")
 _OTHER_PROTOCOL = ("Socket closed", "Failed parsing HTTP/2", "Expected HTTP/", "Bad status line")
+_NOT_JSON = ("JSONDecodeError", "while decoding the response")
+# The longest part of a transport's own words a message carries: enough to search for, one line.
+_DETAIL_CHARACTERS = 200
+# A URL as curl and browsers take it: tritonclient takes host:port, so the scheme is taken off
+# (and says TLS); one of the other protocol is refused, naming the option that fixes it.
+_SCHEMES = {"http://": ("http", False), "https://": ("http", True), "grpc://": ("grpc", False), "grpcs://": ("grpc", True)}
+_PROTOCOL_NAMES = {"http": "an HTTP", "grpc": "a gRPC"}
 
 
 def unreachable(url: str, protocol_name: Protocol, detail: str) -> ServerUnavailable:
-    """The server could not be reached: say the likely cause in words a user can act on."""
+    """The server could not be reached: say the likely cause in words a user can act on, in one line."""
     other = "http" if protocol_name == "grpc" else "grpc"
     if any(sign in detail for sign in _REFUSED):
         cause = (f"nothing listens at {url}: is the server running, and is this its {protocol_name} port "
@@ -68,9 +77,39 @@ def unreachable(url: str, protocol_name: Protocol, detail: str) -> ServerUnavail
     elif any(sign in detail for sign in _OTHER_PROTOCOL):
         cause = (f"{url} answers, but not over {protocol_name}: it looks like the server's {other} port; use protocol "
                  f"{other} (--protocol {other}) or the {protocol_name} port (default {DEFAULT_URLS[protocol_name]})")
+    elif any(sign in detail for sign in _NOT_JSON):
+        cause = (f"{url} answers over HTTP, but not as a KServe v2 server (its answer is not JSON): is it the server's "
+                 f"metrics port? Use its {protocol_name} port (default {DEFAULT_URLS[protocol_name]})")
     else:
         cause = f"cannot reach the server at {url} over {protocol_name}"
-    return ServerUnavailable(f"{cause} [{detail}]")
+    first_line = (detail.strip().splitlines() or [""])[0]
+    shortened = first_line if len(first_line) <= _DETAIL_CHARACTERS else first_line[:_DETAIL_CHARACTERS] + " …"
+    return ServerUnavailable(f"{cause} [{shortened}]")
+
+
+def without_scheme(url: str | Sequence[str], protocol_name: Protocol) -> tuple[str | list[str], bool]:
+    """``url`` with any ``http://``-like scheme taken off its addresses, and whether a scheme asked for
+    TLS (``https://``, ``grpcs://``); ValueError (``url: …``) for a scheme of the other protocol."""
+    asks_tls = False
+
+    def address(entry: str) -> str:
+        nonlocal asks_tls
+        entry = entry.strip()
+        scheme = next((scheme for scheme in _SCHEMES if entry.lower().startswith(scheme)), None)
+        if scheme is None:
+            return entry
+        scheme_protocol, tls = _SCHEMES[scheme]
+        if scheme_protocol != protocol_name:
+            raise ValueError(
+                f"url: {entry!r} is {_PROTOCOL_NAMES[scheme_protocol]} address, but the protocol is {protocol_name}: use "
+                f"protocol {scheme_protocol} (--protocol {scheme_protocol}), or give the {protocol_name} port as host:port"
+            )
+        asks_tls = asks_tls or tls
+        return entry[len(scheme):].rstrip("/")
+
+    if isinstance(url, str):
+        return ",".join(address(part) for part in url.split(",")), asks_tls
+    return [",".join(address(part) for part in entry.split(",")) for entry in url], asks_tls
 
 
 def _wire_status(status: str) -> tuple[Protocol, int | str] | None:
@@ -83,6 +122,8 @@ def _wire_status(status: str) -> tuple[Protocol, int | str] | None:
 def typed_error(exc: InferenceServerException, url: str = "", protocol_name: Protocol = "grpc") -> ServingError:
     """The typed error for what tritonclient raised, through the one table (``core.errors``)."""
     message = exc.message() or str(exc)
+    if any(sign in message for sign in _NOT_JSON):  # an error status whose body is no KServe JSON
+        return unreachable(url, protocol_name, message)
     wire = _wire_status(str(exc.status()))
     # No status, or gRPC's UNAVAILABLE from the channel itself: the server could not be reached.
     error = None if wire is None or message.startswith("failed to connect") else error_from_status(*wire, message)
@@ -100,6 +141,7 @@ class ServedModelConfig:
     batched: bool  # Triton batches it (max_batch_size > 0): tensors take a leading batch dimension
     max_documents: int | None  # documents one request may hold (parameter max_documents_per_request)
     num_labels: int | None  # classes the model predicts (parameter num_labels)
+    classifies: bool = True  # it takes patents (a TEXT or DOCUMENT input); the feedback model does not
 
     @classmethod
     def from_json(cls, model_config: dict) -> "ServedModelConfig":
@@ -112,7 +154,20 @@ class ServedModelConfig:
 
         # A model whose config.pbtxt lets Triton batch (max_batch_size > 0) takes a leading batch
         # dimension; ours leaves it off (the engine batches), the dynamic-batcher baseline has it.
-        return cls(int(config.get("max_batch_size", 0)) > 0, whole("max_documents_per_request"), whole("num_labels"))
+        inputs = {tensor.get("name") for tensor in config.get("input", [])}
+        return cls(
+            int(config.get("max_batch_size", 0)) > 0, whole("max_documents_per_request"), whole("num_labels"),
+            bool({protocol.TEXT, protocol.DOCUMENT} & inputs),
+        )
+
+
+def _index_entries(repository_index) -> list[dict]:
+    return repository_index if isinstance(repository_index, list) else repository_index.get("models", [])  # gRPC's as_json form
+
+
+def _classifiers_named(entries: list[dict]) -> str:
+    names = sorted(entry["name"] for entry in entries if entry.get("state") == "READY" and entry.get("name") != FEEDBACK_MODEL)
+    return f"the classifiers it serves: {', '.join(names)}" if names else "it serves no classifier"
 
 
 def _chunks(documents: Sequence[Document], size: int | None) -> list[Sequence[Document]]:
@@ -138,12 +193,22 @@ def _transport(protocol_name: Protocol, asynchronous: bool):
     return module, client_module
 
 
-def _check_documents(documents: Sequence[Document]) -> None:
+def _documents_to_send(documents: Sequence[Document]) -> list[Document]:
+    """``documents`` as requests carry them. A mapping is taken as a line of the CLI's files is: its
+    "id" is the caller's, not the document's (answers come in order), and {"text": ...} is formatted text."""
     if not documents:
         raise InvalidInput("documents", "is empty; send at least 1 document")
-    is_text = [isinstance(document, str) for document in documents]
+    taken = []
+    for document in documents:
+        if isinstance(document, Mapping):
+            document = {name: value for name, value in document.items() if name != "id"}
+            if set(document) == {"text"} and isinstance(document["text"], str):
+                document = document["text"]
+        taken.append(document)
+    is_text = [isinstance(document, str) for document in taken]
     if any(is_text) and not all(is_text):
         raise InvalidInput("documents", "mixes formatted texts and structured documents; send them in separate calls")
+    return taken
 
 
 def _encode_documents(documents: Sequence[Document]) -> tuple[str, np.ndarray]:
@@ -161,6 +226,9 @@ class _ClassifierBase:
         self, url: str | Sequence[str] | None, protocol: Protocol, model: str, timeout_s: float, asynchronous: bool,
         tls: bool, tls_ca: str | Path | None, token: str | None,
     ):
+        if url is not None:
+            url, scheme_asks_tls = without_scheme(url, protocol)
+            tls = tls or scheme_asks_tls
         self.protocol = protocol
         self.url = url if isinstance(url, str) else ",".join(url or [DEFAULT_URLS[protocol]])
         self.model = model
@@ -177,6 +245,10 @@ class _ClassifierBase:
 
         self._served: ServedModelConfig | None = None  # learnt from the model's configuration on first use
         self._connection_errors: tuple[type[Exception], ...] = (OSError, http.client.HTTPException)
+        if protocol == "http":
+            import rapidjson  # tritonclient.http's JSON: an answer that is not JSON (the metrics port) raises its error
+
+            self._connection_errors += (rapidjson.JSONDecodeError,)
         if asynchronous and protocol == "http":
             import aiohttp  # tritonclient.http.aio's transport; its protocol errors are no OSErrors
 
@@ -236,17 +308,25 @@ class _ClassifierBase:
     def _not_loaded(self, error: ModelNotFound, repository_index) -> ServingError:
         """Triton answers "unknown model" alike for a name it never had and for a model of its
         repository that is not loaded right now (the watchdog reloading it, say). The repository
-        index tells them apart: the second is a server unavailable for a while, worth a retry."""
-        if not isinstance(repository_index, list):  # gRPC's as_json form
-            repository_index = repository_index.get("models", [])
-        for entry in repository_index:
+        index tells them apart: the second is a server unavailable for a while, worth a retry; the
+        first is named with the models the server does serve."""
+        entries = _index_entries(repository_index)
+        for entry in entries:
             if entry.get("name") == self.model and entry.get("state", "READY") != "READY":
                 reason = f": {entry['reason']}" if entry.get("reason") else ""
                 return ServerUnavailable(
                     f"model {self.model!r} is in the server's repository but not loaded (state {entry['state']}{reason}); "
                     "it may be reloading: retry"
                 )
-        return error
+        if not entries:  # no index to say more with
+            return error
+        return ModelNotFound(f"{self.url} serves no model {self.model!r}; {_classifiers_named(entries)}")
+
+    def _not_a_classifier(self, repository_index) -> ModelNotFound:
+        what = "it takes examiners' corrections" if self.model == FEEDBACK_MODEL else "it takes no TEXT or DOCUMENT input"
+        return ModelNotFound(
+            f"model {self.model!r} at {self.url} is not a patent classifier ({what}); {_classifiers_named(_index_entries(repository_index))}"
+        )
 
     def _repository_index_kwargs(self) -> dict:
         return self._config_kwargs()
@@ -293,14 +373,18 @@ class PatentClassifier(_ClassifierBase):
 
     def classify_batch(self, documents: Sequence[Document], top_k: int | None = None) -> list[protocol.Classification]:
         """Any number of documents, in as many requests as the model's limit per request needs; answers in order."""
-        _check_documents(documents)
+        documents = _documents_to_send(documents)
         served = self.served_config()
         return [answer for chunk in _chunks(documents, served.max_documents) for answer in self._classify_request(chunk, top_k)]
 
     def served_config(self) -> ServedModelConfig:
-        """The model's configuration, read from the server once."""
+        """The model's configuration, read from the server once; ``ModelNotFound`` naming the
+        classifiers the server has when the model is none of them."""
         if self._served is None:
-            self._served = ServedModelConfig.from_json(self._call(self._client.get_model_config, self.model, **self._config_kwargs()))
+            served = ServedModelConfig.from_json(self._call(self._client.get_model_config, self.model, **self._config_kwargs()))
+            if not served.classifies:
+                raise self._not_a_classifier(self._repository_index())
+            self._served = served
         return self._served
 
     def model_labels(self) -> dict[str, str] | None:
@@ -315,8 +399,7 @@ class PatentClassifier(_ClassifierBase):
     def ready_models(self) -> list[str]:
         """The names of the models the server has loaded and can answer for, sorted."""
         index = self._call(self._client.get_model_repository_index, **self._repository_index_kwargs())
-        entries = index if isinstance(index, list) else index.get("models", [])  # gRPC's as_json form
-        return sorted(entry["name"] for entry in entries if entry.get("state") == "READY")
+        return sorted(entry["name"] for entry in _index_entries(index) if entry.get("state") == "READY")
 
     def _classify_request(self, documents: Sequence[Document], top_k: int | None) -> list[protocol.Classification]:
         batched = self.served_config().batched
@@ -345,6 +428,14 @@ class PatentClassifier(_ClassifierBase):
         """Say which class is right for a classified document; "correct" if it is the answer's top-1, else "wrong".
         Committed on the server before this returns; a second correction of one prediction is refused."""
         return self.submit_feedback_batch([Correction(prediction_id, correct_label, examiner_id, comment)])[0]
+
+    def check_takes_corrections(self) -> None:
+        """Raise the typed error every correction would get (the server unreachable, the token refused,
+        no feedback model); return when the server takes corrections."""
+        try:
+            self._client.get_model_config(FEEDBACK_MODEL, **self._config_kwargs())
+        except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
+            raise self._feedback_error(exc) from None
 
     def submit_feedback_batch(self, corrections: Sequence[Correction]) -> list[str]:
         """Several corrections in one request: all recorded, or none (``InvalidInput`` names the bad one)."""
@@ -385,14 +476,17 @@ class AsyncPatentClassifier(_ClassifierBase):
 
     async def classify_batch(self, documents: Sequence[Document], top_k: int | None = None) -> list[protocol.Classification]:
         """Any number of documents, in as many requests as the model's limit per request needs; answers in order."""
-        _check_documents(documents)
+        documents = _documents_to_send(documents)
         served = await self.served_config()
         return [answer for chunk in _chunks(documents, served.max_documents) for answer in await self._classify_request(chunk, top_k)]
 
     async def served_config(self) -> ServedModelConfig:
-        """The model's configuration, read from the server once."""
+        """The model's configuration, read from the server once (see ``PatentClassifier.served_config``)."""
         if self._served is None:
-            self._served = ServedModelConfig.from_json(await self._call(self._client.get_model_config, self.model, **self._config_kwargs()))
+            served = ServedModelConfig.from_json(await self._call(self._client.get_model_config, self.model, **self._config_kwargs()))
+            if not served.classifies:
+                raise self._not_a_classifier(await self._repository_index())
+            self._served = served
         return self._served
 
     async def model_labels(self) -> dict[str, str] | None:
@@ -428,6 +522,12 @@ class AsyncPatentClassifier(_ClassifierBase):
         self, prediction_id: str, correct_label: str, *, examiner_id: str | None = None, comment: str | None = None
     ) -> str:
         return (await self.submit_feedback_batch([Correction(prediction_id, correct_label, examiner_id, comment)]))[0]
+
+    async def check_takes_corrections(self) -> None:
+        try:
+            await self._client.get_model_config(FEEDBACK_MODEL, **self._config_kwargs())
+        except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
+            raise self._feedback_error(exc) from None
 
     async def submit_feedback_batch(self, corrections: Sequence[Correction]) -> list[str]:
         inputs, outputs = self._feedback_request(corrections)

@@ -2,7 +2,7 @@
 either its fields ({"ipc", "title", "abstract", "claims"}) or {"text": ...} already formatted, with
 an optional "id" (the line number otherwise). Documents are checked here, with the rules the
 server applies (``core.patent_document``), so an error names the file's line and the field
-(``patents.jsonl line 7.title: must not be empty``) instead of a position in some request.
+(``patents.jsonl line 7.title: must be a string, got int``) instead of a position in some request.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import streamlit as st
 from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS, PatentClassifier
 from core import access_token
 from core.errors import AccessDenied, InvalidInput, ServerUnavailable, ServingError
-from core.feedback_protocol import FEEDBACK_MODEL
+from core.feedback_protocol import EXAMINER_ID, FEEDBACK_MODEL, MAX_CHARACTERS
 from core.protocol import Classification
 
 TOP_K = 5
@@ -33,9 +33,21 @@ FIELD_LABELS = {
 _DOCUMENT_FIELD = re.compile(r"DOCUMENT\[\d+\](?:\.(\w+))?")
 # The server's words for what is wrong with a field (core/patent_document.py), in Korean.
 _PROBLEMS_IN_KOREAN = (
-    ("must not be empty", "비어 있습니다. 공백이나 제어 문자만으로는 안 됩니다"),
     ("holds none of title, abstract, claims", "발명의 명칭, 요약, 청구범위 가운데 하나 이상을 입력해 주세요"),
     ("bytes; the limit is", "너무 깁니다"),
+)
+# Why the feedback model refused a correction (core/prediction_store.py, core/feedback_protocol.py), as
+# an examiner reads it: Korean, then English, without the prediction's id or the error's kind. The
+# first two mean the answer is corrected already, so the page's controls for it no longer apply.
+_ALREADY_CORRECTED = ("already has a correction", "corrected by another request")
+_CORRECTION_PROBLEMS = (
+    (_ALREADY_CORRECTED, "이 결과에는 이미 정정이 기록되어 있습니다. 한 결과에는 정정을 한 번만 기록할 수 있습니다",
+     "This answer already has a correction; an answer takes one correction."),
+    (("no recorded prediction has the id",), "이 결과는 기록에 없습니다. 특허를 다시 분류한 뒤 기록해 주세요",
+     "This answer is not in the records; classify the patent again, then record."),
+    (("is not a class of model",), "고른 분류는 이 모델의 분류가 아닙니다", "The class picked is not one of this model's classes."),
+    ((EXAMINER_ID,), f"심사관 ID는 {MAX_CHARACTERS[EXAMINER_ID]}자까지입니다",
+     f"The examiner id is too long (at most {MAX_CHARACTERS[EXAMINER_ID]} characters)."),
 )
 # How long the page trusts what it learnt of the server (its models, a model's classes).
 SERVER_FACTS_TTL_S = 60
@@ -83,6 +95,11 @@ def server_down_message(settings: argparse.Namespace) -> str:
     )
 
 
+def access_denied_message() -> str:
+    return ("**서버가 접근 토큰을 요구합니다.** 시스템 담당자에게 알려 주세요 · **The server requires an access "
+            f"token.** Start this page with `--token-file` (or `${access_token.TOKEN_ENV}` set), as for the other clients.")
+
+
 def caption(model: str, classes: dict[str, str] | None, top_k: int) -> str:
     if not classes:
         return f"모델 `{model}` · 가장 가능성 높은 분류 {top_k}개 · the {top_k} most likely classes"
@@ -118,38 +135,73 @@ def show_answer(answer: Classification) -> None:
         st.markdown(f"읽은 토큰 · Tokens read: **{answer.token_count}** · 잘림 · Truncated: **{truncation}**")
 
 
-def show_feedback_controls(classifier: PatentClassifier, answer: Classification, classes: dict[str, str] | None) -> None:
-    """"This is right", or "this is wrong" with the right class picked among all the model's classes."""
+def correction_refused_message(error: InvalidInput) -> tuple[str, bool]:
+    """What the page says when the server refused a correction, and whether the answer is corrected already."""
+    said = f"{error.field}: {error.problem}"
+    for signs, korean, english in _CORRECTION_PROBLEMS:
+        if any(sign in said for sign in signs):
+            return f"**정정을 기록하지 못했습니다.** {korean}. · The correction was not recorded. {english}", signs is _ALREADY_CORRECTED
+    return ("**정정을 기록하지 못했습니다.** 시스템 담당자에게 알려 주세요. · The correction was not recorded; please tell the "
+            "system administrator.", False)
+
+
+def show_feedback_controls(classifier: PatentClassifier, answer: Classification, classes: dict[str, str] | None,
+                           settings: argparse.Namespace) -> None:
+    """"This is right", or "this is wrong" with the right class picked among all the model's classes: one
+    form with everything a correction needs, so a click sends what the examiner typed. Once the answer has
+    its correction (recorded here or elsewhere) the form stays, disabled, with what happened."""
     top = answer.labels[0]
+    settled = st.session_state.setdefault("settled", {}).get(answer.prediction_id)  # (message, recorded?) once final
     options = list((classes or {score.code: score.name for score in answer.labels}).items())
     st.markdown(f"**{top.code}이(가) 이 특허의 올바른 분류입니까?** 답은 모델의 기록에 남습니다 · "
                 f"**Is {top.code} the right class for this patent?** Your answer goes to the model's records.")
-    examiner = st.text_input("심사관 ID · Examiner id (선택 · optional)", key="examiner-id")
-    confirmed = st.button(f"맞음 · This is right ({top.code})", key="confirm")
     with st.form("correction"):
+        examiner = st.text_input("심사관 ID · Examiner id (선택 · optional)", key="examiner-id", disabled=settled is not None)
+        confirmed = st.form_submit_button(f"맞음 · This is right ({top.code})", key="confirm", disabled=settled is not None)
         picked = st.selectbox(
-            "올바른 분류 · The right class", options, index=None, key="right-class",
+            "올바른 분류 · The right class", options, index=None, key="right-class", disabled=settled is not None,
             format_func=lambda entry: f"{entry[0]} · {entry[1]}", placeholder="올바른 분류를 고르세요 · Pick the right class …",
         )
-        corrected = st.form_submit_button("틀림 · This is wrong: 고른 분류로 기록 · record the class picked")
-    if not (confirmed or corrected):
-        return
+        corrected = st.form_submit_button("틀림 · This is wrong: 고른 분류로 기록 · record the class picked", key="correct",
+                                          disabled=settled is not None)
     with st.container(key="feedback-result"):
+        if settled is not None:
+            message, recorded = settled
+            (st.success if recorded else st.warning)(message)
+            return
+        if not (confirmed or corrected):
+            return
         if corrected and picked is None:
             st.warning("먼저 올바른 분류를 고른 뒤 **틀림**을 다시 눌러 주세요 · Pick the right class first, then press **This is wrong** again.")
             return
         label = top.code if confirmed else picked[0]
         try:
             verdict = classifier.submit_feedback(answer.prediction_id, label, examiner_id=examiner.strip() or None)
-        except ServingError as error:
-            st.error(f"**정정을 기록하지 못했습니다** ({error.kind.value}) · The correction was not recorded: {error.message}")
+        except InvalidInput as error:
+            message, corrected_already = correction_refused_message(error)
+            if not corrected_already:
+                st.warning(message)
+                return
+            st.session_state["settled"][answer.prediction_id] = (message, False)
+        except ServerUnavailable:
+            st.error(server_down_message(settings))
+            return
+        except AccessDenied:
+            st.error(access_denied_message())
+            return
+        except ServingError:
+            st.error("**정정을 기록하지 못했습니다.** 잠시 후 다시 시도해 주세요. · The correction was not recorded; please try "
+                     "again in a moment.")
+            return
         else:
-            st.success(f"기록했습니다: 이 특허의 올바른 분류는 **{label}** (모델 {'맞음' if verdict == 'correct' else '틀림'}) · "
-                       f"Recorded: **{label}** is right for this patent (the model was **{verdict}**).")
+            st.session_state["settled"][answer.prediction_id] = (
+                f"기록했습니다: 이 특허의 올바른 분류는 **{label}** (모델 {'맞음' if verdict == 'correct' else '틀림'}) · "
+                f"Recorded: **{label}** is right for this patent (the model was **{verdict}**).", True)
+    st.rerun()  # drawn again with the form disabled and what happened below it
 
 
 def patent_form() -> dict | None:
-    """The typed patent, with the boxes left empty left out; None until the button is pressed."""
+    """The typed patent; None until the button is pressed."""
     with st.form("patent"):
         ipc = st.text_input(FIELD_LABELS["ipc"], key="ipc", placeholder="G06F 16/35; G06N 3/08")
         title = st.text_input(FIELD_LABELS["title"], key="title")
@@ -158,8 +210,8 @@ def patent_form() -> dict | None:
         submitted = st.form_submit_button("분류하기 · Classify", type="primary")
     if not submitted:
         return None
-    document = {"ipc": ipc, "title": title, "abstract": abstract, "claims": [line for line in claims.splitlines() if line.strip()]}
-    return {field: value for field, value in document.items() if value and (not isinstance(value, str) or value.strip())}
+    # Boxes left empty are absent fields, and blank claim lines no claims (core/patent_document.py's rules).
+    return {"ipc": ipc, "title": title, "abstract": abstract, "claims": claims.splitlines()}
 
 
 def main() -> None:
@@ -188,6 +240,7 @@ def main() -> None:
     with st.container(key="answer"):
         if document is not None:  # a connection only when there is a patent to send, not on every rerun
             st.session_state.pop("answer", None)
+            st.session_state.pop("right-class", None)  # a class picked for the last answer is not one for this
             with connect(settings, model) as classifier:
                 classify(classifier, document, top_k, settings)
         # Kept across the reruns the correction controls cause, for the model that gave it.
@@ -196,7 +249,7 @@ def main() -> None:
             show_answer(answer)
     if answer is not None and answered_model == model and FEEDBACK_MODEL in models:
         with st.container(key="feedback"), connect(settings, model) as classifier:
-            show_feedback_controls(classifier, answer, classes)
+            show_feedback_controls(classifier, answer, classes, settings)
 
 
 def classify(classifier: PatentClassifier, document: dict, top_k: int, settings: argparse.Namespace) -> None:
@@ -206,8 +259,7 @@ def classify(classifier: PatentClassifier, document: dict, top_k: int, settings:
     except ServerUnavailable:
         st.error(server_down_message(settings))
     except AccessDenied:
-        st.error("**서버가 접근 토큰을 요구합니다.** 시스템 담당자에게 알려 주세요 · **The server requires an access "
-                 f"token.** Start this page with `--token-file` (or `${access_token.TOKEN_ENV}` set), as for the other clients.")
+        st.error(access_denied_message())
     except InvalidInput as error:
         st.warning(form_error_message(error))
     except ServingError as error:

@@ -7,11 +7,14 @@ documents with ``PatentDocument.render`` and nothing else. If the office's train
 used other field labels, change ``TEXT_TEMPLATE`` here and nowhere else: one line per field,
 each line naming its field once.
 
-Offices send what they have: a new application has no IPC code yet, and some records carry
-only a title or only claims. A field may be left out (or null, or an empty list), and its
-template line is then left out too; at least one of title, abstract and claims must be there.
-A field that is present must hold text: an empty or blank string is refused, since it is more
-likely a broken export than a deliberate absence.
+Offices send what they have, the way their databases hold it: a new application has no IPC
+code yet, some records carry only a title or only claims, and an exported row says "none" with
+an empty column. So in every field "" (or blank, or nothing but control characters), null and []
+all mean absent, and so does a list whose entries are all blank; blank entries of a list are
+dropped. An absent field's template line is left out. At least one of title, abstract and claims
+must hold text; a document without any gets one error saying so. These rules live here and only
+here: the server, the client library, the CLI's files and the web page all parse documents with
+``PatentDocument``.
 
 Control characters (Unicode category Cc: NUL, the other C0 codes and DEL and the C1 codes) are
 removed from every text, fields and pre-formatted ``TEXT`` alike, except tab, line feed and
@@ -52,8 +55,13 @@ def _clean(value: object) -> object:
     return without_control_characters(value) if isinstance(value, str) else value
 
 
-# Control characters go first; pydantic then strips whitespace and refuses what is left empty.
-NonEmptyText = Annotated[str, BeforeValidator(_clean), Field(min_length=1)]
+def _is_blank(value: object) -> bool:
+    return isinstance(value, str) and not without_control_characters(value).strip()
+
+
+# Control characters go first, then pydantic strips whitespace; blank values never get this far
+# (PatentDocument._absent_fields takes them out), so what is left holds text.
+Text = Annotated[str, BeforeValidator(_clean)]
 
 
 @functools.cache
@@ -71,25 +79,37 @@ class PatentDocument(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
-    ipc: list[NonEmptyText] = Field(default_factory=list, description='IPC codes, e.g. ["G06F 16/35", "G06N 3/08"]; optional')
-    title: Optional[NonEmptyText] = None
-    abstract: Optional[NonEmptyText] = None
-    claims: list[NonEmptyText] = Field(default_factory=list, description="claims in order; one string is one claim")
+    ipc: list[Text] = Field(default_factory=list, description='IPC codes, e.g. ["G06F 16/35", "G06N 3/08"]; optional')
+    title: Optional[Text] = None
+    abstract: Optional[Text] = None
+    claims: list[Text] = Field(default_factory=list, description="claims in order; one string is one claim")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent_fields(cls, payload: object) -> object:
+        if not isinstance(payload, dict):
+            return payload
+        present = {}
+        for name, value in payload.items():
+            if name in cls.model_fields:
+                if isinstance(value, list):
+                    value = [entry for entry in value if not _is_blank(entry)]
+                if value is None or value == [] or _is_blank(value):
+                    continue
+            present[name] = value
+        return present
 
     @field_validator("ipc", mode="before")
     @classmethod
     def _split_ipc_string(cls, value: object) -> object:
         # Patent databases often hold IPC codes as one "G06F 16/35; G06N 3/08" string.
         if isinstance(value, str):
-            codes = [code for code in _IPC_SEPARATORS.split(without_control_characters(value).strip()) if code]
-            return codes or [value]  # a blank string stays, to be refused as blank
-        return [] if value is None else value
+            return [code for code in _IPC_SEPARATORS.split(without_control_characters(value).strip()) if code]
+        return value
 
     @field_validator("claims", mode="before")
     @classmethod
     def _single_claim_string(cls, value: object) -> object:
-        if value is None:
-            return []
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
@@ -125,13 +145,12 @@ def _describe(error: dict) -> str:
         return "required field is missing"
     if kind == "extra_forbidden":
         return "unknown field (allowed: ipc, title, abstract, claims)"
-    if kind in ("string_too_short", "too_short"):
-        return "must not be empty (control characters and spaces do not count); leave the field out when there is none"
     if kind in ("string_type", "list_type"):
         expected = "a string" if kind == "string_type" else "a list of strings (or one string)"
         return f"must be {expected}, got {type(error.get('input')).__name__}"
     if kind == "value_error" and "no_text" in error["msg"]:
-        return f"holds none of {', '.join(TEXT_FIELDS)}; send at least one of them"
+        return (f"holds none of {', '.join(TEXT_FIELDS)}: the document has no text (a field that is empty, blank or "
+                "null counts as absent); send at least one of them")
     return error["msg"]
 
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
+from urllib.parse import quote
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text, create_engine,
@@ -194,19 +195,24 @@ class PredictionStore:
 
     url: str
     password_file: Path | None = None
+    read_only: bool = False  # a reader (the export of corrected examples): never creates or changes the database
     engine: Engine = field(init=False)
 
     def __post_init__(self) -> None:
         self.url = normalized_database_url(self.url)
         parsed = make_url(self.url)
         if parsed.get_backend_name() == "sqlite":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if self.read_only:  # SQLite's mode=ro: a missing file is an error, not a new empty database
+                parsed = parsed.set(database=f"file:{quote(parsed.database)}").update_query_dict({"mode": "ro", "uri": "true"})
+            else:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, json_serializer=_strict_json)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
+            read_only = {"options": "-c default_transaction_read_only=on"} if self.read_only else {}
             # pre-ping: a connection the database dropped while idle is replaced, not handed out.
             self.engine = create_engine(parsed, pool_size=2, max_overflow=2, pool_pre_ping=True, json_serializer=_strict_json,
-                                        connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+                                        connect_args={"connect_timeout": CONNECT_TIMEOUT_S, **read_only})
             if self.password_file is not None:
                 event.listen(self.engine, "do_connect", self._with_password)
 

@@ -4,7 +4,8 @@ the export (which writes them into ``config.pbtxt``) and the clients.
 Request (give exactly one of TEXT or DOCUMENT; each holds one element per document):
   TEXT      BYTES [n]   pre-formatted text, UTF-8
   DOCUMENT  BYTES [n]   JSON object {"ipc", "title", "abstract", "claims"}, UTF-8 (ipc optional;
-                        at least one of title, abstract, claims: core/patent_document.py)
+                        empty fields count as absent; at least one of title, abstract, claims
+                        holds text: core/patent_document.py)
   TOP_K     INT32 [1]   optional, how many classes to return per document (default 5)
 Answer, per document i and rank j (most likely first):
   LABEL_CODE   BYTES [n, k]

@@ -42,7 +42,7 @@ def test_each_patent_gets_its_top5_and_a_bad_line_an_error_naming_its_line_and_f
     with_bad.write_text(
         EXAMPLE_PATENTS.read_text(encoding="utf-8")
         + json.dumps({"id": "codes only", "ipc": "G06F 16/35"}) + "\n"
-        + json.dumps({"id": "blank title", "title": "\u0000 ", "abstract": "요약"}) + "\n"
+        + json.dumps({"id": "empty columns", "ipc": "", "title": "\u0000 ", "abstract": "", "claims": []}) + "\n"
         + "{not json\n"
         + json.dumps({"id": "new application", "title": "특허 문서 분류 장치", "claims": ["1. 장치"]}, ensure_ascii=False) + "\n",
         encoding="utf-8",
@@ -51,12 +51,12 @@ def test_each_patent_gets_its_top5_and_a_bad_line_an_error_naming_its_line_and_f
 
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     n = len(records)
-    assert [line["id"] for line in lines] == [record["id"] for record in records] + ["codes only", "blank title", n + 3, "new application"]
+    assert [line["id"] for line in lines] == [record["id"] for record in records] + ["codes only", "empty columns", n + 3, "new application"]
     assert all(len(line["labels"]) == 5 for line in lines[:n] + lines[-1:])
     errors = [line["error"] for line in lines[n : n + 3]]
     assert {error["kind"] for error in errors} == {"invalid_input"}
     assert errors[0]["message"].startswith(f"with_bad.jsonl line {n + 1}: holds none of title, abstract, claims")
-    assert errors[1]["message"].startswith(f"with_bad.jsonl line {n + 2}.title: must not be empty")
+    assert errors[1]["message"].startswith(f"with_bad.jsonl line {n + 2}: holds none of title, abstract, claims: the document has no text")
     assert errors[2]["message"].startswith(f"with_bad.jsonl line {n + 3}: is not valid JSON")
     assert result.returncode == 1 and f"3 of {n + 4} documents failed" in result.stderr
 

@@ -1,9 +1,19 @@
 """The documents a user pastes from: every shell block in README.md, docs/ and benchmarks/ parses
-as bash and continues its lines the way it means to, and every relative link leads to a file of
-the repository (and every #anchor to a heading of that file).
+as bash and continues its lines the way it means to, every Python block of README.md and docs/
+compiles as a script, and every relative link leads to a file of the repository (and every #anchor
+to a heading of that file).
 
-Pure and fast: it reads Markdown and runs ``bash -n``; no server, no model. Each failure names
-the document and the line, so the fix starts at the right place.
+The shell and Python blocks of README.md and docs/ are also run, against a real server, by
+tests/test_documentation_runs.py. A block that cannot run there (a server that runs until
+stopped, Docker, a cluster, a GPU, a measurement of minutes) says so on the line above its fence,
+naming the check that exercises it instead and why:
+
+    <!-- not run: checked by make deploy-check; needs Docker and a Kubernetes cluster -->
+
+and this file checks that the named check exists (a Makefile target, a test file or a test in it).
+
+Pure and fast: it reads Markdown, runs ``bash -n`` and compiles Python; no server, no model. Each
+failure names the document and the line, so the fix starts at the right place.
 """
 from __future__ import annotations
 
@@ -18,6 +28,12 @@ import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
+PYTHON_LANGUAGES = {"python", "py"}
+# The marker of a block that is not run, on the line above its fence (module docstring).
+_NOT_RUN = re.compile(
+    r"^\s*<!--\s*not run: checked by (?P<check>make [\w.-]+|tests/[\w/.-]+\.py(?:::\w+)?)\s*;\s*(?P<reason>[^<>]*?\S)\s*-->\s*$"
+)
+_MARKER_START = re.compile(r"^\s*<!--\s*not run")
 
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
 # `\` then blanks (and maybe a comment) at the end of a line: the backslash escapes a blank, not the
@@ -68,7 +84,7 @@ def split_markdown(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, st
         start = index + 1
         while index < len(lines) and not closing.match(lines[index]):
             line = lines[index]
-            body.append(line[indent:] if line[:indent].isspace() else line.lstrip())
+            body.append(line[indent:] if not line[:indent].strip() else line.lstrip())  # a fence's indent, not the code's
             index += 1
         blocks.append((start, opening["info"].lower(), "\n".join(body)))
         index += 1  # the closing fence
@@ -78,6 +94,67 @@ def split_markdown(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, st
 def shell_blocks(document: Path) -> list[CodeBlock]:
     _, blocks = split_markdown(document.read_text(encoding="utf-8"))
     return [CodeBlock(document, line, info, text) for line, info, text in blocks if info in SHELL_LANGUAGES]
+
+
+@dataclass(frozen=True)
+class NotRun:
+    """A block's "not run" marker."""
+
+    line: int  # 1-based, in its document
+    check: str  # `make TARGET`, or tests/FILE.py[::TEST]
+    reason: str
+
+
+def runnable_blocks(document: Path, text: str | None = None) -> list[tuple[CodeBlock, NotRun | None]]:
+    """Each shell and Python block, in order, with its "not run" marker (None: it is run)."""
+    text = document.read_text(encoding="utf-8") if text is None else text
+    lines = text.split("\n")
+    found = []
+    for line, info, body in split_markdown(text)[1]:
+        if info not in SHELL_LANGUAGES | PYTHON_LANGUAGES:
+            continue
+        above = line - 3  # index of the line above the fence (``line`` is the 1-based first line inside it)
+        while above >= 0 and not lines[above].strip():
+            above -= 1
+        marker = _NOT_RUN.match(lines[above]) if above >= 0 else None
+        not_run = NotRun(above + 1, marker["check"], marker["reason"]) if marker else None
+        found.append((CodeBlock(document, line, info, body), not_run))
+    return found
+
+
+def run_documents() -> list[Path]:
+    """The documents whose blocks are run: the README and docs/ (benchmarks/ holds records of runs)."""
+    return [path for path in DOCUMENTS if path.name == "README.md" and path.parent == PROJECT_ROOT or "docs" in path.parts]
+
+
+def marker_problems(document: Path, text: str | None = None) -> list[str]:
+    """Markers that name no existing check, and marker-like lines that are not markers of a block."""
+    text = document.read_text(encoding="utf-8") if text is None else text
+    problems = []
+    marked_lines = set()
+    here = document.relative_to(PROJECT_ROOT)
+    for _, marker in runnable_blocks(document, text):
+        if marker is None:
+            continue
+        marked_lines.add(marker.line)
+        check = marker.check
+        if check.startswith("make "):
+            target = check.removeprefix("make ")
+            if not re.search(rf"^{re.escape(target)}:", (PROJECT_ROOT / "Makefile").read_text(encoding="utf-8"), re.MULTILINE):
+                problems.append(f"{here}:{marker.line}: checked by {check}, but the Makefile has no target {target}")
+            continue
+        path, _, test = check.partition("::")
+        if not (PROJECT_ROOT / path).is_file():
+            problems.append(f"{here}:{marker.line}: checked by {check}, but there is no {path}")
+        elif test and not re.search(rf"^(async )?def {test}\(", (PROJECT_ROOT / path).read_text(encoding="utf-8"), re.MULTILINE):
+            problems.append(f"{here}:{marker.line}: checked by {check}, but {path} has no test {test}")
+    prose, _ = split_markdown(text)
+    for number, line in prose:
+        if _MARKER_START.match(line) and number not in marked_lines:
+            problems.append(f"{here}:{number}: a "
+                            "`<!-- not run: checked by CHECK; REASON -->` marker must stand right above a shell or Python block, "
+                            f"name a make target or tests/ file and give its reason: {line.strip()!r}")
+    return problems
 
 
 def console_commands(text: str) -> str:
@@ -239,6 +316,44 @@ def test_every_page_the_code_and_documents_name_exists():
                 if page not in known_files:
                     problems.append(f"{name}:{number}: names {page}, which is not in the repository")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("document", run_documents(), ids=lambda path: str(path.relative_to(PROJECT_ROOT)))
+def test_every_python_block_compiles_as_a_script(document):
+    # Run as a script a reader saves: a top-level `await` or `async with` is a SyntaxError there.
+    problems = []
+    for block, _ in runnable_blocks(document):
+        if block.language in PYTHON_LANGUAGES:
+            try:
+                compile(block.text, block.where(), "exec")
+            except SyntaxError as error:
+                problems.append(f"{block.where((error.lineno or 1) - 1)}: {error.msg}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("document", run_documents(), ids=lambda path: str(path.relative_to(PROJECT_ROOT)))
+def test_a_block_that_is_not_run_names_the_check_that_exercises_it(document):
+    problems = marker_problems(document)
+    assert not problems, "\n".join(problems)
+
+
+def test_markers_naming_no_check_or_no_reason_are_caught():
+    pretend = PROJECT_ROOT / "docs" / "pretend.md"
+    text = (
+        "# Pretend\n\n<!-- not run: checked by make no-such-target; needs a cluster -->\n```bash\nhelm install x\n```\n\n"
+        "<!-- not run: checked by tests/test_documentation.py::test_no_such_test; a reason -->\n```python\nprint(1)\n```\n\n"
+        "<!-- not run: checked by make deploy-check -->\n```bash\ndocker build .\n```\n\n"
+        "<!-- not run: checked by make deploy-check; kept -->\n```bash\ndocker build .\n```\n"
+    )
+    blocks = runnable_blocks(pretend, text)
+    assert [marker is not None for _, marker in blocks] == [True, True, False, True]
+    assert marker_problems(pretend, text) == [
+        "docs/pretend.md:3: checked by make no-such-target, but the Makefile has no target no-such-target",
+        "docs/pretend.md:8: checked by tests/test_documentation.py::test_no_such_test, but tests/test_documentation.py "
+        "has no test test_no_such_test",
+        "docs/pretend.md:13: a `<!-- not run: checked by CHECK; REASON -->` marker must stand right above a shell or Python "
+        "block, name a make target or tests/ file and give its reason: '<!-- not run: checked by make deploy-check -->'",
+    ]
 
 
 def test_the_readme_and_docs_have_shell_blocks_to_check():

@@ -3,6 +3,7 @@ known by construction, through the real tritonserver."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -146,6 +147,28 @@ def test_accuracy_under_min_accuracy_fails_the_release_gate_after_writing_the_re
     assert passed.returncode == 0, passed.stderr
     assert failed.returncode == 1 and "accuracy 0.7000 is below --min-accuracy 0.7100" in failed.stderr
     assert read_report(tmp_path / "failed")["accuracy"] == pytest.approx(0.7)
+
+
+@pytest.mark.server
+def test_make_evals_gate_fails_as_docs_evaluation_md_says(server, ranked_answers, tmp_path):
+    """The page said `make eval EVAL_MIN_ACCURACY=0.8` exits 1 below the bound: make exits 2 whenever a
+    command fails. The page now quotes make's last line, which carries the command's own 1."""
+    documents, ranked = ranked_answers
+    labels = [codes[0] for codes in ranked[:7]] + [codes[1] for codes in ranked[7:]]  # accuracy 0.7
+    labelled = write_labelled_file(tmp_path / "seven.jsonl", documents, labels)
+    quoted = re.search(r"`(make: \*\*\* \[Makefile:…: eval\] Error \d)`", (PROJECT_ROOT / "docs" / "evaluation.md").read_text())
+    assert quoted, "docs/evaluation.md quotes no line of make's for the failed gate"
+
+    gate = subprocess.run(  # -o: the environment is set up; make must not set it up again from a test
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "eval", f"EVAL_URL={server.grpc_url}",
+         f"EVAL_INPUT={labelled}", f"EVAL_OUT={tmp_path / 'out'}", "EVAL_MIN_ACCURACY=0.71"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+    )
+
+    assert gate.returncode == 2, gate.stderr
+    assert "accuracy 0.7000 is below --min-accuracy 0.7100" in gate.stderr
+    last = gate.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(re.escape(quoted[1]).replace("…", r"\d+"), last), f"make's last line {last!r} is not the page's {quoted[1]!r}"
 
 
 @pytest.mark.server

@@ -32,17 +32,39 @@ def test_absent_fields_leave_their_template_lines_out():
     assert PatentDocument.parse({"ipc": [], "title": "t"}).to_json() == {"title": "t"}
 
 
-@pytest.mark.parametrize("payload, field, words", [
-    ({"ipc": "G06F 16/35"}, "DOCUMENT", "none of title, abstract, claims"),
-    ({}, "DOCUMENT", "none of title, abstract, claims"),
-    ({"title": "\x00\x00\x00"}, "DOCUMENT.title", "must not be empty"),
-    ({"title": "   "}, "DOCUMENT.title", "must not be empty"),
-    ({"abstract": "요약", "claims": ["1. 장치", "\x07\x1b"]}, "DOCUMENT.claims[1]", "must not be empty"),
+TITLE = "자율주행 차량의 경로 계획 방법"
+
+
+@pytest.mark.parametrize("absent", ["", "   ", "\x00\x00\x00", " \t\n", None, [], [""], [" ", "\x00"]])
+def test_empty_blank_null_and_empty_list_fields_mean_absent(absent):
+    """A database export's empty columns: the document is the one without those fields."""
+    payload = {"ipc": absent, "title": TITLE, "abstract": absent, "claims": absent}
+    assert PatentDocument.parse(payload) == PatentDocument.parse({"title": TITLE})
+    assert PatentDocument.parse(payload).render() == f"발명의 명칭: {TITLE}"
+
+
+def test_blank_entries_of_a_list_are_dropped():
+    document = PatentDocument.parse({"ipc": ["G06F 16/35", " "], "claims": ["1. 장치", "\x07\x1b", ""]})
+    assert (document.ipc, document.claims) == (["G06F 16/35"], ["1. 장치"])
+    assert PatentDocument.parse({"ipc": " ; ", "title": TITLE}).ipc == []
+
+
+@pytest.mark.parametrize("payload", [
+    {"ipc": "G06F 16/35"},
+    {},
+    {"ipc": "", "title": "", "abstract": "", "claims": ""},
+    {"title": "\x00\x00\x00", "abstract": None, "claims": [" "]},
 ])
-def test_a_document_needs_some_text_and_blank_or_control_only_fields_are_refused(payload, field, words):
+def test_a_document_without_text_gets_one_error_saying_so(payload):
     with pytest.raises(InvalidInput) as error:
         PatentDocument.parse(payload)
-    assert (error.value.field, words in error.value.problem) == (field, True)
+    assert error.value.field == "DOCUMENT"
+    assert error.value.problem.startswith("holds none of title, abstract, claims: the document has no text")
+
+
+def test_a_field_of_the_wrong_type_is_still_refused_naming_it():
+    with pytest.raises(InvalidInput, match=r"DOCUMENT.title: must be a string, got int"):
+        PatentDocument.parse({"title": 3, "abstract": "요약"})
 
 
 def test_control_characters_are_removed_the_same_way_from_fields_and_texts():
@@ -55,6 +77,15 @@ def test_control_characters_are_removed_the_same_way_from_fields_and_texts():
         decode(text=texts("\x00\x01\x02 \x7f".encode()))
     assert [without_control_characters(chr(code)) for code in (9, 10, 13)] == ["\t", "\n", "\r"]
     assert "".join(without_control_characters(chr(code)) for code in [*range(0, 32), *range(127, 160)]) == "\t\n\r"
+
+
+def test_a_request_document_with_empty_fields_decodes_like_the_one_without_them():
+    with_empty = json.dumps({"ipc": "", "title": TITLE, "abstract": "", "claims": ""}, ensure_ascii=False).encode()
+    without = json.dumps({"title": TITLE}, ensure_ascii=False).encode()
+    assert decode(document=texts(with_empty)).texts == decode(document=texts(without)).texts == [f"발명의 명칭: {TITLE}"]
+    all_empty = json.dumps({"ipc": "", "title": "", "abstract": "", "claims": ""}).encode()
+    with pytest.raises(InvalidInput, match=r"^DOCUMENT\[1\]: holds none of title, abstract, claims: the document has no text"):
+        decode(document=texts(without, all_empty))
 
 
 def test_documents_decode_to_rendered_text_and_default_top_k():

@@ -100,6 +100,15 @@ def test_a_new_application_without_ipc_is_classified_as_its_template_renders_it(
     assert title_only == classifier.classify(f"발명의 명칭: {record['title']}")
 
 
+def test_the_clis_example_lines_are_documents_for_the_library_as_they_are(classifier):
+    """Before: `DOCUMENT[0].id: unknown field` for the lines of clients/examples/patents.jsonl."""
+    records = example_records()
+    assert all("id" in record for record in records)
+    assert classifier.classify_batch(records) == classifier.classify_batch(example_documents())
+    formatted = example_documents()[0].render()
+    assert classifier.classify({"id": "T", "text": formatted}) == classifier.classify(formatted)
+
+
 def test_control_characters_are_dropped_alike_from_fields_and_texts(classifier):
     record = {k: v for k, v in example_records()[4].items() if k != "id"}
     padded = {**record, "title": "\x00" + record["title"] + "\x00\x00", "abstract": record["abstract"] + "\x7f"}
@@ -108,16 +117,27 @@ def test_control_characters_are_dropped_alike_from_fields_and_texts(classifier):
     assert classifier.classify("\x00" + PatentDocument.model_validate(record).render()) == clean
 
 
+def test_empty_fields_of_a_database_export_are_classified_as_absent(classifier):
+    """What a backend sends for a new application with its empty columns: the same answer as the
+    document without those fields, probabilities and all; before, `DOCUMENT[0].ipc[0]: must not be empty`."""
+    title = "자율주행 차량의 경로 계획 방법"
+    with_empty = classifier.classify({"ipc": "", "title": title, "abstract": "", "claims": ""}, top_k=188)
+    without = classifier.classify({"title": title}, top_k=188)
+    assert with_empty.labels[0].code == without.labels[0].code
+    assert [(s.code, s.probability) for s in with_empty.labels] == [(s.code, s.probability) for s in without.labels]
+    nulls_and_blanks = classifier.classify({"ipc": [], "title": f" {title}\x00", "abstract": None, "claims": [" "]}, top_k=188)
+    assert nulls_and_blanks == without
+
+
 # (document, the field its error must name, a word its problem must contain)
 BAD_DOCUMENTS = [
     ("", "TEXT[0]", "empty"),
     ("   ", "TEXT[0]", "empty"),
     ("\x00\x00\x00", "TEXT[0]", "empty"),
     ({"ipc": ["G06F 16/35"]}, "DOCUMENT[0]", "none of title, abstract, claims"),
-    ({"ipc": "", "title": "제목", "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].ipc[0]", "empty"),
-    ({"title": "\x00 \x1f", "abstract": "요약"}, "DOCUMENT[0].title", "empty"),
+    ({"ipc": "", "title": "", "abstract": "", "claims": ""}, "DOCUMENT[0]", "none of title, abstract, claims: the document has no text"),
+    ({"title": "\x00 \x1f", "abstract": None, "claims": [" "]}, "DOCUMENT[0]", "none of title, abstract, claims"),
     ({"ipc": ["G06F"], "title": 123, "abstract": "요약", "claims": ["1. 장치"]}, "DOCUMENT[0].title", "string"),
-    ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": [""]}, "DOCUMENT[0].claims[0]", "empty"),
     ({"ipc": ["G06F"], "title": "제목", "abstract": "요약", "claims": "1", "inventor": "x"}, "DOCUMENT[0].inventor", "unknown"),
 ]
 
@@ -226,11 +246,48 @@ def test_nothing_listening_is_named_as_the_likely_cause():
                 client.classify("특허")
 
 
-def test_unknown_model_is_model_not_found(server):
+def test_unknown_model_is_model_not_found_naming_the_classifiers_the_server_has(server):
     for protocol in PROTOCOLS:
-        with PatentClassifier(url(server, protocol), protocol=protocol, model="no-such-model") as client:
-            with pytest.raises(ModelNotFound):
+        with PatentClassifier(url(server, protocol), protocol=protocol, model="kscst-gemma") as client:
+            with pytest.raises(ModelNotFound) as error:
                 client.classify("특허")
+        message = error.value.message
+        assert message.startswith(f"{url(server, protocol)} serves no model 'kscst-gemma'; the classifiers it serves: ")
+        assert MODEL_NAME in message.split("the classifiers it serves: ")[1].split(", ")
+        assert "feedback" not in message and "\n" not in message
+
+
+def test_a_model_that_is_not_a_classifier_is_refused_before_any_patent_is_sent(server):
+    """`--model feedback` was taken, and every document then failed on the feedback model's inputs."""
+    for protocol in PROTOCOLS:
+        with PatentClassifier(url(server, protocol), protocol=protocol, model="feedback") as client:
+            with pytest.raises(ModelNotFound, match=r"^model 'feedback' at \S+ is not a patent classifier \(it takes "
+                               r"examiners' corrections\); the classifiers it serves: .*kscst-gemma2"):
+                client.classify("특허")
+
+
+@pytest.mark.parametrize("protocol, scheme", [("http", "http://"), ("grpc", "grpc://")])
+def test_an_address_with_its_scheme_is_taken(server, protocol, scheme):
+    with PatentClassifier(f"{scheme}{url(server, protocol)}/", protocol=protocol, model=MODEL_NAME) as client:
+        assert client.url == url(server, protocol)
+        assert client.classify("발명의 명칭: 장치").labels
+
+
+def test_an_address_of_the_other_protocol_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match=r"url: 'http://127.0.0.1:8000' is an HTTP address, but the protocol is grpc: "
+                                         r"use protocol http \(--protocol http\)"):
+        PatentClassifier("http://127.0.0.1:8000")
+
+
+def test_the_metrics_port_is_named_as_the_likely_cause_in_one_line(server):
+    """Before: rapidjson.JSONDecodeError out of tritonclient, not a ServingError."""
+    metrics_address = server.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    with PatentClassifier(metrics_address, protocol="http", model=MODEL_NAME, timeout_s=10) as client:
+        with pytest.raises(ServerUnavailable) as error:
+            client.classify("특허")
+    assert error.value.message.startswith(
+        f"{metrics_address} answers over HTTP, but not as a KServe v2 server (its answer is not JSON): is it the server's metrics port?")
+    assert "\n" not in error.value.message
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -23,10 +23,12 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
+from clients import PatentClassifier
 from core.patent_document import PatentDocument
 from core.prediction_store import PredictionStore, feedback, predictions
 from server.launcher import free_loopback_ports
 from tests.conftest import KOELECTRA_MODEL, MODEL_NAME, PROJECT_ROOT
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]  # headless Chromium on the page, against the real tritonserver
 
@@ -126,8 +128,9 @@ def fill_and_submit(browser, base_url: str | None, document: PatentDocument | No
 
 def choose_model(browser, base_url: str, model: str) -> None:
     browser.get(base_url)
-    WebDriverWait(browser, PAGE_START_TIMEOUT_S).until(lambda page: page.find_elements(By.CSS_SELECTOR, ".st-key-model"))
-    browser.find_element(By.CSS_SELECTOR, ".st-key-model button[aria-haspopup='listbox']").click()
+    # The chooser's button, not only its container: the container is drawn before the widget in it.
+    WebDriverWait(browser, PAGE_START_TIMEOUT_S).until(
+        lambda page: page.find_elements(By.CSS_SELECTOR, ".st-key-model button[aria-haspopup='listbox']"))[0].click()
     options = WebDriverWait(browser, PAGE_START_TIMEOUT_S).until(lambda page: page.find_elements(By.CSS_SELECTOR, "[role='option']"))
     next(option for option in options if option.text == model).click()
     WebDriverWait(browser, ANSWER_TIMEOUT_S).until(lambda page: text_of(page, ".st-key-caption").startswith(f"모델 {model} ·"))
@@ -220,36 +223,95 @@ def test_page_says_clearly_when_the_server_is_down(browser, tmp_path):
         assert not browser.find_elements(By.CSS_SELECTOR, ".st-key-top-class")
 
 
-def test_an_examiner_marks_the_class_wrong_picks_the_right_one_and_the_database_has_it(browser, page_on_server, exported, reference):
-    expected, _ = reference.probabilities(PATENT.render())
-    ranked = [reference.labels[int(index)] for index in (-expected).argsort(kind="stable")]
-    right = ranked[7]  # not among the five the page shows: the picker offers every class
-    right_class = right.code
-    fill_and_submit(browser, page_on_server, PATENT)
-    assert ranked[0].code in text_of(browser, ".st-key-top-class")
+def recorded_predictions(exported, text: str) -> set[str]:
+    """The ids of the recorded predictions of ``text``."""
+    text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    store = PredictionStore(exported.records_database)
+    try:
+        with store.engine.connect() as connection:
+            return set(connection.scalars(select(predictions.c.id).where(predictions.c.text_sha256 == text_hash)))
+    finally:
+        store.close()
 
+
+def corrections_of(exported, prediction_ids: set[str]) -> list[tuple]:
+    store = PredictionStore(exported.records_database)
+    try:
+        with store.engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(
+                select(feedback.c.correct_label, feedback.c.verdict, feedback.c.examiner_id, predictions.c.top_label)
+                .join(predictions, predictions.c.id == feedback.c.prediction_id)
+                .where(feedback.c.prediction_id.in_(prediction_ids))
+            )]
+    finally:
+        store.close()
+
+
+def feedback_button(browser, words: str):
+    return next(b for b in browser.find_elements(By.CSS_SELECTOR, ".st-key-feedback button") if words in b.text)
+
+
+def pick_class(browser, label) -> None:
     picker = WebDriverWait(browser, ANSWER_TIMEOUT_S).until(
         lambda page: page.find_elements(By.CSS_SELECTOR, ".st-key-right-class input"))[0]
     picker.click()
-    picker.send_keys(f"{right.code} · {right.name}")  # the option's own text: its code alone also matches others
+    picker.send_keys(f"{label.code} · {label.name}")  # the option's own text: its code alone also matches others
     picker.send_keys(Keys.ENTER)
-    button = next(b for b in browser.find_elements(By.CSS_SELECTOR, ".st-key-feedback button") if "This is wrong" in b.text)
-    button.click()
+
+
+def classified_on_the_page(browser, page_on_server, exported, reference) -> tuple[list, str]:
+    """The patent typed and classified; the classes in the offline model's order and the id the page's answer has."""
+    expected, _ = reference.probabilities(PATENT.render())
+    ranked = [reference.labels[int(index)] for index in (-expected).argsort(kind="stable")]
+    before = recorded_predictions(exported, PATENT.render())
+    fill_and_submit(browser, page_on_server, PATENT)
+    assert ranked[0].code in text_of(browser, ".st-key-top-class")
+    (prediction_id,) = wait_until(lambda: recorded_predictions(exported, PATENT.render()) - before, "the page's answer recorded")
+    return ranked, prediction_id
+
+
+def test_an_examiner_types_an_id_picks_the_right_class_and_one_click_on_wrong_records_it(browser, page_on_server, exported, reference):
+    """Before: the examiner-id box sat outside the correction form, and the click that followed typing
+    in it was lost (nothing recorded, nothing shown); 맞음 stayed clickable after the correction."""
+    ranked, prediction_id = classified_on_the_page(browser, page_on_server, exported, reference)
+    right = ranked[7]  # not among the five the page shows: the picker offers every class
+
+    pick_class(browser, right)
+    browser.find_element(By.CSS_SELECTOR, ".st-key-examiner-id input").send_keys("e-42")  # no Enter: the click follows
+    feedback_button(browser, "This is wrong").click()
 
     result = text_of(browser, ".st-key-feedback-result")
-    assert f"Recorded: {right_class} is right for this patent (the model was wrong)" in result
-    store = PredictionStore(exported.records_database)
-    text_hash = hashlib.sha256(PATENT.render().encode("utf-8")).hexdigest()
-    with store.engine.connect() as connection:
-        corrected = connection.execute(
-            select(feedback.c.verdict, predictions.c.top_label)
-            .join(predictions, predictions.c.id == feedback.c.prediction_id)
-            .where(predictions.c.text_sha256 == text_hash, feedback.c.correct_label == right_class)
-        ).all()
-    store.close()
-    assert [tuple(row) for row in corrected] == [("wrong", ranked[0].code)]
+    assert result.startswith(f"기록했습니다: 이 특허의 올바른 분류는 {right.code} (모델 틀림)")
+    assert f"Recorded: {right.code} is right for this patent (the model was wrong)" in result
+    assert corrections_of(exported, {prediction_id}) == [(right.code, "wrong", "e-42", ranked[0].code)]
+    # The answer has its correction: nothing on the form applies any more.
+    for words in ("This is right", "This is wrong"):
+        assert not feedback_button(browser, words).is_enabled()
+    assert browser.find_element(By.CSS_SELECTOR, ".st-key-examiner-id input").get_attribute("disabled") is not None
 
-    # A second word on the same answer is refused, and the page says why.
-    next(b for b in browser.find_elements(By.CSS_SELECTOR, ".st-key-feedback button") if "This is right" in b.text).click()
-    WebDriverWait(browser, ANSWER_TIMEOUT_S).until(
-        lambda page: "already has a correction" in page.find_element(By.CSS_SELECTOR, ".st-key-feedback-result").text)
+
+def test_a_correction_refused_as_the_second_one_is_said_in_korean_without_ids(browser, page_on_server, exported, reference, server):
+    """Before: the raw English server message, with the prediction's UUID and "(invalid_input)"."""
+    ranked, prediction_id = classified_on_the_page(browser, page_on_server, exported, reference)
+    with PatentClassifier(server.grpc_url) as elsewhere:  # another examiner, in another window, was first
+        assert elsewhere.submit_feedback(prediction_id, ranked[1].code) == "wrong"
+
+    pick_class(browser, ranked[2])
+    feedback_button(browser, "This is wrong").click()
+
+    result = text_of(browser, ".st-key-feedback-result")
+    assert result.startswith("정정을 기록하지 못했습니다. 이 결과에는 이미 정정이 기록되어 있습니다.")
+    assert "This answer already has a correction" in result
+    assert prediction_id not in result and "invalid_input" not in result and "PREDICTION_ID" not in result
+    assert corrections_of(exported, {prediction_id}) == [(ranked[1].code, "wrong", None, ranked[0].code)]
+    assert not any(feedback_button(browser, words).is_enabled() for words in ("This is right", "This is wrong"))
+
+
+def test_wrong_without_a_class_picked_says_what_to_do_and_records_nothing(browser, page_on_server, exported, reference):
+    _, prediction_id = classified_on_the_page(browser, page_on_server, exported, reference)
+
+    feedback_button(browser, "This is wrong").click()
+
+    assert text_of(browser, ".st-key-feedback-result").startswith("먼저 올바른 분류를 고른 뒤 틀림을 다시 눌러 주세요")
+    assert corrections_of(exported, {prediction_id}) == []
+    assert feedback_button(browser, "This is right").is_enabled()
