@@ -283,7 +283,7 @@ def test_a_bucket_repository_reaches_tritonserver_as_written(tmp_path):
 
     for uri in ("s3://patents/model_repository", "s3://127.0.0.1:9000/patents/repo", "gs://patents/repo", "as://account/container/repo"):
         config = LaunchConfig(model_repository=uri, tritonserver=sys.executable)
-        command = _command(config)
+        command = _command(config, admin_key="a-launch-key")
         assert command[command.index("--model-repository") + 1] == uri
         assert config.cpu_engines == 1
     assert LaunchConfig(model_repository=str(tmp_path), tritonserver=sys.executable).model_repository == tmp_path
