@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import urllib.error
@@ -11,13 +12,21 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
+import tritonclient.grpc as grpcclient
 
+from benchmarks.postgres_server import PostgresServer
 from clients import PatentClassifier
 from core.access_token import TOKEN_ENV
 from core.errors import AccessDenied, ServerUnavailable
+from core.feedback_protocol import FEEDBACK_MODEL
+from core.serving_config import FeedbackConfig, ServingConfig
 from core.synthetic_patents import synthetic_patents
-from tests.conftest import EXAMPLE_PATENTS, MODEL_NAME, PROJECT_ROOT, example_records
+from export.triton_package import write_feedback_model, write_triton_model
+from server.launcher import free_loopback_ports
+from tests.conftest import EXAMPLE_PATENTS, MAX_LENGTH, MODEL_NAME, PROJECT_ROOT, example_records
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.server  # a tritonserver behind TLS and the token
 
@@ -134,10 +143,8 @@ def test_a_client_that_leaves_before_the_answer_closes_the_relays_connection_to_
     import ssl
     import threading
 
-    from server.launcher import free_loopback_ports
     from server.tls_front import TlsFront, server_tls_context
     from tests.tls_certificates import write_test_certificates
-    from tests.waiting import wait_until
 
     certificates = write_test_certificates(tmp_path / "certificates")
     backend_port, front_port = free_loopback_ports(2)
@@ -171,28 +178,10 @@ def test_a_client_that_leaves_before_the_answer_closes_the_relays_connection_to_
         silent_triton.close()
 
 
-# The interface of the records settings at serve time (docs/feedback.md): the database's URL holds
+# The records settings at serve time (notes/OWNERS.md, docs/feedback.md): the database's URL holds
 # no password; the password comes from a file, as a mounted Kubernetes Secret gives it.
 RECORDS_DATABASE_ENV = "PATENT_CLASSIFIER_RECORDS_DATABASE"
 RECORDS_PASSWORD_FILE_ENV = "PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE"
-
-
-def _password_role(postgres, role: str, password: str, database: str) -> str:
-    """A role of the test PostgreSQL that signs in with its password (SCRAM; the others are trusted),
-    owning ``database``; the URL of that database, without the password."""
-    import psycopg
-
-    with psycopg.connect(postgres.url("postgres"), autocommit=True) as connection:
-        connection.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-        connection.execute(f'CREATE DATABASE "{database}" OWNER {role}')
-        hba = postgres.data / "pg_hba.conf"
-        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text(encoding="utf-8"), encoding="utf-8")
-        connection.execute("SELECT pg_reload_conf()")
-    url = f"postgresql://{role}@127.0.0.1:{postgres.port}/{database}"
-    with pytest.raises(psycopg.OperationalError, match="password"):  # the password is needed: no trust for this role
-        psycopg.connect(url, password="not-the-password", connect_timeout=10).close()
-    psycopg.connect(url, password=password, connect_timeout=10).close()
-    return url
 
 
 def _command_lines() -> dict[int, bytes]:
@@ -207,78 +196,74 @@ def _command_lines() -> dict[int, bytes]:
 
 
 @pytest.mark.tools  # a real PostgreSQL
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "WAITS FOR branch faults-records: the records models read the password from $PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE "
-    "(the interface of notes/OWNERS.md); until it is merged they cannot sign in and the server does not start. "
-    "Remove this marker with that merge."
-))
-def test_no_process_argv_and_no_served_config_holds_a_secret(exported, postgres, tmp_path):
+def test_no_process_argv_and_no_served_config_holds_a_secret(exported, tmp_path):
     """`python -m server` with the access token from a file and a records database whose password
     comes from a file: neither secret is in any process's command line (the launcher's, tritonserver's,
     the stubs') nor in any model configuration Triton serves, over HTTP or gRPC. Both reached the
-    models: inference needs the token, and predictions and a correction went into the database that
-    takes only that password."""
-    import secrets
-
-    import tritonclient.grpc as grpcclient
-
-    from core.serving_config import FeedbackConfig, ServingConfig
-    from export.triton_package import write_feedback_model, write_triton_model
-    from server.launcher import free_loopback_ports
-    from tests.conftest import MAX_LENGTH
-    from tests.waiting import wait_until
-
+    models: inference needs the token, and a correction was checked against a prediction record in
+    a PostgreSQL that takes only that password."""
     token, password = f"token-{secrets.token_hex(12)}", f"password-{secrets.token_hex(12)}"
-    url = _password_role(postgres, "classifier_records", password, "secret_records")
-    repository = tmp_path / "model_repository"
-    write_triton_model(repository, MODEL_NAME, ServingConfig(
-        model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu",
-        prediction_records="hash", records_database=url,
-    ))
-    write_feedback_model(repository, FeedbackConfig(records_database=url))
-    (tmp_path / "token").write_text(token, encoding="utf-8")
-    (tmp_path / "records-password").write_text(password, encoding="utf-8")
-    environment = {key: value for key, value in os.environ.items() if key not in (TOKEN_ENV, "PGPASSWORD")}
-    environment.update({RECORDS_DATABASE_ENV: url, RECORDS_PASSWORD_FILE_ENV: str(tmp_path / "records-password")})
-    http_port, grpc_port, metrics_port = free_loopback_ports(3)
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        launcher = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model-repository", str(repository), "--token-file", str(tmp_path / "token"),
-             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-             "--exit-timeout", "5"],
-            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment,
-        )
+    with PostgresServer(password=password) as database:
+        url = database.create_database("secret_records")
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):  # no other way in
+            psycopg.connect(url, password="not-the-password", connect_timeout=10).close()
+        repository = tmp_path / "model_repository"
+        write_triton_model(repository, MODEL_NAME, ServingConfig(
+            model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu",
+            prediction_records="hash", records_database=url,
+        ))
+        write_feedback_model(repository, FeedbackConfig(records_database=url))
+        (tmp_path / "token").write_text(token, encoding="utf-8")
+        (tmp_path / "records-password").write_text(password, encoding="utf-8")
+        environment = {key: value for key, value in os.environ.items() if key not in (TOKEN_ENV, "PGPASSWORD")}
+        environment.update({RECORDS_DATABASE_ENV: url, RECORDS_PASSWORD_FILE_ENV: str(tmp_path / "records-password")})
+        http_port, grpc_port, metrics_port = free_loopback_ports(3)
+        log_path = tmp_path / "server.log"
+        with log_path.open("wb") as log:
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "server", "--model-repository", str(repository), "--token-file", str(tmp_path / "token"),
+                 "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                 "--exit-timeout", "5"],
+                cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment,
+            )
+        try:
+            wait_until(lambda: launcher.poll() is not None or "ready in " in log_path.read_text(errors="replace"),
+                       "the server ready", timeout_s=300, interval_s=0.5)
+            assert launcher.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            _assert_both_secrets_reached_the_models(token, grpc_port, http_port)
+            _assert_no_argv_and_no_served_config_holds(token, password, repository, grpc_port, http_port)
+            assert token not in log_path.read_text(errors="replace") and password not in log_path.read_text(errors="replace")
+        finally:
+            launcher.terminate()
+            code = launcher.wait(timeout=60)
+    assert code == 0, log_path.read_text(errors="replace")[-3000:]
+
+
+def _assert_both_secrets_reached_the_models(token: str, grpc_port: int, http_port: int) -> None:
+    with PatentClassifier(f"127.0.0.1:{grpc_port}", "grpc", MODEL_NAME, token=token) as client:
+        answer = client.classify(DOCUMENT)
+        # The feedback model finds the answer's record in the database: both signed in with the password.
+        assert client.submit_feedback(answer.prediction_id, answer.labels[0].code) == "correct"
+    with PatentClassifier(f"127.0.0.1:{http_port}", "http", MODEL_NAME) as anonymous:
+        with pytest.raises(AccessDenied):
+            anonymous.classify(DOCUMENT)
+
+
+def _assert_no_argv_and_no_served_config_holds(token: str, password: str, repository: Path, grpc_port: int, http_port: int) -> None:
+    command_lines = _command_lines()
+    ours = [line for line in command_lines.values() if str(repository).encode() in line]
+    assert len(ours) >= 3, "the launcher, tritonserver and the stubs, all looked at"
+    for pid, line in command_lines.items():
+        assert token.encode() not in line and password.encode() not in line, (pid, line.replace(b"\0", b" ")[:300])
+    served = {}
+    grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
     try:
-        wait_until(lambda: launcher.poll() is not None or "ready in " in log_path.read_text(errors="replace"),
-                   "the server ready", timeout_s=300, interval_s=0.5)
-        assert launcher.poll() is None, log_path.read_text(errors="replace")[-3000:]
-
-        with PatentClassifier(f"127.0.0.1:{grpc_port}", "grpc", MODEL_NAME, token=token) as client:
-            answer = client.classify(DOCUMENT)
-            assert client.submit_feedback(answer.prediction_id, answer.labels[0].code) == "correct"
-        with PatentClassifier(f"127.0.0.1:{http_port}", "http", MODEL_NAME) as anonymous:
-            with pytest.raises(AccessDenied):
-                anonymous.classify(DOCUMENT)
-
-        command_lines = _command_lines()
-        ours = [line for line in command_lines.values() if str(repository).encode() in line]
-        assert len(ours) >= 3, "the launcher, tritonserver and the stubs, all looked at"
-        for pid, line in command_lines.items():
-            assert token.encode() not in line and password.encode() not in line, (pid, line.replace(b"\0", b" ")[:300])
-
-        served = {}
-        grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-        for model in (MODEL_NAME, "feedback"):
+        for model in (MODEL_NAME, FEEDBACK_MODEL):
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{model}/config", timeout=30) as answer:
                 served[f"HTTP {model}"] = answer.read().decode()
             served[f"gRPC {model}"] = json.dumps(grpc_client.get_model_config(model, as_json=True))
-        grpc_client.close()
-        assert "secret_records" in served["HTTP feedback"]  # the configuration names the database ...
-        for where, text in served.items():
-            assert token not in text and password not in text, where  # ... and holds neither secret
-        assert token not in log_path.read_text(errors="replace") and password not in log_path.read_text(errors="replace")
     finally:
-        launcher.terminate()
-        code = launcher.wait(timeout=60)
-    assert code == 0, log_path.read_text(errors="replace")[-3000:]
+        grpc_client.close()
+    assert "secret_records" in served[f"HTTP {FEEDBACK_MODEL}"]  # the configuration names the database ...
+    for where, text in served.items():
+        assert token not in text and password not in text, where  # ... and holds neither secret
