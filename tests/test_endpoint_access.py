@@ -92,6 +92,8 @@ GRPC_METHODS = {
     "CudaSharedMemoryRegister": "shared-memory", "CudaSharedMemoryUnregister": "shared-memory",
     "TraceSetting": "trace", "LogSettings": "logging",
 }
+# gRPC's standard health service, which tritonserver serves beside its own.
+GRPC_HEALTH_CHECK = {"grpc.health.v1.Health/Check": "health"}
 # What a caller with the key may call without changing anything (the rest of LAUNCHER's are not tried with it).
 READ_ONLY = {
     "GET /v2/systemsharedmemory/status", "GET /v2/cudasharedmemory/status", "GET /v2/trace/setting",
@@ -155,9 +157,12 @@ class Served:
             channel = grpc.insecure_channel(self.server.grpc_url)
         with channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            request = self._grpc_request(method)
             pairs = list((metadata or {}).items())
             try:
+                if method in GRPC_HEALTH_CHECK:  # an empty HealthCheckRequest; the answer is not needed here
+                    channel.unary_unary(f"/{method}")(b"", metadata=pairs, timeout=120)
+                    return grpc.StatusCode.OK, ""
+                request = self._grpc_request(method)
                 if method == "ModelStreamInfer":
                     answers = list(stub.ModelStreamInfer(iter([request]), metadata=pairs, timeout=120))
                     return grpc.StatusCode.OK, "; ".join(answer.error_message for answer in answers)
@@ -249,7 +254,8 @@ def documented_endpoints() -> dict[str, tuple[str, str]]:
 
 
 def test_the_documented_table_is_the_tested_one():
-    expected = {endpoint: (group, WHO_MAY_CALL[group]) for endpoint, group in {**HTTP_ROUTES, **GRPC_METHODS}.items()}
+    endpoints = {**HTTP_ROUTES, **GRPC_METHODS, **GRPC_HEALTH_CHECK}
+    expected = {endpoint: (group, WHO_MAY_CALL[group]) for endpoint, group in endpoints.items()}
     documented = {endpoint: row for endpoint, row in documented_endpoints().items() if endpoint in expected}
     assert documented == expected
 
@@ -305,7 +311,7 @@ def test_http_routes(which, request):
 
 @pytest.mark.parametrize("which", ["open_server", "token_server"])
 def test_grpc_methods(which, request):
-    check_every_endpoint(request.getfixturevalue(which), GRPC_METHODS, "grpc")
+    check_every_endpoint(request.getfixturevalue(which), {**GRPC_METHODS, **GRPC_HEALTH_CHECK}, "grpc")
 
 
 def test_the_launch_key_opens_the_repository_index_to_the_launcher_alone(open_server):
