@@ -41,7 +41,8 @@ from tritonclient.utils import InferenceServerException
 from clients import replicas
 from core import access_token, feedback_protocol, protocol
 from core.errors import (
-    AccessDenied, DeadlineExceeded, InvalidInput, ModelNotFound, ServerUnavailable, ServingError, error_from_status,
+    RESTRICTED_API_REFUSAL, AccessDenied, DeadlineExceeded, InvalidInput, ModelNotFound, ServerUnavailable, ServingError,
+    error_from_status,
 )
 from core.feedback_protocol import FEEDBACK_MODEL, Correction
 from core.patent_document import PatentDocument
@@ -130,7 +131,9 @@ def typed_error(exc: InferenceServerException, url: str = "", protocol_name: Pro
     if error is None:
         return unreachable(url, protocol_name, message)
     if isinstance(error, AccessDenied):
-        return AccessDenied(f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV}); {message}")
+        hint = ("the server keeps this API to itself (an administrative API, closed to clients)" if RESTRICTED_API_REFUSAL in message
+                else f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV})")
+        return AccessDenied(f"{hint}; {message}")
     return error
 
 
@@ -161,12 +164,13 @@ class ServedModelConfig:
         )
 
 
-def _index_entries(repository_index) -> list[dict]:
-    return repository_index if isinstance(repository_index, list) else repository_index.get("models", [])  # gRPC's as_json form
+def _model_names(statistics: dict) -> list[str]:
+    """The loaded models' names in a server's inference statistics (an entry per version)."""
+    return sorted({entry["name"] for entry in statistics.get("model_stats", [])})
 
 
-def _classifiers_named(entries: list[dict]) -> str:
-    names = sorted(entry["name"] for entry in entries if entry.get("state") == "READY" and entry.get("name") != FEEDBACK_MODEL)
+def _classifiers_named(loaded: list[str]) -> str:
+    names = [name for name in loaded if name != FEEDBACK_MODEL]
     return f"the classifiers it serves: {', '.join(names)}" if names else "it serves no classifier"
 
 
@@ -305,31 +309,22 @@ class _ClassifierBase:
         request_timeout = {"timeout": int(self.timeout_s * 1e6)}
         return {**request_timeout, "client_timeout": self.timeout_s} if self.protocol == "grpc" else request_timeout
 
-    def _not_loaded(self, error: ModelNotFound, repository_index) -> ServingError:
+    def _not_loaded(self, error: ModelNotFound, loaded: list[str]) -> ServingError:
         """Triton answers "unknown model" alike for a name it never had and for a model of its
-        repository that is not loaded right now (the watchdog reloading it, say). The repository
-        index tells them apart: the second is a server unavailable for a while, worth a retry; the
-        first is named with the models the server does serve."""
-        entries = _index_entries(repository_index)
-        for entry in entries:
-            if entry.get("name") == self.model and entry.get("state", "READY") != "READY":
-                reason = f": {entry['reason']}" if entry.get("reason") else ""
-                return ServerUnavailable(
-                    f"model {self.model!r} is in the server's repository but not loaded (state {entry['state']}{reason}); "
-                    "it may be reloading: retry"
-                )
-        if not entries:  # no index to say more with
+        repository that is not loaded right now (the watchdog reloading it, say); its repository
+        index, which would tell them apart, is closed to clients (server/launcher.py). A model that
+        served this client before (its configuration was read) is the second: a server unavailable
+        for a while, worth a retry. Otherwise it is named with the classifiers the server has loaded."""
+        if self._served is not None:
+            return ServerUnavailable(f"model {self.model!r} served this client before and is not loaded now; it may be "
+                                     f"reloading: retry ({error.message})")
+        if not loaded:  # no list to say more with
             return error
-        return ModelNotFound(f"{self.url} serves no model {self.model!r}; {_classifiers_named(entries)}")
+        return ModelNotFound(f"{self.url} serves no model {self.model!r}; {_classifiers_named(loaded)}")
 
-    def _not_a_classifier(self, repository_index) -> ModelNotFound:
+    def _not_a_classifier(self, loaded: list[str]) -> ModelNotFound:
         what = "it takes examiners' corrections" if self.model == FEEDBACK_MODEL else "it takes no TEXT or DOCUMENT input"
-        return ModelNotFound(
-            f"model {self.model!r} at {self.url} is not a patent classifier ({what}); {_classifiers_named(_index_entries(repository_index))}"
-        )
-
-    def _repository_index_kwargs(self) -> dict:
-        return self._config_kwargs()
+        return ModelNotFound(f"model {self.model!r} at {self.url} is not a patent classifier ({what}); {_classifiers_named(loaded)}")
 
     def _feedback_request(self, corrections: Sequence[Correction]) -> tuple[list, list]:
         if not corrections:
@@ -383,7 +378,7 @@ class PatentClassifier(_ClassifierBase):
         if self._served is None:
             served = ServedModelConfig.from_json(self._call(self._client.get_model_config, self.model, **self._config_kwargs()))
             if not served.classifies:
-                raise self._not_a_classifier(self._repository_index())
+                raise self._not_a_classifier(self._loaded_models())
             self._served = served
         return self._served
 
@@ -397,9 +392,9 @@ class PatentClassifier(_ClassifierBase):
         return {score.code: score.name for score in answer.labels}
 
     def ready_models(self) -> list[str]:
-        """The names of the models the server has loaded and can answer for, sorted."""
-        index = self._call(self._client.get_model_repository_index, **self._repository_index_kwargs())
-        return sorted(entry["name"] for entry in _index_entries(index) if entry.get("state") == "READY")
+        """The names of the models the server has loaded and can answer for, sorted: from its statistics,
+        which list exactly those (its repository index is closed to clients, server/launcher.py)."""
+        return _model_names(self._call(self._client.get_inference_statistics, **self._config_kwargs()))
 
     def _classify_request(self, documents: Sequence[Document], top_k: int | None) -> list[protocol.Classification]:
         batched = self.served_config().batched
@@ -413,14 +408,14 @@ class PatentClassifier(_ClassifierBase):
         except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
             error = self._typed(exc)
             if isinstance(error, ModelNotFound):
-                error = self._not_loaded(error, self._repository_index())
+                error = self._not_loaded(error, self._loaded_models())
             raise error from None
 
-    def _repository_index(self) -> list | dict:
+    def _loaded_models(self) -> list[str]:
         try:
-            return self._client.get_model_repository_index(**self._repository_index_kwargs())
+            return _model_names(self._client.get_inference_statistics(**self._config_kwargs()))
         except (InferenceServerException, OSError, http.client.HTTPException):
-            return []  # the index is only a hint: without it the error stands as reported
+            return []  # only a hint: without it the error stands as reported
 
     def submit_feedback(
         self, prediction_id: str, correct_label: str, *, examiner_id: str | None = None, comment: str | None = None
@@ -485,7 +480,7 @@ class AsyncPatentClassifier(_ClassifierBase):
         if self._served is None:
             served = ServedModelConfig.from_json(await self._call(self._client.get_model_config, self.model, **self._config_kwargs()))
             if not served.classifies:
-                raise self._not_a_classifier(await self._repository_index())
+                raise self._not_a_classifier(await self._loaded_models())
             self._served = served
         return self._served
 
@@ -509,12 +504,12 @@ class AsyncPatentClassifier(_ClassifierBase):
         except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
             error = self._typed(exc)
             if isinstance(error, ModelNotFound):
-                error = self._not_loaded(error, await self._repository_index())
+                error = self._not_loaded(error, await self._loaded_models())
             raise error from None
 
-    async def _repository_index(self) -> list | dict:
+    async def _loaded_models(self) -> list[str]:
         try:
-            return await self._client.get_model_repository_index(**self._repository_index_kwargs())
+            return _model_names(await self._client.get_inference_statistics(**self._config_kwargs()))
         except (InferenceServerException, ConnectionError, OSError):
             return []
 

@@ -392,8 +392,8 @@ class ReplicaSet(_ReplicaSetBase):
     def get_model_config(self, *args, **kwargs):
         return self._first_answer("get_model_config", *args, **kwargs)
 
-    def get_model_repository_index(self, *args, **kwargs):
-        return self._first_answer("get_model_repository_index", *args, **kwargs)
+    def get_inference_statistics(self, *args, **kwargs):
+        return self._first_answer("get_inference_statistics", *args, **kwargs)
 
     def is_server_ready(self, *args, **kwargs) -> bool:
         return self._any_ready("is_server_ready", *args, **kwargs)
@@ -454,8 +454,8 @@ class AsyncReplicaSet(_ReplicaSetBase):
     async def get_model_config(self, *args, **kwargs):
         return await self._first_answer("get_model_config", *args, **kwargs)
 
-    async def get_model_repository_index(self, *args, **kwargs):
-        return await self._first_answer("get_model_repository_index", *args, **kwargs)
+    async def get_inference_statistics(self, *args, **kwargs):
+        return await self._first_answer("get_inference_statistics", *args, **kwargs)
 
     async def is_server_ready(self, *args, **kwargs) -> bool:
         return await self._any_ready("is_server_ready", *args, **kwargs)

@@ -28,3 +28,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "patent-classifier.probeScheme" -}}
 {{- if .Values.tls.secret }}HTTPS{{ else }}HTTP{{ end -}}
 {{- end -}}
+
+{{/* The Secret holding the access token: the one auth.tokenSecret names, or the chart's own. */}}
+{{- define "patent-classifier.tokenSecretName" -}}
+{{- .Values.auth.tokenSecret | default (printf "%s-token" (include "patent-classifier.fullname" .)) -}}
+{{- end -}}
