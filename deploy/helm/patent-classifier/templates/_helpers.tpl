@@ -28,3 +28,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "patent-classifier.probeScheme" -}}
 {{- if .Values.tls.secret }}HTTPS{{ else }}HTTP{{ end -}}
 {{- end -}}
+
+{{/* The records journal's folder in the container (an emptyDir or a claim: records.journal). */}}
+{{- define "patent-classifier.journalPath" -}}
+/var/lib/patent-classifier/journal
+{{- end -}}
+
+{{/* kube-prometheus-stack's Prometheus selects ServiceMonitors and PrometheusRules by release=<its release>. */}}
+{{- define "patent-classifier.prometheusReleaseLabel" -}}
+{{- with .Values.prometheusRelease }}
+release: {{ . | quote }}
+{{- end }}
+{{- end -}}
