@@ -378,9 +378,12 @@ def chart_rules(objects: list[dict], where: str) -> list[str]:
         gpus = any("nvidia.com/gpu" in container.get("resources", {}).get("limits", {}) for container in pod["containers"])
         if not gpus:
             continue
-        fewest = min([deployment["spec"].get("replicas", 1)] if "replicas" in deployment["spec"] else
-                     [hpa["spec"]["minReplicas"] for hpa in by_kind.get("HorizontalPodAutoscaler", [])]
-                     + [scaled["spec"]["minReplicaCount"] for scaled in by_kind.get("ScaledObject", [])] or [1])
+        counts = ([deployment["spec"]["replicas"]] if "replicas" in deployment["spec"] else
+                  [hpa["spec"].get("minReplicas", 1) for hpa in by_kind.get("HorizontalPodAutoscaler", [])]
+                  + [scaled["spec"].get("minReplicaCount", 0) for scaled in by_kind.get("ScaledObject", [])]) or [1]
+        if not all(isinstance(count, int) for count in counts):
+            continue  # a wrong type: the schemas report it
+        fewest = min(counts)
         budgets = by_kind.get("PodDisruptionBudget", [])
         if not budgets:
             problems.append(f"{where}: GPU Deployment {deployment['metadata']['name']} has no PodDisruptionBudget")
