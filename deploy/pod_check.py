@@ -45,8 +45,8 @@ import secrets as secret_tokens
 import shutil
 import signal
 import ssl
-import string
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -57,7 +57,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy.manifest_check import CHART, DOCKERFILE, NAMESPACE, RELEASE, ROOT, _quiet_symlink_notes, rendered_objects
+from deploy.manifest_check import CHART, DOCKERFILE, NAMESPACE, ROOT, _quiet_symlink_notes, rendered_objects
 
 IN_POD_NETWORK = "PATENT_CLASSIFIER_POD_CHECK_NETWORK"
 # NVIDIA's Triton image: tritonserver and its backends, and the PATH the image sets.
@@ -227,14 +227,14 @@ def _wheel_tritonserver() -> Path:
 class PodVolumes:
     """The pod's volumes on this machine: made once per pod, so a restarted container finds its emptyDirs."""
 
-    def __init__(self, pod: RenderedPod, work: Path, repository: Path, secret_contents: dict[str, dict[str, bytes]], claims: dict[str, Path]):
+    def __init__(self, pod: RenderedPod, work: Path, secret_contents: dict[str, dict[str, bytes]], claims: dict[str, Path]):
         self.folders: dict[str, tuple[Path, bool]] = {}  # volume name -> (folder, read-only by the volume)
         self._memory: list[Path] = []
         for volume in pod.spec.get("volumes", []):
             name = volume["name"]
             if "emptyDir" in volume:
                 if volume["emptyDir"].get("medium") == "Memory":  # tmpfs, as the kubelet makes it
-                    folder = Path(tempfile_in("/dev/shm", f"pod-check-{name}-"))
+                    folder = Path(tempfile.mkdtemp(prefix=f"pod-check-{name}-", dir="/dev/shm"))
                     self._memory.append(folder)
                 else:
                     folder = work / "volumes" / name
@@ -272,12 +272,6 @@ class PodVolumes:
     def remove(self) -> None:
         for folder in self._memory:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def tempfile_in(parent: str, prefix: str) -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix=prefix, dir=parent)
 
 
 def _mount_point_arguments(targets: list[str]) -> list[str]:
@@ -346,8 +340,11 @@ class Container:
         except subprocess.TimeoutExpired:
             return None
 
-    def log_tail(self, characters: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-characters:] if self.log_path.exists() else ""
+    def log_tail(self, characters: int = 3000) -> str:
+        """The log's errors (tritonserver's "failed to load ..." lines say why a model did not load), then its end."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        errors = [line[:600] for line in text.splitlines() if "failed to load '" in line or line.startswith(("E1", "E0", "Traceback"))]
+        return "\n".join([*errors[:6], "...", text[-characters:]]) if errors else text[-characters:]
 
 
 def container_environment(pod: RenderedPod, image: ImageFacts, secret_contents: dict, name: str, app: Path) -> tuple[dict, dict]:
@@ -380,12 +377,11 @@ def container_environment(pod: RenderedPod, image: ImageFacts, secret_contents: 
 def project_installation(app_pth: Path) -> dict[Path, Path]:
     """The .pth files by which this environment installs the project (an editable install's), each to
     be replaced by ``app_pth``, a .pth naming the app checkout."""
+    import sysconfig
     from importlib import metadata
 
-    try:
-        files = metadata.distribution("patent-classifier-serving").files or []
-    except metadata.PackageNotFoundError:
-        return {}
+    installed = metadata.distributions(name="patent-classifier-serving", path=[sysconfig.get_paths()["purelib"]])
+    files = [file for distribution in installed for file in distribution.files or []]
     return {Path(file.locate()).resolve(): app_pth for file in files if str(file).endswith(".pth")}
 
 
@@ -750,8 +746,9 @@ def run(args: argparse.Namespace) -> None:
     database = RecordsDatabase(test_secrets.database_password)
     kubelet = volumes = None
     try:
-        say("ok", f"PostgreSQL {database.server.port} on loopback; role {RECORDS_USER} logs in with its password only: "
-                  f"{database.refuses_without_password()}")
+        if not database.refuses_without_password():
+            raise PodCheckFailed(f"PostgreSQL lets {RECORDS_USER} in without a password: the Secret's password would go untested")
+        say("ok", f"PostgreSQL on 127.0.0.1:{database.server.port}; role {RECORDS_USER} logs in with its password only")
         # What an operator passes to `helm install` for this cluster: where the records database is.
         settings = {"records.database": database.url}
         pod = render_pod(args.chart, args.values, settings)
@@ -764,7 +761,7 @@ def run(args: argparse.Namespace) -> None:
         say("ok", f"model repository: {repository} (exported from {app / 'models.yaml'} by {app}'s code)")
         secret_contents = test_secrets.contents(pod.values, work)
         claims = {pod.values["modelRepository"]["persistentVolumeClaim"]: repository}
-        volumes = PodVolumes(pod, work, repository, secret_contents, claims)
+        volumes = PodVolumes(pod, work, secret_contents, claims)
         env, mapping = container_environment(pod, image, secret_contents, name, app)
         from server.launcher import build_python_backend_directory
 
