@@ -40,7 +40,8 @@ from tritonclient.utils import InferenceServerException
 from clients import replicas
 from core import access_token, feedback_protocol, protocol
 from core.errors import (
-    AccessDenied, DeadlineExceeded, InvalidInput, ModelNotFound, ServerUnavailable, ServingError, error_from_status,
+    RESTRICTED_API_REFUSAL, AccessDenied, DeadlineExceeded, InvalidInput, ModelNotFound, ServerUnavailable, ServingError,
+    error_from_status,
 )
 from core.feedback_protocol import FEEDBACK_MODEL, Correction
 from core.patent_document import PatentDocument
@@ -89,7 +90,9 @@ def typed_error(exc: InferenceServerException, url: str = "", protocol_name: Pro
     if error is None:
         return unreachable(url, protocol_name, message)
     if isinstance(error, AccessDenied):
-        return AccessDenied(f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV}); {message}")
+        hint = ("the server keeps this API to itself (an administrative API, closed to clients)" if RESTRICTED_API_REFUSAL in message
+                else f"the server requires an access token (--token-file or ${access_token.TOKEN_ENV})")
+        return AccessDenied(f"{hint}; {message}")
     return error
 
 
@@ -233,23 +236,16 @@ class _ClassifierBase:
         request_timeout = {"timeout": int(self.timeout_s * 1e6)}
         return {**request_timeout, "client_timeout": self.timeout_s} if self.protocol == "grpc" else request_timeout
 
-    def _not_loaded(self, error: ModelNotFound, repository_index) -> ServingError:
+    def _not_loaded(self, error: ModelNotFound) -> ServingError:
         """Triton answers "unknown model" alike for a name it never had and for a model of its
-        repository that is not loaded right now (the watchdog reloading it, say). The repository
-        index tells them apart: the second is a server unavailable for a while, worth a retry."""
-        if not isinstance(repository_index, list):  # gRPC's as_json form
-            repository_index = repository_index.get("models", [])
-        for entry in repository_index:
-            if entry.get("name") == self.model and entry.get("state", "READY") != "READY":
-                reason = f": {entry['reason']}" if entry.get("reason") else ""
-                return ServerUnavailable(
-                    f"model {self.model!r} is in the server's repository but not loaded (state {entry['state']}{reason}); "
-                    "it may be reloading: retry"
-                )
-        return error
-
-    def _repository_index_kwargs(self) -> dict:
-        return self._config_kwargs()
+        repository that is not loaded right now (the watchdog reloading it, say); its repository
+        index, which would tell them apart, is closed to clients (server/launcher.py). A model that
+        served this client before (its configuration was read) is the second: a server unavailable
+        for a while, worth a retry."""
+        if self._served is None:
+            return error
+        return ServerUnavailable(f"model {self.model!r} served this client before and is not loaded now; it may be reloading: "
+                                 f"retry ({error.message})")
 
     def _feedback_request(self, corrections: Sequence[Correction]) -> tuple[list, list]:
         if not corrections:
@@ -313,10 +309,10 @@ class PatentClassifier(_ClassifierBase):
         return {score.code: score.name for score in answer.labels}
 
     def ready_models(self) -> list[str]:
-        """The names of the models the server has loaded and can answer for, sorted."""
-        index = self._call(self._client.get_model_repository_index, **self._repository_index_kwargs())
-        entries = index if isinstance(index, list) else index.get("models", [])  # gRPC's as_json form
-        return sorted(entry["name"] for entry in entries if entry.get("state") == "READY")
+        """The names of the models the server has loaded and can answer for, sorted: from its statistics,
+        which list exactly those (its repository index is closed to clients, server/launcher.py)."""
+        statistics = self._call(self._client.get_inference_statistics, **self._config_kwargs())
+        return sorted({entry["name"] for entry in statistics.get("model_stats", [])})  # an entry per version
 
     def _classify_request(self, documents: Sequence[Document], top_k: int | None) -> list[protocol.Classification]:
         batched = self.served_config().batched
@@ -329,15 +325,7 @@ class PatentClassifier(_ClassifierBase):
             return method(*args, **kwargs)
         except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
             error = self._typed(exc)
-            if isinstance(error, ModelNotFound):
-                error = self._not_loaded(error, self._repository_index())
-            raise error from None
-
-    def _repository_index(self) -> list | dict:
-        try:
-            return self._client.get_model_repository_index(**self._repository_index_kwargs())
-        except (InferenceServerException, OSError, http.client.HTTPException):
-            return []  # the index is only a hint: without it the error stands as reported
+            raise (self._not_loaded(error) if isinstance(error, ModelNotFound) else error) from None
 
     def submit_feedback(
         self, prediction_id: str, correct_label: str, *, examiner_id: str | None = None, comment: str | None = None
@@ -414,15 +402,7 @@ class AsyncPatentClassifier(_ClassifierBase):
             return await method(*args, **kwargs)
         except (InferenceServerException, TimeoutError, *self._connection_errors) as exc:
             error = self._typed(exc)
-            if isinstance(error, ModelNotFound):
-                error = self._not_loaded(error, await self._repository_index())
-            raise error from None
-
-    async def _repository_index(self) -> list | dict:
-        try:
-            return await self._client.get_model_repository_index(**self._repository_index_kwargs())
-        except (InferenceServerException, ConnectionError, OSError):
-            return []
+            raise (self._not_loaded(error) if isinstance(error, ModelNotFound) else error) from None
 
     async def submit_feedback(
         self, prediction_id: str, correct_label: str, *, examiner_id: str | None = None, comment: str | None = None

@@ -1,10 +1,12 @@
 """The shared secret that inference requests must carry, read the same way by server and clients.
 
-The token travels as ``authorization: Bearer <token>`` (HTTP header; over gRPC the metadata key is
-``triton-grpc-protocol-authorization``, the name tritonserver looks for); the
-server refuses inference without it (tritonserver's restricted-API options). It is read from a
-file or an environment variable, never from a command-line argument, so it stays out of shell
-history, ``ps`` of the launcher and logs.
+The token travels as ``authorization: Bearer <token>``: an HTTP header, or gRPC metadata named
+``authorization`` or ``triton-grpc-protocol-authorization`` (the name the client library sends).
+tritonserver hands these headers to the served model as request parameters (its header-forward
+patterns, set by the launcher), and the model refuses a request without the token
+(``server.token_check``); Triton itself never sees the token's value, so it is on no command line.
+Server and clients read it from a file or an environment variable, never from an argument, so it
+stays out of shell history, ``ps`` and logs.
 """
 from __future__ import annotations
 
@@ -13,12 +15,17 @@ import re
 from pathlib import Path
 
 HEADER = "authorization"
-# Triton matches restricted gRPC calls on metadata named with this prefix before the key.
+# The gRPC metadata key the client library sends; the server takes plain "authorization" too.
 GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"
+# Header (and gRPC metadata) names the server reads the token from, as one regular expression:
+# tritonserver's --http-header-forward-pattern / --grpc-header-forward-pattern, which match HTTP
+# header names without regard to case.
+FORWARDED_HEADERS = (HEADER, GRPC_HEADER)
+FORWARD_PATTERN = f"^({'|'.join(re.escape(name) for name in FORWARDED_HEADERS)})$"
 TOKEN_ENV = "PATENT_CLASSIFIER_TOKEN"
 MIN_TOKEN_CHARACTERS = 16
-# Triton parses "--http-restricted-api=<apis>:<header>=<value>" by its separators, so the token
-# keeps to characters that cannot be taken for one.
+# RFC 6750's bearer-token characters (without "=" padding): the token travels unchanged as an
+# HTTP header value and as gRPC metadata.
 _TOKEN_CHARACTERS = re.compile(r"[A-Za-z0-9._~+/-]+")
 
 
@@ -54,4 +61,3 @@ def request_headers(token: str | None, protocol: str = "http") -> dict[str, str]
     if not token:
         return None
     return {GRPC_HEADER if protocol == "grpc" else HEADER: header_value(token)}
-

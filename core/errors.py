@@ -121,8 +121,9 @@ class WireCoding:
 # tests/test_error_table.py checks every row against the real server. Triton has no code for
 # "too many requests" or "too late", so overload and deadlines travel as UNAVAILABLE, named; and
 # its HTTP front end answers CANCELLED with 400, as it does INVALID_ARG, so cancellation is named.
-# An access token is checked by tritonserver before a request reaches the model (see
-# triton_refusal below); the row only keeps the table total.
+# The access token is checked by the served model (server/token_check.py), and Triton has no code
+# for "forbidden" either: a request without it is a client's error, INVALID_ARG, named, never
+# UNAVAILABLE (which clients and load balancers take for a server to retry or to eject).
 WIRE: dict[ErrorKind, WireCoding] = {
     ErrorKind.INVALID_INPUT: WireCoding("INVALID_ARG", 400, "INVALID_ARGUMENT", ""),
     ErrorKind.OVERLOADED: WireCoding("UNAVAILABLE", 503, "UNAVAILABLE", "overloaded: "),
@@ -131,20 +132,21 @@ WIRE: dict[ErrorKind, WireCoding] = {
     ErrorKind.MODEL_NOT_FOUND: WireCoding("NOT_FOUND", 404, "NOT_FOUND", ""),
     ErrorKind.ENGINE_FAILURE: WireCoding("INTERNAL", 500, "INTERNAL", ""),
     ErrorKind.UNAVAILABLE: WireCoding("UNAVAILABLE", 503, "UNAVAILABLE", ""),
-    ErrorKind.ACCESS_DENIED: WireCoding("UNAVAILABLE", 503, "UNAVAILABLE", "access_denied: "),
+    ErrorKind.ACCESS_DENIED: WireCoding("INVALID_ARG", 400, "INVALID_ARGUMENT", "access_denied: "),
 }
 
 # Statuses no served model sends that reach clients all the same.
 TRANSPORT_STATUSES: dict[tuple[Protocol, int | str], ErrorKind] = {
     ("grpc", "DEADLINE_EXCEEDED"): ErrorKind.DEADLINE_EXCEEDED,  # the client's own call deadline passed
-    ("http", 403): ErrorKind.ACCESS_DENIED,  # tritonserver's refusal of a request without the token
+    ("http", 403): ErrorKind.ACCESS_DENIED,  # tritonserver's refusal of an administrative API (server/launcher.py)
 }
 
 # How tritonserver words the refusals it makes itself, before a request reaches the model, with
 # codes that do not say what happened: a name it does not serve is INVALID_ARG or NOT_FOUND or
-# UNAVAILABLE (model_repository_manager.cc); a missing token is HTTP 403 but gRPC UNAVAILABLE.
+# UNAVAILABLE (model_repository_manager.cc); a restricted API called without its header is HTTP
+# 403 but gRPC UNAVAILABLE.
 UNKNOWN_MODEL = "Request for unknown model"
-TOKEN_REFUSAL = "is restricted, expecting header"
+RESTRICTED_API_REFUSAL = "is restricted, expecting header"
 
 
 def triton_error(error: ServingError) -> tuple[str, str]:
@@ -157,7 +159,7 @@ def triton_refusal(message: str) -> ServingError | None:
     """The typed error of a refusal tritonserver made itself, or None."""
     if UNKNOWN_MODEL in message:
         return ModelNotFound(message)
-    if TOKEN_REFUSAL in message:
+    if RESTRICTED_API_REFUSAL in message:
         return AccessDenied(message)
     return None
 

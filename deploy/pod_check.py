@@ -37,6 +37,7 @@ process deliver them; then the kubelet's stop: the preStop hook, SIGTERM, and an
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import json
 import os
@@ -180,17 +181,17 @@ def pod_name(deployment: dict) -> str:
 
 @dataclass
 class TestSecrets:
-    """The Secrets the chart's values name, with contents made here: what an operator creates with
-    `kubectl create secret` before installing the chart."""
+    """The Secrets the pod mounts: those the chart renders itself (the access token it generates at
+    install), as rendered; the others, which an operator creates with `kubectl create secret` before
+    the pods can start (docs/kubernetes.md), made here from test values."""
 
-    token: str = field(default_factory=lambda: secret_tokens.token_urlsafe(24))
+    token: str = field(default_factory=lambda: secret_tokens.token_urlsafe(32))
     database_password: str = field(default_factory=lambda: secret_tokens.token_urlsafe(18))
-    tls: dict[str, bytes] = field(default_factory=dict)
     ca: Path | None = None
 
-    def contents(self, values: dict, work: Path) -> dict[str, dict[str, bytes]]:
+    def contents(self, pod: RenderedPod, work: Path) -> dict[str, dict[str, bytes]]:
         made: dict[str, dict[str, bytes]] = {}
-        auth, records, tls = values.get("auth", {}), values.get("records", {}), values.get("tls", {})
+        auth, records, tls = (pod.values.get(key, {}) for key in ("auth", "records", "tls"))
         if auth.get("tokenSecret"):
             made.setdefault(auth["tokenSecret"], {})[auth.get("tokenSecretKey", "token")] = self.token.encode()
         if records.get("passwordSecret"):
@@ -204,7 +205,21 @@ class TestSecrets:
             made.setdefault(tls["secret"], {}).update({
                 "tls.crt": certificates.server_certificate.read_bytes(), "tls.key": certificates.server_key.read_bytes(),
             })
+        for secret in (obj for obj in pod.objects if obj["kind"] == "Secret"):
+            rendered = {key: base64.b64decode(value) for key, value in secret.get("data", {}).items()}
+            rendered.update({key: value.encode() for key, value in secret.get("stringData", {}).items()})
+            made.setdefault(secret["metadata"]["name"], {}).update(rendered)
         return made
+
+
+def token_the_server_reads(pod: RenderedPod, mounts: list["Mount"]) -> str | None:
+    """The access token in the file the server's --token-file names, as the pod sees it: what a client
+    of this pod must send."""
+    [path] = [argument.split("=", 1)[1] for argument in pod.container.get("args", []) if argument.startswith("--token-file=")] or [None]
+    if path is None:
+        return None
+    [mount] = [mount for mount in mounts if Path(path).is_relative_to(mount.target)]
+    return (mount.source / Path(path).relative_to(mount.target)).read_text(encoding="utf-8").strip()
 
 
 # --- the container, under bubblewrap --------------------------------------------------------------
@@ -274,7 +289,7 @@ class PodVolumes:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _mount_point_arguments(targets: list[str]) -> list[str]:
+def _mount_point_arguments(targets: list[str]) -> tuple[list[str], list[str]]:
     """bwrap binds onto existing paths only, and the root is read-only: for a mount path whose folder
     is missing here (e.g. /etc/patent-classifier/token), the nearest existing parent is replaced by a
     tmpfs holding every entry it had (bound back read-only), the missing folders are created in it, and
@@ -759,7 +774,7 @@ def run(args: argparse.Namespace) -> None:
             raise PodCheckFailed(f"{args.values.name}: the chart sets no records database (records.database)")
         repository = args.repository.resolve() if args.repository else export_repository(app, work, args.demo_models)
         say("ok", f"model repository: {repository} (exported from {app / 'models.yaml'} by {app}'s code)")
-        secret_contents = test_secrets.contents(pod.values, work)
+        secret_contents = test_secrets.contents(pod, work)
         claims = {pod.values["modelRepository"]["persistentVolumeClaim"]: repository}
         volumes = PodVolumes(pod, work, secret_contents, claims)
         env, mapping = container_environment(pod, image, secret_contents, name, app)
@@ -781,7 +796,7 @@ def run(args: argparse.Namespace) -> None:
             say("", f"  {mount.target:<45} <- {mount.source} ({'writable' if mount.writable else 'read-only'}; {mount.what})")
         say("", "  everything else: this machine's / read-only; the image's python3 with the project installed is "
                 f"{sys.executable} with {app} on its path (PYTHONPATH and the .pth above)")
-        token = test_secrets.token if pod.values.get("auth", {}).get("tokenSecret") else None
+        token = token_the_server_reads(pod, mounts)
         grpc = f"127.0.0.1:{pod.ports['grpc']}"
         ca = test_secrets.ca
         kubelet = Kubelet(pod, argv, work / "container.log")

@@ -7,6 +7,7 @@
 With --models-file the server loads exactly the models that file lists (each must have been
 exported into the repository); without it, every model folder in the repository.
 The access token comes from --token-file or $PATENT_CLASSIFIER_TOKEN, never from the command line.
+An --address other than loopback needs a token, or --insecure-no-token.
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         "--model-repository", default="model_repository",
         help="the exported repository: a folder, or s3://, gs://, as:// (Triton reads the bucket itself)",
     )
-    parser.add_argument("--address", default="127.0.0.1", help="bind address of all endpoints (0.0.0.0 to serve a network)")
+    parser.add_argument(
+        "--address", default="127.0.0.1",
+        help="bind address of all endpoints (0.0.0.0 to serve a network: then a token, or --insecure-no-token)",
+    )
     parser.add_argument("--http-port", type=int, default=8000, help="KServe v2 over HTTP")
     parser.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 over gRPC")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (nv_inference_*, pc_*)")
@@ -48,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--token-file", type=Path,
         help=f"file holding the access token that inference requires (else ${access_token.TOKEN_ENV}; neither: no token)",
+    )
+    parser.add_argument(
+        "--insecure-no-token", action="store_true",
+        help="serve a network --address with no token: anyone who reaches the ports can classify. Only for a "
+        "network that is private by other means (a service mesh that authorizes callers, say)",
     )
     parser.add_argument(
         "--no-model-reload", dest="reload_dead_models", action="store_false",
@@ -83,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             grpc_port=args.grpc_port, metrics_port=args.metrics_port, tritonserver=args.tritonserver,
             ready_timeout_s=args.ready_timeout, exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose,
             models=models,
-            tls_certificate=args.tls_certificate, tls_key=args.tls_key, token=token, reload_dead_models=args.reload_dead_models,
+            tls_certificate=args.tls_certificate, tls_key=args.tls_key, token=token, insecure_no_token=args.insecure_no_token,
+            reload_dead_models=args.reload_dead_models,
         )
     except ValidationError as exc:
-        parser.error(str(exc))
+        parser.error("\n".join(
+            f"{'.'.join(map(str, error['loc']))}: {error['msg']}" if error["loc"] else error["msg"].removeprefix("Value error, ")
+            for error in exc.errors()
+        ))
 
     stop_requested = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -105,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  HTTP     {scheme}://{server.http_url}   (KServe v2: POST /v2/models/<model>/infer)\n"
         f"  gRPC     {server.grpc_url}{' (TLS)' if config.tls else ''}\n"
         f"  metrics  {server.metrics_url}\n"
-        f"  access   {'inference requires the token (authorization: Bearer ...)' if token else 'open: no token configured'}\n"
+        f"  access   {'inference requires the token (authorization: Bearer ...)' if token else 'no token: inference is open to whoever reaches the ports'}\n"
         "Ctrl-C to stop.",
         flush=True,
     )

@@ -10,16 +10,27 @@ so a copied stub fails to load and the server hangs at "loading" with no port op
 
 Security: with a certificate and key, gRPC speaks TLS (Triton's own ``--grpc-use-ssl``) and
 HTTP becomes HTTPS through ``server.tls_front`` (Triton 2.51's HTTP endpoint has no TLS: it is
-then bound to loopback on a private port behind the front). With an access token, Triton's
-restricted-API options refuse inference, the repository API and the other mutating APIs to
-requests without ``authorization: Bearer <token>``; health and metadata stay open for probes.
-The metrics endpoint stays plain HTTP, for Prometheus on the same host or network.
+then bound to loopback on a private port behind the front). The metrics endpoint stays plain
+HTTP, for Prometheus on the same host or network.
+
+Triton's administrative APIs (the repository API above all: its load request takes a model's
+files, ``model.py`` among them, and runs them) are closed on every launch, token or not, by its
+restricted-API options with a key made for that launch, which only this object and its
+watchdog hold. With an access token, inference needs it: Triton forwards the request's
+``authorization`` header to the model as a request parameter, and the model checks it
+(``server.token_check``). The token reaches tritonserver through its environment, never its
+command line. The launch key is on that command line (Triton takes it nowhere else), where users
+of the same host can read it (docs/operations.md says what that means and what to do). A network
+address (anything but loopback) needs a token, or ``insecure_no_token`` saying the network is
+private by other means.
 """
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -56,7 +67,9 @@ class LaunchConfig(BaseModel):
     model_repository: Path | str = Field(
         description="a folder, or a bucket Triton reads itself: s3://bucket/path, gs://bucket/path, as://account/container/path"
     )
-    address: str = Field("127.0.0.1", description="address the three endpoints bind to; 0.0.0.0 to serve a network")
+    address: str = Field(
+        "127.0.0.1", description="address the three endpoints bind to; 0.0.0.0 to serve a network (then a token, or insecure_no_token)"
+    )
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(8001, ge=1, le=65535)
     metrics_port: int = Field(8002, ge=1, le=65535)
@@ -70,7 +83,10 @@ class LaunchConfig(BaseModel):
     )
     tls_certificate: Path | None = Field(None, description="PEM server certificate (chain): gRPC and HTTP then need TLS")
     tls_key: Path | None = Field(None, description="PEM private key of tls_certificate")
-    token: SecretStr | None = Field(None, description="inference and the mutating APIs require 'authorization: Bearer <token>'")
+    token: SecretStr | None = Field(None, description="inference requires 'authorization: Bearer <token>'")
+    insecure_no_token: bool = Field(
+        False, description="serve a network address without a token: only for a network that is private by other means"
+    )
     reload_dead_models: bool = Field(
         True, description="reload a model whose Python-backend stub died (runs Triton with --model-control-mode=explicit)"
     )
@@ -100,6 +116,16 @@ class LaunchConfig(BaseModel):
             access_token.validate_token(token.get_secret_value(), "token")
         return token
 
+    @model_validator(mode="after")
+    def _a_network_address_needs_a_token(self) -> "LaunchConfig":
+        if self.token is None and not self.insecure_no_token and not is_loopback(self.address):
+            raise ValueError(
+                f"--address {self.address} serves a network, and no access token is set: whoever reaches the ports "
+                f"could use the models. Give a token (--token-file FILE, or ${access_token.TOKEN_ENV}), or, on a network "
+                "that is private by other means, say so with --insecure-no-token"
+            )
+        return self
+
     @property
     def tls(self) -> bool:
         return self.tls_certificate is not None
@@ -116,9 +142,28 @@ class LaunchConfig(BaseModel):
         return max(1, sum(cpu_engines_of(config) for config in configs if config.exists() and config.parent.name != FEEDBACK_MODEL))
 
 
-# Everything a client could use to change or read out the server's state; health, metadata,
-# model-config and statistics stay open (load balancers and dashboards probe them).
-RESTRICTED_APIS = ("inference", "model-repository", "shared-memory", "trace", "logging")
+def is_loopback(address: str) -> bool:
+    """``address`` can be reached from this host only (a host name other than localhost counts as a network)."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+# Triton's API groups (its --http-restricted-api names) that no inference caller needs, closed on
+# every launch with a key made for it (docs/operations.md has the table of every endpoint): the
+# repository API (its load takes a model's files and runs them, its unload stops a served model,
+# its index lists every folder and why it failed to load), shared-memory registration (an inference
+# caller's buffers on this host), and the trace and log settings (they write files and change what
+# is logged). Health, metadata, model-config and statistics stay open: the client library reads a
+# model's configuration and lists the served models from statistics; inference is checked by the
+# models themselves when there is a token.
+ADMINISTRATIVE_APIS = ("model-repository", "shared-memory", "trace", "logging")
+# The header that carries the launch key; over gRPC Triton expects it prefixed (ADMIN_GRPC_HEADER).
+ADMIN_HEADER = "patent-classifier-admin-key"
+ADMIN_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 
 
 def _wheel_tritonserver_root() -> Path:
@@ -151,8 +196,9 @@ def build_python_backend_directory(target: Path) -> Path:
     return target
 
 
-def _command(config: LaunchConfig, triton_http_port: int | None = None) -> list[str]:
-    """The tritonserver command line; ``triton_http_port``: where Triton's plain HTTP listens behind the TLS front."""
+def _command(config: LaunchConfig, admin_key: str, triton_http_port: int | None = None) -> list[str]:
+    """The tritonserver command line; ``admin_key``: what opens the administrative APIs for this launch;
+    ``triton_http_port``: where Triton's plain HTTP listens behind the TLS front."""
     if config.tritonserver == "wheel":
         binary = str(_wheel_tritonserver_root() / "bin" / "tritonserver")
         backend_args = ["--backend-directory", str(build_python_backend_directory(config.backend_directory))]
@@ -174,7 +220,8 @@ def _command(config: LaunchConfig, triton_http_port: int | None = None) -> list[
         *_model_control_args(config),
         *(["--grpc-use-ssl=true", f"--grpc-server-cert={config.tls_certificate.resolve()}",
            f"--grpc-server-key={config.tls_key.resolve()}"] if config.tls else []),
-        *_restricted_api_args(config),
+        *_restricted_api_args(admin_key),
+        *_token_forward_args(config),
     ]
 
 
@@ -186,24 +233,35 @@ def _model_control_args(config: LaunchConfig) -> list[str]:
     return ["--model-control-mode=explicit", "--load-model=*"] if config.reload_dead_models else []
 
 
-def _restricted_api_args(config: LaunchConfig) -> list[str]:
-    if config.token is None:
-        return []
+def _restricted_api_args(admin_key: str) -> list[str]:
     # Triton's help says "<apis>,<key>=<value>"; 2.51 takes "<apis>:<key>=<value>".
-    rule = f"{','.join(RESTRICTED_APIS)}:{access_token.HEADER}={access_token.header_value(config.token.get_secret_value())}"
+    rule = f"{','.join(ADMINISTRATIVE_APIS)}:{ADMIN_HEADER}={admin_key}"
     return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
 
 
+def _token_forward_args(config: LaunchConfig) -> list[str]:
+    # The models check the token (server.token_check): Triton hands them the header that carries it.
+    if config.token is None:
+        return []
+    return [f"--http-header-forward-pattern={access_token.FORWARD_PATTERN}",
+            f"--grpc-header-forward-pattern={access_token.FORWARD_PATTERN}"]
+
+
 def describe_command(command: list[str]) -> str:
-    """The command line as it may be logged: the token's value left out."""
+    """The command line as it may be logged: the launch key left out."""
     return " ".join(
-        argument.split("=", 1)[0] + "=<apis>:authorization=Bearer ***" if "restricted" in argument else argument
+        argument.rsplit("=", 1)[0] + "=***" if argument.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))
+        else argument
         for argument in command
     )
 
 
 def _environment(config: LaunchConfig) -> dict[str, str]:
     env = dict(os.environ)
+    # The models read the token from here (server.token_check), whichever way the launcher got it.
+    env.pop(access_token.TOKEN_ENV, None)
+    if config.token is not None:
+        env[access_token.TOKEN_ENV] = config.token.get_secret_value()
     # For the PyTorch engines' cpu_threads "auto": the stubs share the cores (server.cpu_share).
     env[CPU_ENGINES_ENV] = str(config.cpu_engines)
     # The Python backend's stub takes sys.path from the `python` found first on PATH: put this
@@ -247,6 +305,7 @@ class TritonServer:
     watchdog: DeadStubWatchdog | None = None
     _front: TlsFront | None = None
     _triton_http_port: int | None = None  # Triton's own HTTP port: the public one, or the loopback one behind the front
+    _admin_key: str | None = None  # opens the administrative APIs of the running launch; made anew by each start()
 
     @property
     def http_url(self) -> str:
@@ -268,10 +327,18 @@ class TritonServer:
     def _host(self) -> str:
         return "127.0.0.1" if self.config.address in ("0.0.0.0", "::") else self.config.address
 
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """What opens Triton's administrative APIs (ADMINISTRATIVE_APIS) of this launch, for its
+        watchdog and for tests; nothing outside this process has it."""
+        if self._admin_key is None:
+            raise ServerNotReady("the server has not been started")
+        return {ADMIN_GRPC_HEADER if protocol == "grpc" else ADMIN_HEADER: self._admin_key}
+
     def start(self) -> "TritonServer":
         started = time.monotonic()
         self._triton_http_port = free_loopback_ports(1)[0] if self.config.tls else self.config.http_port
-        command = _command(self.config, self._triton_http_port)
+        self._admin_key = secrets.token_urlsafe(32)
+        command = _command(self.config, self._admin_key, self._triton_http_port)
         log.info("starting %s", describe_command(command))
         # The child writes to its own copy of the log's descriptor; ours closes once it has started.
         with open(self.log_path, "wb") if self.log_path else contextlib.nullcontext() as output:
@@ -285,8 +352,7 @@ class TritonServer:
                 context = server_tls_context(self.config.tls_certificate, self.config.tls_key)
                 self._front = TlsFront(self.config.address, self.config.http_port, self._triton_http_port, context).start()
             if self.config.reload_dead_models:
-                token = self.config.token.get_secret_value() if self.config.token else None
-                self.watchdog = DeadStubWatchdog(self.process.pid, self.triton_http_url, access_token.request_headers(token)).start()
+                self.watchdog = DeadStubWatchdog(self.process.pid, self.triton_http_url, self.admin_headers()).start()
         except BaseException:
             self.stop()
             raise

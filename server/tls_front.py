@@ -2,8 +2,9 @@
 
 tritonserver 2.51 speaks TLS on gRPC (``--grpc-use-ssl``) but its HTTP endpoint has no TLS
 option, so HTTPS is terminated here: a TLS listener on the public port that relays each
-connection's bytes, unchanged, to Triton's HTTP endpoint bound to loopback only. Headers (the
-access token among them) pass through untouched, so Triton still enforces its restricted APIs.
+connection's bytes, unchanged, to Triton's HTTP endpoint bound to loopback only. Headers pass
+through untouched: Triton checks the launch key of its administrative APIs, and hands the access
+token to the models, as they were sent.
 """
 from __future__ import annotations
 

@@ -4,7 +4,10 @@ the chart's rules); the chart's command line, probes and autoscaling metric work
 server; and `make pod-check` runs the chart's pod here under its own constraints and passes."""
 from __future__ import annotations
 
+import base64
 import json
+import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -15,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.access_token import TOKEN_ENV, validate_token
 from core.serving_config import ServingConfig
 from deploy import manifest_check
 from export.triton_package import write_triton_model
@@ -32,6 +36,8 @@ def test_deploy_check_passes_on_the_project_files(capsys):
     output = capsys.readouterr().out
     for values_file in ("values-cpu-demo.yaml", "values-gpu.yaml", "values-gpu-node-8.yaml"):
         assert f"ok    {values_file}: helm lint --strict clean on Kubernetes 1.25.0 and 1.37.0" in output
+        [rendered] = [line for line in output.splitlines() if line.startswith(f"ok    {values_file}: helm lint")]
+        assert "NetworkPolicy" in rendered  # on by default, so validated on both versions with the rest
     assert "every object validated against Kubernetes 1.25 and 1.37" in output
     assert "ok    image dependency set (requirements.txt) resolves for Python 3.12" in output
     assert "KServe admission rules hold for inferenceservice.yaml, servingruntime.yaml" in output
@@ -83,8 +89,10 @@ def test_values_that_break_the_schema_fail_the_check(chart_copy, old, new, expec
         # Custom resources: against their CRD subsets.
         ("servicemonitor.yaml", "jobLabel:", "jobLabels:", "'jobLabels' was unexpected", ("1.25", "1.37")),
         ("prometheusrule.yaml", "  groups:", "  group:", "'group' was unexpected", ("1.25", "1.37")),
+        ("networkpolicy.yaml", "  policyTypes:", "  policyType:", "'policyType' was unexpected", ("1.25", "1.37")),
     ],
-    ids=["misspelled-field", "wrong-type", "autoscaling-v2beta2", "crd-misspelled-field", "crd-rule-groups"],
+    ids=["misspelled-field", "wrong-type", "autoscaling-v2beta2", "crd-misspelled-field", "crd-rule-groups",
+         "network-policy-misspelled-field"],
 )
 def test_rendered_objects_that_kubernetes_would_refuse_fail_the_check(chart_copy, template, old, new, expected, versions):
     _replace(chart_copy / "templates" / template, old, new)
@@ -201,6 +209,15 @@ def test_the_installed_tritonserver_is_the_version_the_base_image_table_names(tm
 
 def _rendered(values_file: str) -> list[dict]:
     values = yaml.safe_load((CHART / values_file).read_text(encoding="utf-8"))
+    with manifest_check._quiet_symlink_notes():
+        return [document for _, document in manifest_check.rendered_objects(CHART, values)]
+
+
+def _rendered_with(values_file: str, **changes: dict) -> list[dict]:
+    """The chart rendered with ``values_file`` and each top-level block of ``changes`` merged into its own."""
+    values = yaml.safe_load((CHART / values_file).read_text(encoding="utf-8"))
+    for block, change in changes.items():
+        values[block] = {**values.get(block, {}), **change}
     with manifest_check._quiet_symlink_notes():
         return [document for _, document in manifest_check.rendered_objects(CHART, values)]
 
@@ -334,7 +351,7 @@ def test_a_bucket_repository_reaches_tritonserver_as_written(tmp_path):
 
     for uri in ("s3://patents/model_repository", "s3://127.0.0.1:9000/patents/repo", "gs://patents/repo", "as://account/container/repo"):
         config = LaunchConfig(model_repository=uri, tritonserver=sys.executable)
-        command = _command(config)
+        command = _command(config, admin_key="a-launch-key")
         assert command[command.index("--model-repository") + 1] == uri
         assert config.cpu_engines == 1
     assert LaunchConfig(model_repository=str(tmp_path), tritonserver=sys.executable).model_repository == tmp_path
@@ -518,3 +535,88 @@ def test_the_five_commands_from_a_gpu_cluster_to_a_served_model_are_what_the_che
     assert rollout[:4] == ["kubectl", "-n", manifest_check.NAMESPACE, "rollout"]
     assert rollout[4:6] == ["status", f"deployment/{deployment['metadata']['name']}"]
     assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(pod["containers"][0])
+
+
+@pytest.mark.tools
+def test_the_network_policy_opens_inference_to_the_named_peers_and_metrics_to_monitoring():
+    objects = _rendered("values-gpu.yaml")
+    policy = _one(objects, "NetworkPolicy")["spec"]
+    pod_labels = _one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items() and policy["policyTypes"] == ["Ingress"]
+    container = _one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    named_ports = {port["name"] for port in container["ports"]}
+    inference, metrics = policy["ingress"]
+    assert inference == {"from": [{"podSelector": {}}], "ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}]}
+    assert metrics == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                       "ports": [{"port": "metrics", "protocol": "TCP"}]}
+    assert {port["port"] for rule in policy["ingress"] for port in rule["ports"]} == named_ports  # every port, by its name
+
+    clients = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "examination"}}}]
+    named = _one(_rendered_with("values-gpu.yaml", networkPolicy={"inferenceFrom": clients, "monitoringNamespace": "observability"}),
+                 "NetworkPolicy")["spec"]["ingress"]
+    assert named[0]["from"] == clients
+    assert named[1]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "observability"}
+    # No peers: no rule for the inference ports, so nobody reaches them (an empty "from" would let everyone in).
+    [only_metrics] = _one(_rendered_with("values-gpu.yaml", networkPolicy={"inferenceFrom": []}), "NetworkPolicy")["spec"]["ingress"]
+    assert only_metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert not [obj for obj in _rendered_with("values-gpu.yaml", networkPolicy={"enabled": False}) if obj["kind"] == "NetworkPolicy"]
+
+
+def _token_of(objects: list[dict]) -> tuple[list[str], str | None]:
+    """The server's arguments, and the Secret its --token-file is mounted from (None: no token volume)."""
+    pod = _one(objects, "Deployment")["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    [token_file] = [argument.split("=", 1)[1] for argument in container["args"] if argument.startswith("--token-file=")] or [None]
+    if token_file is None:
+        return container["args"], None
+    volume = volumes[mounts[str(Path(token_file).parent)]]
+    assert Path(token_file).name == "token"  # auth.tokenSecretKey's default
+    return container["args"], volume["secret"]["secretName"]
+
+
+@pytest.mark.tools
+def test_every_pod_that_serves_the_network_has_a_token_or_says_explicitly_it_has_none():
+    """Every values file binds 0.0.0.0 with a token from a Secret: the chart's own (generated at
+    install) or one the values name; the opt-out renders --insecure-no-token and no token at all."""
+    for values_file in ("values-cpu-demo.yaml", "values-gpu.yaml", "values-gpu-node-8.yaml"):
+        objects = _rendered(values_file)
+        arguments, secret = _token_of(objects)
+        assert "--address=0.0.0.0" in arguments and "--insecure-no-token" not in arguments, values_file
+        generated = [obj for obj in objects if obj["kind"] == "Secret"]
+        values = yaml.safe_load((CHART / values_file).read_text(encoding="utf-8"))
+        if values.get("auth", {}).get("tokenSecret"):
+            assert secret == values["auth"]["tokenSecret"] and not generated, values_file
+        else:
+            [own] = generated
+            assert secret == own["metadata"]["name"] == f"{manifest_check.RELEASE}-token", values_file
+            validate_token(base64.b64decode(own["data"]["token"]).decode(), values_file)  # a token the server takes
+
+    opted_out = _rendered_with("values-cpu-demo.yaml", auth={"insecureNoToken": True})
+    arguments, secret = _token_of(opted_out)
+    assert "--insecure-no-token" in arguments and secret is None
+    assert not [obj for obj in opted_out if obj["kind"] == "Secret"]
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmError, match="tokenSecret names a token and insecureNoToken says there is none"):
+        _rendered_with("values-gpu.yaml", auth={"insecureNoToken": True})
+
+
+def test_the_kserve_runtime_reads_the_token_from_a_secret_and_the_images_command_refuses_to_serve_without_one(tmp_path):
+    runtime = yaml.safe_load((manifest_check.KSERVE / "servingruntime.yaml").read_text(encoding="utf-8"))
+    [container] = runtime["spec"]["containers"]
+    assert "--address=0.0.0.0" in container["args"] and "--token-file=/etc/patent-classifier/token/token" in container["args"]
+    [mount] = [mount for mount in container["volumeMounts"] if mount["mountPath"] == "/etc/patent-classifier/token"]
+    [volume] = [volume for volume in runtime["spec"]["volumes"] if volume["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "patent-classifier-token"
+
+    # The image's CMD binds 0.0.0.0 and names no token: without $PATENT_CLASSIFIER_TOKEN it must not serve.
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", manifest_check.DOCKERFILE.read_text(encoding="utf-8"), re.MULTILINE).group(1))
+    assert "0.0.0.0" in cmd and not [argument for argument in cmd if "token" in argument]
+    (tmp_path / "a-model").mkdir()
+    (tmp_path / "a-model" / "config.pbtxt").write_text('name: "a-model"\n', encoding="utf-8")
+    arguments = [str(tmp_path) if argument == "/mnt/models" else argument for argument in cmd]
+    result = subprocess.run([sys.executable, "-m", "server", *arguments], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={key: value for key, value in os.environ.items() if key != TOKEN_ENV})
+    assert result.returncode == 2 and "--address 0.0.0.0 serves a network, and no access token is set" in result.stderr

@@ -83,12 +83,16 @@ def test_tritonservers_unknown_model_is_model_not_found_whatever_its_status(prot
     assert isinstance(decoded, ModelNotFound) and "'nosuch'" in decoded.message
 
 
-def test_tritonservers_token_refusal_is_access_denied_over_both_protocols():
-    assert isinstance(error_from_status("http", 403, "This API is restricted, expecting header 'authorization'"), AccessDenied)
-    refused = error_from_status("grpc", "UNAVAILABLE", "This protocol is restricted, expecting header 'triton-grpc-protocol-authorization'")
+def test_tritonservers_refusal_of_an_administrative_api_is_access_denied_over_both_protocols():
+    http_refusal = "This API is restricted, expecting header 'patent-classifier-admin-key'"
+    assert isinstance(error_from_status("http", 403, http_refusal), AccessDenied)
+    refused = error_from_status("grpc", "UNAVAILABLE", "This protocol is restricted, expecting header 'triton-grpc-protocol-patent-classifier-admin-key'")
     assert isinstance(refused, AccessDenied)
-    hinted = typed_error(InferenceServerException("This API is restricted, expecting header 'authorization'", "403"))
-    assert isinstance(hinted, AccessDenied) and "--token-file" in hinted.message
+    # No token opens it: the client says so, rather than asking for one.
+    hinted = typed_error(InferenceServerException(http_refusal, "403"))
+    assert isinstance(hinted, AccessDenied) and "administrative API" in hinted.message and "--token-file" not in hinted.message
+    token_hint = typed_error(InferenceServerException(triton_error(AccessDenied("no token"))[1], "400"), protocol_name="http")
+    assert isinstance(token_hint, AccessDenied) and "--token-file" in token_hint.message
 
 
 def test_the_transports_own_statuses():

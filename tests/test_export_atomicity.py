@@ -58,9 +58,10 @@ class ServedExport:
             return np.stack([served_probabilities(client.classify(text, top_k=len(labels)), labels) for text in PROBES])
 
     def reload(self) -> None:
-        """Make Triton read the model folder again, as its dead-stub watchdog or an operator would."""
+        """Make Triton read the model folder again, as its dead-stub watchdog would (with the launch's key)."""
         request = urllib.request.Request(
-            f"http://{self.server.http_url}/v2/repository/models/{MODEL_NAME}/load", data=b"{}", method="POST"
+            f"http://{self.server.http_url}/v2/repository/models/{MODEL_NAME}/load", data=b"{}", method="POST",
+            headers=self.server.admin_headers(),
         )
         with urllib.request.urlopen(request, timeout=180) as response:
             assert response.status == 200

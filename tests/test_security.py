@@ -8,16 +8,15 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import SecretStr
 
 from clients import PatentClassifier
 from core.access_token import TOKEN_ENV
 from core.errors import AccessDenied, ServerUnavailable
 from core.synthetic_patents import synthetic_patents
-from server.launcher import LaunchConfig, _command, describe_command
 from tests.conftest import EXAMPLE_PATENTS, MODEL_NAME, PROJECT_ROOT, example_records
 
 pytestmark = pytest.mark.server  # a tritonserver behind TLS and the token
@@ -52,16 +51,22 @@ def test_inference_without_the_token_is_refused(secure_server, protocol, token):
             client.classify(DOCUMENT)
 
 
-def test_https_without_the_token_is_403_and_the_repository_api_is_closed_too(secure_server):
+def test_https_without_the_token_is_refused_and_the_repository_api_is_closed_even_with_it(secure_server):
     import ssl
 
     context = ssl.create_default_context(cafile=str(secure_server.certificates.ca))
     body = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["특허"]}]}).encode()
     base = f"https://{secure_server.server.http_url}"
-    for path, data in ((f"/v2/models/{MODEL_NAME}/infer", body), (f"/v2/repository/models/{MODEL_NAME}/unload", b"{}")):
+    token = {"authorization": f"Bearer {secure_server.token}"}
+    for path, data, headers, status, says in (
+        (f"/v2/models/{MODEL_NAME}/infer", body, {}, 400, "access_denied: the request carries no access token"),
+        (f"/v2/repository/models/{MODEL_NAME}/unload", b"{}", {}, 403, "This API is restricted"),
+        (f"/v2/repository/models/{MODEL_NAME}/unload", b"{}", token, 403, "This API is restricted"),
+    ):
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(base + path, data=data, method="POST"), timeout=30, context=context)
-        assert refused.value.code == 403
+            urllib.request.urlopen(urllib.request.Request(base + path, data=data, method="POST", headers=headers),
+                                   timeout=30, context=context)
+        assert refused.value.code == status and says in refused.value.read().decode()
     with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=30, context=context) as answer:
         assert answer.status == 200
     request = urllib.request.Request(base + f"/v2/models/{MODEL_NAME}/infer", data=body, method="POST",
@@ -111,14 +116,6 @@ def test_cli_takes_the_ca_and_the_token_file(secure_server, protocol):
     without = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, env=environment)
     assert without.returncode == 3 and without.stdout == ""
     assert "the server requires an access token (--token-file or $PATENT_CLASSIFIER_TOKEN)" in without.stderr
-
-
-def test_the_token_never_appears_in_the_logged_command(secure_server, tmp_path):
-    config = LaunchConfig(model_repository=tmp_path, token=SecretStr(secure_server.token))
-    command = _command(config)
-    assert any(secure_server.token in argument for argument in command)  # Triton needs it ...
-    assert secure_server.token not in describe_command(command)  # ... the log does not
-    assert secure_server.token not in repr(config)
 
 
 def test_serve_refuses_a_short_token(exported):
@@ -172,3 +169,116 @@ def test_a_client_that_leaves_before_the_answer_closes_the_relays_connection_to_
     finally:
         front.stop()
         silent_triton.close()
+
+
+# The interface of the records settings at serve time (docs/feedback.md): the database's URL holds
+# no password; the password comes from a file, as a mounted Kubernetes Secret gives it.
+RECORDS_DATABASE_ENV = "PATENT_CLASSIFIER_RECORDS_DATABASE"
+RECORDS_PASSWORD_FILE_ENV = "PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE"
+
+
+def _password_role(postgres, role: str, password: str, database: str) -> str:
+    """A role of the test PostgreSQL that signs in with its password (SCRAM; the others are trusted),
+    owning ``database``; the URL of that database, without the password."""
+    import psycopg
+
+    with psycopg.connect(postgres.url("postgres"), autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        connection.execute(f'CREATE DATABASE "{database}" OWNER {role}')
+        hba = postgres.data / "pg_hba.conf"
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text(encoding="utf-8"), encoding="utf-8")
+        connection.execute("SELECT pg_reload_conf()")
+    url = f"postgresql://{role}@127.0.0.1:{postgres.port}/{database}"
+    with pytest.raises(psycopg.OperationalError, match="password"):  # the password is needed: no trust for this role
+        psycopg.connect(url, password="not-the-password", connect_timeout=10).close()
+    psycopg.connect(url, password=password, connect_timeout=10).close()
+    return url
+
+
+def _command_lines() -> dict[int, bytes]:
+    lines = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines[int(entry.name)] = (entry / "cmdline").read_bytes()
+            except OSError:  # exited while we looked
+                pass
+    return lines
+
+
+@pytest.mark.tools  # a real PostgreSQL
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "WAITS FOR branch faults-records: the records models read the password from $PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE "
+    "(the interface of notes/OWNERS.md); until it is merged they cannot sign in and the server does not start. "
+    "Remove this marker with that merge."
+))
+def test_no_process_argv_and_no_served_config_holds_a_secret(exported, postgres, tmp_path):
+    """`python -m server` with the access token from a file and a records database whose password
+    comes from a file: neither secret is in any process's command line (the launcher's, tritonserver's,
+    the stubs') nor in any model configuration Triton serves, over HTTP or gRPC. Both reached the
+    models: inference needs the token, and predictions and a correction went into the database that
+    takes only that password."""
+    import secrets
+
+    import tritonclient.grpc as grpcclient
+
+    from core.serving_config import FeedbackConfig, ServingConfig
+    from export.triton_package import write_feedback_model, write_triton_model
+    from server.launcher import free_loopback_ports
+    from tests.conftest import MAX_LENGTH
+    from tests.waiting import wait_until
+
+    token, password = f"token-{secrets.token_hex(12)}", f"password-{secrets.token_hex(12)}"
+    url = _password_role(postgres, "classifier_records", password, "secret_records")
+    repository = tmp_path / "model_repository"
+    write_triton_model(repository, MODEL_NAME, ServingConfig(
+        model_dir=exported.merged_dir.resolve(), max_length=MAX_LENGTH, max_batch_tokens=4096, device="cpu",
+        prediction_records="hash", records_database=url,
+    ))
+    write_feedback_model(repository, FeedbackConfig(records_database=url))
+    (tmp_path / "token").write_text(token, encoding="utf-8")
+    (tmp_path / "records-password").write_text(password, encoding="utf-8")
+    environment = {key: value for key, value in os.environ.items() if key not in (TOKEN_ENV, "PGPASSWORD")}
+    environment.update({RECORDS_DATABASE_ENV: url, RECORDS_PASSWORD_FILE_ENV: str(tmp_path / "records-password")})
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model-repository", str(repository), "--token-file", str(tmp_path / "token"),
+             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+             "--exit-timeout", "5"],
+            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment,
+        )
+    try:
+        wait_until(lambda: launcher.poll() is not None or "ready in " in log_path.read_text(errors="replace"),
+                   "the server ready", timeout_s=300, interval_s=0.5)
+        assert launcher.poll() is None, log_path.read_text(errors="replace")[-3000:]
+
+        with PatentClassifier(f"127.0.0.1:{grpc_port}", "grpc", MODEL_NAME, token=token) as client:
+            answer = client.classify(DOCUMENT)
+            assert client.submit_feedback(answer.prediction_id, answer.labels[0].code) == "correct"
+        with PatentClassifier(f"127.0.0.1:{http_port}", "http", MODEL_NAME) as anonymous:
+            with pytest.raises(AccessDenied):
+                anonymous.classify(DOCUMENT)
+
+        command_lines = _command_lines()
+        ours = [line for line in command_lines.values() if str(repository).encode() in line]
+        assert len(ours) >= 3, "the launcher, tritonserver and the stubs, all looked at"
+        for pid, line in command_lines.items():
+            assert token.encode() not in line and password.encode() not in line, (pid, line.replace(b"\0", b" ")[:300])
+
+        served = {}
+        grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        for model in (MODEL_NAME, "feedback"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{model}/config", timeout=30) as answer:
+                served[f"HTTP {model}"] = answer.read().decode()
+            served[f"gRPC {model}"] = json.dumps(grpc_client.get_model_config(model, as_json=True))
+        grpc_client.close()
+        assert "secret_records" in served["HTTP feedback"]  # the configuration names the database ...
+        for where, text in served.items():
+            assert token not in text and password not in text, where  # ... and holds neither secret
+        assert token not in log_path.read_text(errors="replace") and password not in log_path.read_text(errors="replace")
+    finally:
+        launcher.terminate()
+        code = launcher.wait(timeout=60)
+    assert code == 0, log_path.read_text(errors="replace")[-3000:]

@@ -13,6 +13,7 @@ from core import feedback_protocol
 from core.errors import EngineFailure, ServingError
 from core.serving_config import FeedbackConfig
 from server.feedback_service import FeedbackService
+from server.token_check import TokenCheck
 from server.triton_errors import error_response
 from server.triton_metrics import TritonFeedbackMetrics
 
@@ -21,6 +22,7 @@ log = logging.getLogger("patent_classifier.feedback")
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.token_check = TokenCheck.from_environment()
         config = FeedbackConfig.from_triton_parameters(json.loads(args["model_config"]).get("parameters", {}))
         self.service = FeedbackService(config, TritonFeedbackMetrics(pb_utils))
 
@@ -28,8 +30,9 @@ class TritonPythonModel:
         return [self._answer(request) for request in requests]
 
     def _answer(self, request):
-        inputs = {name: _input(request, name) for name, _, _ in feedback_protocol.INPUT_TENSORS}
         try:
+            self.token_check.check(request.parameters())
+            inputs = {name: _input(request, name) for name, _, _ in feedback_protocol.INPUT_TENSORS}
             outputs = self.service.submit(inputs)
         except ServingError as error:
             return error_response(pb_utils, error)

@@ -27,6 +27,7 @@ from server.engines import build_engine
 from server.model_instance import ModelInstance
 from server.prediction_records import prediction_recorder
 from server.request_dispatch import RequestDispatch
+from server.token_check import TokenCheck
 from server.triton_errors import error_response
 from server.triton_metrics import TritonModelMetrics
 
@@ -35,6 +36,7 @@ log = logging.getLogger("patent_classifier.triton")
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.token_check = TokenCheck.from_environment()
         model_config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         instance = ModelInstance.from_triton_args(args)
@@ -52,8 +54,12 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            self.dispatch.accept(request.get_response_sender(), lambda r=request: (self._decode(r), self._deadline(r)))
+            self.dispatch.accept(request.get_response_sender(), lambda r=request: self._read(r))
         return None
+
+    def _read(self, request):
+        self.token_check.check(request.parameters())  # before anything of the request is decoded
+        return self._decode(request), self._deadline(request)
 
     def _decode(self, request):
         return protocol.decode_request(

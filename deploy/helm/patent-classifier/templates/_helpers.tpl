@@ -40,3 +40,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 release: {{ . | quote }}
 {{- end }}
 {{- end -}}
+
+{{/* The Secret holding the access token: the one auth.tokenSecret names, or the chart's own. */}}
+{{- define "patent-classifier.tokenSecretName" -}}
+{{- .Values.auth.tokenSecret | default (printf "%s-token" (include "patent-classifier.fullname" .)) -}}
+{{- end -}}
