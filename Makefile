@@ -49,7 +49,7 @@ gnu-time:
 
 # Debian's PostgreSQL, for the tests of the records database against a real PostgreSQL: they run
 # its initdb and postgres binaries (/usr/lib/postgresql/<version>/bin) on a free loopback port with
-# a data folder of their own (tests/postgres_server.py); never the system service.
+# a data folder of their own (benchmarks/postgres_server.py); never the system service.
 postgresql:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \

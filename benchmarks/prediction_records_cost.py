@@ -60,14 +60,13 @@ def measure(keep_text: bool, answers: int, batch: int) -> dict:
         for index in range(answers):
             patent, scored = patents[index % len(patents)], scores[index % len(scores)]
             offline.record([patent.render()], [patent], [scored], top_k=5)
-        cpu, wall, offset = time.thread_time(), time.perf_counter(), 0
+        cpu, wall = time.thread_time(), time.perf_counter()
         while offline.journal.pending:  # what the writer does, each chunk read once, in transactions of `batch` records
-            chunk, _ = offline.journal.read(offset)
-            lines = chunk.splitlines()
+            lines = offline.journal.read().splitlines()
             for first in range(0, len(lines), batch):
                 transaction = lines[first : first + batch]
                 store.insert_predictions([PredictionRecord.from_json(json.loads(line)) for line in transaction])
-                offset = offline.journal.committed(offset + sum(len(line) + 1 for line in transaction), len(transaction))
+                offline.journal.committed(sum(len(line) + 1 for line in transaction), len(transaction))
         cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
         store.close()
     return {

@@ -13,6 +13,7 @@ A request is recorded whole or not at all: any bad element fails it, naming the 
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,9 @@ OUTPUT_TENSORS = ((VERDICT, "TYPE_STRING", (-1,)),)
 
 MAX_CORRECTIONS_PER_REQUEST = 256
 MAX_CHARACTERS = {CORRECT_LABEL: 128, EXAMINER_ID: 128, COMMENT: 4000}
+# Control characters a field may hold: a comment its line breaks and tabs; nothing else may hold
+# any (PostgreSQL's text refuses NUL outright, and the others are no part of a code or a name).
+ALLOWED_CONTROL_CHARACTERS = {CORRECT_LABEL: "", EXAMINER_ID: "", COMMENT: "\t\n\r"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,10 @@ def decode_corrections(inputs: dict[str, np.ndarray | None]) -> list[Correction]
         for index, value in enumerate(values or ()):
             if len(value) > MAX_CHARACTERS[name]:
                 raise InvalidInput(f"{name}[{index}]", f"is {len(value)} characters; the limit is {MAX_CHARACTERS[name]}")
+            control = next((c for c in value if unicodedata.category(c) == "Cc" and c not in ALLOWED_CONTROL_CHARACTERS[name]), None)
+            if control is not None:
+                raise InvalidInput(f"{name}[{index}]", f"holds the control character U+{ord(control):04X} at position "
+                                   f"{value.index(control)}; send plain text")
     for index, label in enumerate(columns[CORRECT_LABEL]):
         if not label.strip():
             raise InvalidInput(f"{CORRECT_LABEL}[{index}]", "is empty; send the class code that is right for the document")

@@ -201,8 +201,9 @@ def _resolve_paths(model: ServedModel, base_dir: Path) -> ServedModel:
     serving = model.serving
     if serving.records_database is not None:  # a relative SQLite file is relative to the models file, as paths are
         serving = serving.model_copy(update={"records_database": resolve_sqlite_path(serving.records_database, base_dir)})
-    if serving.records_journal is not None:
-        serving = serving.model_copy(update={"records_journal": resolved(serving.records_journal)})
+    for field in ("records_journal", "records_password_file"):  # absolute here; the export writes them relative to the repository's folder
+        if getattr(serving, field) is not None:
+            serving = serving.model_copy(update={field: resolved(getattr(serving, field)).resolve()})
     return model.model_copy(update={
         "base": resolved(model.base), "adapter": resolved(model.adapter), "labels": resolved(model.labels),
         "labelled_file": resolved(model.labelled_file), "serving": serving,

@@ -2,15 +2,19 @@
 
 One schema for SQLite (a file: the default, nothing to start) and PostgreSQL (by URL, for
 production), created and upgraded by the Alembic migrations in ``core/prediction_migrations``:
-``PredictionStore.upgrade_schema`` runs them, and every model that records predictions calls it
-when it loads, under a lock (a file lock for SQLite, an advisory lock for PostgreSQL), so the
-several Triton stubs that start at once upgrade it exactly once.
+``PredictionStore.upgrade_schema`` runs them, and every records writer and the feedback model
+call it once they reach the database (never on a model's load: a database away then must not
+fail it), under a lock (a file lock for SQLite, an advisory lock for PostgreSQL), so the several
+Triton stubs that reach it at once upgrade it exactly once.
 
     served_models  (model, version) → its classes, so a correction can be checked against them
     predictions    one row per classified document: id, model, version, time, SHA-256 of the
                    rendered text, the text and structured document only when configured, top-k
     feedback       at most one correction per prediction: the class the examiner says is right,
                    verdict (correct: it is the predicted top-1; wrong), examiner id, comment, time
+    record_writers one row per records writer (a model instance's journal): every record it minted
+                   before written_through_ms is in predictions; heartbeat_ms, its last contact. The
+                   feedback model reads them to tell a record still on its way from one that never was
 
 Times are UTC, stored without a zone (SQLite has none).
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,13 +31,13 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from sqlalchemy import (
-    JSON, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text, create_engine,
+    JSON, BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text, create_engine,
     event, func, select, text,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
-from core.errors import InvalidInput
+from core.errors import InvalidInput, ServerUnavailable
 from core.feedback_protocol import CORRECT_LABEL, PREDICTION_ID, Correction
 from core.labels import LabelSet
 from core.serving_config import normalized_database_url
@@ -42,6 +48,11 @@ MIGRATIONS = Path(__file__).resolve().parent / "prediction_migrations"
 # Any fixed 64-bit number: the advisory lock that serialises schema upgrades on PostgreSQL.
 _PG_MIGRATION_LOCK = 0x7063_7265_636F_7264  # "pcrecord"
 SQLITE_BUSY_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10
+# A records writer whose heartbeat is this much older than the newest writer's has stopped (its
+# replica is gone): records it minted after its watermark are no longer expected. Relative to the
+# newest heartbeat, so a database outage, which stops every writer's heartbeat alike, stops none.
+WRITER_GONE_AFTER_S = 600.0
 
 METADATA = MetaData()
 
@@ -80,6 +91,15 @@ feedback = Table(
     Column("comment", Text),
     Column("created_at", DateTime, nullable=False),
     Index("ix_feedback_model_created_at", "model", "created_at"),
+)
+
+record_writers = Table(
+    "record_writers", METADATA,
+    Column("writer", String(512), primary_key=True),  # the writer's journal: <model>@<replica>@<instance>[~n]
+    Column("model", String(128), nullable=False),
+    Column("replica", String(253), nullable=False),
+    Column("written_through_ms", BigInteger, nullable=False),  # every record minted before it (Unix ms) is stored
+    Column("heartbeat_ms", BigInteger, nullable=False),  # the writer's clock at its last contact
 )
 
 
@@ -131,11 +151,49 @@ class LiveAccuracy:
         return self.correct / self.corrections
 
 
+@dataclass(frozen=True)
+class WriterMark:
+    writer: str
+    model: str
+    replica: str
+    written_through_ms: int
+    heartbeat_ms: int
+
+
+def refused_by_database(error: BaseException) -> bool:
+    """The database refused these rows for what they hold (a value it cannot store, a constraint),
+    so sending them again can never succeed; everything else (a connection refused or lost, a
+    timeout, a lock, a schema not upgraded yet) may pass on a retry."""
+    if isinstance(error, (DataError, IntegrityError, ValueError, TypeError)):
+        return True  # the last two: a value the driver cannot even send (NaN for strict JSON), raised as it is
+    return isinstance(error, StatementError) and not isinstance(error, DBAPIError)  # ... or wrapped
+
+
+_MAX_ERROR_CHARACTERS = 500
+
+
+def describe_error(error: BaseException) -> str:
+    """An error as a log line or a quarantine entry may carry it: the driver's own message, without
+    SQLAlchemy's statement and parameters (a record's text is confidential); never a password, which
+    no URL, statement or driver message here holds."""
+    cause = getattr(error, "orig", None) or error
+    first_line = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first_line}"[:_MAX_ERROR_CHARACTERS]
+
+
+# Strict JSON on both databases: PostgreSQL's json refuses NaN and Infinity, SQLite would keep them
+# and hand the export files no JSON reader takes.
+_strict_json = functools.partial(json.dumps, allow_nan=False)
+
+
 @dataclass
 class PredictionStore:
-    """A connection pool to one database. Thread-safe; one per process."""
+    """A connection pool to one database. Thread-safe; one per process. Creating it connects to
+    nothing: the first statement does. ``password_file``: read at each new connection, so a rotated
+    Secret is picked up, and never part of the URL, a log line or an error."""
 
     url: str
+    password_file: Path | None = None
     engine: Engine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -143,12 +201,20 @@ class PredictionStore:
         parsed = make_url(self.url)
         if parsed.get_backend_name() == "sqlite":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+            self.engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, json_serializer=_strict_json)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             # pre-ping: a connection the database dropped while idle is replaced, not handed out.
-            self.engine = create_engine(parsed, pool_size=2, max_overflow=2, pool_pre_ping=True,
-                                        connect_args={"connect_timeout": 10})
+            self.engine = create_engine(parsed, pool_size=2, max_overflow=2, pool_pre_ping=True, json_serializer=_strict_json,
+                                        connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+            if self.password_file is not None:
+                event.listen(self.engine, "do_connect", self._with_password)
+
+    def _with_password(self, _dialect, _record, _args, parameters: dict) -> None:
+        try:
+            parameters["password"] = Path(self.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as error:  # a connection error like any other: the writer retries, the feedback model answers UNAVAILABLE
+            raise ConnectionError(f"records_password_file {self.password_file}: cannot read it: {error.strerror}") from None
 
     @property
     def is_sqlite(self) -> bool:
@@ -159,20 +225,6 @@ class PredictionStore:
         return self.engine.url.render_as_string(hide_password=True)
 
     # --- schema -------------------------------------------------------------------------------
-
-    @classmethod
-    def prepared(cls, url: str, register: tuple[str, str, LabelSet] | None = None) -> "PredictionStore":
-        """A store on ``url`` with its schema upgraded (and ``register``'s model, version and labels
-        registered), ready for a server; else RuntimeError naming the database, the store closed."""
-        store = cls(url)
-        try:
-            store.upgrade_schema()
-            if register is not None:
-                store.register_model(*register)
-        except Exception as error:
-            store.close()
-            raise RuntimeError(f"records_database {store.describe()}: cannot prepare the records database: {error}") from None
-        return store
 
     def upgrade_schema(self) -> None:
         from alembic import command
@@ -226,6 +278,25 @@ class PredictionStore:
         with self.engine.begin() as connection:
             connection.execute(statement, [record.row() for record in records])
 
+    def heartbeat(self, writer: str, model: str, replica: str, written_through_ms: int | None, now_ms: int) -> None:
+        """The writer is alive at ``now_ms``; with ``written_through_ms``, every record it minted before
+        then is stored. A writer's first row, before it has caught up, promises nothing (0)."""
+        values = {"writer": writer, "model": model, "replica": replica, "written_through_ms": written_through_ms or 0,
+                  "heartbeat_ms": now_ms}
+        changed = {"heartbeat_ms": now_ms, **({"written_through_ms": written_through_ms} if written_through_ms is not None else {})}
+        statement = self._insert(record_writers).values(**values).on_conflict_do_update(index_elements=["writer"], set_=changed)
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+
+    def retire_writer(self, writer: str) -> None:
+        """The writer's records are all stored and it mints no more (a clean stop, a replayed orphan)."""
+        with self.engine.begin() as connection:
+            connection.execute(record_writers.delete().where(record_writers.c.writer == writer))
+
+    def writer_marks(self) -> list[WriterMark]:
+        with self.engine.connect() as connection:
+            return [WriterMark(**row._asdict()) for row in connection.execute(record_writers.select())]
+
     def delete_expired(self, model: str, before: datetime) -> int:
         """Retention: the model's predictions older than ``before``, with their corrections."""
         expired = select(predictions.c.id).where(predictions.c.model == model, predictions.c.created_at < before)
@@ -248,9 +319,10 @@ class PredictionStore:
 
     def record_corrections(self, corrections: Sequence[Correction]) -> list[RecordedCorrection]:
         """Check every correction, then commit them all in one transaction, or none; an error names
-        the request's element (``CORRECT_LABEL[2]``)."""
+        the request's element (``CORRECT_LABEL[2]``). The same correction sent twice at once (a retry
+        racing the first) is recorded once and both are answered alike."""
         ids = [correction.prediction_id for correction in corrections]
-        with self.engine.begin() as connection:
+        with self._serialized_transaction() as connection:
             stored = {
                 row.id: row
                 for row in connection.execute(
@@ -274,17 +346,8 @@ class PredictionStore:
                     )
                 earlier = corrected.get(correction.prediction_id)
                 if earlier is not None:
-                    # The same correction again (a retry whose acknowledgement was lost) is acknowledged
-                    # again, so a client may resend safely; a different one is a second correction.
-                    if (earlier.correct_label, earlier.examiner_id, earlier.comment) == (
-                        correction.correct_label, correction.examiner_id, correction.comment
-                    ):
-                        recorded.append(RecordedCorrection(correction.prediction_id, earlier.model, earlier.verdict, repeated=True))
-                        continue
-                    raise InvalidInput(
-                        where_id, f"prediction {correction.prediction_id} already has a correction ({earlier.correct_label}, "
-                        f"recorded {earlier.created_at.isoformat(timespec='seconds')}Z); one correction per prediction",
-                    )
+                    recorded.append(_repeated(index, correction, earlier))
+                    continue
                 codes = labels[(prediction.model, prediction.model_version)]
                 if correction.correct_label not in codes:
                     raise InvalidInput(
@@ -295,14 +358,32 @@ class PredictionStore:
                 verdict = "correct" if correction.correct_label == prediction.top_label else "wrong"
                 recorded.append(RecordedCorrection(correction.prediction_id, prediction.model, verdict))
                 rows.append({**asdict(correction), "model": prediction.model, "verdict": verdict, "created_at": now})
+            if not rows:
+                return recorded
+            # Another request may have corrected one of these since our check (PostgreSQL: the insert
+            # waits for its commit, then skips the row); what it recorded decides, as a stored one does.
+            insert = self._insert(feedback).on_conflict_do_nothing(index_elements=["prediction_id"]).returning(feedback.c.prediction_id)
             try:
-                if rows:
-                    connection.execute(feedback.insert(), rows)
-            except IntegrityError:
-                # Another request corrected one of these between our check and our insert.
-                raise InvalidInput(PREDICTION_ID, "a prediction in this request was corrected by another "
-                                   "request at the same moment; one correction per prediction") from None
+                inserted = set(connection.execute(insert, rows).scalars())
+            except IntegrityError:  # its prediction was removed meanwhile (retention): the next try finds out which
+                raise ServerUnavailable("a prediction in this request changed while its correction was recorded; retry") from None
+            raced = {row["prediction_id"] for row in rows} - inserted
+            if raced:
+                by_others = {row.prediction_id: row for row in connection.execute(feedback.select().where(feedback.c.prediction_id.in_(raced)))}
+                recorded = [
+                    _repeated(index, corrections[index], by_others[c.prediction_id]) if c.prediction_id in raced else c
+                    for index, c in enumerate(recorded)
+                ]
         return recorded
+
+    @contextlib.contextmanager
+    def _serialized_transaction(self) -> Iterator:
+        """A transaction that, on SQLite, holds the write lock from its first read: WAL's deferred one
+        would fail its insert at once (SQLITE_BUSY_SNAPSHOT) if another wrote since it read."""
+        with self.engine.begin() as connection:
+            if self.is_sqlite:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            yield connection
 
     def _labels_of(self, connection, models: set[tuple[str, str]]) -> dict[tuple[str, str], list[str]]:
         found = {}
@@ -359,6 +440,17 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _repeated(index: int, correction: Correction, earlier) -> RecordedCorrection:
+    """The same correction again (a retry whose acknowledgement was lost, or one racing the first) is
+    acknowledged again, so a client may resend safely; a different one is a second correction."""
+    if (earlier.correct_label, earlier.examiner_id, earlier.comment) == (correction.correct_label, correction.examiner_id, correction.comment):
+        return RecordedCorrection(correction.prediction_id, earlier.model, earlier.verdict, repeated=True)
+    raise InvalidInput(
+        f"{PREDICTION_ID}[{index}]", f"prediction {correction.prediction_id} already has a correction ({earlier.correct_label}, "
+        f"recorded {earlier.created_at.isoformat(timespec='seconds')}Z); one correction per prediction",
+    )
 
 
 def _sample_of(codes: Sequence[str]) -> str:

@@ -6,9 +6,11 @@ so an operator's typo fails the model load with the field's name and its limit.
 """
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -119,15 +121,32 @@ class ServingConfig(BaseModel):
         "(unpublished applications are confidential: only where keeping them is allowed); off: ids only",
     )
     records_database: str | None = Field(
-        None, description="SQLAlchemy URL: sqlite:///PATH (relative: to the models file; in config.pbtxt, to the model "
-        "version folder) or postgresql://USER@HOST[:PORT]/DATABASE (the password from PGPASSWORD or ~/.pgpass, not the URL)",
+        None, description="SQLAlchemy URL: sqlite:///PATH (relative: to the models file; in config.pbtxt, to the folder "
+        "holding the model repository) or postgresql://USER@HOST[:PORT]/DATABASE (never a password: see "
+        "records_password_file); $PATENT_CLASSIFIER_RECORDS_DATABASE overrides it at serve time",
     )
     records_journal: Optional[Path] = Field(
         None, description="folder of the local journal where records wait until the database has them (replayed at "
         "start after a crash); default and relative: `prediction-journal` beside the model repository (a model's own "
-        "folder is replaced whole by a re-export, so the journal is never inside it)",
+        "folder is replaced whole by a re-export, so the journal is never inside it); $PATENT_CLASSIFIER_RECORDS_JOURNAL "
+        "overrides it at serve time",
     )
     records_retention_days: int = Field(0, ge=0, description="days a prediction record and its correction are kept; 0: no limit")
+    records_password_file: Optional[Path] = Field(
+        None, description="a file holding the records database's password (a mounted Secret), read at each connection "
+        "and never written anywhere; $PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE overrides it; absent: libpq's own "
+        "(PGPASSWORD, ~/.pgpass)",
+    )
+    records_journal_max_bytes: int = Field(
+        1 << 30, ge=1 << 20,
+        description="bytes one model instance's journal may hold while the database is away; past it the records of "
+        "further answers are dropped and counted (pc_prediction_record_failures_total{stage=\"journal\"}), and the "
+        "answers still go out",
+    )
+    replica: Optional[str] = Field(
+        None, description="serve time only, never in config.pbtxt: this server's stable name, which owns its journals "
+        "($PATENT_CLASSIFIER_REPLICA, else the host name)",
+    )
 
     @field_validator("cpu_threads", mode="before")
     @classmethod
@@ -149,6 +168,11 @@ class ServingConfig(BaseModel):
     @classmethod
     def _a_supported_database(cls, url: str | None) -> str | None:
         return None if url is None else normalized_database_url(url)
+
+    @field_validator("replica")
+    @classmethod
+    def _a_replica_name(cls, name: str | None) -> str | None:
+        return None if name is None else replica_name(name)
 
     @model_validator(mode="after")
     def _records_need_a_database(self) -> "ServingConfig":
@@ -207,8 +231,9 @@ class ServingConfig(BaseModel):
         return self
 
     @classmethod
-    def from_triton_parameters(cls, parameters: dict, version_dir: Path) -> "ServingConfig":
-        """Parse ``config.pbtxt`` parameters (``{key: {"string_value": ...}}``)."""
+    def from_triton_parameters(cls, parameters: dict, version_dir: Path, environ: Mapping[str, str] = os.environ) -> "ServingConfig":
+        """Parse ``config.pbtxt`` parameters (``{key: {"string_value": ...}}``), with the records settings
+        of the server's environment over them (``records_environment``)."""
         values = {key: entry["string_value"] for key, entry in parameters.items()}
         config = _validate(cls, values)
         version_dir = Path(version_dir)
@@ -216,16 +241,17 @@ class ServingConfig(BaseModel):
         if not config.model_dir.is_absolute():
             resolved["model_dir"] = (version_dir / config.model_dir).resolve()
         if config.prediction_records != "off":
-            beside_repository = version_dir.resolve().parents[2]  # <repository>/<model>/<version>
-            journal = config.records_journal or Path(DEFAULT_JOURNAL_FOLDER)
-            resolved["records_journal"] = beside_repository / journal  # unchanged if absolute
-            resolved["records_database"] = resolve_sqlite_path(config.records_database, version_dir)
+            from_environment = records_environment(environ)
+            config = _validate(cls, {**values, **from_environment, "replica": from_environment.get("replica", socket.gethostname())},
+                               environment=from_environment)
+            resolved.update(serve_time_records_paths(config, serving_root(version_dir)))
         return config.model_copy(update=resolved)
 
     def to_triton_parameters(self) -> dict[str, str]:
         # instances is Triton's own instance_group in config.pbtxt (which an operator may also edit
-        # there); each instance learns its device from Triton, not from a parameter.
-        return {key: str(value) for key, value in self.model_dump(exclude_none=True, exclude={"instances"}).items()}
+        # there); each instance learns its device from Triton, not from a parameter. The replica is
+        # the serving machine's, never the export's.
+        return {key: str(value) for key, value in self.model_dump(exclude_none=True, exclude={"instances", "replica"}).items()}
 
     def model_labels(self) -> LabelSet:
         """The labels of the model in ``model_dir``; they must be as many as ``num_labels`` says, when it is set."""
@@ -241,12 +267,58 @@ class ServingConfig(BaseModel):
 _DATABASE_SCHEMES = ("sqlite:///", "postgresql+psycopg://")
 DEFAULT_JOURNAL_FOLDER = "prediction-journal"
 
+# The records settings a server takes from its environment at serve time (a pod's env, its mounted
+# Secret), over what config.pbtxt says: the one interface the chart and KServe runtime set.
+RECORDS_ENVIRONMENT = {
+    "PATENT_CLASSIFIER_RECORDS_DATABASE": "records_database",
+    "PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE": "records_password_file",
+    "PATENT_CLASSIFIER_RECORDS_JOURNAL": "records_journal",
+    "PATENT_CLASSIFIER_REPLICA": "replica",
+}
+_REPLICA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
+
+
+def records_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The records fields the environment sets, by field name; unset and empty variables set nothing."""
+    return {field: environ[name].strip() for name, field in RECORDS_ENVIRONMENT.items() if environ.get(name, "").strip()}
+
+
+def replica_name(name: str) -> str:
+    """A replica name as journal files and the writers' table carry it: a pod or host name."""
+    if not _REPLICA_NAME.match(name):
+        raise ValueError(f"is {name!r}; it must be a pod or host name (letters, digits, '_', '.', '-'; at most 253)")
+    return name
+
+
+def serving_root(version_dir: Path) -> Path:
+    """The folder holding the model repository (``<root>/<repository>/<model>/<version>``): relative
+    records paths in config.pbtxt are relative to it, so the export writes no path of its own machine."""
+    return Path(version_dir).resolve().parents[2]
+
+
+def serve_time_records_paths(config, root: Path) -> dict:
+    """The records paths of a ``ServingConfig`` or ``FeedbackConfig`` resolved against ``root``."""
+    resolved = {"records_database": resolve_sqlite_path(config.records_database, root)}
+    if config.records_password_file is not None:
+        resolved["records_password_file"] = root / config.records_password_file  # unchanged if absolute
+    if "records_journal" in type(config).model_fields:
+        resolved["records_journal"] = root / (config.records_journal or Path(DEFAULT_JOURNAL_FOLDER))
+    return resolved
+
 
 def normalized_database_url(url: str) -> str:
-    """A records database URL as SQLAlchemy takes it; ``postgresql://`` goes through psycopg 3."""
+    """A records database URL as SQLAlchemy takes it; ``postgresql://`` goes through psycopg 3. A URL
+    with a password is refused without repeating it: it would be written into config.pbtxt."""
     url = url.strip()
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("postgresql+psycopg://"):
+        user_info, at, _ = url.removeprefix("postgresql+psycopg://").split("/", 1)[0].rpartition("@")
+        if at and ":" in user_info:
+            raise ValueError(
+                "holds a password (USER:PASSWORD@); give the URL without it and the password in a file named by "
+                "records_password_file or $PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE (or libpq's PGPASSWORD, ~/.pgpass)"
+            )
     if not url.startswith(_DATABASE_SCHEMES) or url in _DATABASE_SCHEMES or ":memory:" in url:
         raise ValueError(
             f"is {url!r}; it must be sqlite:///PATH (a file) or postgresql://USER@HOST[:PORT]/DATABASE"
@@ -262,20 +334,32 @@ def resolve_sqlite_path(url: str, base_dir: Path) -> str:
     return url if path.is_absolute() else f"sqlite:///{(Path(base_dir) / path).resolve()}"
 
 
+def relative_sqlite_path(url: str, root: Path) -> str:
+    """An absolute ``sqlite:///`` file written relative to ``root`` (the export's side of ``resolve_sqlite_path``)."""
+    if not url.startswith("sqlite:///"):
+        return url
+    path = Path(url.removeprefix("sqlite:///"))
+    return f"sqlite:///{os.path.relpath(path, root)}" if path.is_absolute() else url
+
+
 class FeedbackConfig(BaseModel):
     """Parameters of the feedback model (``server/triton/feedback_model.py``), which the export
     writes when any model records predictions."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    records_database: str = Field(description="the database the classifiers record into (one for all of them)")
+    records_database: str = Field(description="the database the classifiers record into (one for all of them); "
+                                  "$PATENT_CLASSIFIER_RECORDS_DATABASE overrides it at serve time")
+    records_password_file: Optional[Path] = Field(
+        None, description="as the classifiers' records_password_file; $PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE overrides it"
+    )
     live_accuracy_window: int = Field(
         200, ge=1, le=1_000_000, description="pc_live_accuracy_ratio: share of the model's last N corrections that confirmed its top-1"
     )
     pending_wait_s: float = Field(
         5.0, ge=0.0, le=300.0,
-        description="how long after its answer a prediction may still be on its way to the database: a correction of "
-        "an id minted that recently waits for its record up to then, instead of failing as unknown",
+        description="the longest a correction waits, by the server's clock, for a prediction record that may still be "
+        "on its way from a classifier's journal; still undecided then, it is answered UNAVAILABLE (retry)",
     )
 
     @field_validator("records_database")
@@ -284,16 +368,26 @@ class FeedbackConfig(BaseModel):
         return normalized_database_url(url)
 
     @classmethod
-    def from_triton_parameters(cls, parameters: dict) -> "FeedbackConfig":
-        return _validate(cls, {key: entry["string_value"] for key, entry in parameters.items()})
+    def from_triton_parameters(cls, parameters: dict, version_dir: Path, environ: Mapping[str, str] = os.environ) -> "FeedbackConfig":
+        from_environment = {key: value for key, value in records_environment(environ).items() if key in cls.model_fields}
+        config = _validate(cls, {**{key: entry["string_value"] for key, entry in parameters.items()}, **from_environment},
+                           environment=from_environment)
+        return config.model_copy(update=serve_time_records_paths(config, serving_root(version_dir)))
 
     def to_triton_parameters(self) -> dict[str, str]:
-        return {key: str(value) for key, value in self.model_dump().items()}
+        return {key: str(value) for key, value in self.model_dump(exclude_none=True).items()}
 
 
-def _validate(model: type[BaseModel], values: dict):
+def _validate(model: type[BaseModel], values: dict, environment: Mapping[str, str] = {}):
+    """``environment``: the fields the server's environment set, so an error names its variable."""
+    variables = {field: name for name, field in RECORDS_ENVIRONMENT.items() if field in environment}
+
+    def where(error) -> str:
+        field = ".".join(map(str, error["loc"])) or "config"
+        return f"{variables[field]} ({field})" if field in variables else field
+
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{where(e)}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"invalid parameters in config.pbtxt: {problems}") from None

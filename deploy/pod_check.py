@@ -197,7 +197,6 @@ class TestSecrets:
         if records.get("passwordSecret"):
             made.setdefault(records["passwordSecret"], {})[records.get("passwordSecretKey", "password")] = self.database_password.encode()
         if tls.get("secret"):
-            sys.path.insert(0, str(ROOT))
             from tests.tls_certificates import write_test_certificates
 
             certificates = write_test_certificates(work / "certificates")
@@ -629,11 +628,10 @@ class Kubelet:
 
 
 class RecordsDatabase:
-    """A real PostgreSQL (tests/postgres_server.py) whose records role logs in with a password only."""
+    """A real PostgreSQL (benchmarks/postgres_server.py) whose records role logs in with a password only."""
 
     def __init__(self, password: str):
-        sys.path.insert(0, str(ROOT))
-        from tests.postgres_server import PostgresServer
+        from benchmarks.postgres_server import PostgresServer
 
         self.server = PostgresServer().start()
         import psycopg

@@ -54,7 +54,7 @@ def export_model(
         log.info("%s: %s against float32 on %d patents: top-1 agreement %.1f %%, max |Δprobability| %.2g; serving dtype %s",
                  model.name, agreement.measured_dtype, agreement.documents, 100 * agreement.top1_agreement,
                  agreement.max_abs_probability_diff, serving.dtype)
-        write_triton_model(staged, model.name, serving)
+        write_triton_model(staged, model.name, serving, serving_root=staging.repository.resolve().parent)
     except BaseException:
         staging.discard(staged)
         served = staging.repository / model.name
@@ -82,7 +82,7 @@ def export_models(
             log.info("%s exported and proven in %.1f s", model.name, time.perf_counter() - started)
         if models.records_database is not None:
             staged = staging.new_repository()
-            write_feedback_model(staged, models.feedback_config)
+            write_feedback_model(staged, models.feedback_config, serving_root=staging.repository.resolve().parent)
             staging.publish(staged, FEEDBACK_MODEL)
         if not only:
             remove_unlisted_models(staging, set(models.triton_models))

@@ -10,16 +10,21 @@ and, when models record predictions, the feedback model that takes examiners' co
     <repository>/feedback/1/model.py     its adapter (a copy of server/triton/feedback_model.py)
 
 The folder holds everything but the Python packages of this project, which the server's
-Python environment provides (``pip install .`` in NVIDIA's Triton container).
+Python environment provides (``pip install .`` in NVIDIA's Triton container). Its config.pbtxt
+files hold no path of the export's machine: the records database's SQLite file, the journal and
+the password file are written relative to the folder holding the repository, which the server
+resolves them against when it loads (core/serving_config.py ``serving_root``); a pod gives its own
+through the environment instead.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from core import feedback_protocol, protocol
 from core.labels import LabelSet
-from core.serving_config import FeedbackConfig, ServingConfig
+from core.serving_config import FeedbackConfig, ServingConfig, relative_sqlite_path
 
 TRITON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "server" / "triton" / "model.py"
 FEEDBACK_MODEL_SOURCE = TRITON_MODEL_SOURCE.with_name("feedback_model.py")
@@ -46,6 +51,19 @@ def _parameters_block(parameters: dict[str, str]) -> str:
         return value.replace("\\", "\\\\").replace('"', '\\"')
 
     return "".join(f'parameters {{ key: "{key}" value {{ string_value: "{quoted(value)}" }} }}\n' for key, value in parameters.items())
+
+
+def relative_records_paths(config: ServingConfig | FeedbackConfig, root: Path):
+    """``config`` with its records paths relative to ``root``, the folder that will hold the repository."""
+    root = Path(root).resolve()
+    update = {}
+    if config.records_database is not None:
+        update["records_database"] = relative_sqlite_path(config.records_database, root)
+    for field in ("records_journal", "records_password_file"):
+        path = getattr(config, field, None)
+        if path is not None and path.is_absolute():
+            update[field] = Path(os.path.relpath(path, root))
+    return config.model_copy(update=update)
 
 
 def config_pbtxt(name: str, config: ServingConfig) -> str:
@@ -77,19 +95,21 @@ def _instance_group(config: ServingConfig) -> str:
     return f"instance_group [ {{ kind: KIND_GPU count: {instances.count}{gpus} }} ]\n"
 
 
-def write_triton_model(repository: Path, name: str, config: ServingConfig) -> Path:
-    """The model's folder; ``num_labels`` is filled in from the merged model when it is already there."""
+def write_triton_model(repository: Path, name: str, config: ServingConfig, serving_root: Path | None = None) -> Path:
+    """The model's folder; ``num_labels`` is filled in from the merged model when it is already there.
+    ``serving_root``: the folder that holds the repository the folder is published into (default: the
+    one holding ``repository``), which records paths are written relative to."""
     model_folder = repository / name
     (model_folder / MODEL_VERSION).mkdir(parents=True, exist_ok=True)
     model_dir = model_folder / MODEL_VERSION / config.model_dir  # an absolute model_dir stays as it is
     if config.num_labels is None and model_dir.is_dir():
         config = config.model_copy(update={"num_labels": len(LabelSet.for_model_dir(model_dir))})
-    (model_folder / "config.pbtxt").write_text(config_pbtxt(name, config), encoding="utf-8")
+    (model_folder / "config.pbtxt").write_text(config_pbtxt(name, relative_records_paths(config, serving_root or Path(repository).resolve().parent)), encoding="utf-8")
     shutil.copyfile(TRITON_MODEL_SOURCE, model_folder / MODEL_VERSION / "model.py")
     return model_folder
 
 
-def write_feedback_model(repository: Path, config: FeedbackConfig) -> Path:
+def write_feedback_model(repository: Path, config: FeedbackConfig, serving_root: Path | None = None) -> Path:
     model_folder = repository / feedback_protocol.FEEDBACK_MODEL
     (model_folder / MODEL_VERSION).mkdir(parents=True, exist_ok=True)
     (model_folder / "config.pbtxt").write_text(
@@ -99,7 +119,7 @@ def write_feedback_model(repository: Path, config: FeedbackConfig) -> Path:
         + _tensor_block("input", feedback_protocol.INPUT_TENSORS, optional=True)
         + _tensor_block("output", feedback_protocol.OUTPUT_TENSORS, optional=False)
         + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
-        + _parameters_block(config.to_triton_parameters()),
+        + _parameters_block(relative_records_paths(config, serving_root or Path(repository).resolve().parent).to_triton_parameters()),
         encoding="utf-8",
     )
     shutil.copyfile(FEEDBACK_MODEL_SOURCE, model_folder / MODEL_VERSION / "model.py")

@@ -70,9 +70,13 @@ FAMILIES = {
 RECORD_FAMILIES = {
     "pc_prediction_records_written_total": ("COUNTER", "Prediction records the records database committed", None),
     "pc_prediction_record_failures_total": (
-        "COUNTER", "Failures on the way to the records database, by stage: journal (records not journaled, or a journal "
-        "line unreadable: lost), database (a write attempt that failed; its records wait in the journal and are retried)", None),
+        "COUNTER", "Failures on the way to the records database, by stage: journal (records not journaled: the disk "
+        "refused them or the journal was at records_journal_max_bytes; lost), database (a write attempt that failed; its "
+        "records wait in the journal and are retried), quarantined (records the database refused, or lines that do not "
+        "parse: set aside in the quarantine file beside the journal)", None),
     "pc_prediction_records_pending_documents": ("GAUGE", "Prediction records in the journal that the records database does not have yet", None),
+    "pc_prediction_journal_bytes": ("GAUGE", "Bytes in the model instance's prediction journal", None),
+    "pc_prediction_journal_limit_bytes": ("GAUGE", "records_journal_max_bytes: past it, records of answers are dropped", None),
 }
 
 _STOP = object()
@@ -179,6 +183,8 @@ class TritonModelMetrics:
             if count > seen.failures[stage]:
                 self._record_failures[stage].increment(float(count - seen.failures[stage]))
         self._plain["pc_prediction_records_pending_documents"].set(float(records.pending))
+        self._plain["pc_prediction_journal_bytes"].set(float(records.journal_bytes))
+        self._plain["pc_prediction_journal_limit_bytes"].set(float(records.journal_limit_bytes))
         self._records_seen = records
 
     def _apply(self, what: str, payload) -> None:

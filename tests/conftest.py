@@ -418,7 +418,7 @@ def secure_server(exported, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def postgres():
-    from tests.postgres_server import PostgresServer
+    from benchmarks.postgres_server import PostgresServer
 
     with PostgresServer() as running:
         yield running

@@ -23,7 +23,7 @@ from export.triton_package import write_feedback_model, write_triton_model
 from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
 from server.model_watchdog import stub_processes
 from tests.conftest import ACCESS_TOKEN, MAX_LENGTH, MODEL_NAME
-from tests.postgres_server import PostgresServer
+from benchmarks.postgres_server import PostgresServer
 from tests.test_monitoring import scrape, value
 from tests.waiting import wait_until
 

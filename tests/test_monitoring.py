@@ -66,6 +66,7 @@ def test_the_alerts_the_office_asked_for_exist():
     assert alert_names() == {
         "TritonServerDown", "ModelNotReady", "HighErrorRate", "P99LatencyAboveTarget",
         "QueueTimeGrowing", "NoTraffic", "ClassShareDrift", "ConfidenceDrop", "LiveAccuracyDrop",
+        "PredictionRecordsBacklog", "PredictionJournalFilling", "PredictionRecordsNotStored",
     }
 
 
@@ -160,7 +161,7 @@ def test_every_metric_name_follows_prometheus_conventions():
         # Every gauge and histogram names its unit, or is a 0/1 state, or an info metric (constant 1,
         # its facts in labels, named _info as Prometheus' own are).
         if kind != "COUNTER":
-            assert name.endswith(("_seconds", "_documents", "_tokens", "_ratio", "_threads", "_healthy", "_info")), name
+            assert name.endswith(("_seconds", "_documents", "_tokens", "_bytes", "_ratio", "_threads", "_healthy", "_info")), name
     assert FAMILIES["pc_queue_tokens"][0] == "GAUGE"  # the autoscaler's metric keeps its name
 
 

@@ -25,7 +25,7 @@ from core.prediction_store import PredictionStore, predictions
 from server.prediction_records import PredictionJournal, PredictionRecorder
 from tests import waiting
 from tests.conftest import PROJECT_ROOT
-from tests.postgres_server import PostgresServer
+from benchmarks.postgres_server import PostgresServer
 
 LABELS = LabelSet(tuple(Label(f"C{i}", f"class {i}") for i in range(4)))
 PATENTS = [PatentDocument(ipc=["G06F"], title=f"장치 {i}", abstract="요약", claims=["1. 장치."]) for i in range(3)]
@@ -146,7 +146,7 @@ def test_an_unfinished_last_line_is_dropped_and_the_lines_before_it_replayed(out
     restarted = recorder(store, tmp_path / "journal")
     wait_until(lambda: restarted.stats().written == 2)
     assert store.stored_prediction_ids(ids) == set(ids)
-    assert restarted.stats().failures == {"journal": 0, "database": 0}
+    assert restarted.stats().failures == {"journal": 0, "database": 0, "quarantined": 0}
     restarted.stop()
 
 
@@ -178,8 +178,9 @@ def test_a_journal_no_running_instance_holds_is_replayed_into_its_own_database_a
     held.stop()
 
 
-def test_a_line_of_an_orphaned_journal_that_does_not_parse_is_counted_lost_and_holds_nothing_up(tmp_path):
-    """The orphan's good records reach the database, and so do the adopter's own after them."""
+def test_a_line_of_an_orphaned_journal_that_does_not_parse_is_set_aside_and_holds_nothing_up(tmp_path):
+    """The orphan's good records reach the database, and so do the adopter's own after them; the
+    line is in the quarantine file, with its reason."""
     store, folder = sqlite_store(tmp_path), tmp_path / "journal"
     left_behind = PredictionRecorder(store, "m", "1", LABELS, folder, "m_1", keep_text=False)
     left_behind.journal = PredictionJournal(left_behind.journal_path)  # journaled, its writer never started
@@ -193,14 +194,18 @@ def test_a_line_of_an_orphaned_journal_that_does_not_parse_is_counted_lost_and_h
     wait_until(lambda: store.stored_prediction_ids(own) == set(own))
     assert store.stored_prediction_ids(orphan_ids) == set(orphan_ids)
     assert not left_behind.journal_path.exists()
-    assert adopter.stats().failures == {"journal": 1, "database": 0}
+    assert adopter.stats().failures == {"journal": 0, "database": 0, "quarantined": 1}
+    set_aside = [json.loads(line) for line in adopter.quarantine_path.read_text(encoding="utf-8").splitlines()]
+    assert [(entry["line"], entry["journal"]) for entry in set_aside] == [('{"prediction_id": "not a record"}', left_behind.journal_path.name)]
+    assert "no prediction record" in set_aside[0]["error"]
     adopter.stop()
 
 
 def test_a_second_server_on_the_same_journal_folder_takes_a_journal_of_its_own(tmp_path):
     store = sqlite_store(tmp_path)
     first, second = recorder(store, tmp_path / "journal"), recorder(store, tmp_path / "journal")  # same model and instance
-    assert first.journal_path != second.journal_path and str(os.getpid()) in second.journal_path.name
+    # Named by the replica and a number, never a PID: PIDs repeat across pods sharing a volume.
+    assert second.writer == first.writer + "~2" and first.writer == f"m@{first.replica}@m_0"
     ids = first.record([PATENTS[0].render()], None, SCORES[:1], top_k=1) + second.record([PATENTS[1].render()], None, SCORES[1:2], top_k=1)
     wait_until(lambda: store.stored_prediction_ids(ids) == set(ids))
     first.stop()
@@ -238,6 +243,6 @@ def test_records_the_disk_refuses_are_counted_the_answers_keep_their_ids_and_the
     store = outage.up()
     restarted = recorder(store, tmp_path / "journal")
     wait_until(lambda: restarted.stats().written == outcome["journaled"])
-    assert restarted.stats().failures == {"journal": 0, "database": 0}  # no half-written line was left behind
+    assert restarted.stats().failures == {"journal": 0, "database": 0, "quarantined": 0}  # no half-written line was left behind
     assert len(store.stored_prediction_ids(outcome["ids"])) == outcome["journaled"]
     restarted.stop()

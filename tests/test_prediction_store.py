@@ -58,7 +58,7 @@ def test_the_migrations_build_the_schema_the_code_declares(database_url):
     assert store.schema_revision() is None
     store.upgrade_schema()
     store.upgrade_schema()  # at head: nothing to do
-    assert store.schema_revision() == "0001"
+    assert store.schema_revision() == "0002"
     with store.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), METADATA)
     store.close()
@@ -72,7 +72,7 @@ def test_stubs_that_start_together_upgrade_the_schema_once(database_url):
     processes = [subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT_ROOT, stderr=subprocess.PIPE) for _ in range(4)]
     failures = [process.stderr.read().decode() for process in processes if process.wait(timeout=120) != 0]
     assert failures == []
-    assert PredictionStore(database_url).schema_revision() == "0001"
+    assert PredictionStore(database_url).schema_revision() == "0002"
 
 
 def test_a_record_stored_twice_is_stored_once(store):

@@ -87,12 +87,13 @@ def test_prediction_records_need_a_database_named_by_a_supported_url(tmp_path):
     assert config.records_database == "postgresql+psycopg://pc@db/records"  # psycopg 3, which the server installs
 
 
-def test_a_relative_sqlite_file_is_the_model_folders_own_and_the_journal_lies_beside_the_repository(tmp_path):
+def test_a_relative_sqlite_file_and_the_journal_lie_beside_the_repository(tmp_path):
     version_dir = tmp_path / "model_repository" / "m" / "1"
     config = ServingConfig.from_triton_parameters(
-        parameters(model_dir="model", max_length=64, prediction_records="hash", records_database="sqlite:///records.db"), version_dir
+        parameters(model_dir="model", max_length=64, prediction_records="hash", records_database="sqlite:///records.db"), version_dir,
+        environ={},
     )
-    assert config.records_database == f"sqlite:///{version_dir.resolve() / 'records.db'}"
+    assert config.records_database == f"sqlite:///{tmp_path.resolve() / 'records.db'}"
     # Not inside the model's folder, which a re-export replaces whole.
     assert config.records_journal == tmp_path.resolve() / "prediction-journal"
 

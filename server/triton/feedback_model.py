@@ -2,10 +2,12 @@
 The work is in server/feedback_service.py; the tensors in core/feedback_protocol.py.
 
 A plain (non-decoupled) model: corrections are few and each is acknowledged only after the
-database has committed it, so ``execute`` answers its requests in turn and returns.
+database has committed it, so ``execute`` answers its requests in turn and returns. It loads
+without the database, and answers UNAVAILABLE while the database is away.
 """
 import json
 import logging
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
@@ -23,7 +25,8 @@ log = logging.getLogger("patent_classifier.feedback")
 class TritonPythonModel:
     def initialize(self, args):
         self.token_check = TokenCheck.from_environment()
-        config = FeedbackConfig.from_triton_parameters(json.loads(args["model_config"]).get("parameters", {}))
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        config = FeedbackConfig.from_triton_parameters(parameters, Path(args["model_repository"]) / args["model_version"])
         self.service = FeedbackService(config, TritonFeedbackMetrics(pb_utils))
 
     def execute(self, requests):

@@ -1,6 +1,7 @@
-"""A real PostgreSQL for the tests, from Debian's package (`make setup` installs it): its initdb and
-postgres binaries on a free loopback port, with a data folder of its own, stopped afterwards; never
-the system service.
+"""A real PostgreSQL for the tests and the benchmarks that take a database away, from Debian's
+package (`make setup` installs it): its initdb and postgres binaries on a free loopback port, with
+a data folder of its own, stopped afterwards; never the system service. Without a password it
+trusts every local connection; with one, it asks for it (scram-sha-256).
 
 PostgreSQL refuses to run as root. Run as root (as CI runs), the binaries run as the package's
 ``postgres`` user through ``runuser``, on a folder under /tmp that user owns (pytest's own
@@ -31,6 +32,7 @@ def postgres_binaries() -> Path:
 @dataclass
 class PostgresServer:
     port: int = field(default_factory=lambda: free_loopback_ports(1)[0])
+    password: str | None = None  # the superuser's; None: trust
     folder: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -51,7 +53,14 @@ class PostgresServer:
 
     def start(self) -> "PostgresServer":
         if not (self.data / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8")
+            authentication = ["--auth=trust"]
+            if self.password is not None:
+                password_file = self.folder / "initdb-password"
+                password_file.write_text(self.password)
+                if self._run_as:
+                    shutil.chown(password_file, SUPERUSER)
+                authentication = ["--auth=scram-sha-256", f"--pwfile={password_file}"]
+            self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, *authentication, "--encoding=UTF8", "--locale=C.UTF-8")
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.folder}"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "postgres.log"), "-w", "start")
         return self
@@ -67,7 +76,7 @@ class PostgresServer:
     def create_database(self, name: str) -> str:
         import psycopg
 
-        with psycopg.connect(self.url("postgres"), autocommit=True) as connection:
+        with psycopg.connect(self.url("postgres"), password=self.password, autocommit=True) as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
