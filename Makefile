@@ -126,7 +126,7 @@ deploy-check: $(VENV)/.installed
 # database outage and a container restart, then stopped as the kubelet stops it (deploy/pod_check.py,
 # docs/kubernetes.md). Exports models.yaml's Gemma-2 demo into build/pod-check. Needs root (as CI runs).
 # `make test` runs it too (tests/test_deploy.py).
-pod-check: $(VENV)/.installed bubblewrap postgresql
+pod-check: $(VENV)/.installed $(VENV)/.project-installed bubblewrap postgresql
 	$(PY) -m deploy.pod_check
 
 # Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) scraping the server of `make serve` (run that first,

@@ -424,7 +424,11 @@ def container_argv(pod: RenderedPod, image: ImageFacts, volumes: PodVolumes, env
     for mount in mounts:
         argv += ["--bind" if mount.writable else "--ro-bind", str(mount.source), mount.target]
     argv += ["--symlink", str(image_mounts[0].source), image_mounts[0].target, "--ro-bind", str(backends), image_mounts[1].target]
-    for installed, replacement in project_installation(app_pth).items():
+    installations = project_installation(app_pth)
+    if not installations:
+        raise PodCheckFailed("the project is not installed into this environment (make setup installs it): the image's "
+                             "python3 has it installed, and the Python backend's stub imports only what is installed")
+    for installed, replacement in installations.items():
         # This environment's install of the project (an editable one points at its own checkout)
         # becomes a plain path entry for the app checkout: the project installed, as in the image. The
         # Python backend's stub builds its sys.path from this environment's site-packages, not from
