@@ -328,7 +328,7 @@ def test_a_panel_naming_a_nonexistent_metric_fails_the_check(prometheus_after_lo
 def test_prometheus_evaluates_every_rule_without_error(prometheus_after_load):
     groups = prometheus_after_load.get("/api/v1/rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 13
+    assert len(rules) == len([rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]])
     assert [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"] == []
     # Under steady load no alert is firing.
     firing = [rule["name"] for rule in rules if rule.get("state") == "firing"]
