@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import re
@@ -190,14 +191,22 @@ def check_image_resolution(release: str, root: Path = ROOT) -> Report:
         for step, arguments in steps.items():
             answer = Path(folder) / f"{step}.json"
             resolved = subprocess.run(
-                [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(answer),
+                [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--report", str(answer),
                  *target, *arguments],
                 capture_output=True, text=True, timeout=900, cwd=root,
             )
             where = f"Python {image.python}, glibc {image.glibc} (Triton {release})"
             if resolved.returncode != 0:
-                errors = [line for line in resolved.stderr.splitlines() if line.startswith("ERROR")] or resolved.stderr.splitlines()[-3:]
-                report.problems.append(f"image dependency set ({step}.txt) does not resolve for {where}: " + " | ".join(errors))
+                lines = (resolved.stdout + resolved.stderr).splitlines()  # pip explains a conflict on stdout
+                errors = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
+                # pip names the packages that have no build for this Python and platform after this line.
+                marker = [i for i, line in enumerate(lines) if "no matching distributions available for your environment" in line]
+                following = lines[marker[0] + 1:] if marker else []
+                unavailable = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("    "), following)]
+                report.problems.append(
+                    f"image dependency set ({step}.txt) does not resolve for {where}: " + " | ".join(errors)
+                    + (f" (no build for it: {', '.join(unavailable)})" if unavailable else "")
+                )
                 continue
             installed = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in json.loads(answer.read_text())["install"]}
             named = ", ".join(f"{name} {installed[name]}" for name in ("torch", "vllm", "transformers", "sqlalchemy", "numpy") if name in installed)
