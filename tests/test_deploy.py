@@ -429,7 +429,7 @@ def test_the_pod_carries_the_records_settings_and_the_platform_fields():
     assert env["PATENT_CLASSIFIER_RECORDS_DATABASE"]["value"] == "postgresql://records@records-db.patents.svc:5432/records"
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    assert volumes[mounts[env["PATENT_CLASSIFIER_RECORDS_JOURNAL"]["value"]]]["emptyDir"] == {"sizeLimit": "1Gi"}
+    assert volumes[mounts[env["PATENT_CLASSIFIER_RECORDS_JOURNAL"]["value"]]]["emptyDir"] == {"sizeLimit": "2Gi"}
     password = Path(env["PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE"]["value"])
     assert volumes[mounts[str(password.parent)]]["secret"]["secretName"] == "patent-classifier"
     assert pod["runtimeClassName"] == "nvidia" and pod["priorityClassName"] == "inference-high"
