@@ -863,6 +863,13 @@ def run(args: argparse.Namespace) -> None:
         if missing:
             raise PodCheckFailed(f"{len(missing)} of {len(every)} records never reached PostgreSQL")
         say("ok", f"all {len(every)} prediction records and 2 corrections are in PostgreSQL")
+        # The export machine's folders mean nothing in a pod (and are read-only there when they exist).
+        baked = [f"{config.parent.name}/config.pbtxt: {line.strip()}" for config in sorted(repository.glob("*/config.pbtxt"))
+                 for line in config.read_text(encoding="utf-8").splitlines()
+                 if any(str(folder) in line for folder in (work, app, repository.parent))]
+        if baked:
+            raise PodCheckFailed("the export wrote this machine's paths into config.pbtxt: " + "; ".join(baked))
+        say("ok", "config.pbtxt holds no path of the machine that exported it")
     finally:
         if kubelet is not None:
             kubelet.stop_everything()
