@@ -14,9 +14,9 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup browser fonts prometheus gnu-time postgresql demo-models export serve test test-fast monitor eval web classify-example bench bench-batching bench-export soak gpu-wheels deploy-check clean
+.PHONY: setup browser fonts prometheus gnu-time postgresql bubblewrap demo-models export serve test test-fast monitor eval web classify-example bench bench-batching bench-export soak gpu-wheels deploy-check pod-check clean
 
-setup: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus gnu-time postgresql
+setup: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus gnu-time postgresql bubblewrap
 
 # The browser tests drive Debian's chromium through Debian's chromedriver: no browser can be
 # downloaded here, so Playwright's or Selenium's own browser fetchers are never used.
@@ -53,6 +53,14 @@ gnu-time:
 postgresql:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
+	fi
+
+# Debian's bubblewrap (bwrap) for `make pod-check`, which runs the chart's pod under its own
+# constraints (read-only root, its volumes, its uid; deploy/pod_check.py), and iproute2's `ip` to
+# bring up loopback in the pod's network namespace.
+bubblewrap:
+	@if ! command -v bwrap >/dev/null || ! command -v ip >/dev/null; then \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y bubblewrap iproute2; \
 	fi
 
 # torch first, pinned: `pip install torch==2.13.0` takes the local CPU wheel (docs/operations.md);
@@ -96,7 +104,7 @@ serve: export
 	$(PY) -m server --model-repository $(REPOSITORY) --models-file $(MODELS_FILE) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-test: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus postgresql
+test: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus postgresql bubblewrap
 	$(PY) -m pytest
 
 # The fast tier (docs/testing.md): the tests that need no model, server, vLLM, browser or long
@@ -104,12 +112,22 @@ test: $(VENV)/.installed $(VENV)/.project-installed browser fonts prometheus pos
 test-fast: $(VENV)/.installed prometheus
 	$(PY) -m pytest --fast
 
-# The container file and the Kubernetes files, offline (deploy/manifest_check.py): hadolint and the
-# base image's server version; Helm's strict lint and render of each values file of the chart; every
-# rendered object and deploy/kserve/ against the Kubernetes 1.25 and 1.37 schemas (strict) and the
-# CRD subsets in deploy/crd-schemas/. `make test` runs it too (tests/test_deploy.py).
+# The container file and the Kubernetes files, offline (deploy/manifest_check.py): hadolint, the
+# base image's server and Python, and the image's whole dependency set resolved by pip for that
+# Python and platform (needs the package index, as the image's build does); Helm's strict lint and
+# render of each values file of the chart; every rendered object and deploy/kserve/ against the
+# Kubernetes 1.25 and 1.37 schemas (strict), the CRD subsets in deploy/crd-schemas/, KServe's
+# admission rules and the chart's own. `make test` runs it too (tests/test_deploy.py).
 deploy-check: $(VENV)/.installed
 	$(PY) -m deploy.manifest_check
+
+# The pod of values-cpu-demo.yaml, rendered by Helm and run here under its own constraints with
+# bubblewrap, its probes polled as the kubelet polls them, records into a real PostgreSQL through a
+# database outage and a container restart, then stopped as the kubelet stops it (deploy/pod_check.py,
+# docs/kubernetes.md). Exports models.yaml's Gemma-2 demo into build/pod-check. Needs root (as CI runs).
+# `make test` runs it too (tests/test_deploy.py).
+pod-check: $(VENV)/.installed $(VENV)/.project-installed bubblewrap postgresql
+	$(PY) -m deploy.pod_check
 
 # Prometheus on 127.0.0.1:$(PROMETHEUS_PORT) scraping the server of `make serve` (run that first,
 # in another shell), with monitoring/prometheus.yml and monitoring/alerts.yml; data in build/prometheus.

@@ -2,8 +2,11 @@
 
     python -m deploy.manifest_check
 
-1. ``deploy/Dockerfile``: hadolint reports nothing, and the base image is NVIDIA's Triton container
-   of the server version the project pins (nvidia-pytriton in requirements-nodeps.txt).
+1. ``deploy/Dockerfile``: hadolint reports nothing; the base image is an NVIDIA Triton container
+   whose tritonserver is no older than the one the tests run (nvidia-pytriton's, pinned in
+   requirements-nodeps.txt) and whose Python the project accepts; and the image's whole dependency
+   set, as deploy/image_requirements.py writes it for the Dockerfile, resolves for that image's
+   Python and platform (pip's own resolver, ``--dry-run`` for another interpreter, wheels only).
 2. The Helm chart, for each ``values-*.yaml`` beside it: Helm's strict lint (which applies
    ``values.schema.json``) for the oldest and newest Kubernetes version supported, then a render
    for each of them (templates may differ by version: the backlog Job's per-index retry limit
@@ -14,11 +17,17 @@
    Kubernetes schemas in strict mode (an unknown field fails); a kind or API
    version those schemas lack fails too, so a removed API (``autoscaling/v2beta2``) cannot slip
    through as "no schema"; a custom resource against its CRD's subset in ``deploy/crd-schemas/``.
+4. What the admission of these objects needs beyond their schemas: KServe's validation of the
+   InferenceService and the ports its runtime declares (``kserve_admission``), and the chart's own
+   rules for a cluster (``chart_rules``): every probe gives the server 5 s to answer, a GPU
+   deployment keeps at least 2 pods under its disruption budget, and the Prometheus Operator
+   objects carry the label kube-prometheus-stack selects them by.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import re
@@ -42,6 +51,7 @@ CHART = DEPLOY / "helm" / "patent-classifier"
 KSERVE = DEPLOY / "kserve"
 CRD_SCHEMAS = DEPLOY / "crd-schemas"
 PINNED_NODEPS = ROOT / "requirements-nodeps.txt"
+IMAGE_REQUIREMENTS = DEPLOY / "image_requirements.py"
 
 # The oldest and newest Kubernetes the chart supports: every API it uses is GA in both, and these
 # are the oldest and newest that kubernetes-validate bundles.
@@ -50,15 +60,33 @@ RELEASE = "patent-classifier"
 NAMESPACE = "patents"
 
 # The tritonserver each nvidia-pytriton wheel ships (its start-up table prints server_version;
-# tests/test_deploy.py asks the installed one), and NVIDIA's container of each server version
-# (build.py of the server's release tags: release_version and triton_container_version).
+# tests/test_deploy.py asks the installed one).
 PYTRITON_SERVER_VERSION = {"0.7.0": "2.51.0"}
-TRITON_CONTAINER_RELEASE = {"2.50.0": "24.09", "2.51.0": "24.10", "2.52.0": "24.11", "2.53.0": "24.12"}
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver"
-# The Python each container runs its Python backend with, and so the one the project is installed
-# into: Ubuntu 22.04's python3 through 24.10 (build.py of v2.51.0 installs it on the ubuntu2204
-# base), Ubuntu 24.04's from 24.12 (that release's notes).
-TRITON_CONTAINER_PYTHON = {"24.09": "3.10", "24.10": "3.10", "24.12": "3.12"}
+
+
+@dataclass(frozen=True)
+class TritonContainer:
+    """What an NVIDIA Triton container release is: its tritonserver (build.py of the server's release
+    tag: release_version and triton_container_version), and the Ubuntu base whose python3 runs the
+    Python backend, so the one the project is installed into, with that Ubuntu's glibc, which decides
+    the manylinux wheels pip may take there."""
+
+    server: str
+    ubuntu: str
+    python: str
+    glibc: str
+
+
+# Ubuntu 22.04 (glibc 2.35, Python 3.10) through 24.11 (build.py of v2.51.0 installs python3 on the
+# ubuntu2204 base); Ubuntu 24.04 (glibc 2.39, Python 3.12) from 24.12 on (the releases' notes).
+TRITON_CONTAINERS = {
+    "24.09": TritonContainer("2.50.0", "22.04", "3.10", "2.35"),
+    "24.10": TritonContainer("2.51.0", "22.04", "3.10", "2.35"),
+    "24.11": TritonContainer("2.52.0", "22.04", "3.10", "2.35"),
+    "24.12": TritonContainer("2.53.0", "24.04", "3.12", "2.39"),
+    "25.01": TritonContainer("2.54.0", "24.04", "3.12", "2.39"),
+}
 PYPROJECT = ROOT / "pyproject.toml"
 
 
@@ -82,13 +110,22 @@ def pinned_server_version(requirements: Path = PINNED_NODEPS) -> str:
     return PYTRITON_SERVER_VERSION[pytriton]
 
 
-def expected_base_image(server_version: str) -> str:
-    if server_version not in TRITON_CONTAINER_RELEASE:
-        raise ValueError(f"tritonserver {server_version} is not in TRITON_CONTAINER_RELEASE ({__file__}): add its container release")
-    return f"{TRITON_IMAGE}:{TRITON_CONTAINER_RELEASE[server_version]}-py3"
+def base_image_release(dockerfile: Path = DOCKERFILE) -> str:
+    """The Triton container release of the Dockerfile's one FROM (``nvcr.io/nvidia/tritonserver:<release>-py3``)."""
+    bases = re.findall(r"^FROM\s+(?:--\S+\s+)*(\S+)", dockerfile.read_text(encoding="utf-8"), re.MULTILINE | re.IGNORECASE)
+    match = re.fullmatch(re.escape(TRITON_IMAGE) + r":(\d\d\.\d\d)-py3", bases[0]) if len(bases) == 1 else None
+    if match is None:
+        raise ValueError(f"{dockerfile.name}: FROM {', '.join(bases) or '(none)'}; expected one {TRITON_IMAGE}:<release>-py3")
+    if match.group(1) not in TRITON_CONTAINERS:
+        raise ValueError(f"Triton container {match.group(1)} is not in TRITON_CONTAINERS ({__file__}): add its server, Ubuntu, Python and glibc")
+    return match.group(1)
 
 
-def check_dockerfile(dockerfile: Path = DOCKERFILE, requirements: Path = PINNED_NODEPS) -> Report:
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def check_dockerfile(dockerfile: Path = DOCKERFILE, requirements: Path = PINNED_NODEPS, resolve: bool = True) -> Report:
     report = Report()
     hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if hadolint is None:
@@ -100,40 +137,102 @@ def check_dockerfile(dockerfile: Path = DOCKERFILE, requirements: Path = PINNED_
             report.problems += [f"hadolint: {line}" for line in findings.splitlines() or [f"exit code {linted.returncode}"]]
         else:
             report.lines.append(f"hadolint: {dockerfile.relative_to(ROOT) if dockerfile.is_relative_to(ROOT) else dockerfile}: no findings")
-    bases = re.findall(r"^FROM\s+(?:--\S+\s+)*(\S+)", dockerfile.read_text(encoding="utf-8"), re.MULTILINE | re.IGNORECASE)
     try:
-        server_version = pinned_server_version(requirements)
-        expected = expected_base_image(server_version)
+        tested = pinned_server_version(requirements)
+        release = base_image_release(dockerfile)
     except ValueError as exc:
         report.problems.append(str(exc))
         return report
-    report.extend(check_container_python(TRITON_CONTAINER_RELEASE[server_version]))
-    if bases != [expected]:
+    image = TRITON_CONTAINERS[release]
+    if _version(image.server) < _version(tested):
         report.problems.append(
-            f"{dockerfile.name}: FROM {', '.join(bases) or '(none)'}; the pinned tritonserver {server_version} "
-            f"(nvidia-pytriton in {requirements.name}) is {expected}"
+            f"{dockerfile.name}: FROM {TRITON_IMAGE}:{release}-py3 runs tritonserver {image.server}, older than the "
+            f"{tested} the tests run (nvidia-pytriton in {requirements.name})"
         )
     else:
-        report.lines.append(f"base image: {expected} = tritonserver {server_version}, the version requirements-nodeps.txt pins")
+        report.lines.append(
+            f"base image: {TRITON_IMAGE}:{release}-py3 = tritonserver {image.server} (Ubuntu {image.ubuntu}, Python "
+            f"{image.python}); the tests run tritonserver {tested} (nvidia-pytriton in {requirements.name})"
+        )
+    report.extend(check_container_python(release))
+    if "deploy/image_requirements.py" not in dockerfile.read_text(encoding="utf-8"):
+        report.problems.append(
+            f"{dockerfile.name}: does not install the sets deploy/image_requirements.py writes, so what deploy-check "
+            "resolves is not what the image installs"
+        )
+    elif resolve:
+        report.extend(check_image_resolution(release))
+    return report
+
+
+def pip_platforms(glibc: str) -> list[str]:
+    """The wheel platform tags pip accepts on an x86-64 Linux with this glibc (what pip itself would
+    list in that image): every manylinux_2_N up to it, and the older aliases."""
+    major, minor = map(int, glibc.split("."))
+    return [f"manylinux_{major}_{n}_x86_64" for n in range(minor, 16, -1)] + ["manylinux2014_x86_64"]
+
+
+def check_image_resolution(release: str, root: Path = ROOT) -> Report:
+    """pip's resolver on the image's sets for the image's own Python and platform, wheels only (an
+    sdist would need the image's compilers): the set ``pip install`` would pick in the image, or the
+    conflict that would fail its build. Needs the package index (PyPI), as the build does."""
+    sys.path.insert(0, str(IMAGE_REQUIREMENTS.parent))
+    try:
+        import image_requirements
+    finally:
+        sys.path.pop(0)
+    image = TRITON_CONTAINERS[release]
+    report = Report()
+    target = ["--python-version", image.python, "--implementation", "cp", "--only-binary=:all:",
+              *(argument for tag in pip_platforms(image.glibc) for argument in ("--platform", tag))]
+    with tempfile.TemporaryDirectory(prefix="image-requirements-") as folder:
+        sets = image_requirements.write_image_sets(Path(folder), root)
+        steps = {
+            "requirements": ["--constraint", str(sets["constraints"]), "--requirement", str(sets["requirements"])],
+            "nodeps": ["--no-deps", "--requirement", str(sets["nodeps"])],
+        }
+        for step, arguments in steps.items():
+            answer = Path(folder) / f"{step}.json"
+            resolved = subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--report", str(answer),
+                 *target, *arguments],
+                capture_output=True, text=True, timeout=900, cwd=root,
+            )
+            where = f"Python {image.python}, glibc {image.glibc} (Triton {release})"
+            if resolved.returncode != 0:
+                lines = (resolved.stdout + resolved.stderr).splitlines()  # pip explains a conflict on stdout
+                errors = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
+                # pip names the packages that have no build for this Python and platform after this line.
+                marker = [i for i, line in enumerate(lines) if "no matching distributions available for your environment" in line]
+                following = lines[marker[0] + 1:] if marker else []
+                unavailable = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("    "), following)]
+                report.problems.append(
+                    f"image dependency set ({step}.txt) does not resolve for {where}: " + " | ".join(errors)
+                    + (f" (no build for it: {', '.join(unavailable)})" if unavailable else "")
+                )
+                continue
+            installed = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in json.loads(answer.read_text())["install"]}
+            named = ", ".join(f"{name} {installed[name]}" for name in ("torch", "vllm", "transformers", "sqlalchemy", "numpy") if name in installed)
+            report.lines.append(f"image dependency set ({step}.txt) resolves for {where}: {len(installed)} packages ({named})")
     return report
 
 
 def check_container_python(release: str, pyproject: Path = PYPROJECT) -> Report:
-    """`pip install .[server]` in the image needs the project to accept the container's Python."""
+    """`pip install .` in the image needs the project to accept the container's Python."""
     import tomllib
 
     from packaging.specifiers import SpecifierSet
 
     report = Report()
-    python = TRITON_CONTAINER_PYTHON.get(release)
-    if python is None:
-        report.problems.append(f"Triton container {release} is not in TRITON_CONTAINER_PYTHON ({__file__}): add its Python")
+    if release not in TRITON_CONTAINERS:
+        report.problems.append(f"Triton container {release} is not in TRITON_CONTAINERS ({__file__}): add its Python")
         return report
+    python = TRITON_CONTAINERS[release].python
     requires = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"].get("requires-python", "")
     if python not in SpecifierSet(requires):
         report.problems.append(
             f"{pyproject.name}: requires-python {requires!r} refuses Python {python}, the Python of the Triton "
-            f"{release} image, so `pip install .[server]` fails in deploy/Dockerfile"
+            f"{release} image, so `pip install .` fails in deploy/Dockerfile"
         )
     else:
         report.lines.append(f"Python {python} of the Triton {release} image meets requires-python {requires!r}")
@@ -187,6 +286,130 @@ def validate_object(obj: dict, where: str, crds: dict[tuple[str, str], dict], ve
         for error in sorted(validator.iter_errors(obj), key=lambda error: list(map(str, error.absolute_path))):
             path = "/".join(str(part) for part in error.absolute_path)
             problems.append(f"{name}, Kubernetes {minor} ({against}): at /{path}: {error.message}")
+    return problems
+
+
+# --- admission rules beyond the schemas -----------------------------------------------------------
+
+# KServe's admission webhook for InferenceServices (kserve pkg/apis/serving/v1beta1/
+# inference_service_validation.go) and its KEDA reconciler, for the autoScaling metrics this project
+# uses: an External metric is KEDA's (the autoscalerClass annotation says keda, which KServe accepts
+# only in Standard, formerly RawDeployment, mode), names its backend, query and, for Prometheus, the
+# server address, and gives its threshold as target.value, the one field the webhook requires and
+# the reconciler reads; target.averageValue alone is refused. target.type says how KEDA compares
+# (AverageValue: the query's value divided by the pod count).
+KSERVE_RAW_MODES = ("Standard", "RawDeployment")
+KSERVE_METRIC_BACKENDS = ("prometheus", "graphite")
+# KServe's runtimes: a runtime that speaks grpc-v2 declares its gRPC port as a container port named
+# h2c (Knative's name for cleartext HTTP/2, which KServe uses to route gRPC; KServe's own Triton
+# gRPC example declares `name: h2c, containerPort: 9000`); KServe sends HTTP to the container's
+# first declared port; the prometheus.kserve.io/port annotation is the port KServe's scraping reads.
+
+
+def _arguments(container: dict) -> dict[str, str]:
+    return dict(argument.removeprefix("--").split("=", 1) for argument in container.get("args", []) if argument.startswith("--") and "=" in argument)
+
+
+def kserve_admission(objects: list[tuple[str, dict]]) -> list[str]:
+    """What KServe's admission and controllers need from the InferenceServices and ServingRuntimes
+    among ``objects`` ((where, object) pairs), beyond their CRD schemas."""
+    problems = []
+    runtimes = {obj["metadata"]["name"]: (where, obj) for where, obj in objects if obj.get("kind") == "ServingRuntime"}
+    for where, runtime in runtimes.values():
+        name = f"{where}: ServingRuntime {runtime['metadata']['name']}"
+        spec = runtime["spec"]
+        [container] = spec["containers"][:1] or [{}]
+        arguments, ports = _arguments(container), container.get("ports", [])
+        if "grpc-v2" in spec.get("protocolVersions", []):
+            h2c = [port for port in ports if port.get("name") == "h2c"]
+            if not h2c:
+                problems.append(f"{name}: protocolVersions has grpc-v2 but no container port is named h2c, so KServe exposes HTTP only")
+            elif str(h2c[0]["containerPort"]) != arguments.get("grpc-port"):
+                problems.append(f"{name}: port h2c is {h2c[0]['containerPort']}, the server's --grpc-port is {arguments.get('grpc-port')}")
+        if ports and str(ports[0]["containerPort"]) != arguments.get("http-port"):
+            problems.append(f"{name}: KServe sends HTTP to the first container port, {ports[0]['containerPort']}, but --http-port is {arguments.get('http-port')}")
+        scraped = spec.get("annotations", {}).get("prometheus.kserve.io/port")
+        if scraped is not None and scraped != arguments.get("metrics-port"):
+            problems.append(f"{name}: prometheus.kserve.io/port is {scraped}, the server's --metrics-port is {arguments.get('metrics-port')}")
+    for where, service in objects:
+        if service.get("kind") != "InferenceService":
+            continue
+        name = f"{where}: InferenceService {service['metadata']['name']}"
+        annotations = service["metadata"].get("annotations", {})
+        predictor = service["spec"]["predictor"]
+        model = predictor.get("model", {})
+        if model.get("runtime") and model["runtime"] not in runtimes:
+            problems.append(f"{name}: runtime {model['runtime']} is not among the ServingRuntimes applied with it")
+        elif model.get("runtime"):
+            formats = [entry["name"] for entry in runtimes[model["runtime"]][1]["spec"].get("supportedModelFormats", [])]
+            if model.get("modelFormat", {}).get("name") not in formats:
+                problems.append(f"{name}: modelFormat {model.get('modelFormat', {}).get('name')} is not one runtime {model['runtime']} supports ({formats})")
+        for index, metric in enumerate(predictor.get("autoScaling", {}).get("metrics", [])):
+            if metric.get("type") != "External":
+                continue
+            at = f"{name}: autoScaling.metrics[{index}]"
+            if annotations.get("serving.kserve.io/autoscalerClass") != "keda":
+                problems.append(f"{at}: an External metric needs the annotation serving.kserve.io/autoscalerClass: keda")
+            if annotations.get("serving.kserve.io/deploymentMode") not in KSERVE_RAW_MODES:
+                problems.append(f"{at}: KEDA autoscaling needs serving.kserve.io/deploymentMode {' or '.join(KSERVE_RAW_MODES)}")
+            external = metric.get("external", {})
+            source, target = external.get("metric", {}), external.get("target", {})
+            if source.get("backend") not in KSERVE_METRIC_BACKENDS:
+                problems.append(f"{at}: external.metric.backend must be one of {', '.join(KSERVE_METRIC_BACKENDS)}")
+            if not source.get("query"):
+                problems.append(f"{at}: external.metric.query is required")
+            if source.get("backend") == "prometheus" and not source.get("serverAddress"):
+                problems.append(f"{at}: external.metric.serverAddress is required for the prometheus backend")
+            if target.get("value") is None:
+                given = ", ".join(f"target.{key}" for key in target if key != "type") or "nothing"
+                problems.append(f"{at}: KServe requires target.value for an External metric (its webhook refuses the "
+                                f"InferenceService and its KEDA reconciler reads no other field); it has {given}")
+    return problems
+
+
+# The chart's rules for a cluster. A probe that waits 1 s (Kubernetes' default timeout) restarts a
+# server that is busy with a long batch; at least 5 s.
+MIN_PROBE_TIMEOUT_S = 5
+MIN_GPU_PODS = 2  # with one pod, the disruption budget's one eviction is the whole service
+PROMETHEUS_RELEASE_LABEL = "release"  # kube-prometheus-stack's serviceMonitorSelector and ruleSelector
+GRAFANA_DASHBOARD_LABEL = "grafana_dashboard"  # Grafana's dashboard sidecar's default label
+
+
+def chart_rules(objects: list[dict], where: str) -> list[str]:
+    problems = []
+    by_kind: dict[str, list[dict]] = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    for deployment in by_kind.get("Deployment", []):
+        pod = deployment["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if probe in container and container[probe].get("timeoutSeconds", 1) < MIN_PROBE_TIMEOUT_S:
+                    problems.append(f"{where}: container {container['name']}: {probe}.timeoutSeconds is "
+                                    f"{container[probe].get('timeoutSeconds', 1)}, under {MIN_PROBE_TIMEOUT_S} s")
+        gpus = any("nvidia.com/gpu" in container.get("resources", {}).get("limits", {}) for container in pod["containers"])
+        if not gpus:
+            continue
+        counts = ([deployment["spec"]["replicas"]] if "replicas" in deployment["spec"] else
+                  [hpa["spec"].get("minReplicas", 1) for hpa in by_kind.get("HorizontalPodAutoscaler", [])]
+                  + [scaled["spec"].get("minReplicaCount", 0) for scaled in by_kind.get("ScaledObject", [])]) or [1]
+        if not all(isinstance(count, int) for count in counts):
+            continue  # a wrong type: the schemas report it
+        fewest = min(counts)
+        budgets = by_kind.get("PodDisruptionBudget", [])
+        if not budgets:
+            problems.append(f"{where}: GPU Deployment {deployment['metadata']['name']} has no PodDisruptionBudget")
+        if fewest < MIN_GPU_PODS:
+            problems.append(f"{where}: GPU Deployment {deployment['metadata']['name']} may run {fewest} pod: a node drain "
+                            f"evicts all of it; at least {MIN_GPU_PODS} (replicaCount or autoscaling.minReplicas)")
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        for obj in by_kind.get(kind, []):
+            if not obj["metadata"].get("labels", {}).get(PROMETHEUS_RELEASE_LABEL):
+                problems.append(f"{where}: {kind} {obj['metadata']['name']} has no {PROMETHEUS_RELEASE_LABEL} label: "
+                                "kube-prometheus-stack's Prometheus ignores it (prometheusRelease)")
+    for config_map in by_kind.get("ConfigMap", []):
+        if config_map["metadata"]["name"].endswith("-dashboard") and GRAFANA_DASHBOARD_LABEL not in config_map["metadata"].get("labels", {}):
+            problems.append(f"{where}: ConfigMap {config_map['metadata']['name']} has no {GRAFANA_DASHBOARD_LABEL} label: Grafana's sidecar ignores it")
     return problems
 
 
@@ -268,6 +491,7 @@ def _check_chart(values_file: Path, chart: Path, crds: dict | None) -> Report:
         objects = [document for _, document in rendered]
         for template, document in rendered:
             report.problems += validate_object(document, f"{values_file.name} {template.split('/', 1)[1]}", crds, (version,))
+    report.problems += chart_rules(objects, values_file.name)  # the rules hold alike for each version's render
     report.lines.append(
         f"{values_file.name}: helm lint --strict clean on Kubernetes {' and '.join(KUBERNETES_VERSIONS)}; "
         f"rendered {_kinds(objects)}"
@@ -276,13 +500,21 @@ def _check_chart(values_file: Path, chart: Path, crds: dict | None) -> Report:
 
 
 def check_manifests(paths: list[Path], crds: dict | None = None) -> Report:
+    """Files applied together (``kubectl apply -f deploy/kserve/``): each object against its schema, and
+    KServe's admission rules across them."""
     crds = custom_resource_schemas() if crds is None else crds
     report = Report()
+    applied = []
     for path in paths:
         objects = [document for document in yaml.safe_load_all(path.read_text(encoding="utf-8")) if document is not None]
         for obj in objects:
             report.problems += validate_object(obj, path.name, crds)
+        applied += [(path.name, obj) for obj in objects]
         report.lines.append(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {_kinds(objects)}")
+    admission = kserve_admission(applied)
+    report.problems += admission
+    if not admission:
+        report.lines.append(f"KServe admission rules hold for {', '.join(path.name for path in paths)}")
     return report
 
 

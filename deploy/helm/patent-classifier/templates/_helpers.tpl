@@ -29,6 +29,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if .Values.tls.secret }}HTTPS{{ else }}HTTP{{ end -}}
 {{- end -}}
 
+{{/* The records journal's folder in the container (an emptyDir or a claim: records.journal). */}}
+{{- define "patent-classifier.journalPath" -}}
+/var/lib/patent-classifier/journal
+{{- end -}}
+
+{{/* kube-prometheus-stack's Prometheus selects ServiceMonitors and PrometheusRules by release=<its release>. */}}
+{{- define "patent-classifier.prometheusReleaseLabel" -}}
+{{- with .Values.prometheusRelease }}
+release: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
 {{/* The Secret holding the access token: the one auth.tokenSecret names, or the chart's own. */}}
 {{- define "patent-classifier.tokenSecretName" -}}
 {{- .Values.auth.tokenSecret | default (printf "%s-token" (include "patent-classifier.fullname" .)) -}}
