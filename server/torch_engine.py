@@ -295,10 +295,7 @@ class TorchEngine(ClassificationEngine):
         if not batch.documents:
             return
         try:
-            if batch.input_ids is None:
-                probabilities = self._forward_packed([d.encoded.token_ids for d in batch.documents])
-            else:
-                probabilities = self._forward(batch.input_ids, batch.attention_mask)
+            probabilities = self._probabilities(batch)
         except Exception as exc:
             log.exception("forward pass over %d documents failed", len(batch.documents))
             for document in batch.documents:
@@ -347,6 +344,13 @@ class TorchEngine(ClassificationEngine):
             self._forward(*pad_batch([[token] * width] * count, self._pad_token_id, self._device))
         log.info("torch engine: attention compiled for every batch shape in %.1f s (%d graphs)",
                  time.monotonic() - started, causal_flex_attention.compiled_graphs())
+
+    def _probabilities(self, batch: _PreparedBatch) -> np.ndarray:
+        """One row of class probabilities per document of ``batch``: the one way every batch, packed
+        or padded, reaches the model (what a test that stubs the model replaces)."""
+        if batch.input_ids is None:
+            return self._forward_packed([d.encoded.token_ids for d in batch.documents])
+        return self._forward(batch.input_ids, batch.attention_mask)
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
