@@ -3,10 +3,11 @@
 An engine dies for good when its loop thread dies (a bug), when its device stops computing (a
 sticky CUDA error), when a forward pass runs past ``max_forward_pass_s`` (a hung device), or when
 vLLM's engine-core process dies (``EngineDeadError``): every later request would then fail at
-once, or wait forever, while Triton keeps reporting the model READY. Inside the Python backend no call turns a model
-not-ready, but a stub that exits does: Triton then refuses the model's requests as "not
-healthy", and the launcher's watchdog (server/model_watchdog.py) unloads and loads the model
-with a new stub and a new engine, the same recovery as for a stub killed from outside.
+once, or wait forever, while Triton keeps reporting the model READY. Inside the Python backend
+no call turns a model not-ready, but a stub that exits does: Triton then refuses the model's
+requests as "not healthy", and the launcher's watchdog (server/model_watchdog.py) unloads and
+loads the model with a new stub and a new engine, the same recovery as for a stub killed from
+outside.
 
 Before exiting, the requests the engine still held are failed with a clear error and every
 answer already queued is sent, so no caller is left waiting for a stub that is gone.

@@ -257,9 +257,10 @@ class TorchEngine(ClassificationEngine):
         with self._wakeup:
             self._scheduler.drain()
             unfinished = list(self._in_flight)
-        # Whatever did not finish within the drain (queued, or held by a loop that died) fails now.
+        # Whatever did not finish within the drain (queued, or held by a loop that died or hangs) fails now.
+        reason = f"the engine died ({self._death})" if self._death else "the server shut down before this request ran"
         for submission in unfinished:
-            submission.fail(ServerUnavailable("the server shut down before this request ran"))
+            submission.fail(ServerUnavailable(reason))
 
     def _load(self, attention: str) -> None:
         """Everything torch computes before serving: off the caller's thread (``on_a_thread_that_ends``)."""

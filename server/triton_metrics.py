@@ -47,8 +47,9 @@ RATIO_BUCKETS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 PROBABILITY_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
 
 SAMPLE_INTERVAL_S = 1.0
-# Events waiting for the metrics thread: at a second of updates per round's worth, minutes of
-# backlog would be stale by the time they land; past this many they are dropped and counted.
+# Events waiting for the metrics thread; past this many, new ones are dropped and counted. A
+# backlog that long is already far behind the answers (each update is an IPC call): holding more
+# would only take memory and make what the series show later still.
 MAX_QUEUED_EVENTS = 10_000
 EVENTS_PER_ROUND = 1_000  # between two looks at the sampling clock
 
