@@ -10,6 +10,9 @@ REPOSITORY := model_repository
 MODELS_FILE ?= models.yaml
 # The model `make eval` measures.
 MODEL := kscst-gemma2
+# A model's merged folder in the version Triton serves: its highest version folder, since each
+# re-export counts the version up (export/triton_package.py). Expanded when a recipe runs, after the export.
+served_model_dir = $(1)/$(2)/$(shell ls $(1)/$(2) 2>/dev/null | grep -xE '[0-9]+' | sort -n | tail -n 1)/model
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
@@ -143,7 +146,7 @@ EVAL_URL ?=
 # The merged model folder, for the agreement with offline transformers; empty to skip that part.
 # Against a remote server (EVAL_URL) none by default: its model may not be here, and loading a
 # 9B model on the machine that only sends the file is never what a release check wants unasked.
-EVAL_MODEL_DIR ?= $(if $(EVAL_URL),,$(REPOSITORY)/$(MODEL)/1/model)
+EVAL_MODEL_DIR ?= $(if $(EVAL_URL),,$(call served_model_dir,$(REPOSITORY),$(MODEL)))
 # A release gate: exit 1 when the accuracy is below this (e.g. EVAL_MIN_ACCURACY=0.8).
 EVAL_MIN_ACCURACY ?=
 eval: $(if $(EVAL_URL),$(VENV)/.installed,export)
@@ -174,7 +177,7 @@ BENCH_DURATION ?= 20
 BENCH_CONCURRENCY ?= 1,8
 BENCH_RATES ?= 1
 BENCH_LONG_SHARE ?= 0.7
-BENCH_MODEL_DIR ?= $(if $(filter gemma2-bench,$(BENCH_MODEL)),$(BENCH_REPOSITORY),$(REPOSITORY))/$(BENCH_MODEL)/1/model
+BENCH_MODEL_DIR ?= $(call served_model_dir,$(if $(filter gemma2-bench,$(BENCH_MODEL)),$(BENCH_REPOSITORY),$(REPOSITORY)),$(BENCH_MODEL))
 # The budget of the servers the bench starts: the CPU demo's, as in models.yaml.
 BENCH_MAX_BATCH_TOKENS ?= 1024
 BENCH_URL ?=
@@ -195,7 +198,7 @@ $(BENCH_REPOSITORY)/.exported: $(BENCH_MODELS_FILE) $(DEMO)/gemma2-bench/.built 
 
 # Continuous batching vs Triton's dynamic batcher alone vs batch-1, one server, one run.
 bench-batching: export
-	$(PY) -m benchmarks.batching_comparison --merged-model $(REPOSITORY)/$(MODEL)/1/model
+	$(PY) -m benchmarks.batching_comparison --merged-model $(call served_model_dir,$(REPOSITORY),$(MODEL))
 
 # The export of a Gemma-2 of the real 9B width with a few layers (random weights, sharded float32
 # as google/gemma-2-9b is published) and a rank-16 LoRA: peak memory (GNU time), time and proof

@@ -123,22 +123,26 @@ async def measure(target: peers.Target, documents: list, args: argparse.Namespac
     progress = not args.no_progress
     points = []
     async with target.sender() as send:
-        await run_closed_loop("warm-up", send, requests, concurrency=2, max_seconds=120, max_requests=WARM_UP_REQUESTS)
+        # Documents answered so far: each reading of the target's counts waits until it holds them
+        # (a server's metrics are applied behind its answers).
+        start = target.computed_tokens()
+        answered = 0 if start is None else start.documents
+        warm_up = await run_closed_loop("warm-up", send, requests, concurrency=2, max_seconds=120, max_requests=WARM_UP_REQUESTS)
+        answered += warm_up.documents
         loads = [("closed", c) for c in args.concurrency]
         if per_request == 1:
             loads += [("open", rate) for rate in args.rates]
         for mode, value in loads:
-            before = target.computed_tokens()
+            before = target.computed_tokens(answered)
             label = f"{target.name} {mode} {value:g}"
             if mode == "closed":
                 result = await run_closed_loop(label, send, requests, value, args.duration, args.max_requests, progress)
             else:
                 result = await run_open_loop(label, send, requests, value, args.duration, args.max_requests,
                                              drain_seconds=max(30.0, args.duration), progress=progress)
-            after = target.computed_tokens()
-            waste = None
-            if before is not None and after is not None:
-                waste = peers.padding_waste(after[0] - before[0], after[1] - before[1])
+            answered += result.documents
+            after = target.computed_tokens(answered)
+            waste = None if before is None or after is None else after.since(before).padding_waste
             point = Point(target.name, result, waste)
             points.append(point)
             row = point.row()

@@ -19,6 +19,7 @@ grow without bound) and the rest count as failures.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import sys
 import time
@@ -93,7 +94,8 @@ class _Tally:
             self.documents += len(documents)
             self.tokens += tokens
         self.bar.set_postfix_str(f"{len(self.latencies)} answered, {self.failures} failed", refresh=False)
-        self.bar.update(min(time.perf_counter() - self.started, self.bar.total) - self.bar.n)
+        elapsed = time.perf_counter() - self.started
+        self.bar.update(min(elapsed, self.bar.total if self.bar.total is not None else elapsed) - self.bar.n)  # tqdm: inf is None
 
     def result(self, label: str, concurrency: int, seconds: float, **extra) -> LoadResult:
         self.bar.close()
@@ -193,10 +195,11 @@ def closed_loop(
     protocol: str = "grpc",
     max_seconds: float = 120.0,
 ) -> LoadResult:
-    """Send ``requests`` (each a list of documents) to our server with ``concurrency`` in flight; stops by itself."""
+    """Send ``requests`` (each a list of documents) to our server with ``concurrency`` in flight; stops by itself
+    (``max_seconds`` may be ``math.inf``: it then stops once every request is answered, each within 60 s or more)."""
 
     async def run() -> LoadResult:
-        async with classifier_sender(url, protocol, model, timeout_s=max(60.0, max_seconds)) as send:
+        async with classifier_sender(url, protocol, model, timeout_s=max(60.0, max_seconds) if math.isfinite(max_seconds) else 60.0) as send:
             return await run_closed_loop(label, send, requests, concurrency, max_seconds)
 
     return asyncio.run(run())

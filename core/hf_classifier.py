@@ -130,27 +130,50 @@ class EncodedText:
     truncated: bool
 
 
-def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[EncodedText]:
-    """Tokenize with truncation at ``max_length`` and say which texts were cut.
+class TruncatingTokenizer:
+    """A fast tokenizer's Rust tokenizer, cutting at ``max_length`` tokens (special tokens
+    included, on the tokenizer's truncation side) and saying which texts it cut: the token ids
+    ``tokenizer(texts, truncation=True, max_length=max_length)`` gives; callable from any thread.
 
-    One tokenizer pass: overflowing tokens come back as extra rows mapped to their source text,
-    so a text with more than one row was truncated.
-    """
-    batch = tokenizer(
-        list(texts), truncation=True, max_length=max_length, return_overflowing_tokens=True, stride=0
-    )
-    owners = batch["overflow_to_sample_mapping"]
-    encoded: list[EncodedText | None] = [None] * len(texts)
-    rows_per_text = np.bincount(owners, minlength=len(texts))
-    for row, owner in enumerate(owners):
-        if encoded[owner] is None:
-            encoded[owner] = EncodedText(batch["input_ids"][row], bool(rows_per_text[owner] > 1))
-    return encoded  # type: ignore[return-value]
+    A text is tokenized whole without special tokens (its length, in Rust, says whether it is cut),
+    then truncated and given its special tokens by the tokenizer's own post-processing, as
+    transformers does. Asking transformers for the overflowing tokens instead, to see the cut,
+    turns the rest of a long text into rows of Python ints (a 256 KB text into hundreds): what an
+    overloaded server must not pay. The Rust tokenizer is a private copy: transformers resets the
+    truncation of its own on every call."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
+        from tokenizers import Tokenizer
+
+        self.max_length = max_length
+        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._backend.no_padding()
+        self._backend.no_truncation()
+        self._truncation = dict(max_length=max_length, stride=0, strategy="longest_first", direction=tokenizer.truncation_side)
+        self._special_tokens = self._backend.num_special_tokens_to_add(False)
+        self._lock = threading.Lock()  # encode switches the copy's truncation on and off
+
+    def encode(self, texts: Sequence[str]) -> list[EncodedText]:
+        with self._lock:
+            whole = self._backend.encode_batch(list(texts), add_special_tokens=False)
+            self._backend.enable_truncation(**self._truncation)
+            try:
+                return [
+                    EncodedText(self._backend.post_process(encoding).ids, len(encoding) + self._special_tokens > self.max_length)
+                    for encoding in whole
+                ]
+            finally:
+                self._backend.no_truncation()
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[EncodedText]:
+    """Tokenize with truncation at ``max_length`` and say which texts were cut (``TruncatingTokenizer``)."""
+    return TruncatingTokenizer(tokenizer, max_length).encode(texts)
 
 
 class DocumentEncoder:
-    """One model's text cleaning, then ``encode_texts`` with its tokenizer and max length;
-    callable from any thread.
+    """One model's text cleaning, then its tokenizer truncating at its max length
+    (``TruncatingTokenizer``); callable from any thread.
 
     Every engine encodes through it, so all of them clean, truncate and count tokens the same way."""
 
@@ -158,13 +181,12 @@ class DocumentEncoder:
         self.tokenizer = load_tokenizer(model_dir)
         self.max_length = max_length
         self.preprocess = text_preprocessor(preprocessing)
-        self._lock = threading.Lock()  # HF fast tokenizers are not safe to call concurrently
+        self._truncating = TruncatingTokenizer(self.tokenizer, max_length)
 
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
         if self.preprocess is not None:
             texts = [self.preprocess(text) for text in texts]
-        with self._lock:
-            return encode_texts(self.tokenizer, texts, self.max_length)
+        return self._truncating.encode(texts)
 
 
 def pad_batch(

@@ -83,6 +83,12 @@ class ServingConfig(BaseModel):
     default_timeout_ms: int = Field(
         0, ge=0, description="deadline for requests that carry no timeout of their own; 0: none"
     )
+    max_forward_pass_s: float = Field(
+        600.0, ge=0.0, le=86400.0,
+        description="a forward pass (vllm engine: a wait for vLLM's next output while it holds work) that runs longer "
+        "than this marks the engine dead: health false, the model reloaded; 0: no bound. Generous: the longest "
+        "batch on the slowest device this model is served on, several times over",
+    )
     pad_to_multiple_of: int = Field(
         1, ge=1, le=512, description="round batch widths up to this many tokens (16 on a GPU: tensor-core friendly widths)"
     )

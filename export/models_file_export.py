@@ -22,7 +22,7 @@ from export.merged_model_export import DEFAULT_PROOF_MEMORY_GIB, MergeReport, ex
 from export.model_support import UnsupportedModel, check_servable
 from export.precision_agreement import labelled_texts, settle_served_precision
 from export.repository_staging import RepositoryStaging
-from export.triton_package import MODEL_VERSION, merged_model_dir, write_feedback_model, write_triton_model
+from export.triton_package import merged_model_dir, next_model_version, write_feedback_model, write_triton_model
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,15 @@ def export_model(
     staging: RepositoryStaging, model: ServedModel, device: str = "cpu", proof_memory_gib: float = DEFAULT_PROOF_MEMORY_GIB
 ) -> MergeReport:
     staged = staging.new_repository()
+    version = next_model_version(staging.repository, model.name)
     try:
-        out_dir = merged_model_dir(staged, model.name)
+        out_dir = merged_model_dir(staged, model.name, version)
         report = export_classifier(model, out_dir, device=device, proof_memory_gib=proof_memory_gib)
         serving, agreement = settle_served_precision(model, out_dir, device, proof_memory_gib)
         log.info("%s: %s against float32 on %d patents: top-1 agreement %.1f %%, max |Δprobability| %.2g; serving dtype %s",
                  model.name, agreement.measured_dtype, agreement.documents, 100 * agreement.top1_agreement,
                  agreement.max_abs_probability_diff, serving.dtype)
-        write_triton_model(staged, model.name, serving, serving_root=staging.repository.resolve().parent)
+        write_triton_model(staged, model.name, serving, version, serving_root=staging.repository.resolve().parent)
     except BaseException:
         staging.discard(staged)
         served = staging.repository / model.name
@@ -65,6 +66,7 @@ def export_model(
         log.error("%s: not exported; %s", model.name, outcome)
         raise
     staging.publish(staged, model.name)
+    log.info("%s: published as version %s", model.name, version)
     return report
 
 
@@ -93,7 +95,7 @@ def remove_unlisted_models(staging: RepositoryStaging, listed: set[str]) -> list
     removed = []
     for config in sorted(staging.repository.glob("*/config.pbtxt")):
         folder = config.parent
-        if folder.name not in listed and (folder / MODEL_VERSION / "model.py").exists():
+        if folder.name not in listed and any(folder.glob("*/model.py")):
             staging.remove(folder.name)
             removed.append(folder.name)
             log.warning("removed %s from %s: the models file no longer lists it", folder.name, staging.repository)

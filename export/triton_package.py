@@ -1,8 +1,14 @@
 """Write a Triton model folder for a merged classifier:
 
     <repository>/<name>/config.pbtxt     the KServe v2 tensors and the engine's parameters
-    <repository>/<name>/1/model.py       the Triton adapter (a copy of server/triton/model.py)
-    <repository>/<name>/1/model/         the merged model (written by the merge)
+    <repository>/<name>/<N>/model.py     the Triton adapter (a copy of server/triton/model.py)
+    <repository>/<name>/<N>/model/       the merged model (written by the merge)
+
+``N`` is the model's version, Triton's integer version folder: 1 for a model's first export into
+a repository, one more than the version served for each re-export (``next_model_version``), so
+every export of a model is a version of its own, in Triton's metadata and metrics (``version``)
+and in each prediction record (``model_version``). A failed export publishes nothing and uses no
+number. Removing a model's folder starts its count again at 1.
 
 and, when models record predictions, the feedback model that takes examiners' corrections:
 
@@ -28,12 +34,33 @@ from core.serving_config import FeedbackConfig, ServingConfig, relative_sqlite_p
 
 TRITON_MODEL_SOURCE = Path(__file__).resolve().parent.parent / "server" / "triton" / "model.py"
 FEEDBACK_MODEL_SOURCE = TRITON_MODEL_SOURCE.with_name("feedback_model.py")
-MODEL_VERSION = "1"
+MODEL_VERSION = "1"  # a model's first export; each re-export counts up (next_model_version)
 MERGED_MODEL_FOLDER = "model"
 
 
-def merged_model_dir(repository: Path, name: str) -> Path:
-    return repository / name / MODEL_VERSION / MERGED_MODEL_FOLDER
+def model_versions(repository: Path, name: str) -> list[int]:
+    """The integer version folders of a model's folder, lowest first (Triton ignores other names)."""
+    folder = Path(repository) / name
+    if not folder.is_dir():
+        return []
+    return sorted(int(entry.name) for entry in folder.iterdir() if entry.is_dir() and entry.name.isdigit())
+
+
+def served_version(repository: Path, name: str) -> str:
+    """The version Triton serves (its default policy: the latest), or MODEL_VERSION for a model not yet written."""
+    versions = model_versions(repository, name)
+    return str(versions[-1]) if versions else MODEL_VERSION
+
+
+def next_model_version(repository: Path, name: str) -> str:
+    """The version a new export of ``name`` into ``repository`` gets: one more than any there."""
+    versions = model_versions(repository, name)
+    return str(versions[-1] + 1) if versions else MODEL_VERSION
+
+
+def merged_model_dir(repository: Path, name: str, version: str | None = None) -> Path:
+    """The merged model of ``version`` (by default the served one)."""
+    return Path(repository) / name / (version or served_version(repository, name)) / MERGED_MODEL_FOLDER
 
 
 def _tensor_block(kind: str, tensors, optional: bool) -> str:
@@ -95,17 +122,22 @@ def _instance_group(config: ServingConfig) -> str:
     return f"instance_group [ {{ kind: KIND_GPU count: {instances.count}{gpus} }} ]\n"
 
 
-def write_triton_model(repository: Path, name: str, config: ServingConfig, serving_root: Path | None = None) -> Path:
-    """The model's folder; ``num_labels`` is filled in from the merged model when it is already there.
-    ``serving_root``: the folder that holds the repository the folder is published into (default: the
-    one holding ``repository``), which records paths are written relative to."""
+def write_triton_model(
+    repository: Path, name: str, config: ServingConfig, version: str | None = None, serving_root: Path | None = None
+) -> Path:
+    """The model's folder, its ``version`` folder (by default the served one) holding the adapter;
+    ``num_labels`` is filled in from the merged model when it is already there. ``serving_root``:
+    the folder that holds the repository the folder is published into (default: the one holding
+    ``repository``), which records paths are written relative to."""
     model_folder = repository / name
-    (model_folder / MODEL_VERSION).mkdir(parents=True, exist_ok=True)
-    model_dir = model_folder / MODEL_VERSION / config.model_dir  # an absolute model_dir stays as it is
+    version_folder = model_folder / (version or served_version(repository, name))
+    version_folder.mkdir(parents=True, exist_ok=True)
+    model_dir = version_folder / config.model_dir  # an absolute model_dir stays as it is
     if config.num_labels is None and model_dir.is_dir():
         config = config.model_copy(update={"num_labels": len(LabelSet.for_model_dir(model_dir))})
-    (model_folder / "config.pbtxt").write_text(config_pbtxt(name, relative_records_paths(config, serving_root or Path(repository).resolve().parent)), encoding="utf-8")
-    shutil.copyfile(TRITON_MODEL_SOURCE, model_folder / MODEL_VERSION / "model.py")
+    records_root = serving_root or Path(repository).resolve().parent
+    (model_folder / "config.pbtxt").write_text(config_pbtxt(name, relative_records_paths(config, records_root)), encoding="utf-8")
+    shutil.copyfile(TRITON_MODEL_SOURCE, version_folder / "model.py")
     return model_folder
 
 

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     while not stop_requested.wait(1.0):
         if server.process.poll() is not None:
             print(f"tritonserver exited unexpectedly with code {server.process.returncode}", file=sys.stderr)
+            server.stop()  # ends the stubs (and vLLM engine cores) it left running
             return 1
     print("stopping: draining requests in flight ...", flush=True)
     code = server.stop()

@@ -1,11 +1,13 @@
 """An engine that can no longer answer takes its stub process down, so the model comes back.
 
-An engine dies for good when its loop thread dies (a bug, a device fault) or when vLLM's
-engine-core process dies (``EngineDeadError``): every later request would then fail at once
-while Triton keeps reporting the model READY. Inside the Python backend no call turns a model
-not-ready, but a stub that exits does: Triton then refuses the model's requests as "not
-healthy", and the launcher's watchdog (server/model_watchdog.py) unloads and loads the model
-with a new stub and a new engine, the same recovery as for a stub killed from outside.
+An engine dies for good when its loop thread dies (a bug), when its device stops computing (a
+sticky CUDA error), when a forward pass runs past ``max_forward_pass_s`` (a hung device), or when
+vLLM's engine-core process dies (``EngineDeadError``): every later request would then fail at
+once, or wait forever, while Triton keeps reporting the model READY. Inside the Python backend
+no call turns a model not-ready, but a stub that exits does: Triton then refuses the model's
+requests as "not healthy", and the launcher's watchdog (server/model_watchdog.py) unloads and
+loads the model with a new stub and a new engine, the same recovery as for a stub killed from
+outside.
 
 Before exiting, the requests the engine still held are failed with a clear error and every
 answer already queued is sent, so no caller is left waiting for a stub that is gone.
@@ -30,9 +32,11 @@ EXIT_CODE = 70  # EX_SOFTWARE
 class DeadEngineExit:
     def __init__(
         self, engine: ClassificationEngine, send_queued_answers: Callable[[float], None],
-        exit_process: Callable[[int], None] = os._exit,
+        exit_process: Callable[[int], None] = os._exit, engine_dead: Callable[[], None] = lambda: None,
     ):
+        """``engine_dead``: called first once the engine is found dead (the health gauge reads 0 at once)."""
         self._engine, self._send_queued_answers, self._exit_process = engine, send_queued_answers, exit_process
+        self._engine_dead = engine_dead
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="dead-engine-exit", daemon=True)
         self._thread.start()
@@ -49,6 +53,10 @@ class DeadEngineExit:
         else:
             return
         log.error("the engine can no longer answer; failing what it held and ending this stub so the model is reloaded")
+        try:
+            self._engine_dead()
+        except Exception:
+            log.exception("reporting the dead engine failed")
         # On a thread of its own: a dead engine's shutdown may hang, and the exit must come anyway.
         cleanup = threading.Thread(target=self._fail_and_answer_what_is_left, name="dead-engine-cleanup", daemon=True)
         cleanup.start()

@@ -23,10 +23,17 @@ command line. The launch key is on that command line (Triton takes it nowhere el
 of the same host can read it (docs/operations.md says what that means and what to do). A network
 address (anything but loopback) needs a token, or ``insecure_no_token`` saying the network is
 private by other means.
+
+Start and end: the three ports are checked before tritonserver starts (it would load every model
+first, for minutes with a large one, and only then fail on a port in use), and tritonserver runs
+in a session of its own, so whatever it starts (the Python-backend stubs, vLLM's engine cores)
+stays in its process group however it ends: on every stop, and when it exits unexpectedly, the
+launcher ends what is left of that group (the stubs ignore SIGTERM, so SIGKILL).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -46,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from core import access_token
 from core.feedback_protocol import FEEDBACK_MODEL
 from server.cpu_share import CPU_ENGINES_ENV, cpu_engines_of
-from server.model_watchdog import DeadStubWatchdog, answers_200, end_leftovers, process_tree
+from server.model_watchdog import DeadStubWatchdog, answers_200, end_leftovers, process_group, process_tree
 from server.tls_front import TlsFront, server_tls_context
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -320,6 +327,37 @@ class ServerNotReady(RuntimeError):
     pass
 
 
+class PortUnavailable(ServerNotReady):
+    """A port the server would listen on is taken (or cannot be bound): found before tritonserver starts."""
+
+
+def check_ports(config: LaunchConfig) -> None:
+    """Each of the server's three ports can be listened on at ``config.address``, and they differ;
+    else ``PortUnavailable`` naming the port's flag. Bound with SO_REUSEADDR, as tritonserver's
+    listeners are, so a port held only by connections closing (TIME_WAIT) counts as free."""
+    ports = {"--http-port": config.http_port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port}
+    flags_of: dict[int, list[str]] = {}
+    for flag, port in ports.items():
+        flags_of.setdefault(port, []).append(flag)
+    for port, flags in flags_of.items():
+        if len(flags) > 1:
+            raise PortUnavailable(f"{' and '.join(flags)} are all {port}: each endpoint needs a port of its own")
+    for flag, port in ports.items():
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                config.address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+        except socket.gaierror as exc:
+            raise PortUnavailable(f"--address {config.address}: not an address of this machine ({exc.strerror})") from None
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be listened on: {exc.strerror}"
+                raise PortUnavailable(f"{flag} {port}: {config.address}:{port} {why}") from None
+
+
 @dataclass
 class TritonServer:
     """A running tritonserver process (with its TLS front and stub watchdog when configured).
@@ -363,15 +401,17 @@ class TritonServer:
 
     def start(self) -> "TritonServer":
         started = time.monotonic()
+        check_ports(self.config)
         self._triton_http_port = free_loopback_ports(1)[0] if self.config.tls else self.config.http_port
         self._admin_key = secrets.token_urlsafe(32)
         command = _command(self.config, self._admin_key, self._triton_http_port)
         log.info("starting %s", describe_command(command))
         # The child writes to its own copy of the log's descriptor; ours closes once it has started.
+        # A session of its own: its process group then holds everything it starts (stop() ends what is left).
         with open(self.log_path, "wb") if self.log_path else contextlib.nullcontext() as output:
             self.process = subprocess.Popen(
                 command, env=_environment(self.config), stdout=output,
-                stderr=subprocess.STDOUT if output else None,
+                stderr=subprocess.STDOUT if output else None, start_new_session=True,
             )
         try:
             self.wait_until_ready()
@@ -403,7 +443,8 @@ class TritonServer:
         raise ServerNotReady(f"tritonserver not ready after {self.config.ready_timeout_s:.0f} s")
 
     def stop(self) -> int | None:
-        """SIGTERM (Triton drains requests in flight for up to exit_timeout_s), then SIGKILL if it hangs.
+        """SIGTERM (Triton drains requests in flight for up to exit_timeout_s), then SIGKILL if it hangs;
+        then whatever tritonserver started and left running is ended, also after it exited on its own.
         The TLS front stays up until Triton has exited, so HTTPS requests in flight are answered too."""
         if self.watchdog is not None:
             self.watchdog.stop()  # a stub stopping at shutdown is no fault to recover from
@@ -419,7 +460,9 @@ class TritonServer:
                 self.process.kill()
                 return self.process.wait()
         finally:
-            end_leftovers(tree)
+            if self.process is not None:
+                # Its group outlives it while a member lives, so its id names no other process until then.
+                end_leftovers(sorted(set(tree) | set(process_group(self.process.pid))))
             if self._front is not None:
                 self._front.stop()
 

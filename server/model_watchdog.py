@@ -41,6 +41,10 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 STUB_EXECUTABLE = "triton_python_backend_stub"
+# How long stop() waits for a look or a reload in progress: well inside a pod's termination grace
+# (the chart's is --exit-timeout + 30 s, and Triton's own drain comes after this), where a reload
+# of a large model can take minutes. A reload left behind fails with the server it talks to.
+STOP_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,17 @@ def process_tree(root_pid: int) -> list[tuple[int, str]]:
     return tree
 
 
+def process_group(group_id: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every live process in process group ``group_id``: what a tritonserver
+    started in a session of its own started (its stubs, their vLLM engine cores), wherever the
+    kernel has moved them since; orphans keep their group when their parent exits."""
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (fields := _stat_fields(int(name))) is not None and fields[2] == str(group_id) and fields[0] != "Z":
+            members.append((int(name), fields[19]))
+    return members
+
+
 def end_leftovers(tree: list[tuple[int, str]], timeout_s: float = 30.0) -> list[int]:
     """SIGKILL the processes of ``tree`` that outlived their server (a stub Triton gave up on at
     its exit timeout holds the model's memory until it is ended). The start time tells a
@@ -122,7 +137,7 @@ def _start_time(pid: int) -> str | None:
 
 
 def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name: state first, parent pid next, start time at index 19.
+    """/proc/PID/stat after the command name: state first, parent pid next, process group, ..., start time at index 19.
     Read as bytes: a command name cut at 15 bytes may end inside a UTF-8 character."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].decode("ascii").split()
@@ -203,9 +218,12 @@ class DeadStubWatchdog:
         return self
 
     def stop(self) -> None:
+        """Stops watching; returns within STOP_WAIT_S, even with a reload in progress."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(self.reload_timeout_s)
+            self._thread.join(STOP_WAIT_S)
+            if self._thread.is_alive():
+                log.warning("stub watchdog: stopped while a look or a reload was in progress; not waiting for it")
 
     def state(self) -> WatchdogState:
         running = self._thread is not None and self._thread.is_alive()
@@ -276,8 +294,10 @@ class DeadStubWatchdog:
         started = time.monotonic()
         ready = False
         try:
-            self._repository(stub.model, "unload")
-            self._repository(stub.model, "load")
+            for action in ("unload", "load"):
+                if self._stop.is_set():  # shutting down: the server is going, and its models with it
+                    return
+                self._repository(stub.model, action)
             ready = self._model_ready(stub.model)
         except (urllib.error.URLError, OSError) as exc:
             log.error("reloading model %s failed: %s", stub.model, exc)

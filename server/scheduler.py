@@ -15,7 +15,9 @@ Rules:
   padding stays small without sorting the whole queue. Packed batches have no padding to
   avoid: they take the waiting documents in arrival order, each one that still fits.
 - The queue is bounded in tokens (``max_queue_tokens``): ``admit`` refuses work that would
-  overflow it, so an overloaded server says so at once instead of growing latency.
+  overflow it, so an overloaded server says so at once instead of growing latency. A request is
+  counted before it is tokenized, at the most its documents can take (``reserve``), and settled
+  to its real tokens when it is admitted: overload is refused before any tokenizing is paid.
 - Expired documents (past their deadline) and dropped ones (``is_dropped``, e.g. a cancelled
   request) leave the queue without being batched, and are handed back to be failed.
 """
@@ -91,17 +93,35 @@ class TokenBudgetScheduler(Generic[Payload]):
         self._waiting: dict[int, ScheduledDocument[Payload]] = {}  # insertion order = arrival order
         self._sequence = itertools.count()
         self.waiting_tokens = 0
+        self.reserved_tokens = 0  # held by requests being tokenized (reserve), not yet admitted
+
+    def _fits(self, tokens: int) -> bool:
+        return self.max_queue_tokens is None or self.waiting_tokens + self.reserved_tokens + tokens <= self.max_queue_tokens
+
+    def reserve(self, tokens: int) -> bool:
+        """Hold ``tokens`` of the queue's bound for a request about to be tokenized, or False when
+        they do not fit beside what is queued and reserved. ``admit(..., reserved=tokens)`` or
+        ``release(tokens)`` gives them back."""
+        if not self._fits(tokens):
+            return False
+        self.reserved_tokens += tokens
+        return True
+
+    def release(self, tokens: int) -> None:
+        self.reserved_tokens -= tokens
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def admit(self, documents: list[ScheduledDocument[Payload]]) -> bool:
-        """Queue all of ``documents`` (one request's) or none: False when the token bound would overflow."""
+    def admit(self, documents: list[ScheduledDocument[Payload]], reserved: int = 0) -> bool:
+        """Queue all of ``documents`` (one request's) or none: False when the token bound would overflow.
+        ``reserved``: what ``reserve`` held for them, released here whatever the outcome."""
+        self.release(reserved)
         incoming = sum(d.token_count for d in documents)
         for document in documents:
             if not 0 < document.token_count <= self.max_document_tokens:
                 raise ValueError(f"token_count {document.token_count} outside 1..{self.max_document_tokens}")
-        if self.max_queue_tokens is not None and self.waiting_tokens + incoming > self.max_queue_tokens:
+        if not self._fits(incoming):
             return False
         for document in documents:
             document.sequence = next(self._sequence)

@@ -1,6 +1,8 @@
 """The PyTorch engine: a transformers ``*ForSequenceClassification`` model behind a two-stage loop.
 
-    submit (caller's thread)   tokenize, admit into the scheduler or refuse as overloaded
+    submit (caller's thread)   reserve the most the documents can take of the queue's bound, or
+                               refuse as overloaded before any tokenizing; tokenize; admit into
+                               the scheduler at the real token count
     prepare thread             take the next batch from the TokenBudgetScheduler, fail what
                                expired or was cancelled, pad and move the tensors to the device
                                (packed batches: nothing to pad, the token ids go as they are)
@@ -8,6 +10,13 @@
 
 On the CPU, Gemma-2 computes packed batches (``core.packed_decoder``, serving field
 ``packing``): documents end to end with no padding, so the scheduler's budget counts their tokens.
+
+A fault inside one forward pass fails that batch's requests and nothing else, unless the device
+itself is gone: after a failed pass the engine asks the device for a trivial computation, and
+when that fails too (a sticky CUDA error: an illegal address, a device-side assert, a lost GPU)
+the engine is dead, as it is when a forward pass runs past ``max_forward_pass_s``: ``is_healthy``
+turns false for good and ``server.dead_engine_exit`` ends the stub so the model is reloaded.
+Scores that are not finite (a float16 overflow) fail their document; they are never an answer.
 
 The prepare thread builds batch N+1 while the compute thread runs batch N, and holds at most
 one prepared batch, so documents are bound to a batch as late as possible (better grouping,
@@ -101,6 +110,21 @@ class _PreparedBatch:
 _STOP = object()
 
 
+def device_computes(device: torch.device) -> bool:
+    """After a failed forward pass: whether ``device`` still does a trivial computation. A fault
+    that stays (a sticky CUDA error poisons the process's CUDA context: an illegal address, a
+    device-side assert, a GPU fallen off the bus) fails this too, and then no later batch can
+    succeed; a fault of one batch (out of memory, a bad input) does not."""
+    try:
+        probe = torch.ones(2, device=device).sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return float(probe.item()) == 2.0
+    except Exception:
+        log.exception("the device %s failed a trivial computation", device)
+        return False
+
+
 class TorchEngine(ClassificationEngine):
     def __init__(self, config: ServingConfig):
         super().__init__()
@@ -125,6 +149,8 @@ class TorchEngine(ClassificationEngine):
         self._hold = EngineHold.from_environment()
         # Admitted and not yet complete: what stop() fails, wherever it is (queued, prepared, computing).
         self._in_flight: set[_Submission] = set()
+        self._forward_started: float | None = None  # the forward pass running now, if any (compute thread)
+        self._death: str | None = None  # why the engine can no longer answer; set once, never cleared
 
     def start(self) -> None:
         started = time.monotonic()
@@ -158,10 +184,27 @@ class TorchEngine(ClassificationEngine):
         future = self._new_submission()
         if future.done():
             return future
+        # Counted at the most it can take (max_length a document, at most the whole bound: a request
+        # no queue can hold is still tokenized once, and refused by its real count), so a full queue
+        # refuses before tokenizing, whose cost grows with the text and not with max_length.
+        reserved = min(len(texts) * self.max_length, self.config.max_queue_tokens)
+        with self._wakeup:
+            if not self._scheduler.reserve(reserved):
+                future.set_exception(Overloaded.queue_full(
+                    self._scheduler.waiting_tokens + self._scheduler.reserved_tokens, reserved, self._scheduler.max_queue_tokens
+                ))
+                return future
         started = time.monotonic()
-        encoded = self._encoder.encode(texts)
+        try:
+            encoded = self._encoder.encode(texts)
+        except BaseException:
+            with self._wakeup:
+                self._scheduler.release(reserved)
+            raise
         now = time.monotonic()
         if deadline is not None and deadline <= now:
+            with self._wakeup:
+                self._scheduler.release(reserved)
             future.set_exception(DeadlineExceeded("the request's deadline passed before it was queued"))
             return future
         submission = _Submission(future, [None] * len(encoded), started, now - started, deadline, is_cancelled)
@@ -170,7 +213,7 @@ class TorchEngine(ClassificationEngine):
             for index, item in enumerate(encoded)
         ]
         with self._wakeup:
-            if not self._scheduler.admit(documents):
+            if not self._scheduler.admit(documents, reserved=reserved):
                 future.set_exception(Overloaded.queue_full(
                     self._scheduler.waiting_tokens, sum(d.token_count for d in documents), self._scheduler.max_queue_tokens
                 ))
@@ -185,7 +228,19 @@ class TorchEngine(ClassificationEngine):
             self._in_flight.discard(submission)
 
     def is_healthy(self) -> bool:
-        return bool(self._threads) and all(t.is_alive() for t in self._threads) and self._loop_error is None
+        started, limit = self._forward_started, self.config.max_forward_pass_s
+        if self._death is None and started is not None and limit and time.monotonic() - started > limit:
+            self._die(f"a forward pass has run for more than max_forward_pass_s={limit:g} s")
+        return (
+            bool(self._threads) and all(t.is_alive() for t in self._threads) and self._loop_error is None
+            and self._death is None
+        )
+
+    def _die(self, reason: str) -> None:
+        """The engine can no longer answer (its device failed or hangs): health turns false for good."""
+        if self._death is None:
+            self._death = reason
+            log.error("torch engine dead: %s", reason)
 
     def queue_depth(self) -> QueueDepth:
         """Admitted and not yet taken into a batch (what admission counts)."""
@@ -202,9 +257,10 @@ class TorchEngine(ClassificationEngine):
         with self._wakeup:
             self._scheduler.drain()
             unfinished = list(self._in_flight)
-        # Whatever did not finish within the drain (queued, or held by a loop that died) fails now.
+        # Whatever did not finish within the drain (queued, or held by a loop that died or hangs) fails now.
+        reason = f"the engine died ({self._death})" if self._death else "the server shut down before this request ran"
         for submission in unfinished:
-            submission.fail(ServerUnavailable("the server shut down before this request ran"))
+            submission.fail(ServerUnavailable(reason))
 
     def _load(self, attention: str) -> None:
         """Everything torch computes before serving: off the caller's thread (``on_a_thread_that_ends``)."""
@@ -294,19 +350,31 @@ class TorchEngine(ClassificationEngine):
                 batch.input_ids, batch.attention_mask = batch.input_ids[keep, :width], batch.attention_mask[keep, :width]
         if not batch.documents:
             return
+        self._forward_started = started
         try:
-            if batch.input_ids is None:
-                probabilities = self._forward_packed([d.encoded.token_ids for d in batch.documents])
-            else:
-                probabilities = self._forward(batch.input_ids, batch.attention_mask)
+            with torch.inference_mode():
+                logits = self._logits(batch)
+                finite = torch.isfinite(logits).all(dim=-1).cpu().numpy()
+                probabilities = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         except Exception as exc:
             log.exception("forward pass over %d documents failed", len(batch.documents))
+            if not device_computes(self._device):
+                self._die(f"the device {self.device} no longer computes after {type(exc).__name__}: {exc}")
             for document in batch.documents:
                 document.submission.fail(EngineFailure(f"the model failed on this batch: {type(exc).__name__}: {exc}"))
             return
+        finally:
+            self._forward_started = None
         # Stats first: whoever is woken by an answer then sees the batch that produced it.
         self._publish_stats(batch, started, time.monotonic() - started)
-        for document, row in zip(batch.documents, probabilities):
+        for document, row, row_is_finite in zip(batch.documents, probabilities, finite):
+            if not row_is_finite:
+                log.error("the model's scores for a document of %d tokens are not finite (%s)",
+                          len(document.encoded.token_ids), self.dtype)
+                document.submission.fail(EngineFailure(
+                    f"the model's scores for document {document.index} are not finite (an overflow in {self.dtype}?)"
+                ))
+                continue
             document.submission.record(
                 document.index, DocumentScores(row, len(document.encoded.token_ids), document.encoded.truncated)
             )
@@ -348,11 +416,13 @@ class TorchEngine(ClassificationEngine):
         log.info("torch engine: attention compiled for every batch shape in %.1f s (%d graphs)",
                  time.monotonic() - started, causal_flex_attention.compiled_graphs())
 
-    @torch.inference_mode()
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        logits = classifier_logits(self._model, input_ids, attention_mask)
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    def _logits(self, batch: _PreparedBatch) -> torch.Tensor:
+        """One row of class logits per document of ``batch``: the one way every batch, packed or
+        padded, reaches the model (what a test that stubs the model replaces)."""
+        if batch.input_ids is None:
+            return self._packed.logits([d.encoded.token_ids for d in batch.documents])  # under inference_mode itself
+        return self._forward(batch.input_ids, batch.attention_mask)
 
-    def _forward_packed(self, documents: list[list[int]]) -> np.ndarray:
-        logits = self._packed.logits(documents)  # under inference_mode itself
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    @torch.inference_mode()
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return classifier_logits(self._model, input_ids, attention_mask)

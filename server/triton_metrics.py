@@ -9,8 +9,13 @@ overwrite each other. (Not ``instance``: Prometheus gives that name to the scrap
 
 Each update is an IPC round trip from the Python stub to tritonserver, so nothing here runs on
 the engine's threads or on ``execute``: callers put events on a queue and one ``triton-metrics``
-thread applies them (as Triton's vllm_backend does with its stat logger). The same thread samples
-the queue depth and the engine's health once a second, so the gauges move even when no batch runs.
+thread applies them (as Triton's vllm_backend does with its stat logger). It takes what is
+queued in rounds and sums each round's counters into one update per series (histograms still
+observe each value: Triton's API has no other way). The queue is bounded: when the thread falls
+behind, new events are dropped and counted (``pc_metrics_events_dropped_total``) rather than
+piling up in memory and lagging ever further. The same thread samples the queue depth and the
+engine's health once a second by the clock, between rounds, so those gauges stay current under
+load and move when no batch runs.
 
 ``pb_utils`` is passed in rather than imported: ``MetricFamily`` exists on the module only once
 the stub has initialized, and passing it keeps this module importable (and testable) outside Triton.
@@ -21,6 +26,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -41,6 +47,11 @@ RATIO_BUCKETS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 PROBABILITY_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0]
 
 SAMPLE_INTERVAL_S = 1.0
+# Events waiting for the metrics thread; past this many, new ones are dropped and counted. A
+# backlog that long is already far behind the answers (each update is an IPC call): holding more
+# would only take memory and make what the series show later still.
+MAX_QUEUED_EVENTS = 10_000
+EVENTS_PER_ROUND = 1_000  # between two looks at the sampling clock
 
 # (name, kind, help, buckets); kinds are pb_utils.MetricFamily attribute names.
 FAMILIES = {
@@ -65,6 +76,9 @@ FAMILIES = {
     "pc_engine_cpu_threads": ("GAUGE", "Intra-op CPU threads of the PyTorch engine's forward passes (serving field cpu_threads)", None),
     "pc_engine_info": ("GAUGE", "1, labelled with the dtype the model computes in and the device it runs on (serving fields dtype, device)", None),
     "pc_top_class_probability_ratio": ("HISTOGRAM", "Probability the model gave its most likely class, per answered document", PROBABILITY_BUCKETS),
+    "pc_metrics_events_dropped_total": (
+        "COUNTER", f"Metric updates dropped because the metrics thread had {MAX_QUEUED_EVENTS} waiting: the pc_ "
+        "request, document and batch series undercount by what this counts", None),
 }
 # Only for a model whose prediction_records is on (server/prediction_records.py).
 RECORD_FAMILIES = {
@@ -91,7 +105,10 @@ class TritonModelMetrics:
     ):
         self._engine = engine
         self._record_stats = record_stats
-        self._events: queue.Queue = queue.Queue()
+        self._events: queue.Queue = queue.Queue(maxsize=MAX_QUEUED_EVENTS)
+        self._dropped = 0  # events refused by the full queue (any thread: under _dropped_lock)
+        self._dropped_lock = threading.Lock()
+        self._dropped_counted = 0  # of those, what pc_metrics_events_dropped_total has (the metrics thread)
         families = {**FAMILIES, **(RECORD_FAMILIES if record_stats() is not None else {})}
         self._families = {
             name: pb_utils.MetricFamily(name=name, description=help_text, kind=getattr(pb_utils.MetricFamily, kind))
@@ -128,42 +145,68 @@ class TritonModelMetrics:
         self._thread = threading.Thread(target=self._run, name="triton-metrics", daemon=True)
         self._thread.start()
 
-    # Called from the engine's compute thread, execute() and the answer thread: enqueue only.
+    # Called from the engine's compute thread, execute() and the answer thread: enqueue only, never wait.
     def batch(self, stats: BatchStats) -> None:
-        self._events.put(("batch", stats))
+        self._put(("batch", stats))
 
     def request_received(self) -> None:
-        self._events.put(("received", None))
+        self._put(("received", None))
 
     def answered(self, scores: Sequence[DocumentScores], seconds: float) -> None:
-        self._events.put(("answered", (scores, seconds)))
+        self._put(("answered", (scores, seconds)))
 
     def failed(self, kind: ErrorKind, seconds: float) -> None:
-        self._events.put(("failed", (kind, seconds)))
+        self._put(("failed", (kind, seconds)))
+
+    def engine_dead(self) -> None:
+        """The engine was found dead (server.dead_engine_exit): say so now, not at the next sample."""
+        self._engine_healthy(False)
 
     def stop(self) -> None:
         self._engine_healthy(False)
-        self._events.put(_STOP)
+        try:
+            self._events.put(_STOP, timeout=10)  # waits for room: the thread is still taking events
+        except queue.Full:
+            log.error("the metrics thread took no event for 10 s; stopping without it")
         self._thread.join(timeout=10)
+
+    def _put(self, event: tuple) -> None:
+        try:
+            self._events.put_nowait(event)
+        except queue.Full:
+            with self._dropped_lock:
+                self._dropped += 1
 
     def _engine_healthy(self, healthy: bool) -> None:
         self._plain["pc_engine_healthy"].set(1.0 if healthy else 0.0)
 
     def _run(self) -> None:
+        sampled_at = time.monotonic()
         while True:
+            events = self._take(max(0.0, sampled_at + SAMPLE_INTERVAL_S - time.monotonic()))
+            stopping = _STOP in events
             try:
-                event = self._events.get(timeout=SAMPLE_INTERVAL_S)
-            except queue.Empty:
-                event = None
-            if event is _STOP:
-                return
-            try:
-                if event is not None:
-                    self._apply(*event)
-                if event is None or self._events.empty():
+                self._apply_round([event for event in events if event is not _STOP])
+                if time.monotonic() - sampled_at >= SAMPLE_INTERVAL_S:
+                    sampled_at = time.monotonic()
                     self._sample()
             except Exception:  # a metric that fails to update must never take serving down
                 log.exception("updating metrics failed")
+            if stopping:
+                return
+
+    def _take(self, wait_s: float) -> list:
+        """Up to EVENTS_PER_ROUND queued events: waits up to ``wait_s`` for the first, not for the rest."""
+        try:
+            events = [self._events.get(timeout=wait_s) if wait_s > 0 else self._events.get_nowait()]
+        except queue.Empty:
+            return []
+        while len(events) < EVENTS_PER_ROUND and events[-1] is not _STOP:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        return events
 
     def _sample(self) -> None:
         documents, tokens = self._engine.queue_depth()
@@ -187,41 +230,56 @@ class TritonModelMetrics:
         self._plain["pc_prediction_journal_limit_bytes"].set(float(records.journal_limit_bytes))
         self._records_seen = records
 
-    def _apply(self, what: str, payload) -> None:
+    def _apply_round(self, events: list) -> None:
+        """One round's events: each counter series incremented once by the round's sum, each
+        histogram value observed, the queue gauges set from the round's last batch."""
         plain = self._plain
-        if what == "received":
-            plain["pc_requests_total"].increment(1.0)
-        elif what == "answered":
-            scores, seconds = payload
-            plain["pc_requests_succeeded_total"].increment(1.0)
-            plain["pc_request_duration_seconds"].observe(seconds)
-            truncated = sum(1 for document in scores if document.truncated)
-            if truncated:
-                plain["pc_documents_truncated_total"].increment(float(truncated))
-            for index, count in _top_classes(scores).items():
-                self._predictions[index].increment(float(count))
-            for document in scores:
-                plain["pc_top_class_probability_ratio"].observe(float(document.probabilities.max()))
-        elif what == "failed":
-            kind, seconds = payload
-            self._failures[kind].increment(1.0)
-            plain["pc_request_duration_seconds"].observe(seconds)
-        elif what == "batch":
-            self._apply_batch(payload)
+        counts: collections.Counter = collections.Counter()  # counter series -> amount
+        observations: list[tuple[str, float]] = []
+        last_batch = None
+        for what, payload in events:
+            if what == "received":
+                counts["pc_requests_total"] += 1
+            elif what == "answered":
+                scores, seconds = payload
+                counts["pc_requests_succeeded_total"] += 1
+                observations.append(("pc_request_duration_seconds", seconds))
+                counts["pc_documents_truncated_total"] += sum(1 for document in scores if document.truncated)
+                for index, count in _top_classes(scores).items():
+                    counts[("prediction", index)] += count
+                observations += [("pc_top_class_probability_ratio", float(d.probabilities.max())) for d in scores]
+            elif what == "failed":
+                kind, seconds = payload
+                counts[("failure", kind)] += 1
+                observations.append(("pc_request_duration_seconds", seconds))
+            elif what == "batch":
+                stats = last_batch = payload
+                counts["pc_documents_total"] += stats.documents
+                counts["pc_tokenization_seconds_total"] += stats.tokenize_seconds
+                observations += [
+                    ("pc_batch_documents", float(stats.documents)), ("pc_batch_tokens", float(stats.real_tokens)),
+                    ("pc_batch_padded_tokens", float(stats.padded_tokens)), ("pc_batch_padding_ratio", stats.padding_ratio),
+                    ("pc_batch_inference_duration_seconds", stats.compute_seconds),
+                    *(("pc_request_queue_duration_seconds", seconds) for seconds in stats.queue_seconds),
+                ]
+        with self._dropped_lock:
+            dropped = self._dropped
+        counts["pc_metrics_events_dropped_total"] += dropped - self._dropped_counted
+        self._dropped_counted = dropped
+        for series, amount in counts.items():
+            if amount:
+                self._counter(series).increment(float(amount))
+        for name, observed in observations:
+            plain[name].observe(observed)
+        if last_batch is not None:
+            plain["pc_queue_documents"].set(float(last_batch.queue_documents))
+            plain["pc_queue_tokens"].set(float(last_batch.queue_tokens))
 
-    def _apply_batch(self, stats: BatchStats) -> None:
-        plain = self._plain
-        plain["pc_documents_total"].increment(float(stats.documents))
-        plain["pc_batch_documents"].observe(float(stats.documents))
-        plain["pc_batch_tokens"].observe(float(stats.real_tokens))
-        plain["pc_batch_padded_tokens"].observe(float(stats.padded_tokens))
-        plain["pc_batch_padding_ratio"].observe(stats.padding_ratio)
-        plain["pc_batch_inference_duration_seconds"].observe(stats.compute_seconds)
-        plain["pc_tokenization_seconds_total"].increment(stats.tokenize_seconds)
-        for seconds in stats.queue_seconds:
-            plain["pc_request_queue_duration_seconds"].observe(seconds)
-        plain["pc_queue_documents"].set(float(stats.queue_documents))
-        plain["pc_queue_tokens"].set(float(stats.queue_tokens))
+    def _counter(self, series):
+        if isinstance(series, str):
+            return self._plain[series]
+        what, key = series
+        return self._predictions[key] if what == "prediction" else self._failures[key]
 
 
 def _top_classes(scores: Iterable[DocumentScores]) -> collections.Counter:

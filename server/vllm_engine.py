@@ -12,6 +12,11 @@ submissions into its steps by its own token budget (``max_batch_tokens``).
 
 vLLM runs the model in processes of its own (an engine core, and on the CPU a worker): in the
 Triton Python backend they are started from the stub process, with the venv's interpreter.
+
+Faults: a device fault kills vLLM's engine core (``errored``: the engine is dead, and
+``server.dead_engine_exit`` ends the stub); an engine core that holds work and gives no output
+for ``max_forward_pass_s`` is taken for hung, with the same outcome; scores that are not finite
+(a float16 overflow) fail their request, never go out as an answer.
 """
 from __future__ import annotations
 
@@ -81,8 +86,13 @@ class VllmEngine(ClassificationEngine):
         self._admission = threading.RLock()  # reentrant: a future completed under it releases under it
         self._admitted_tokens = 0
         self._admitted_documents = 0
-        self._admitted: set[Future] = set()  # not yet complete, wherever they are: what stop() fails last
+        # Not yet complete, wherever they are (what stop() fails last), and what each counts for.
+        self._holding: dict[Future, QueueDepth] = {}
         self._hold = EngineHold.from_environment()
+        # Documents vLLM holds and the last time one came back (or the first went in): a hang's measure.
+        self._with_vllm = 0
+        self._progress_at = time.monotonic()
+        self._death: str | None = None  # why the engine can no longer answer; set once, never cleared
 
     def start(self) -> None:
         started = time.monotonic()
@@ -119,8 +129,17 @@ class VllmEngine(ClassificationEngine):
         future = self._new_submission()
         if future.done():
             return future
-        encoded = self._encoder.encode(texts)
-        if not self._admit(future, len(encoded), sum(len(item.token_ids) for item in encoded)):
+        # Admitted at the most its documents can take, before tokenizing (as the PyTorch engine does),
+        # then settled to its real tokens.
+        admitted = self._admit(future, len(texts), min(len(texts) * self.max_length, self.config.max_queue_tokens))
+        if admitted is None:
+            return future
+        try:
+            encoded = self._encoder.encode(texts)
+        except Exception as exc:
+            complete(future, error=EngineFailure.internal(exc))  # gives its admission back
+            raise
+        if not self._settle(future, admitted, sum(len(item.token_ids) for item in encoded)):
             return future
         try:
             self._loop.call_soon_threadsafe(self._begin, future, encoded, deadline, is_cancelled)
@@ -128,22 +147,35 @@ class VllmEngine(ClassificationEngine):
             future.set_exception(ServerUnavailable("the engine is not running"))
         return future
 
-    def _admit(self, future: Future, documents: int, tokens: int) -> bool:
+    def _admit(self, future: Future, documents: int, tokens: int) -> QueueDepth | None:
+        """Count a submission against max_queue_tokens, or refuse it; what it holds, to settle or release."""
         with self._admission:
             if self._admitted_tokens + tokens > self.config.max_queue_tokens:
                 future.set_exception(Overloaded.queue_full(self._admitted_tokens, tokens, self.config.max_queue_tokens))
-                return False
+                return None
             self._admitted_tokens += tokens
             self._admitted_documents += documents
-            self._admitted.add(future)
-        future.add_done_callback(lambda _: self._release(future, documents, tokens))  # whatever the outcome
+            self._holding[future] = held = QueueDepth(documents, tokens)
+        future.add_done_callback(self._release)  # whatever the outcome
+        return held
+
+    def _settle(self, future: Future, reserved: QueueDepth, tokens: int) -> bool:
+        """From the reservation to the submission's real tokens; False (refused) when they exceed it,
+        which only a request larger than the whole queue does."""
+        if tokens > reserved.tokens:
+            complete(future, error=Overloaded.queue_full(self.queue_depth().tokens, tokens, self.config.max_queue_tokens))
+            return False
+        with self._admission:
+            if future in self._holding:  # not yet released (a caller may cancel meanwhile)
+                self._admitted_tokens += tokens - reserved.tokens
+                self._holding[future] = QueueDepth(reserved.documents, tokens)
         return True
 
-    def _release(self, future: Future, documents: int, tokens: int) -> None:
+    def _release(self, future: Future) -> None:
         with self._admission:
+            documents, tokens = self._holding.pop(future)
             self._admitted_tokens -= tokens
             self._admitted_documents -= documents
-            self._admitted.discard(future)
 
     def queue_depth(self) -> QueueDepth:
         """Admitted and not yet answered (what admission counts)."""
@@ -151,11 +183,16 @@ class VllmEngine(ClassificationEngine):
             return QueueDepth(self._admitted_documents, self._admitted_tokens)
 
     def is_healthy(self) -> bool:
+        limit = self.config.max_forward_pass_s
+        if self._death is None and self._with_vllm and limit and time.monotonic() - self._progress_at > limit:
+            self._death = f"vLLM has held work without an output for more than max_forward_pass_s={limit:g} s"
+            log.error("vllm engine dead: %s", self._death)
         return (
             self._loop_thread is not None
             and self._loop_thread.is_alive()
             and self._engine is not None
             and not self._engine.errored
+            and self._death is None
         )
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -168,7 +205,7 @@ class VllmEngine(ClassificationEngine):
                 log.exception("draining the vllm engine failed")
         self._shut_down()
         with self._admission:
-            unfinished = list(self._admitted)
+            unfinished = list(self._holding)
         for future in unfinished:  # never handed to vLLM (held, or the loop stopped first)
             complete(future, error=ServerUnavailable("the server shut down before this request ran"))
 
@@ -244,9 +281,14 @@ class VllmEngine(ClassificationEngine):
         finally:
             for document in documents:
                 document.cancel()  # after a failure, abort the submission's other documents in vLLM
+        logits = np.stack(rows)
+        if not np.isfinite(logits).all():
+            bad = [index for index, row in enumerate(logits) if not np.isfinite(row).all()]
+            log.error("vLLM's scores for documents %s are not finite (%s)", bad, self.dtype)
+            raise EngineFailure(f"the model's scores for documents {bad} are not finite (an overflow in {self.dtype}?)")
         # Softmax over raw logits here, in float32, as the PyTorch engine does: vLLM's own pooler
         # activation depends on the model config (sigmoid for one label, none for some heads).
-        probabilities = softmax(np.stack(rows))
+        probabilities = softmax(logits)
         return [
             DocumentScores(row, len(item.token_ids), item.truncated) for row, item in zip(probabilities, encoded)
         ]
@@ -254,10 +296,17 @@ class VllmEngine(ClassificationEngine):
     async def _logits(self, token_ids: list[int]) -> np.ndarray:
         request_id = f"document-{next(self._request_ids)}"
         final = None
-        async for output in self._engine.encode(
-            tokens_input(token_ids), PoolingParams(task="classify", use_activation=False), request_id
-        ):
-            final = output
+        if not self._with_vllm:
+            self._progress_at = time.monotonic()  # idle until now: the wait for an output starts here
+        self._with_vllm += 1
+        try:
+            async for output in self._engine.encode(
+                tokens_input(token_ids), PoolingParams(task="classify", use_activation=False), request_id
+            ):
+                final = output
+        finally:
+            self._with_vllm -= 1
+            self._progress_at = time.monotonic()
         if final is None or final.error is not None:
             reason = "no output" if final is None else f"{final.error.code}: {final.error.message}"
             raise EngineFailure(f"vLLM request {request_id} failed: {reason}")

@@ -1,6 +1,7 @@
 """Re-exporting a model a tritonserver serves: its folder changes only as a whole and only once the
 new export is proven. A failed proof, a broken base and a killed export leave the served model
-answering exactly as before, its files unchanged; the next export cleans up after a killed one."""
+answering exactly as before, its files unchanged; the next export cleans up after a killed one,
+and is served as the next version (records and metrics tell the two exports apart)."""
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from export import repository_staging
 from export.repository_staging import RepositoryStaging, StagingError
-from export.triton_package import merged_model_dir
+from export.triton_package import merged_model_dir, model_versions, next_model_version, write_triton_model
 from server.launcher import LaunchConfig, TritonServer, free_loopback_ports
 from tests.conftest import MAX_LENGTH, MODEL_NAME, PROJECT_ROOT, OfflineReference
 from tests.test_serving import served_probabilities
@@ -65,6 +66,11 @@ class ServedExport:
         )
         with urllib.request.urlopen(request, timeout=180) as response:
             assert response.status == 200
+
+    def served_versions(self) -> list[str]:
+        """The versions Triton serves the model in (its model metadata)."""
+        with urllib.request.urlopen(f"http://{self.server.http_url}/v2/models/{MODEL_NAME}", timeout=30) as answer:
+            return json.loads(answer.read())["versions"]
 
     def files(self) -> dict[str, str]:
         folder = self.repository / MODEL_NAME
@@ -151,12 +157,13 @@ def test_a_failed_export_leaves_the_served_model_as_it_was(served, demo_models, 
 @pytest.mark.server
 def test_an_export_killed_midway_leaves_the_served_model_and_the_next_one_cleans_up(served, demo_models, tmp_path):
     answers, files = served.answers(), served.files()
+    assert served.served_versions() == ["1"]  # the first export (the failed ones above used no number)
     retrained = _retrained_head(demo_models, tmp_path / "retrained")
 
     export = subprocess.Popen(served.command(adapter=str(retrained)), cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + EXPORT_TIMEOUT_S
     # Killed once its merged weights and config are in staging: the proof, seconds long, then runs.
-    while not list(served.staging.glob(f"*/{MODEL_NAME}/1/model/config.json")):
+    while not list(served.staging.glob(f"*/{MODEL_NAME}/*/model/config.json")):
         assert export.poll() is None and time.monotonic() < deadline, "the export ended before it could be killed"
         time.sleep(0.01)
     assert export.poll() is None
@@ -175,6 +182,7 @@ def test_an_export_killed_midway_leaves_the_served_model_and_the_next_one_cleans
     assert [path.name for path in served.staging.iterdir()] == [".lock"]
     assert served.files() != files
     served.reload()
+    assert served.served_versions() == ["2"] and model_versions(served.repository, MODEL_NAME) == [2]
     after = served.answers()
     assert np.abs(after - answers).max() > 0.01  # the retrained head is served ...
     reference = OfflineReference(merged_model_dir(served.repository, MODEL_NAME))
@@ -184,6 +192,20 @@ def test_an_export_killed_midway_leaves_the_served_model_and_the_next_one_cleans
     watchdog = served.server.watchdog
     time.sleep(6 * watchdog.poll_s)
     assert watchdog.recoveries == []
+
+
+def test_each_export_of_a_model_gets_the_next_version_and_writing_a_model_keeps_its_version(tmp_path):
+    from core.serving_config import ServingConfig
+
+    assert next_model_version(tmp_path, "m") == "1"
+    write_triton_model(tmp_path, "m", ServingConfig(model_dir=Path("model"), max_length=64))
+    assert model_versions(tmp_path, "m") == [1] and next_model_version(tmp_path, "m") == "2"
+    (tmp_path / "m" / "7").mkdir()
+    (tmp_path / "m" / "notes").mkdir()  # not a version: Triton ignores it, and so does the count
+    assert next_model_version(tmp_path, "m") == "8"
+    write_triton_model(tmp_path, "m", ServingConfig(model_dir=Path("model"), max_length=64))  # rewrites the served one
+    assert (tmp_path / "m" / "7" / "model.py").exists() and model_versions(tmp_path, "m") == [1, 7]
+    assert merged_model_dir(tmp_path, "m") == tmp_path / "m" / "7" / "model"
 
 
 def _model_folder(repository: Path, name: str, content: str) -> None:

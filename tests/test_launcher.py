@@ -1,6 +1,7 @@
 """`python -m server`, as `make serve` runs it."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,9 @@ from clients import PatentClassifier
 from core.synthetic_patents import synthetic_patents
 from core.serving_config import ServingConfig
 from export.triton_package import write_triton_model
-from server.launcher import LaunchConfig, TritonServer, build_python_backend_directory, free_loopback_ports
+from server.launcher import (
+    LaunchConfig, PortUnavailable, ServerNotReady, TritonServer, build_python_backend_directory, check_ports, free_loopback_ports,
+)
 from server.model_watchdog import process_tree, still_running, stub_processes
 from tests.conftest import LLAMA_MODEL, MODEL_NAME, PROJECT_ROOT
 
@@ -140,6 +143,123 @@ def test_stopping_ends_a_stub_that_tritonserver_left_behind(exported, tmp_path):
     assert stub.pid in {pid for pid, _ in tree}
     survivors = [(pid, Path(f"/proc/{pid}/stat").read_text()) for pid, start in tree if still_running(pid, start)]
     assert survivors == []
+
+
+def one_model_file(exported, folder: Path) -> Path:
+    gemma2 = exported.models.model(MODEL_NAME)
+    models_file = folder / "models.yaml"
+    models_file.write_text(
+        f"models:\n  - {{name: {MODEL_NAME}, base: {gemma2.base}, adapter: {gemma2.adapter}, labels: {gemma2.labels}, "
+        f"serving: {{max_length: {gemma2.serving.max_length}}}}}\n",
+        encoding="utf-8",
+    )
+    return models_file
+
+
+def processes_serving(repository: Path) -> list[tuple[int, str]]:
+    """(pid, start) of the live processes whose command line names ``repository``: tritonserver and
+    its stubs (a stub's first argument is its model.py there), wherever they were moved."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            command = Path(f"/proc/{name}/cmdline").read_bytes()
+            start = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            continue
+        if str(repository).encode() in command and still_running(int(name), start):
+            found.append((int(name), start))
+    return found
+
+
+def end_them(processes) -> None:
+    for pid, start in processes:
+        if still_running(pid, start):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_port_in_use_fails_the_start_at_once_naming_its_flag(exported, tmp_path):
+    """Before any model loads: tritonserver would load every model and only then fail on the port."""
+    http_port, metrics_port = free_loopback_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        grpc_port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "server", "--model-repository", str(exported.repository),
+             "--models-file", str(one_model_file(exported, tmp_path)),
+             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 1
+    assert f"server failed to start: --grpc-port {grpc_port}: 127.0.0.1:{grpc_port} is already in use\n" in result.stderr
+    assert "starting" not in result.stderr  # tritonserver never started, so no model loaded
+    with pytest.raises(PortUnavailable, match=r"--http-port and --metrics-port are all \d+"):
+        check_ports(LaunchConfig(model_repository=tmp_path, http_port=http_port, grpc_port=grpc_port, metrics_port=http_port))
+
+
+def test_a_start_that_fails_after_the_models_loaded_ends_the_stubs_it_started(exported, tmp_path, monkeypatch):
+    """The port taken between the launcher's check and tritonserver's own bind (the check passed
+    over here): tritonserver loads the model, fails on gRPC and exits, and its stubs go with it."""
+    from server import launcher
+
+    repository = tmp_path / "repository"
+    write_triton_model(repository, MODEL_NAME, ServingConfig(
+        model_dir=exported.merged_dir.resolve(), max_length=512, max_batch_tokens=4096, device="cpu"
+    ))
+    checks = []
+    monkeypatch.setattr(launcher, "check_ports", checks.append, raising=False)
+    http_port, metrics_port = free_loopback_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = LaunchConfig(
+            model_repository=repository, http_port=http_port, grpc_port=taken.getsockname()[1], metrics_port=metrics_port,
+            backend_directory=tmp_path / "backends", ready_timeout_s=180,
+        )
+        server = TritonServer(config, log_path=tmp_path / "tritonserver.log")
+        try:
+            with pytest.raises(ServerNotReady, match="tritonserver exited"):
+                server.start()
+            log = (tmp_path / "tritonserver.log").read_text(errors="replace")
+            assert "successfully loaded" in log and "already in use" in log  # loaded, then failed on the port
+            survivors = processes_serving(repository)
+        finally:
+            end_them(processes_serving(repository))
+    assert len(checks) <= 1 and survivors == []
+
+
+def test_an_unexpected_tritonserver_exit_ends_its_stubs_and_the_launcher_with_them(exported, tmp_path):
+    """tritonserver killed (a crash, the OOM killer): `python -m server` says so, ends what it left
+    running (stubs holding the model's memory), and exits 1 so a supervisor restarts it."""
+    repository = tmp_path / "repository"
+    write_triton_model(repository, MODEL_NAME, ServingConfig(
+        model_dir=exported.merged_dir.resolve(), max_length=512, max_batch_tokens=4096, device="cpu"
+    ))
+    http_port, grpc_port, metrics_port = free_loopback_ports(3)
+    errors = tmp_path / "stderr"  # a file: a pipe would stay open as long as a leftover stub inherits it
+    with errors.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model-repository", str(repository),
+             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )
+    try:
+        for line in process.stdout:
+            if "Ctrl-C" in line:
+                break
+        [server_pid] = [pid for pid, _ in process_tree(process.pid) if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver"]
+        stubs = stub_processes(server_pid)
+        assert stubs, "no stub was running"
+        os.kill(server_pid, signal.SIGKILL)
+        assert process.wait(timeout=120) == 1
+        assert "tritonserver exited unexpectedly" in errors.read_text()
+        assert processes_serving(repository) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+        end_them(processes_serving(repository))
 
 
 def test_a_server_is_ready_only_once_its_metrics_endpoint_answers_too(tmp_path):

@@ -118,7 +118,8 @@ class DyingEngine:
 def test_a_dead_engine_fails_what_it_held_sends_the_answers_then_exits():
     engine, exits, order = DyingEngine(), [], []
     watch = DeadEngineExit(engine, lambda timeout_s: order.append("answers sent"),
-                           exit_process=lambda code: (order.append("exit"), exits.append(code)))
+                           exit_process=lambda code: (order.append("exit"), exits.append(code)),
+                           engine_dead=lambda: order.append("health gauge 0"))
     time.sleep(1.2)
     assert not exits  # healthy: nothing happens
     engine.healthy = False
@@ -126,7 +127,7 @@ def test_a_dead_engine_fails_what_it_held_sends_the_answers_then_exits():
     while not exits and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.stopped.is_set() and isinstance(engine.held.exception(), ServerUnavailable)
-    assert order == ["answers sent", "exit"] and exits == [70]
+    assert order == ["health gauge 0", "answers sent", "exit"] and exits == [70]
     watch.stop()
 
 

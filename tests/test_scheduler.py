@@ -91,6 +91,20 @@ def test_a_full_queue_refuses_whole_requests():
     assert s.admit([ScheduledDocument(200, "e")])
 
 
+def test_a_reservation_counts_before_tokenizing_and_admission_settles_it_to_the_real_tokens():
+    """A request is counted at the most its documents can take (max_document_tokens each) before it
+    is tokenized, so a full queue refuses it before that cost; admitted, it counts its real tokens."""
+    s = scheduler(max_queue_tokens=1536)
+    assert s.reserve(2 * 512)
+    assert not s.reserve(2 * 512)  # 1024 reserved + 1024 > 1536, though the queue holds nothing yet
+    assert s.reserve(512) and s.reserved_tokens == 1536
+    assert s.admit([ScheduledDocument(30, "a"), ScheduledDocument(40, "b")], reserved=2 * 512)
+    assert (s.waiting_tokens, s.reserved_tokens) == (70, 512)
+    s.release(512)  # its tokenizing failed
+    assert (s.waiting_tokens, s.reserved_tokens) == (70, 0)
+    assert s.reserve(1536 - 70) and not s.reserve(1)
+
+
 def test_documents_over_the_model_limit_are_refused():
     with pytest.raises(ValueError):
         scheduler().admit([ScheduledDocument(513, "too long")])

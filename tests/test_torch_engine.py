@@ -1,14 +1,18 @@
-"""The PyTorch engine on its own: admission, deadlines, cancellation, batching across submissions."""
+"""The PyTorch engine on its own: admission, deadlines, cancellation, batching across submissions,
+and the faults it contains (a device that stops computing, a hung forward pass, an overflow)."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+import torch
 
 from core import causal_flex_attention
-from core.errors import Cancelled, DeadlineExceeded, Overloaded
+from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MAX_LENGTH, held_engines
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.model  # the PyTorch engine over the exported demo
 
@@ -200,3 +204,118 @@ def test_the_engine_loads_on_a_thread_that_has_ended_before_it_serves(engine_fac
     monkeypatch.setattr(torch_engine, "load_sequence_classifier", failed_load)
     with pytest.raises(OSError, match="input/output error"):
         engine_factory()
+
+
+# --- faults: a dead device, a hung forward pass, an overflow, overload ------------------------------
+
+STICKY_CUDA_ERROR = "CUDA error: an illegal memory access was encountered"
+
+
+def test_a_fault_of_one_batch_fails_that_batch_and_a_device_that_stops_computing_kills_the_engine(engine_factory, monkeypatch):
+    """Rehearsed on the CPU: the model raises what a sticky CUDA error raises, and the device
+    probe answers as such a device would (every later operation fails). A fault the device
+    survives stays the batch's own."""
+    from server import torch_engine
+
+    engine = engine_factory()
+    assert torch_engine.device_computes(torch_engine.torch.device("cpu"))  # the real probe, on a working device
+    device = {"computes": True}
+    forward_calls, probes = [], []
+
+    def failing_model(batch):
+        forward_calls.append(len(batch.documents))
+        raise RuntimeError(STICKY_CUDA_ERROR)
+
+    def probe(which):
+        probes.append(which)
+        return device["computes"]
+
+    real_model = engine._logits
+    monkeypatch.setattr(engine, "_logits", failing_model)
+    monkeypatch.setattr(torch_engine, "device_computes", probe)
+
+    with pytest.raises(EngineFailure, match="illegal memory access"):
+        engine.submit(LONG_TEXTS[:1]).result(timeout=120)
+    assert forward_calls == [1] and len(probes) == 1
+    assert engine.is_healthy()  # the device still computes: a fault of that batch only
+    monkeypatch.setattr(engine, "_logits", real_model)
+    assert len(engine.submit(LONG_TEXTS[:2]).result(timeout=120)) == 2
+
+    monkeypatch.setattr(engine, "_logits", failing_model)
+    device["computes"] = False
+    with pytest.raises(EngineFailure, match="illegal memory access"):
+        engine.submit(LONG_TEXTS[:1]).result(timeout=120)
+    assert forward_calls == [1, 1] and len(probes) == 2
+    assert not engine.is_healthy()  # dead for good: server/dead_engine_exit.py ends the stub
+    with pytest.raises(ServerUnavailable):
+        engine.submit(LONG_TEXTS[:1]).result(timeout=0)
+    assert forward_calls == [1, 1]  # refused, never computed
+
+
+def test_a_forward_pass_longer_than_its_bound_kills_the_engine(engine_factory, monkeypatch):
+    """A hang, not a slow pass: the stub blocks until released, so the bound is passed whatever the
+    machine's speed; health turns false while it hangs and stays false after it returns."""
+    engine = engine_factory(max_forward_pass_s=0.5)
+    released, entered = threading.Event(), threading.Event()
+    labels = len(engine.labels)
+
+    def hung_model(batch):
+        entered.set()
+        released.wait()
+        return torch.zeros((len(batch.documents), labels))
+
+    monkeypatch.setattr(engine, "_logits", hung_model)
+    hung = engine.submit(LONG_TEXTS[:1])
+    assert entered.wait(120)
+    wait_until(lambda: not engine.is_healthy(), "health false while a forward pass hangs past max_forward_pass_s")
+    with pytest.raises(ServerUnavailable):
+        engine.submit(LONG_TEXTS[:1]).result(timeout=0)
+    # What server/dead_engine_exit.py then does: stop, which cannot wait for the hung pass, and
+    # fails its request saying why.
+    engine.stop(drain_timeout_s=1)
+    with pytest.raises(ServerUnavailable, match="the engine died .*max_forward_pass_s=0.5"):
+        hung.result(timeout=0)
+    released.set()
+    assert not engine.is_healthy()
+
+
+def test_scores_that_overflowed_in_float16_fail_their_document_and_are_never_an_answer(engine_factory):
+    """A real overflow: the demo model in float16 with its classifier head scaled past float16's
+    range (65504) computes infinite logits, whose softmax is NaN."""
+    engine = engine_factory(dtype="float16", packing="off")
+    head = engine._model.score.weight
+    with torch.no_grad():
+        original = head.clone()
+        head.mul_(1e5)
+    with pytest.raises(EngineFailure, match="not finite"):
+        engine.submit(LONG_TEXTS[:1]).result(timeout=120)
+    assert engine.is_healthy()  # an input's overflow, not a dead device
+    with torch.no_grad():
+        head.copy_(original)
+    (scores,) = engine.submit(LONG_TEXTS[:1]).result(timeout=120)
+    assert np.isfinite(scores.probabilities).all()
+
+
+def test_a_full_queue_refuses_before_tokenizing(engine_factory):
+    """Admission counts a request at the most its documents can take before it is tokenized, so a
+    refused request costs no tokenizing, however long its text."""
+    engine = engine_factory(max_queue_tokens=4 * MAX_LENGTH, max_batch_tokens=MAX_LENGTH)
+    encode, encoded = engine._encoder.encode, []
+
+    def counted_encode(texts):
+        encoded.append(len(texts))
+        return encode(texts)
+
+    engine._encoder.encode = counted_encode
+    huge = "청구항 " * 60_000  # about 500 KB: hundreds of times max_length
+    with held_engines():
+        backlog = [engine.submit([text]) for text in LONG_TEXTS[:4]]
+        assert encoded == [1] * 4
+        with pytest.raises(Overloaded, match="max_queue_tokens=2048"):
+            engine.submit([huge]).result(timeout=0)
+        assert encoded == [1] * 4  # refused without tokenizing
+    assert all(len(future.result(timeout=120)) == 1 for future in backlog)
+    # With room, the same text is admitted at its real (truncated) count and answered.
+    (scores,) = engine.submit([huge]).result(timeout=120)
+    assert scores.truncated and scores.token_count == MAX_LENGTH
+    assert engine.queue_depth() == (0, 0)

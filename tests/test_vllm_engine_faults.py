@@ -1,4 +1,5 @@
-"""The vLLM engine when something around it fails: a cancellation probe that raises, and vLLM's
+"""The vLLM engine when something around it fails: a cancellation probe that raises, scores that
+are not finite, an engine core that hangs, overload refused before tokenizing, and vLLM's
 engine-core process dying under load (through the real tritonserver: the model turns
 not-ready and comes back, and no request in flight waits past its deadline)."""
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from clients import AsyncPatentClassifier, PatentClassifier
-from core.errors import DeadlineExceeded, EngineFailure, ServerUnavailable
+from core.errors import DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.hf_classifier import EncodedText
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
@@ -26,7 +27,7 @@ from tests.conftest import MAX_LENGTH, VLLM_GEMMA2_MODEL, held_engines
 from tests.test_faults import timed_outcome
 from tests.test_monitoring import scrape, value
 from tests.test_serving import served_probabilities
-from tests.waiting import until
+from tests.waiting import until, wait_until
 
 pytestmark = pytest.mark.vllm  # vLLM's engine, in this process and behind tritonserver
 
@@ -66,6 +67,81 @@ def test_a_cancellation_probe_that_raises_never_leaves_a_request_unanswered():
         assert scores.probabilities.argmax() == 1 and scores.token_count == 3
     finally:
         engine._shut_down()
+
+
+class FakeAsyncLLM(AnsweringAsyncLLM):
+    """Every request's logits are ``logits``; with ``outputs`` unset, no request ever gets its output
+    (an engine core that hangs)."""
+
+    def __init__(self, logits, outputs: threading.Event | None = None):
+        self.logits, self.outputs, self.requests = torch.tensor(logits), outputs, []
+
+    async def encode(self, prompt, pooling_params, request_id):
+        self.requests.append(request_id)
+        while self.outputs is not None and not self.outputs.is_set():
+            await asyncio.sleep(0.01)
+        yield SimpleNamespace(error=None, outputs=SimpleNamespace(data=self.logits))
+
+
+class CountingEncoder:
+    """The documents' tokens without a tokenizer: each text's length in characters, counted."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, texts):
+        self.calls.append(len(texts))
+        return [EncodedText(list(range(min(len(text), MAX_LENGTH))), len(text) > MAX_LENGTH) for text in texts]
+
+
+@contextlib.contextmanager
+def engine_on(async_llm, **serving):
+    """A VllmEngine around ``async_llm``, its loop running, with a stand-in encoder."""
+    from server.vllm_engine import VllmEngine
+
+    engine = VllmEngine(ServingConfig(engine="vllm", model_dir=Path("unused"), max_length=MAX_LENGTH, **serving))
+    engine._engine, engine._encoder, engine.dtype = async_llm, CountingEncoder(), "float16"  # what start() sets
+    engine._loop_thread = threading.Thread(target=engine._loop.run_forever, daemon=True)
+    engine._loop_thread.start()
+    try:
+        yield engine
+    finally:
+        engine._shut_down()
+
+
+def test_scores_that_are_not_finite_fail_their_request_and_are_never_an_answer():
+    with engine_on(FakeAsyncLLM([float("inf"), 1.5, 0.0])) as engine:
+        with pytest.raises(EngineFailure, match="not finite"):
+            engine.submit(["an overflow in float16"]).result(timeout=10)
+        assert engine.is_healthy() and engine.queue_depth() == (0, 0)
+
+
+def test_vllm_holding_work_without_an_output_past_the_bound_is_a_dead_engine():
+    """vLLM never answers (its engine core hangs, not dies): past max_forward_pass_s the engine is
+    unhealthy for good, whatever the machine's speed (the fake never answers until released)."""
+    outputs = threading.Event()
+    with engine_on(FakeAsyncLLM([0.5, 1.5, 0.0], outputs), max_forward_pass_s=0.5) as engine:
+        assert engine.is_healthy()
+        held = engine.submit(["a document vLLM never answers"])
+        wait_until(lambda: engine._engine.requests, "the document handed to vLLM")
+        wait_until(lambda: not engine.is_healthy(), "health false while vLLM holds work without output")
+        outputs.set()
+        held.result(timeout=10)
+        assert not engine.is_healthy()
+
+
+def test_a_full_vllm_queue_refuses_before_tokenizing():
+    with engine_on(FakeAsyncLLM([0.5, 1.5, 0.0], threading.Event()), max_queue_tokens=2 * MAX_LENGTH) as engine:
+        held = [engine.submit(["x" * MAX_LENGTH]) for _ in range(2)]
+        assert engine.queue_depth() == (2, 2 * MAX_LENGTH) and engine._encoder.calls == [1, 1]
+        with pytest.raises(Overloaded, match=f"max_queue_tokens={2 * MAX_LENGTH}"):
+            engine.submit(["청구항 " * 60_000]).result(timeout=0)
+        assert engine._encoder.calls == [1, 1]  # refused without tokenizing
+        engine._engine.outputs.set()
+        assert all(len(future.result(timeout=10)) == 1 for future in held)
+        # A short document is counted at max_length until it is tokenized, then at its real count.
+        (scores,) = engine.submit(["short"]).result(timeout=10)
+        assert scores.token_count == 5 and engine.queue_depth() == (0, 0)
 
 
 def engine_core_of(stub_pid: int) -> int:

@@ -115,17 +115,52 @@ def test_after_a_reload_the_next_look_comes_at_once(monkeypatch):
 
     watchdog = DeadStubWatchdog(server_pid=1, http_url="unused", poll_s=1.0, children_of=children,
                                 stub_of=lambda pid: StubProcess(pid, STUB.model, STUB.instance) if pid in (101, 103) else None)
-    reloads: list[float] = []
-    monkeypatch.setattr(watchdog, "_repository", lambda model, action: reloads.append(time.monotonic()))
+    reloads: list[str] = []
+
+    def reload(model, action):
+        reloads.append(action)
+        watchdog.poll_s = 3600.0  # from the reload on, a look that waited for a poll would not come in this test
+
+    monkeypatch.setattr(watchdog, "_repository", reload)
     monkeypatch.setattr(watchdog, "_model_ready", lambda model: True)
     watchdog.start()
     try:
-        wait_until(lambda: len(looked_at) >= 4, "the look after the reload", timeout_s=10)
+        wait_until(lambda: len(looked_at) >= 4, "the look after the reload, without waiting for a poll")
     finally:
         watchdog.stop()
-    assert len(reloads) == 2  # unload, load
-    assert looked_at[3] - reloads[-1] < 0.5  # not the 1 s of a poll
+    assert reloads == ["unload", "load"]
     assert watchdog.recoveries[0].ready and watchdog.state().watched == (StubProcess(103, STUB.model, STUB.instance),)
+
+
+def test_stopping_returns_within_its_bound_while_a_reload_hangs(monkeypatch):
+    """A reload of a large model takes minutes; a pod's shutdown must not wait for it (it waited up
+    to reload_timeout_s, 600 s, past any termination grace period)."""
+    script = [[(101, "S")], [(101, "Z")]]
+    looks = []
+
+    def children(_server_pid):
+        looks.append(1)
+        return script[min(len(looks), len(script)) - 1]
+
+    watchdog = DeadStubWatchdog(server_pid=1, http_url="unused", poll_s=0.001, children_of=children,
+                                stub_of=lambda pid: STUB if pid == 101 else None)
+    entered, release = threading.Event(), threading.Event()
+
+    def hanging_reload(model, action):
+        entered.set()
+        release.wait()
+
+    monkeypatch.setattr(watchdog, "_repository", hanging_reload)
+    watchdog.start()
+    try:
+        assert entered.wait(60), "the reload never started"
+        stopper = threading.Thread(target=watchdog.stop)
+        stopper.start()
+        stopper.join(60)  # STOP_WAIT_S is 5: this waits for stop() to return, it does not time it
+        assert not stopper.is_alive(), "stop() waited for the reload"
+        assert not release.is_set()  # it returned while the reload still hung
+    finally:
+        release.set()
 
 
 def test_children_are_read_from_this_machines_proc():

@@ -50,7 +50,7 @@ class TritonPythonModel:
         )
         self.engine.observe_batches(self.metrics.batch)
         self.dispatch = RequestDispatch(self.engine, self.labels, _TritonReplies(), self.metrics, self.records)
-        self.dead_engine_exit = DeadEngineExit(self.engine, self.dispatch.send_queued)
+        self.dead_engine_exit = DeadEngineExit(self.engine, self.dispatch.send_queued, engine_dead=self.metrics.engine_dead)
 
     def execute(self, requests):
         for request in requests:
