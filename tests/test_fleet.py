@@ -223,17 +223,23 @@ def test_when_every_replica_is_overloaded_retries_stay_within_the_budget(fleet):
 BACKLOG_SHARDS = 3
 
 
-def backlog_job(values_overrides: dict) -> tuple[dict, dict]:
-    """The Job's container and the check pod's container, rendered from values-backlog.yaml."""
+def rendered_backlog(values_overrides: dict) -> list[dict]:
     values = yaml.safe_load((manifest_check.CHART / "values-backlog.yaml").read_text(encoding="utf-8"))
     for key, overrides in values_overrides.items():
         values[key] = {**values.get(key, {}), **overrides}
     with manifest_check._quiet_symlink_notes():
-        objects = [document for _, document in manifest_check.rendered_objects(manifest_check.CHART, values, "1.37.0")]
+        return [document for _, document in manifest_check.rendered_objects(manifest_check.CHART, values, "1.37.0")]
+
+
+def backlog_job(values_overrides: dict) -> tuple[dict, dict, list[dict]]:
+    """The Job's container, the check pod's container and the Job's init containers, rendered from
+    values-backlog.yaml."""
+    objects = rendered_backlog(values_overrides)
     [job] = [obj for obj in objects if obj["kind"] == "Job"]
     [check] = [obj for obj in objects if obj["kind"] == "Pod"]
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == BACKLOG_SHARDS
-    return job["spec"]["template"]["spec"]["containers"][0], check["spec"]["containers"][0]
+    pod = job["spec"]["template"]["spec"]
+    return pod["containers"][0], check["spec"]["containers"][0], pod.get("initContainers", [])
 
 
 def as_run_here(container: dict, data: Path, url: str, index: int | None = None) -> list[str]:
@@ -256,6 +262,26 @@ def whole_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def test_the_backlog_jobs_workers_send_the_token_of_the_secret_the_servers_read():
+    """With the chart's default access token (its own generated Secret, no auth.tokenSecret named),
+    the workers must send it: the Job once passed --token-file only for a named Secret, so every
+    request of a default install's backlog was refused."""
+    objects = rendered_backlog({"auth": {"tokenSecret": ""}})
+    [deployment] = [obj for obj in objects if obj["kind"] == "Deployment"]
+    [job] = [obj for obj in objects if obj["kind"] == "Job"]
+
+    def token_secret(pod: dict) -> str:
+        [container] = pod["containers"]
+        [token_file] = [argument.split("=", 1)[1] for argument in container["args"] if argument.startswith("--token-file=")]
+        [mount] = [mount for mount in container["volumeMounts"] if mount["mountPath"] == str(Path(token_file).parent)]
+        [volume] = [volume for volume in pod["volumes"] if volume["name"] == mount["name"]]
+        return volume["secret"]["secretName"]
+
+    assert token_secret(job["spec"]["template"]["spec"]) == token_secret(deployment["spec"]["template"]["spec"])
+    opted_out = [obj for obj in rendered_backlog({"auth": {"tokenSecret": "", "insecureNoToken": True}}) if obj["kind"] == "Job"]
+    assert not [argument for argument in opted_out[0]["spec"]["template"]["spec"]["containers"][0]["args"] if "token" in argument]
+
+
 def test_the_backlog_jobs_shard_workers_answer_1000_patents_once_though_one_is_killed_midway(server, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -265,10 +291,13 @@ def test_the_backlog_jobs_shard_workers_answer_1000_patents_once_though_one_is_k
         "".join(json.dumps({"id": identifier, **patent.to_json()}, ensure_ascii=False) + "\n" for identifier, patent in zip(ids, patents)),
         encoding="utf-8",
     )
-    worker, check = backlog_job({
+    worker, check, init = backlog_job({
         "backlogJob": {"shards": BACKLOG_SHARDS, "parallelism": BACKLOG_SHARDS, "concurrency": 2, "batchSize": 8},
-        "auth": {"tokenSecret": ""}, "tls": {"secret": ""},  # the session's server has neither
+        "auth": {"tokenSecret": "", "insecureNoToken": True}, "tls": {"secret": ""},  # the session's server has neither
     })
+    for container in init:  # what runs before the workers on the claim: the output folder made
+        assert container["command"][:2] == ["mkdir", "-p"]
+        subprocess.run([argument.replace("/data/", f"{data}/") for argument in container["command"]], check=True)
     commands = [as_run_here(worker, data, server.grpc_url, index) for index in range(BACKLOG_SHARDS)]
     outputs = [data / "answers" / f"shard-{index}-of-{BACKLOG_SHARDS}.jsonl" for index in range(BACKLOG_SHARDS)]
     assert [f"--output={output}" in command for output, command in zip(outputs, commands)] == [True] * BACKLOG_SHARDS
