@@ -78,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in (torch.float32, torch.bfloat16):
         x, w = activations.to(dtype), float_weight.to(dtype)
         record(f"{dtype} torch.matmul", lambda: x @ w.t())
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        except RuntimeError as missing:  # e.g. bf16 on a CPU without AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+            results[f"{dtype} oneDNN packed"] = {"unavailable": str(missing)}
+            print(f"{dtype} oneDNN packed: unavailable here: {missing}", file=sys.stderr)
+            continue
         record(f"{dtype} oneDNN packed", lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
     if cpu_has_int8_dot_product() or not args.skip_slow:
         record("int8 torch._int_mm", lambda: INT_MM(values, weight.t()), lambda: INT_MM(values, weight.t()))

@@ -53,6 +53,7 @@ def pooled_features(model, tokenizer, documents, max_length: int) -> torch.Tenso
 
 def fit_head(features: torch.Tensor, classes: torch.Tensor, labels: int, l2: float = 1e-3) -> torch.Tensor:
     """Softmax regression without bias (Gemma-2's score head has none), L-BFGS to convergence."""
+    features = features.clone()  # made under inference_mode, which autograd cannot use
     weight = torch.zeros(labels, features.shape[1], requires_grad=True)
     optimizer = torch.optim.LBFGS([weight], max_iter=200, line_search_fn="strong_wolfe")
 
@@ -80,7 +81,9 @@ def build(out: Path, layers: int, train: int, labelled: int, max_length: int, se
             parameter.normal_(0.0, 0.02)
         for norm in [m for m in model.modules() if type(m).__name__ == "Gemma2RMSNorm"]:
             norm.weight.zero_()  # Gemma's norms scale by (1 + weight): 0 is their initial, neutral value
-    training = synthetic_patents(train, seed=TRAIN_SEED, long_share=0.7)
+    # Short patents mostly: the probe needs each subject's words, not 512 tokens of them, and long
+    # patents cost ten times more; the held-out patents have the realistic mix.
+    training = synthetic_patents(train, seed=TRAIN_SEED, long_share=0.3)
     features = pooled_features(model, tokenizer, training, max_length)
     classes = torch.tensor([subject_of(d) for d in training])
     with torch.no_grad():
@@ -109,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("build/demo/gemma2-9b-width"))
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--train", type=int, default=96, help="patents the head is fitted on")
-    parser.add_argument("--labelled", type=int, default=64, help="held-out patents written as the labelled file")
+    parser.add_argument("--train", type=int, default=48, help="patents the head is fitted on")
+    parser.add_argument("--labelled", type=int, default=32, help="held-out patents written as the labelled file")
     parser.add_argument("--max-length", type=int, default=512)
     args = parser.parse_args(argv)
     summary = build(args.out, args.layers, args.train, args.labelled, args.max_length)

@@ -67,14 +67,6 @@ def cpu_has_native_bf16() -> bool:
     return cpu_has_any(NATIVE_BF16_CPU_FEATURES)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU and on a CPU that computes it natively; float32 on other CPUs."""
-    if dtype == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-        return torch.bfloat16 if native else torch.float32
-    return DTYPES[dtype]
-
-
 def device_name(device: torch.device) -> str:
     """"cpu", or an accelerator with its index ("cuda:1"). Without an index torch means the current
     device, 0 unless the process selected another; asking torch would initialize CUDA in this

@@ -51,15 +51,11 @@ MIB = 1 << 20
 FP8_QUANTIZATION = dict(quantization="fp8_per_channel", quantization_config={"ignore": ["score", "classifier*", "*pooler*"]})
 
 
-def served_vllm_precision(config: ServingConfig) -> str:
-    """What ``dtype`` means on vLLM's platform, through the export's agreement gate (core/served_precision.py)."""
-    device = torch.device(current_platform.device_type)
-    return served_precision(config.dtype, device, "vllm", PrecisionReport.read(config.model_dir))
-
-
 def engine_args(config: ServingConfig) -> AsyncEngineArgs:
     """The vLLM arguments a serving configuration means (also what `vllm serve` flags mirror)."""
-    precision = served_vllm_precision(config)
+    # What dtype means on vLLM's platform, through the export's agreement gate (core/served_precision.py).
+    device = torch.device(current_platform.device_type)
+    precision = served_precision(config.dtype, device, "vllm", PrecisionReport.read(config.model_dir))
     return AsyncEngineArgs(
         model=str(config.model_dir),
         runner="pooling",

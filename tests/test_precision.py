@@ -40,14 +40,16 @@ def native_bf16(monkeypatch):
 
 
 def test_auto_is_bf16_on_a_gpu_and_on_a_cpu_that_computes_it_and_float32_elsewhere(native_bf16):
+    from core.served_precision import served_precision
+
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     native_bf16(True)
-    assert hf_classifier.resolve_dtype("auto", cpu) == torch.bfloat16
-    assert hf_classifier.resolve_dtype("float32", cpu) == torch.float32  # forced float32 stays float32
+    assert served_precision("auto", cpu, "torch", None) == "bfloat16"
+    assert served_precision("float32", cpu, "torch", None) == "float32"  # forced float32 stays float32
     native_bf16(False)
-    assert hf_classifier.resolve_dtype("auto", cpu) == torch.float32
-    assert hf_classifier.resolve_dtype("auto", gpu) == torch.bfloat16
-    assert hf_classifier.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # asked for, it is given (emulated)
+    assert served_precision("auto", cpu, "torch", None) == "float32"
+    assert served_precision("auto", gpu, "torch", None) == "bfloat16"
+    assert served_precision("bfloat16", cpu, "torch", None) == "bfloat16"  # asked for, it is given (emulated)
 
 
 def test_the_detection_reads_the_cpus_bf16_features(monkeypatch):
