@@ -7,10 +7,11 @@ A random head would leave its 188 classes nearly tied, which says nothing about 
 classifier; so the head is trained, as a linear probe on the backbone's own pooled features:
 each generated patent is about one of 30 subjects (core/synthetic_patents.py: its title names it),
 subject k is class k of the KSCST labels, and a softmax regression (L-BFGS, L2) is fitted on
-``--train`` patents. It is then a classifier that actually separates classes by what the patents
-say, with the margins that gives, measured on patents it never saw: the labelled file written
-beside the model (``labelled.jsonl``, ``make eval``'s format) holds ``--labelled`` other patents
-with their subject's class.
+``--train`` patents. Beside the model, in ``make eval``'s format with their subject's class:
+``labelled.jsonl``, the fitted patents (where the head is right and confident, as a fine-tuned
+classifier is on most of its traffic), which the export measures int8 on, and ``held_out.jsonl``,
+``--labelled`` patents it never saw. A random backbone carries little of a patent's subject to its
+last token, so on those the probe is barely better than chance (``head_training.json``).
 
     python -m benchmarks.real_width_classifier --out build/demo/gemma2-9b-width [--layers 2]
 """
@@ -31,7 +32,10 @@ from core.labels import LabelSet
 from core.synthetic_patents import _SUBJECTS, synthetic_patents
 from export.demo_models import GEMMA_TOKENS, KSCST_LABELS_FILE, train_patent_tokenizer
 
-TRAIN_SEED, LABELLED_SEED = 7, 8  # the export's own patents use other seeds: the head never saw any of them
+TRAIN_SEED, LABELLED_SEED = 7, 8
+# The patents the head was fitted on, where it is right and confident, as a fine-tuned classifier is
+# on most of its traffic (the export measures int8 on them); and patents it never saw.
+LABELLED_FILE, HELD_OUT_FILE = "labelled.jsonl", "held_out.jsonl"  # the export's own patents use other seeds: the head never saw any of them
 SUFFIX = " 및 그 제조 방법"
 
 
@@ -67,6 +71,15 @@ def fit_head(features: torch.Tensor, classes: torch.Tensor, labels: int, l2: flo
     return weight.detach()
 
 
+def write_labelled(path: Path, documents, labels: LabelSet) -> None:
+    """`make eval`'s format: each patent with its subject's class."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for number, document in enumerate(documents, start=1):
+            record = {"id": f"{path.stem.upper()}-{number:04d}", "label": labels.codes[subject_of(document)],
+                      "ipc": document.ipc, "title": document.title, "abstract": document.abstract, "claims": document.claims}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def build(out: Path, layers: int, train: int, labelled: int, max_length: int, seed: int = 0) -> dict:
     labels = LabelSet.read_tsv(KSCST_LABELS_FILE)
     tokenizer = train_patent_tokenizer(tokens=GEMMA_TOKENS)
@@ -84,24 +97,22 @@ def build(out: Path, layers: int, train: int, labelled: int, max_length: int, se
     # Short patents mostly: the probe needs each subject's words, not 512 tokens of them, and long
     # patents cost ten times more; the held-out patents have the realistic mix.
     training = synthetic_patents(train, seed=TRAIN_SEED, long_share=0.3)
-    features = pooled_features(model, tokenizer, training, max_length)
+    features = pooled_features(model, tokenizer, training, max_length).clone()  # clone: usable outside inference mode
     classes = torch.tensor([subject_of(d) for d in training])
+    head = fit_head(features, classes, len(labels))
     with torch.no_grad():
-        model.score.weight.copy_(fit_head(features, classes, len(labels)))
+        model.score.weight.copy_(head)
     held_out = synthetic_patents(labelled, seed=LABELLED_SEED, long_share=0.7)
-    held_out_features = pooled_features(model, tokenizer, held_out, max_length)
-    probabilities = torch.softmax(held_out_features @ model.score.weight.t(), dim=-1)
+    held_out_features = pooled_features(model, tokenizer, held_out, max_length).clone()
+    probabilities = torch.softmax(held_out_features @ head.t(), dim=-1)
     expected = torch.tensor([subject_of(d) for d in held_out])
     model.save_pretrained(out, max_shard_size="5GB")
     tokenizer.save_pretrained(out)
-    with open(out / "labelled.jsonl", "w", encoding="utf-8") as handle:
-        for number, document in enumerate(held_out, start=1):
-            record = {"id": f"WIDTH-{number:04d}", "label": labels.codes[subject_of(document)],
-                      "ipc": document.ipc, "title": document.title, "abstract": document.abstract, "claims": document.claims}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_labelled(out / LABELLED_FILE, training, labels)
+    write_labelled(out / HELD_OUT_FILE, held_out, labels)
     return {
         "layers": layers, "train_patents": train, "labelled_patents": labelled,
-        "train_accuracy": float(((features @ model.score.weight.t()).argmax(-1) == classes).float().mean()),
+        "train_accuracy": float(((features @ head.t()).argmax(-1) == classes).float().mean()),
         "held_out_accuracy": float((probabilities.argmax(-1) == expected).float().mean()),
         "held_out_median_top1_probability": float(probabilities.max(-1).values.median()),
     }
