@@ -18,12 +18,12 @@ layers, and quantizing it has given all-equal scores elsewhere (vLLM #35849).
 int8 on the CPU runs ``torch._int_mm``: its result is the exact integer product on every CPU by
 contract, and with AVX-512 VNNI (or AMX) torch hands it to oneDNN's VNNI kernels. oneDNN's own
 ``qlinear_pointwise`` (u8 × s8) is as fast there but takes one scale for every row, and without
-VNNI it adds pairs of u8 × s8 products in 16-bit lanes that saturate: on an AVX2 CPU it was off
-by 115,168 of 17,226-sized sums (benchmarks/results/2026-12-06-int8.md). Where torch has no VNNI
-kernel, ``_int_mm`` falls back to a loop 300× slower than float32: the engine refuses int8 there
+VNNI it adds pairs of u8 × s8 products in 16-bit lanes that saturate: on an AVX2 CPU its integers
+were off by up to 332,215 at 512 × 3584 × 14336 (benchmarks/results/2026-12-06-int8.md). Where torch
+has no VNNI kernel, ``_int_mm`` falls back to a loop about 25× slower than float32: the engine refuses int8 there
 (``cpu_has_int8_dot_product``), and the export measures int8's answers with ``EXACT_PRODUCT``,
 float32 matrix products of chunks short enough that every partial sum is an integer float32 holds
-exactly, which gives the same integers and so the same answers, at float32's speed.
+exactly, which gives the same integers and so the same answers, at about half float32's speed.
 
 fp8 on a GPU runs ``torch._scaled_mm`` with the row and channel scales (Hopper, Ada); the same op
 runs on the CPU, emulated, which is how the suite rehearses the GPU path.
@@ -140,7 +140,7 @@ class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 weights per output channel and int8 activations per token.
 
     ``product``: the int8 matrix product, ``INT_MM`` (serving, on a CPU with VNNI) or
-    ``EXACT_PRODUCT`` (the same integers anywhere, at float32's speed)."""
+    ``EXACT_PRODUCT`` (the same integers anywhere, at about half float32's speed)."""
 
     def __init__(self, linear: nn.Linear, product: Callable = INT_MM):
         super().__init__()
