@@ -14,6 +14,11 @@ few uncounted warm-up requests, then a closed loop at each ``--concurrency`` and
 (Poisson arrivals) at each of ``--rates`` requests/s, each bounded by ``--duration`` seconds
 and ``--max-requests``. With ``--url`` only that server is measured.
 
+A configuration may name its own precision after ``@`` (``triton-torch@int8``,
+``triton-vllm@float32``); one without it computes in ``--dtype``. A configuration the hardware or
+the export's agreement gate refuses (int8 on a CPU without VNNI, say) is reported as refused with
+the reason, and the run goes on with the others.
+
 Writes bench.json, bench.md and throughput_vs_p99.png into a new folder under ``--out``
 (named by the time of the run) and prints the Markdown table.
 """
@@ -37,6 +42,7 @@ from core.command_line import HelpFormatter
 from core.synthetic_patents import synthetic_patents
 
 CONFIGURATIONS = ("hf-single", "hf-static", "triton-torch", "triton-vllm", "vllm-serve")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8")
 WARM_UP_REQUESTS = 4
 
 
@@ -52,7 +58,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=Path("model_repository/kscst-gemma2/1/model"),
                         help="the merged model folder every local configuration loads (`make export` writes the demo's)")
     parser.add_argument("--configurations", type=csv_of(str), default=",".join(CONFIGURATIONS),
-                        help=f"comma-separated, from {','.join(CONFIGURATIONS)}")
+                        help=f"comma-separated, from {','.join(CONFIGURATIONS)}, each optionally @DTYPE (its own precision, "
+                        "e.g. triton-torch@int8)")
     parser.add_argument("--url", help="benchmark our server already running there (HOST:PORT) instead of the configurations")
     parser.add_argument("--model", default="kscst-gemma2", help="with --url: the model name on that server")
     parser.add_argument("--metrics-url", help="with --url: its Triton metrics URL, for the PyTorch engine's padding waste")
@@ -78,9 +85,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="with --prediction-records: the records database (default: a SQLite file in the run's scratch folder)")
     parser.add_argument("--hf-batch-size", type=int, default=8, help="hf-static: documents per static batch")
     parser.add_argument("--device", default="auto", help="transformers peers and the PyTorch engine: auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto",
-                        help="every configuration's dtype: auto (bfloat16 on a GPU and on a CPU with native bf16, else "
-                        "float32), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="the dtype of every configuration that names none: auto (as the engines resolve it: int8 on a "
+                        "CPU with VNNI where the export accepted it, bf16 on a GPU or a CPU with native bf16, else float32), "
+                        "float32, bfloat16, int8 (our PyTorch engine and transformers peers), fp8 (a GPU)")
     parser.add_argument("--vllm-kv-cache-mib", type=int, default=256, help="the vLLM engine's and `vllm serve`'s KV cache, in MiB")
     parser.add_argument("--p99-bound-ms", type=float, help="speedups compare the best samples/s with p99 under this")
     parser.add_argument("--out", type=Path, default=Path("build/bench"), help="a folder named by the run's time is made in it")
@@ -89,9 +97,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         "dtype (not with --url)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    unknown = set(args.configurations) - set(CONFIGURATIONS)
+    unknown = {name for name in args.configurations if configuration_kind(name) not in CONFIGURATIONS}
+    unknown |= {name for name in args.configurations if configuration_dtype(name, args.dtype) not in DTYPES}
     if unknown:
-        parser.error(f"--configurations: unknown {sorted(unknown)}; choose from {','.join(CONFIGURATIONS)}")
+        parser.error(f"--configurations: unknown {sorted(unknown)}; choose from {','.join(CONFIGURATIONS)}, "
+                     f"each optionally @ one of {','.join(DTYPES)}")
     if not args.url and not (args.model_dir / "config.json").exists():
         parser.error(f"--model-dir {args.model_dir}: no merged model there (run `make export`, or give --url)")
     if not 0.0 <= args.long_share <= 1.0:
@@ -99,22 +109,34 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def configuration_kind(name: str) -> str:
+    """``triton-torch@int8`` -> ``triton-torch``."""
+    return name.partition("@")[0]
+
+
+def configuration_dtype(name: str, default: str) -> str:
+    """``triton-torch@int8`` -> ``int8``; ``triton-torch`` -> ``default``."""
+    return name.partition("@")[2] or default
+
+
 def start(name: str, args: argparse.Namespace, workdir: Path) -> AbstractContextManager[peers.Target]:
     model_dir = args.model_dir.resolve()
-    if name in ("hf-single", "hf-static"):
-        batch_size = 1 if name == "hf-single" else args.hf_batch_size
-        return peers.transformers_target(name, model_dir, args.max_length, batch_size, args.device, args.dtype)
-    if name in ("triton-torch", "triton-vllm"):
-        engine = name.removeprefix("triton-")
+    kind, dtype = configuration_kind(name), configuration_dtype(name, args.dtype)
+    if kind in ("hf-single", "hf-static"):
+        batch_size = 1 if kind == "hf-single" else args.hf_batch_size
+        return peers.transformers_target(name, model_dir, args.max_length, batch_size, args.device,
+                                         served_dtype(args.device, dtype, "transformers", model_dir))
+    if kind in ("triton-torch", "triton-vllm"):
+        engine = kind.removeprefix("triton-")
         records_database = None
         if args.prediction_records != "off":
             records_database = args.records_database or f"sqlite:///{workdir / 'prediction-records.db'}"
         config = peers.serving_config(engine, model_dir, args.max_length, args.max_batch_tokens, args.max_batch_size,
-                                      args.vllm_kv_cache_mib, args.device, args.dtype, args.cpu_threads,
+                                      args.vllm_kv_cache_mib, args.device, dtype, args.cpu_threads,
                                       args.prediction_records, records_database)
         return peers.triton_target(name, config, args.protocol, workdir)
     return peers.vllm_serve_target(name, model_dir, args.max_length, args.vllm_kv_cache_mib,
-                                   served_dtype(args.device, args.dtype), workdir)
+                                   served_dtype(args.device, dtype, "vllm", model_dir), workdir)
 
 
 async def measure(target: peers.Target, documents: list, args: argparse.Namespace) -> list[Point]:
@@ -156,15 +178,27 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()[0]  # others' work on the same cores moves every figure: say how busy it was
     documents = synthetic_patents(args.documents, seed=2026, long_share=args.long_share)
     folder = args.out / time.strftime("%Y%m%d-%H%M%S")
+    from core.quantized_linear import PrecisionUnavailable
+    from core.served_precision import PrecisionRefused
+
     points: list[Point] = []
     startup: dict[str, float | None] = {}
+    dtypes: dict[str, str] = {}
+    refused: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         if args.url:
             target = peers.ServerTarget(f"server at {args.url}", None, 1, args.url, args.protocol, args.model, args.metrics_url)
             startup[target.name] = None
             points += asyncio.run(measure(target, documents, args))
         for name in [] if args.url else args.configurations:
-            print(f"starting {name} …", file=sys.stderr, flush=True)
+            try:
+                dtypes[name] = served_dtype(args.device, configuration_dtype(name, args.dtype), ENGINES[configuration_kind(name)],
+                                            args.model_dir)
+            except (PrecisionRefused, PrecisionUnavailable) as refusal:  # this machine or the gate: say why, go on
+                refused[name] = str(refusal)
+                print(f"{name} refused: {refusal}", file=sys.stderr, flush=True)
+                continue
+            print(f"starting {name} ({dtypes[name]}) …", file=sys.stderr, flush=True)
             with start(name, args, Path(scratch)) as target:
                 startup[name] = target.startup_seconds
                 points += asyncio.run(measure(target, documents, args))
@@ -173,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     report = build_report(points, startup, args.p99_bound_ms, machine, settings)
     if not args.url:
-        report["dtype"] = served_dtype(args.device, args.dtype)
+        report["dtypes"], report["refused"] = dtypes, refused
     if _wants_mfu(args):
-        add_mfu(report, args.model_dir, args.device, report["dtype"])
+        add_mfu(report, args.model_dir, args.device)
     report["taken"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     paths = write_report(report, folder)
     print(markdown(report))
@@ -188,26 +222,41 @@ def _wants_mfu(args: argparse.Namespace) -> bool:
     return not args.url and args.mfu != "no"
 
 
-def served_dtype(device: str, dtype: str) -> str:
-    """The dtype every local configuration computes in: ``--dtype``, with ``auto`` resolved as the
-    engines resolve it on this machine (bf16 on a GPU or a CPU with native bf16, else float32)."""
-    from core.hf_classifier import dtype_name, resolve_device, resolve_dtype
-
-    return dtype_name(resolve_dtype(dtype, resolve_device(device)))
+# Whose rules resolve a configuration's dtype: our engines' (core/served_precision.py); the transformers
+# peers and `vllm serve` follow the PyTorch engine's and the vLLM engine's.
+ENGINES = {"hf-single": "transformers", "hf-static": "transformers", "triton-torch": "torch", "triton-vllm": "vllm",
+           "vllm-serve": "vllm"}
 
 
-def add_mfu(report: dict, model_dir: Path, device: str, dtype: str) -> None:
-    """After the loads, so the matmul competes with nothing; every configuration ran this model in ``dtype``,
-    and the ceiling is measured in it."""
+def served_dtype(device: str, dtype: str, engine: str = "torch", model_dir: Path | None = None) -> str:
+    """What a configuration computes in: ``dtype``, with ``auto`` resolved as the engines resolve it on
+    this machine, through the model's agreement report (int8 on a CPU with VNNI where the export
+    accepted it, bf16 on a GPU or a CPU with native bf16, else float32). Raises the engines' own
+    refusal where this machine or the gate refuses it."""
+    from core.hf_classifier import resolve_device
+    from core.served_precision import PrecisionReport, served_precision
+
+    report = PrecisionReport.read(model_dir) if model_dir is not None else None
+    # The transformers peers have no agreement gate of their own: they compute what they are asked.
+    if engine == "transformers" and dtype != "auto":
+        return dtype
+    return served_precision(dtype, resolve_device(device), "vllm" if engine == "vllm" else "torch", report)
+
+
+def add_mfu(report: dict, model_dir: Path, device: str) -> None:
+    """After the loads, so the matmul competes with nothing: each configuration's MFU against a matmul
+    measured in this run in the precision it computed in."""
     from benchmarks.model_flops import classification_flops, matmul_ceiling, mfu
     from core.hf_classifier import resolve_device
 
-    ceiling = matmul_ceiling(str(resolve_device(device)), dtype)
     flops = classification_flops(model_dir)
-    report["mfu"] = {"matmul_tflops": round(ceiling.tflops, 3), "matmul_dtype": ceiling.dtype, "matmul_method": ceiling.method,
-                     "matmul_shape": list(ceiling.shape), "flop_per_token": flops.per_token, "flop_per_document": flops.per_document}
+    ceilings = {dtype: matmul_ceiling(str(resolve_device(device)), dtype) for dtype in sorted(set(report["dtypes"].values()))}
+    report["mfu"] = {"flop_per_token": flops.per_token, "flop_per_document": flops.per_document, "ceilings": {
+        dtype: {"matmul_tflops": round(c.tflops, 3), "matmul_method": c.method, "matmul_shape": list(c.shape)}
+        for dtype, c in ceilings.items()}}
     for row in report["points"] + list(report["best"].values()):
-        row["mfu"] = round(mfu(row["tokens_per_second"], row["samples_per_second"], flops, ceiling, dtype), 4)
+        dtype = report["dtypes"][row["configuration"]]
+        row["mfu"] = round(mfu(row["tokens_per_second"], row["samples_per_second"], flops, ceilings[dtype], dtype), 4)
 
 
 def _gpu_name() -> str | None:

@@ -114,13 +114,16 @@ def markdown(report: dict) -> str:
         )
     starts = ", ".join(f"{name} {_number(s, 1)} s" for name, s in report["startup_seconds"].items())
     lines += ["", f"Start-up (model load, server ready): {starts}."]
-    if "dtype" in report:
-        lines.append(f"Precision: every configuration computed in {report['dtype']}.")
+    if report.get("dtypes"):
+        lines.append("Precision: " + ", ".join(f"{name} {dtype}" for name, dtype in report["dtypes"].items()) + ".")
+    for name, reason in report.get("refused", {}).items():
+        lines.append(f"Refused, not measured: {name}: {reason}.")
     if with_mfu:
         flops = report["mfu"]
+        ceilings = "; ".join(f"{dtype}: {c['matmul_tflops']:g} TFLOP/s ({c['matmul_method']})" for dtype, c in flops["ceilings"].items())
         lines.append(f"MFU: tokens/s × {flops['flop_per_token'] / 1e9:.3g} GFLOP per token + samples/s × "
-                     f"{flops['flop_per_document'] / 1e9:.3g} GFLOP per document, over a {flops['matmul_dtype']} matmul's "
-                     f"{flops['matmul_tflops']:g} TFLOP/s ({flops['matmul_method']}) measured in this run (benchmarks/model_flops.py).")
+                     f"{flops['flop_per_document'] / 1e9:.3g} GFLOP per document, over the matmul of each configuration's "
+                     f"own precision measured in this run (benchmarks/model_flops.py): {ceilings}.")
     machine = report["machine"]
     if "load_average_1min" in machine:
         load = machine["load_average_1min"]

@@ -34,6 +34,8 @@ from benchmarks.bench_report import TRAINING_BASELINE_SAMPLES_PER_SECOND
 from benchmarks.model_flops import classification_flops, matmul_ceiling, mfu
 from benchmarks.peers import GPU_PAD_TO_MULTIPLE_OF
 from core.command_line import HelpFormatter
+from core.quantized_linear import PrecisionUnavailable, check_hardware
+from core.served_precision import QUANTIZED, PrecisionRefused
 
 TOKENIZER_SPECIALS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # the demo tokenizer's ids
 
@@ -103,6 +105,23 @@ def build_random_model(out_dir: Path, architecture: str, device: str) -> Path:
     return out_dir
 
 
+def measure_the_gate(model_dir: Path, args: argparse.Namespace) -> dict:
+    """What the export does before a quantized precision may be served: float32 and --dtype on the
+    same patents, the report written beside the weights (core/served_precision.py) for the engine to read."""
+    from core.serving_config import ServingConfig
+    from core.served_precision import PrecisionReport
+    from export.merged_model_export import proof_texts
+    from export.precision_agreement import compare_precisions, measure
+
+    serving = ServingConfig(model_dir=model_dir, max_length=512, dtype="auto", device=args.device)
+    texts = proof_texts(args.agreement_documents)
+    logits = compare_precisions(model_dir, serving, texts, args.device, [args.dtype], proof_memory_gib=1e6)
+    measured = measure(args.dtype, logits["float32"], logits[args.dtype], [], [], args.min_top1_agreement)
+    PrecisionReport("float32", args.device, len(texts), 0, None, args.min_top1_agreement, (measured,), args.dtype).write(model_dir)
+    return {"documents": len(texts), "min_top1_agreement": args.min_top1_agreement, "top1_agreement": measured.top1_agreement,
+            "max_abs_probability_diff": measured.max_abs_probability_diff, "accepted": measured.accepted}
+
+
 def engine_throughput(model_dir: Path, workloads: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict]:
     """Each workload's documents submitted at once, one per request, as a busy office backend
     would, through one engine (loaded and compiled once)."""
@@ -153,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="gemma-2-9b", help="gemma-2-9b, or tiny to rehearse on a CPU")
     parser.add_argument("--write-only", action="store_true", help="write the model folder and stop")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to rehearse")
-    parser.add_argument("--dtype", default="bfloat16", help="the engine's and the parity candidates' dtype")
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="the engine's and the parity candidates' dtype; fp8 (or int8 on a CPU): measured against float32 "
+                        "first, as the export's gate does, and served only if that agreement reaches --min-top1-agreement")
+    parser.add_argument("--min-top1-agreement", type=float, default=0.99,
+                        help="with a quantized --dtype: the gate's threshold. These weights are random, so their classes are "
+                        "near-tied and speed does not depend on them: a speed run may pass 0, and the report records it")
+    parser.add_argument("--agreement-documents", type=int, default=32, help="with a quantized --dtype: patents the gate measures")
     parser.add_argument("--attention", default="auto", help="the engine's attention (auto: causal_flex on a GPU)")
     parser.add_argument("--documents", type=int, default=512, help="patents per workload")
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="the engine's padded tokens per forward pass")
@@ -181,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     report["flop_per_token"], report["flop_per_document"] = flops.per_token, flops.per_document
     log(f"{args.dtype} matmul {report['matmul_tflops']} TFLOP/s ({ceiling.method}); the model costs "
         f"{flops.per_token / 1e9:.2f} GFLOP per token and {flops.per_document / 1e9:.2f} per document")
-    if not args.skip_parity:
+    if args.dtype in QUANTIZED:
+        report["agreement"] = measure_the_gate(model_dir, args)
+        log(f"agreement with float32: {json.dumps(report['agreement'])}")
+    if not args.skip_parity and args.dtype not in QUANTIZED:  # attention parity is a float dtype's question
         candidates = [(name, args.dtype) for name in args.parity_candidates.split(",")]
         report["attention_parity"] = compare(model_dir, candidates, args.device, 8, 512)
         log(f"attention parity: {json.dumps(report['attention_parity'])}")
@@ -191,7 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         "engine_512_tokens": [d.render() for d in synthetic_patents(args.documents, seed=1, long_share=1.0)],
         "engine_realistic_mix": [d.render() for d in synthetic_patents(args.documents, seed=2, long_share=0.7)],
     }
-    for name, row in engine_throughput(model_dir, workloads, args).items():
+    try:
+        if args.dtype in QUANTIZED:
+            check_hardware(args.dtype, torch.device(args.device))
+        rows = engine_throughput(model_dir, workloads, args)
+    except (PrecisionRefused, PrecisionUnavailable) as refusal:  # the gate, or hardware without fp8: said, not hidden
+        report["engine_refused"] = str(refusal)
+        log(f"engine refused: {refusal}")
+        rows = {}
+    for name, row in rows.items():
         row["mfu"] = round(mfu(row["tokens_per_second"], row["samples_per_second"], flops, ceiling, args.dtype), 3)
         row["speedup_over_baseline"] = round(row["samples_per_second"] / TRAINING_BASELINE_SAMPLES_PER_SECOND, 1)
         report[name] = row

@@ -11,6 +11,9 @@
 # Figures land in $OUT (the device tool brings them back), or in build/gpu-session without it.
 #
 # Rehearsed on a CPU with the same commands: GPU_SESSION_DEVICE=cpu GPU_SESSION_ARCHITECTURE=tiny.
+# GPU_SESSION_DTYPE=fp8 runs the engine stage in fp8 (Hopper): float32 and fp8 compared first, as the
+# export's gate does; the weights are random (near-tied classes), so the gate's threshold is 0 there and
+# the agreement is reported, not enforced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?usage: gpu_session.sh engine|server}
@@ -30,8 +33,12 @@ install_wheels() {
     fi
 }
 
+gate=()
+if [ "${GPU_SESSION_DTYPE:-}" = fp8 ]; then
+    gate=(--min-top1-agreement 0)
+fi
 if [ "$device" = cuda ]; then
-    dtype=bfloat16 documents=512 max_batch_tokens=16384 max_batch_size=64 duration=15
+    dtype=${GPU_SESSION_DTYPE:-bfloat16} documents=512 max_batch_tokens=16384 max_batch_size=64 duration=15
     concurrency=16,64,128 rates=35 hf_batch_size=16
 else
     dtype=float32 documents=16 max_batch_tokens=2048 max_batch_size=16 duration=2
@@ -53,7 +60,8 @@ case $stage in
 engine)
     timeout 540 "$python" -m benchmarks.gpu_gemma2_9b --architecture "$architecture" --device "$device" --dtype "$dtype" \
         --model-dir "$model_dir" --documents "$documents" --max-batch-tokens "$max_batch_tokens" \
-        --max-batch-size "$max_batch_size" --out "$out/gpu_gemma2_9b.json" 2>&1 | tee "$out/engine.log"
+        --max-batch-size "$max_batch_size" "${gate[@]}" --out "$out/gpu_gemma2_9b${GPU_SESSION_DTYPE:+-$GPU_SESSION_DTYPE}.json" 2>&1 \
+        | tee "$out/engine${GPU_SESSION_DTYPE:+-$GPU_SESSION_DTYPE}.log"
     ;;
 server)
     # The Triton Python backend's stub needs numpy 1.x (requirements-nodeps.txt says why): it

@@ -9,7 +9,9 @@ ceiling (a bf16 model over a float32 ceiling reads several times too high on a C
 
 The ceiling is the best of torch's matmul and, on a CPU, oneDNN's matmul on weights packed in
 its blocked layout (what vLLM's CPU backend and inductor use): on a CPU the two differ widely in
-float32, and the ceiling is whichever is faster.
+float32, and the ceiling is whichever is faster. For int8 it is ``torch._int_mm`` (int8 × int8 →
+int32, the product ``core.quantized_linear.Int8Linear`` runs), for fp8 ``torch._scaled_mm`` with
+row-wise scales (``Fp8Linear``'s): operations per second, counted as FLOPs are.
 
 The FLOPs of one classification are what any implementation has to compute: 2 × the parameters
 that multiply each token (every weight but the embedding table, which is a lookup), except that
@@ -37,7 +39,7 @@ class MatmulCeiling:
     device: str
     dtype: str
     tflops: float
-    method: str  # "torch.matmul" or "oneDNN packed"
+    method: str  # "torch.matmul", "oneDNN packed", "torch._int_mm" or "torch._scaled_mm"
     shape: tuple[int, int, int]  # (rows, inner, columns) of the best measurement
 
 
@@ -66,7 +68,6 @@ def _seconds_per_call(call, repeats: int, synchronize) -> float:
 def matmul_ceiling(device: str, dtype: str, shapes: list[tuple[int, int, int]] | None = None, repeats: int = 5) -> MatmulCeiling:
     """Measure the ceiling (see the module's docstring). ``shapes``: (rows, inner, columns); by
     default a square and a projection-like shape, scaled to the device."""
-    torch_dtype = getattr(torch, dtype)
     on_gpu = torch.device(device).type == "cuda"
     shapes = shapes or ([(8192, 8192, 8192)] if on_gpu else [(1024, 1024, 1024), (2048, 1024, 4096)])
 
@@ -76,21 +77,47 @@ def matmul_ceiling(device: str, dtype: str, shapes: list[tuple[int, int, int]] |
 
     best = None
     for rows, inner, columns in shapes:
-        activations = torch.randn(rows, inner, device=device, dtype=torch_dtype)
-        weight = torch.randn(columns, inner, device=device, dtype=torch_dtype)
-        calls = {"torch.matmul": lambda: activations @ weight.t()}
-        if not on_gpu and torch.backends.mkldnn.is_available():
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-            except RuntimeError:  # a oneDNN build or CPU without this dtype: torch's matmul alone
-                packed = None
-            if packed is not None:
-                calls["oneDNN packed"] = lambda: torch.ops.mkldnn._linear_pointwise(activations, packed, None, "none", [], "")
+        if dtype in QUANTIZED_PRODUCTS:
+            calls = {QUANTIZED_PRODUCTS[dtype][0]: QUANTIZED_PRODUCTS[dtype][1](rows, inner, columns, device)}
+        else:
+            calls = _float_products(rows, inner, columns, device, getattr(torch, dtype), on_gpu)
         for method, call in calls.items():
             tflops = 2 * rows * inner * columns / _seconds_per_call(call, repeats, synchronize) / 1e12
             if best is None or tflops > best.tflops:
                 best = MatmulCeiling(str(device), dtype, tflops, method, (rows, inner, columns))
     return best
+
+
+def _int8_product(rows: int, inner: int, columns: int, device: str):
+    values = torch.randint(-127, 128, (rows, inner), dtype=torch.int8, device=device)
+    weight = torch.randint(-127, 128, (columns, inner), dtype=torch.int8, device=device)
+    return lambda: torch._int_mm(values, weight.t())
+
+
+def _fp8_product(rows: int, inner: int, columns: int, device: str):
+    from core.quantized_linear import FP8_DTYPE
+
+    values = torch.randn(rows, inner, device=device).to(FP8_DTYPE)
+    weight = torch.randn(columns, inner, device=device).to(FP8_DTYPE)
+    row_scales, column_scales = torch.ones(rows, 1, device=device), torch.ones(1, columns, device=device)
+    return lambda: torch._scaled_mm(values, weight.t(), scale_a=row_scales, scale_b=column_scales, out_dtype=torch.bfloat16)
+
+
+QUANTIZED_PRODUCTS = {"int8": ("torch._int_mm", _int8_product), "fp8": ("torch._scaled_mm", _fp8_product)}
+
+
+def _float_products(rows: int, inner: int, columns: int, device: str, torch_dtype: torch.dtype, on_gpu: bool) -> dict:
+    activations = torch.randn(rows, inner, device=device, dtype=torch_dtype)
+    weight = torch.randn(columns, inner, device=device, dtype=torch_dtype)
+    calls = {"torch.matmul": lambda: activations @ weight.t()}
+    if not on_gpu and torch.backends.mkldnn.is_available():
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        except RuntimeError:  # a oneDNN build or CPU without this dtype: torch's matmul alone
+            packed = None
+        if packed is not None:
+            calls["oneDNN packed"] = lambda: torch.ops.mkldnn._linear_pointwise(activations, packed, None, "none", [], "")
+    return calls
 
 
 def _last_layer(model) -> torch.nn.Module | None:
@@ -103,6 +130,8 @@ def classification_flops(model_dir: Path) -> ClassificationFlops:
     """Counted on the meta device (nothing is allocated)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from core.quantized_linear import head_modules
+
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
@@ -111,9 +140,8 @@ def classification_flops(model_dir: Path) -> ClassificationFlops:
     last = _last_layer(model)
     if last is not None:
         once |= {id(p) for name, p in last.named_parameters() if not any(part in name.split(".") for part in _KEY_VALUE_PROJECTIONS)}
-    for head in (getattr(model, "score", None), getattr(model, "classifier", None), getattr(model.base_model, "pooler", None)):
-        if head is not None:  # decoders' head, encoders' head, BERT's pooler: all read the one pooled token
-            once |= {id(p) for p in head.parameters()}
+    for head in head_modules(model):  # decoders' head, encoders' head, BERT's pooler: all read the one pooled token
+        once |= {id(p) for p in head.parameters()}
     counted = [p for p in model.parameters() if id(p) not in embeddings]
     return ClassificationFlops(
         per_token=2 * sum(p.numel() for p in counted if id(p) not in once),

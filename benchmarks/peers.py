@@ -153,12 +153,14 @@ class TransformersTarget(Target):
 def transformers_target(name: str, model_dir: Path, max_length: int, batch_size: int, device: str, dtype: str) -> Iterator[TransformersTarget]:
     import torch
 
-    from core.hf_classifier import DocumentEncoder, load_sequence_classifier, resolve_device, resolve_dtype
+    from core.hf_classifier import DocumentEncoder, load_sequence_classifier, resolve_device
+    from core.served_precision import compute_dtype, quantization
 
     started = time.monotonic()
     resolved = resolve_device(device)
     # Exact attention (eager for Gemma-2, whose softcap SDPA drops): the answers our server gives.
-    model = load_sequence_classifier(model_dir, resolve_dtype(dtype, resolved), resolved)
+    # dtype is resolved already (bench.served_dtype): float32, bfloat16, int8 or fp8.
+    model = load_sequence_classifier(model_dir, compute_dtype(dtype), resolved, quantization=quantization(dtype))
     target = TransformersTarget(name, time.monotonic() - started, batch_size, model, DocumentEncoder(model_dir, max_length))
     try:
         yield target

@@ -99,6 +99,9 @@ class OfflineComparison(BaseModel):
     top1_agreement: float  # share of documents whose served top class is the offline top class
     offline_accuracy: float
     max_probability_difference: float  # over every served (document, class) probability
+    # The export's agreement report beside the weights (precision_report.json: each precision it
+    # measured against float32, with its accuracy change), when there is one.
+    export_precision: dict | None = None
 
 
 class EvaluationReport(BaseModel):
@@ -262,8 +265,16 @@ def compare_with_offline(
         top1_agreement=float(accuracy_score(offline_top1, served_top1)),
         offline_accuracy=float(accuracy_score([sample.label for sample, _ in answered], offline_top1)),
         max_probability_difference=difference,
+        export_precision=_export_precision_report(model_dir),
     )
     return comparison, offline_top1
+
+
+def _export_precision_report(model_dir: Path) -> dict | None:
+    from core.served_precision import REPORT_FILENAME
+
+    path = Path(model_dir) / REPORT_FILENAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def write_report(

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from core import causal_flex_attention
 from core.engine import padded_width
+from core.quantized_linear import INT_MM, cpu_has_any, quantize_linears
 from core.text_preprocessing import Preprocessing, text_preprocessor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,26 +64,7 @@ NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), as detected at start,
     never assumed: torch's CPU feature probe, else the kernel's /proc/cpuinfo flags."""
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if capabilities is not None:
-        found = capabilities()
-        return any(bool(found.get(feature)) for feature in NATIVE_BF16_CPU_FEATURES)
-    try:
-        flags = next(
-            (line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
-            [],
-        )
-    except OSError:
-        return False
-    return any(feature in flags for feature in NATIVE_BF16_CPU_FEATURES)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU and on a CPU that computes it natively; float32 on other CPUs."""
-    if dtype == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-        return torch.bfloat16 if native else torch.float32
-    return DTYPES[dtype]
+    return cpu_has_any(NATIVE_BF16_CPU_FEATURES)
 
 
 def device_name(device: torch.device) -> str:
@@ -102,19 +84,34 @@ def load_sequence_classifier(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attention: str | None = None,
+    quantization: str | None = None,
+    int8_product=INT_MM,
     **overrides,
 ):
-    """``attention`` defaults to the exact reference implementation (``exact_attention``)."""
+    """``attention`` defaults to the exact reference implementation (``exact_attention``).
+
+    ``quantization`` (``int8``, ``fp8``): every linear layer but the head quantized
+    (``core.quantized_linear``), the rest in ``dtype``. The layers are quantized from the weights as
+    saved (bf16 files load as bf16, never rounded again), one at a time, so memory peaks near the
+    saved size, not float32's; ``int8_product`` is the int8 product they use."""
     config = AutoConfig.from_pretrained(model_dir, **overrides)
     if attention == causal_flex_attention.NAME:
         causal_flex_attention.register()
     device = torch.device(device)
+    saved = getattr(config, "dtype", None)
+    load_dtype = saved if quantization == "int8" and saved in (torch.bfloat16, torch.float16) else dtype
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, config=config, dtype=dtype, attn_implementation=attention or exact_attention(config),
+        model_dir, config=config, dtype=load_dtype, attn_implementation=attention or exact_attention(config),
         # Straight onto the GPU: otherwise a 9B model first passes through host memory, 4 bytes a parameter.
         device_map=str(device) if device.type == "cuda" else None,
     )
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if quantization is not None:
+        quantize_linears(model, quantization, int8_product)
+        # What stays unquantized, in dtype; fp8 loads in it already (a float cast would touch fp8 weights too).
+        if load_dtype != dtype:
+            model.to(dtype)
+    return model
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:

@@ -26,7 +26,9 @@ transformers' bf16 forward rounds the stream to 8 bits after every sublayer, so 
 of 2L residual additions lands in the logits; it turns queries and keys by angles rounded to 8
 bits; and its head writes the logits in bf16, where two classes closer than a bf16 step become
 equal. Kept in float32, those roundings go and the answers stand nearer to the float32 model's (the export measures how near through this
-forward: export/precision_agreement.py). In float32 nothing changes.
+forward: export/precision_agreement.py). In float32 nothing changes. In int8 the projections are
+``core.quantized_linear.Int8Linear`` (int8 weights per channel, int8 activations per token) and
+everything else computes in float32, attention included.
 
 Everything else is transformers' own operations in its order (the norms' float32 arithmetic,
 the rotary embedding, the eager attention's softcap, mask and float32 softmax, the tanh GELU;
@@ -48,6 +50,7 @@ import torch
 from torch import nn
 
 from core.hf_classifier import serving_attention
+from core.quantized_linear import QUANTIZED_LINEARS
 from core.serving_config import ServingConfig
 
 
@@ -223,15 +226,20 @@ class PackedGemma2:
         self.model = model
         self.config = model.config
         self.layers = list(model.model.layers[: model.config.num_hidden_layers])
-        parameter = next(model.parameters())
+        parameter = next(model.parameters())  # the embedding: with quantized layers, what the rest computes in
         self.dtype, self.device = parameter.dtype, parameter.device
         packs = self.device.type == "cpu" and _oneDNN_available(self.dtype)
         self._tokens, self._pooled = {}, {}
         for layer in self.layers:
             for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                self._tokens[linear] = OneDNNProjection(linear, rows_hint) if packs else TorchProjection(linear)
-                self._pooled[linear] = TorchProjection(linear, pooled=True)
+                if isinstance(linear, QUANTIZED_LINEARS):
+                    # Each row quantized on its own and multiplied in exact integers: its answer is
+                    # the same in any batch, so no fixed-size blocks are needed.
+                    self._tokens[linear] = self._pooled[linear] = linear
+                else:
+                    self._tokens[linear] = OneDNNProjection(linear, rows_hint) if packs else TorchProjection(linear)
+                    self._pooled[linear] = TorchProjection(linear, pooled=True)
         # The float32 parts (the module docstring): the norms' (1 + weight) and the head.
         self._norm_scale = {norm: 1.0 + norm.weight.detach().float() for norm in self._norms()}
         head = model.score if self.dtype == torch.float32 else copy.deepcopy(model.score).float()

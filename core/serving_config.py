@@ -55,7 +55,13 @@ class ServingConfig(BaseModel):
     device: str = Field(
         "auto", description="auto (a GPU when there is one), cpu, cuda or cuda:<index>; with instances, where Triton places each"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "fp8"] = Field(
+        "auto",
+        description="what the forward passes compute in (docs/precision.md): auto: int8 on a CPU with VNNI where the "
+        "export's agreement gate accepted it (torch engine), else bf16 on a GPU or a CPU with native bf16, else float32; "
+        "int8: linear layers in int8 (CPU with AVX-512 VNNI or AMX, torch engine); fp8: in fp8 e4m3 (GPU with compute "
+        "capability 8.9+, both engines); int8 and fp8 only where the export measured and accepted them",
+    )
     max_length: int = Field(ge=8, le=32768, description="tokens per document; longer input is truncated and reported")
     preprocessing: Preprocessing = Field(
         "none", description="text cleaning before tokenizing, as the model was trained (kcbert: KcBERT's clean)"
@@ -197,6 +203,20 @@ class ServingConfig(BaseModel):
             )
         if self.max_queue_tokens < self.max_length:
             raise ValueError(f"max_queue_tokens ({self.max_queue_tokens}) must be at least max_length ({self.max_length})")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_precisions_fit_engine_and_device(self) -> "ServingConfig":
+        if self.dtype == "int8" and self.engine == "vllm":
+            raise ValueError(
+                "dtype: is 'int8'; the vllm engine cannot quantize to int8 as it loads a model: vLLM's int8 (W8A8) runs "
+                "only checkpoints quantized beforehand (compressed-tensors) and its online quantization has no int8 for "
+                "linear layers (docs/precision.md); use engine torch, or fp8 on a GPU"
+            )
+        if self.dtype == "int8" and self.device.startswith("cuda"):
+            raise ValueError(f"dtype: is 'int8' with device {self.device!r}; int8 is the CPU's precision (VNNI): on a GPU use fp8")
+        if self.dtype == "fp8" and self.device == "cpu":
+            raise ValueError("dtype: is 'fp8' with device 'cpu'; fp8 needs a GPU with fp8 tensor cores: on a CPU use int8")
         return self
 
     @model_validator(mode="after")

@@ -52,9 +52,8 @@ def export_model(
         out_dir = merged_model_dir(staged, model.name, version)
         report = export_classifier(model, out_dir, device=device, proof_memory_gib=proof_memory_gib)
         serving, agreement = settle_served_precision(model, out_dir, device, proof_memory_gib)
-        log.info("%s: %s against float32 on %d patents: top-1 agreement %.1f %%, max |Δprobability| %.2g; serving dtype %s",
-                 model.name, agreement.measured_dtype, agreement.documents, 100 * agreement.top1_agreement,
-                 agreement.max_abs_probability_diff, serving.dtype)
+        for measured in agreement.measured:
+            log.info("%s: %s", model.name, agreement.describe(measured.dtype))
         write_triton_model(staged, model.name, serving, version, serving_root=staging.repository.resolve().parent)
     except BaseException:
         staging.discard(staged)

@@ -43,15 +43,14 @@ from core.hf_classifier import (
     classifier_logits,
     device_name,
     DocumentEncoder,
-    dtype_name,
     EncodedText,
     load_sequence_classifier,
     pad_batch,
     resolve_device,
-    resolve_dtype,
     serving_attention,
 )
 from core.packed_decoder import PackedGemma2, serves_packed
+from core.served_precision import PrecisionReport, compute_dtype, quantization, served_precision
 from core.serving_config import ServingConfig
 from server.cpu_share import engine_cpu_threads, on_a_thread_that_ends
 from server.engine_hold import EngineHold
@@ -131,8 +130,10 @@ class TorchEngine(ClassificationEngine):
         self.config = config
         self.max_length = config.max_length
         self._device = resolve_device(config.device)
-        self._dtype = resolve_dtype(config.dtype, self._device)
-        self.device, self.dtype = device_name(self._device), dtype_name(self._dtype)
+        # int8, bf16 or float32 as the hardware and the export's agreement gate allow (core/served_precision.py).
+        self._precision = served_precision(config.dtype, self._device, "torch", PrecisionReport.read(config.model_dir))
+        self._dtype = compute_dtype(self._precision)
+        self.device, self.dtype = device_name(self._device), self._precision
         self._scheduler: TokenBudgetScheduler[_QueuedDocument] = TokenBudgetScheduler(
             config.max_batch_tokens,
             config.max_batch_size,
@@ -264,7 +265,8 @@ class TorchEngine(ClassificationEngine):
 
     def _load(self, attention: str) -> None:
         """Everything torch computes before serving: off the caller's thread (``on_a_thread_that_ends``)."""
-        self._model = load_sequence_classifier(self.config.model_dir, self._dtype, self._device, attention)
+        self._model = load_sequence_classifier(self.config.model_dir, self._dtype, self._device, attention,
+                                               quantization(self._precision))
         if self._model.config.num_labels != len(self.labels):
             raise ValueError(
                 f"{self.config.model_dir}: the model has {self._model.config.num_labels} classes but "

@@ -41,7 +41,8 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from core.engine import ClassificationEngine, DocumentScores, QueueDepth, caller_gave_up, complete
 from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable, ServingError
-from core.hf_classifier import DocumentEncoder, EncodedText, device_name, dtype_name, resolve_dtype, softmax
+from core.hf_classifier import DocumentEncoder, EncodedText, device_name, dtype_name, softmax
+from core.served_precision import PrecisionReport, compute_dtype, served_precision
 from core.serving_config import ServingConfig
 from server.engine_hold import POLL_S as HOLD_POLL_S, EngineHold
 
@@ -50,14 +51,23 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 
 
+# vLLM's online fp8 with the same scheme as our engine's (per-channel weights, per-token activations),
+# never on the classifier head: quantized, a score head has given all-equal scores (vLLM #35849).
+FP8_QUANTIZATION = dict(quantization="fp8_per_channel", quantization_config={"ignore": ["score", "classifier*", "*pooler*"]})
+
+
 def engine_args(config: ServingConfig) -> AsyncEngineArgs:
     """The vLLM arguments a serving configuration means (also what `vllm serve` flags mirror)."""
+    # What dtype means on vLLM's platform, through the export's agreement gate (core/served_precision.py).
+    device = torch.device(current_platform.device_type)
+    precision = served_precision(config.dtype, device, "vllm", PrecisionReport.read(config.model_dir))
     return AsyncEngineArgs(
         model=str(config.model_dir),
         runner="pooling",
         # We send token ids: vLLM never tokenizes, so it need not load a tokenizer.
         skip_tokenizer_init=True,
-        dtype=resolve_dtype(config.dtype, torch.device(current_platform.device_type)),
+        dtype=compute_dtype(precision),
+        **(FP8_QUANTIZATION if precision == "fp8" else {}),
         max_model_len=config.max_length,
         max_num_batched_tokens=config.max_batch_tokens,
         max_num_seqs=config.max_batch_size,
@@ -112,7 +122,7 @@ class VllmEngine(ClassificationEngine):
             raise
         # What vLLM resolved, as it runs the model.
         self.device = device_name(torch.device(self._engine.vllm_config.device_config.device_type))
-        self.dtype = dtype_name(self._engine.model_config.dtype)
+        self.dtype = "fp8" if self._engine.model_config.quantization else dtype_name(self._engine.model_config.dtype)
         self.startup_seconds = time.monotonic() - started
         log.info("vllm engine: %s on %s, %s, started in %.1f s", self.config.model_dir, self.device, self.dtype, self.startup_seconds)
 

@@ -367,9 +367,10 @@ def test_the_profiles_projection_share_is_the_matmuls_own_time_by_the_names_torc
 
 
 @pytest.mark.model
-def test_the_bench_measures_its_ceiling_in_the_dtype_its_configurations_ran(exported, monkeypatch):
+def test_the_bench_measures_each_ceiling_in_the_dtype_its_configurations_ran(exported, monkeypatch):
     """dtype auto resolves as the engines resolve it (bf16 on a CPU with native bf16, patched here
-    both ways), and the matmul the MFU divides by is measured in that dtype."""
+    both ways), a configuration may name its own (``@int8``), and each configuration's MFU divides
+    by a matmul measured in its own precision."""
     from benchmarks import bench, model_flops
     from benchmarks.bench_report import markdown
     from core import hf_classifier
@@ -378,7 +379,7 @@ def test_the_bench_measures_its_ceiling_in_the_dtype_its_configurations_ran(expo
 
     def measured(device, dtype):
         asked.append(dtype)
-        return model_flops.MatmulCeiling(device, dtype, 1.0, "oneDNN packed", (1, 1, 1))
+        return model_flops.MatmulCeiling(device, dtype, {"int8": 2.0}.get(dtype, 1.0), "measured", (1, 1, 1))
 
     monkeypatch.setattr(model_flops, "matmul_ceiling", measured)
     flops = model_flops.classification_flops(exported.merged_dir)
@@ -386,12 +387,25 @@ def test_the_bench_measures_its_ceiling_in_the_dtype_its_configurations_ran(expo
         monkeypatch.setattr(hf_classifier, "cpu_has_native_bf16", lambda: native)
         dtype = bench.served_dtype("cpu", "auto")
         assert dtype == expected and bench.served_dtype("cpu", "float32") == "float32"
-        points = [Point("triton-torch", result("b", [40.0, 50.0], documents=2, seconds=0.5, tokens=1000), 0.05)]
-        report = build_report(points, {"triton-torch": 1.0}, None, {"cpus": 2}, {})
-        report["dtype"] = dtype
-        bench.add_mfu(report, exported.merged_dir, "cpu", dtype)
-        assert asked[-1] == dtype and report["mfu"]["matmul_dtype"] == dtype
-        # 2000 tokens/s and 4 documents/s against the 1 TFLOP/s ceiling.
+        assert (bench.configuration_kind("triton-torch@int8"), bench.configuration_dtype("triton-torch@int8", "auto")) == ("triton-torch", "int8")
+        points = [Point("triton-torch", result("b", [40.0, 50.0], documents=2, seconds=0.5, tokens=1000), 0.05),
+                  Point("triton-torch@int8", result("b", [40.0, 50.0], documents=2, seconds=0.5, tokens=1000), 0.05)]
+        report = build_report(points, {"triton-torch": 1.0, "triton-torch@int8": 1.0}, None, {"cpus": 2}, {})
+        report["dtypes"] = {"triton-torch": dtype, "triton-torch@int8": "int8"}
+        report["refused"] = {"triton-vllm@int8": "no int8 in vLLM"}
+        bench.add_mfu(report, exported.merged_dir, "cpu")
+        assert sorted(asked[-2:]) == sorted({dtype, "int8"})
+        # 2000 tokens/s and 4 documents/s against the 1 TFLOP/s ceiling, and against int8's 2.
         assert report["points"][0]["mfu"] == pytest.approx(flops.of(2000.0, 4.0) / 1e12, abs=1e-4)
+        assert report["points"][1]["mfu"] == pytest.approx(flops.of(2000.0, 4.0) / 2e12, abs=1e-4)
         table = markdown(report)
-        assert f"over a {dtype} matmul's 1 TFLOP/s (oneDNN packed)" in table and f"computed in {dtype}" in table
+        assert f"{dtype}: 1 TFLOP/s (measured)" in table and "int8: 2 TFLOP/s (measured)" in table
+        assert f"triton-torch {dtype}, triton-torch@int8 int8" in table and "Refused, not measured: triton-vllm@int8: no int8 in vLLM" in table
+
+
+@pytest.mark.model  # torch
+def test_an_int8_ceiling_is_measured_with_the_int8_product():
+    from benchmarks.model_flops import matmul_ceiling
+
+    ceiling = matmul_ceiling("cpu", "int8", shapes=[(32, 64, 48)], repeats=1)
+    assert (ceiling.dtype, ceiling.method, ceiling.shape) == ("int8", "torch._int_mm", (32, 64, 48)) and ceiling.tflops > 0

@@ -93,6 +93,8 @@ def test_report_on_a_file_with_known_answers(server, exported, ranked_answers, r
     # The same merged model offline answers as the server does.
     assert report["offline"]["top1_agreement"] == 1.0
     assert report["offline"]["offline_accuracy"] == pytest.approx(5 / 10)
+    # Beside it, the export's agreement report of the model (float32 here: nothing measured).
+    assert report["offline"]["export_precision"]["reference_dtype"] == "float32"
     # Both sides compute in float32: within tests/parity.py's bound for the widest logits among them.
     logit_scale = max(float(np.abs(reference.logits(document.render())[0]).max()) for document in documents)
     assert report["offline"]["max_probability_difference"] <= reference.parity.probability_tolerance(logit_scale)

@@ -57,3 +57,23 @@ def test_the_random_model_is_written_once_and_then_reused(tmp_path):
     written = weights.stat().st_mtime_ns
     gpu_gemma2_9b.main(["--architecture", "tiny", "--device", "cpu", "--model-dir", str(model_dir), "--write-only"])
     assert weights.stat().st_mtime_ns == written
+
+
+def test_the_fp8_run_measures_the_gate_and_its_matmul_and_refuses_the_engine_without_fp8_hardware(tmp_path):
+    """GPU_SESSION_DTYPE=fp8 rehearsed: fp8 against float32 on the same patents (torch._scaled_mm,
+    emulated here), the report written beside the weights for the engine to read, the fp8 matmul
+    measured; the engine itself needs fp8 tensor cores, so on this CPU it is refused and said so."""
+    from core.served_precision import PrecisionReport
+
+    model_dir, out = tmp_path / "model", tmp_path / "gpu.json"
+    exit_code = gpu_gemma2_9b.main([
+        "--architecture", "tiny", "--device", "cpu", "--dtype", "fp8", "--min-top1-agreement", "0",
+        "--agreement-documents", "4", "--model-dir", str(model_dir), "--documents", "4", "--out", str(out),
+    ])
+    assert exit_code == 0
+    report = json.loads(out.read_text())
+    assert report["agreement"]["documents"] == 4 and report["agreement"]["accepted"]
+    assert 0 <= report["agreement"]["top1_agreement"] <= 1 and report["agreement"]["max_abs_probability_diff"] > 0
+    assert PrecisionReport.read(model_dir).accepts("fp8")
+    assert report["matmul_tflops"] > 0 and "attention_parity" not in report
+    assert report["engine_refused"].startswith("dtype: fp8 needs a GPU with fp8 tensor cores")

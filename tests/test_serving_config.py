@@ -30,6 +30,20 @@ def test_vllm_refuses_a_device_because_its_build_picks_one():
         ServingConfig(engine="vllm", model_dir=Path("model"), max_length=512, device="cpu")
 
 
+@pytest.mark.parametrize("fields, words", [
+    ({"dtype": "int8", "device": "cuda"}, "dtype: is 'int8' with device 'cuda'; int8 is the CPU's precision"),
+    ({"dtype": "fp8", "device": "cpu"}, "dtype: is 'fp8' with device 'cpu'; fp8 needs a GPU"),
+    ({"dtype": "int8", "engine": "vllm"}, "dtype: is 'int8'; the vllm engine cannot quantize to int8"),
+    ({"dtype": "int4"}, "dtype: Input should be 'auto', 'float32', 'bfloat16', 'float16', 'int8' or 'fp8'"),
+])
+def test_a_quantized_precision_must_fit_its_engine_and_device(fields, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ServingConfig.from_triton_parameters(
+            {key: {"string_value": value} for key, value in {"model_dir": "m", "max_length": "64", **fields}.items()}, Path("/v")
+        )
+    assert ServingConfig(model_dir=Path("m"), max_length=64, dtype="int8", device="cpu").dtype == "int8"
+
+
 def test_written_parameters_read_back_the_same(tmp_path):
     for config in (
         ServingConfig(engine="vllm", model_dir=tmp_path, max_length=256, vllm_kv_cache_mib=128, vllm_compile=True),
