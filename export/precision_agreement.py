@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from core.errors import InvalidInput
+from patent_classifier_client.errors import InvalidInput
 from core.hf_classifier import class_logits, DTYPES, encode_texts, load_sequence_classifier, load_tokenizer, resolve_device, softmax
 from core.models_file import ServedModel
 from core.packed_decoder import PackedGemma2, serves_packed
-from core.patent_document import json_object, patent_document
+from patent_classifier_client.patent_document import json_object, patent_document
 from core.serving_config import ServingConfig
 from core.text_preprocessing import text_preprocessor
 from export.checkpoint_files import CheckpointFolder
@@ -83,7 +83,7 @@ def measured_dtype(serving: ServingConfig) -> str:
 
 def labelled_texts(path: Path) -> list[str]:
     """The patents of a labelled file, rendered as the server renders them. Only what the export
-    needs is read here (the text); `make eval` checks the rest of the file (clients/evaluation.py)."""
+    needs is read here (the text); `make eval` checks the rest of the file (clients/patent_classifier_client/evaluation.py)."""
     texts = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
