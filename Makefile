@@ -81,10 +81,11 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec triton
 	touch $@
 
-# The project itself, editable and without dependencies (the pinned set above stays as it is), so
-# that the `patent-classify` command and `import clients` work from any directory.
-$(VENV)/.project-installed: $(VENV)/.installed pyproject.toml
-	$(PIP) install --quiet --no-deps --editable .
+# The project itself, editable and without dependencies (the pinned set above stays as it is): the
+# client distribution (clients/: patent_classifier_client and the `patent-classify` command) and the
+# server side (core, server, export), so both work from any directory.
+$(VENV)/.project-installed: $(VENV)/.installed pyproject.toml clients/pyproject.toml
+	$(PIP) install --quiet --no-deps --editable ./clients --editable .
 	touch $@
 
 demo-models: $(DEMO)/.built
@@ -150,7 +151,7 @@ EVAL_MODEL_DIR ?= $(if $(EVAL_URL),,$(call served_model_dir,$(REPOSITORY),$(MODE
 # A release gate: exit 1 when the accuracy is below this (e.g. EVAL_MIN_ACCURACY=0.8).
 EVAL_MIN_ACCURACY ?=
 eval: $(if $(EVAL_URL),$(VENV)/.installed,export)
-	$(PY) -m clients evaluate --input $(EVAL_INPUT) --out $(EVAL_OUT) --model $(MODEL) \
+	$(PY) -m patent_classifier_client evaluate --input $(EVAL_INPUT) --out $(EVAL_OUT) --model $(MODEL) \
 		$(if $(EVAL_URL),--url $(EVAL_URL),--start-server $(REPOSITORY)) \
 		$(if $(EVAL_MODEL_DIR),--model-dir $(EVAL_MODEL_DIR)) $(if $(EVAL_MIN_ACCURACY),--min-accuracy $(EVAL_MIN_ACCURACY))
 
@@ -159,7 +160,7 @@ eval: $(if $(EVAL_URL),$(VENV)/.installed,export)
 WEB_PORT ?= 8501
 WEB_ARGS ?=
 web: $(VENV)/.installed
-	$(PY) -m clients web --url 127.0.0.1:$(GRPC_PORT) --port $(WEB_PORT) $(WEB_ARGS)
+	$(PY) -m patent_classifier_client web --url 127.0.0.1:$(GRPC_PORT) --port $(WEB_PORT) $(WEB_ARGS)
 
 # Throughput and latency of our server (both engines) against transformers one document at a time,
 # transformers static batches, `vllm serve` and the 0.785 samples/s training baseline, on the same
@@ -251,7 +252,7 @@ gpu-wheels: $(VENV)/.installed
 
 # With `make serve` running in another shell:
 classify-example: $(VENV)/.installed
-	$(PY) -m clients classify --input clients/examples/patents.jsonl --url 127.0.0.1:$(GRPC_PORT)
+	$(PY) -m patent_classifier_client classify --input clients/examples/patents.jsonl --url 127.0.0.1:$(GRPC_PORT)
 
 clean:
 	rm -rf build $(REPOSITORY)/*/ $(REPOSITORY)/.exported .$(REPOSITORY).staging

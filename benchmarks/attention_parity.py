@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from core import causal_flex_attention
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 from core.hf_classifier import DTYPES, encode_texts, load_sequence_classifier, load_tokenizer, pad_batch
 from core.synthetic_patents import synthetic_patents
 

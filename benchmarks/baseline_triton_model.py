@@ -15,8 +15,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from core import protocol
-from core.errors import EngineFailure, ServingError
+from patent_classifier_client import protocol
+from patent_classifier_client.errors import EngineFailure, ServingError
 from server.triton.model import TritonPythonModel as EngineModel
 from server.triton_errors import error_response
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.load_generator import closed_loop
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from export.triton_package import MODEL_VERSION, write_triton_model

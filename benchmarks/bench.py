@@ -38,7 +38,7 @@ from typing import Callable
 from benchmarks import peers
 from benchmarks.bench_report import Point, build_report, markdown, write_report
 from benchmarks.load_generator import run_closed_loop, run_open_loop
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 from core.synthetic_patents import synthetic_patents
 
 CONFIGURATIONS = ("hf-single", "hf-static", "triton-torch", "triton-vllm", "vllm-serve")

@@ -33,7 +33,7 @@ import torch
 from benchmarks.bench_report import TRAINING_BASELINE_SAMPLES_PER_SECOND
 from benchmarks.model_flops import classification_flops, matmul_ceiling, mfu
 from benchmarks.peers import GPU_PAD_TO_MULTIPLE_OF
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 from core.quantized_linear import PrecisionUnavailable, check_hardware
 from core.served_precision import QUANTIZED, PrecisionRefused
 

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 from core.quantized_linear import EXACT_PRODUCT, INT_MM, Int8Linear, cpu_has_int8_dot_product
 
 

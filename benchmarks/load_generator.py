@@ -1,7 +1,7 @@
 """Load against a classifier, bounded in requests and in time: closed loop and open loop.
 
 A *sender* is a coroutine function that sends one request (a list of documents) and returns
-the tokens the classifier read; it raises ``core.errors.ServingError`` when the request fails.
+the tokens the classifier read; it raises ``patent_classifier_client.errors.ServingError`` when the request fails.
 ``classifier_sender`` makes one for our server (gRPC or HTTP); ``benchmarks.peers`` makes them
 for the peers (transformers in this process, ``vllm serve``), so every configuration is driven
 by the same loops and measured the same way.
@@ -29,8 +29,8 @@ from typing import AsyncIterator, Awaitable, Callable, Literal, Sequence
 
 import numpy as np
 
-from clients.patent_classifier import AsyncPatentClassifier, Document
-from core.errors import ServingError
+from patent_classifier_client.patent_classifier import AsyncPatentClassifier, Document
+from patent_classifier_client.errors import ServingError
 
 Sender = Callable[[Sequence[Document]], Awaitable[int]]
 

@@ -13,7 +13,7 @@ import argparse
 import statistics
 import sys
 
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 from core.hf_classifier import encode_texts
 from core.synthetic_patents import synthetic_patents
 from server.scheduler import ScheduledDocument, TokenBudgetScheduler

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import AsyncIterator, Iterator, NamedTuple, Sequence
 
 from benchmarks.load_generator import Sender, classifier_sender
-from core.errors import EngineFailure, ServerUnavailable
-from core.patent_document import PatentDocument
+from patent_classifier_client.errors import EngineFailure, ServerUnavailable
+from patent_classifier_client.patent_document import PatentDocument
 from core.serving_config import ServingConfig
 from export.triton_package import write_triton_model
 from server.launcher import PROJECT_ROOT, LaunchConfig, TritonServer, free_loopback_ports

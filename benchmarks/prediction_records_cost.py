@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 from core.engine import DocumentScores
 from core.labels import LabelSet
 from core.prediction_store import PredictionRecord, PredictionStore

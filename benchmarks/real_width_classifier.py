@@ -26,7 +26,7 @@ import torch
 from transformers import Gemma2ForSequenceClassification
 
 from benchmarks.real_width_export import gemma2_9b_config
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 from core.hf_classifier import encode_texts
 from core.labels import LabelSet
 from core.synthetic_patents import _SUBJECTS, synthetic_patents

@@ -37,9 +37,9 @@ import psycopg
 from sqlalchemy.exc import ProgrammingError
 
 from benchmarks.postgres_server import PostgresServer
-from clients import PatentClassifier
-from core.command_line import HelpFormatter
-from core.errors import InvalidInput, ServingError
+from patent_classifier_client import PatentClassifier
+from patent_classifier_client.command_line import HelpFormatter
+from patent_classifier_client.errors import InvalidInput, ServingError
 from core.prediction_store import PredictionStore
 from core.serving_config import FeedbackConfig, ServingConfig
 from core.synthetic_patents import synthetic_patents

@@ -28,11 +28,11 @@ import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http.aio as http_aio
 from tritonclient.utils import InferenceServerException
 
-from clients.patent_classifier import typed_error
-from core import protocol
-from core.command_line import HelpFormatter
-from core.errors import InvalidInput, ModelNotFound, Overloaded, ServingError
-from core.patent_document import MAX_DOCUMENT_BYTES
+from patent_classifier_client.patent_classifier import typed_error
+from patent_classifier_client import protocol
+from patent_classifier_client.command_line import HelpFormatter
+from patent_classifier_client.errors import InvalidInput, ModelNotFound, Overloaded, ServingError
+from patent_classifier_client.patent_document import MAX_DOCUMENT_BYTES
 from core.synthetic_patents import synthetic_patents
 
 PROBABILITY_TOLERANCE = 1e-4

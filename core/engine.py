@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from core.errors import ServerUnavailable
+from patent_classifier_client.errors import ServerUnavailable
 from core.labels import LabelSet
 
 
@@ -149,7 +149,7 @@ class ClassificationEngine(abc.ABC):
         is_cancelled: Callable[[], bool] | None = None,
     ) -> "Future[list[DocumentScores]]":
         """Queue texts for classification; the future holds one ``DocumentScores`` per text, in order,
-        or a ``core.errors.ServingError``.
+        or a ``patent_classifier_client.errors.ServingError``.
 
         ``deadline`` is a ``time.monotonic()`` instant: work still queued then is dropped before
         compute and fails with ``DeadlineExceeded``. Work whose future was cancelled, or whose

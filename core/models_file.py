@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.feedback_protocol import FEEDBACK_MODEL
+from patent_classifier_client.feedback_protocol import FEEDBACK_MODEL
 from core.serving_config import FeedbackConfig, ServingConfig, resolve_sqlite_path
 
 # Triton takes the folder name as the model name, and clients put it in URLs.

@@ -38,8 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
-from core.errors import InvalidInput, ServerUnavailable
-from core.feedback_protocol import CORRECT_LABEL, PREDICTION_ID, Correction
+from patent_classifier_client.errors import InvalidInput, ServerUnavailable
+from patent_classifier_client.feedback_protocol import CORRECT_LABEL, PREDICTION_ID, Correction
 from core.labels import LabelSet
 from core.serving_config import normalized_database_url
 

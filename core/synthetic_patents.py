@@ -11,7 +11,7 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-from core.patent_document import PatentDocument
+from patent_classifier_client.patent_document import PatentDocument
 
 _SUBJECTS = [
     "반도체 소자", "이차전지", "연료전지", "영상 처리 장치", "자율주행 차량", "무선 통신 단말", "의료 영상 장치",

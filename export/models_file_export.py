@@ -14,8 +14,8 @@ import logging
 import time
 from pathlib import Path
 
-from core.errors import InvalidInput
-from core.feedback_protocol import FEEDBACK_MODEL
+from patent_classifier_client.errors import InvalidInput
+from patent_classifier_client.feedback_protocol import FEEDBACK_MODEL
 from core.labels import LabelSet
 from core.models_file import ModelsFile, ServedModel
 from export.merged_model_export import DEFAULT_PROOF_MEMORY_GIB, MergeReport, export_classifier

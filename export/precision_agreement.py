@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from core.errors import InvalidInput
+from patent_classifier_client.errors import InvalidInput
 from core.hf_classifier import class_logits, encode_texts, load_sequence_classifier, load_tokenizer, resolve_device, softmax
 from core.labels import LabelSet
 from core.models_file import ServedModel
 from core.packed_decoder import PackedGemma2, serves_packed
-from core.patent_document import json_object, patent_document
+from patent_classifier_client.patent_document import json_object, patent_document
 from core.quantized_linear import EXACT_PRODUCT, INT_MM, cpu_has_int8_dot_product
 from core.served_precision import (
     REFERENCE_DTYPE,
@@ -69,7 +69,7 @@ def measured_dtypes(serving: ServingConfig) -> list[str]:
 
 def labelled_patents(path: Path) -> list[tuple[str, str | None]]:
     """(patent as the server renders it, its label) for each line of a labelled file. Only what the
-    export needs is read here; `make eval` checks the rest of the file (clients/evaluation.py)."""
+    export needs is read here; `make eval` checks the rest of the file (clients/patent_classifier_client/evaluation.py)."""
     rows = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

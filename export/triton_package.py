@@ -12,7 +12,7 @@ number. Removing a model's folder starts its count again at 1.
 
 and, when models record predictions, the feedback model that takes examiners' corrections:
 
-    <repository>/feedback/config.pbtxt   its tensors (core/feedback_protocol.py) and the records database
+    <repository>/feedback/config.pbtxt   its tensors (clients/patent_classifier_client/feedback_protocol.py) and the records database
     <repository>/feedback/1/model.py     its adapter (a copy of server/triton/feedback_model.py)
 
 The folder holds everything but the Python packages of this project, which the server's
@@ -28,7 +28,7 @@ import os
 import shutil
 from pathlib import Path
 
-from core import feedback_protocol, protocol
+from patent_classifier_client import feedback_protocol, protocol
 from core.labels import LabelSet
 from core.serving_config import FeedbackConfig, ServingConfig, relative_sqlite_path
 

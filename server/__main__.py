@@ -21,8 +21,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from core import access_token
-from core.command_line import HelpFormatter
+from patent_classifier_client import access_token
+from patent_classifier_client.command_line import HelpFormatter
 from core.models_file import ModelsFile, ModelsFileError
 from server.launcher import LaunchConfig, ServerNotReady, TritonServer, is_remote_repository
 

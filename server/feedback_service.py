@@ -24,9 +24,9 @@ import time
 import numpy as np
 from sqlalchemy.exc import DataError, SQLAlchemyError
 
-from core.errors import InvalidInput, ServerUnavailable
-from core.feedback_protocol import PREDICTION_ID, VERDICTS, Correction, decode_corrections, encode_verdicts
-from core.prediction_id import minted_at
+from patent_classifier_client.errors import InvalidInput, ServerUnavailable
+from patent_classifier_client.feedback_protocol import PREDICTION_ID, VERDICTS, Correction, decode_corrections, encode_verdicts
+from patent_classifier_client.prediction_id import minted_at
 from core.prediction_store import WRITER_GONE_AFTER_S, PredictionStore, describe_error
 from core.serving_config import FeedbackConfig
 

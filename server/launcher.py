@@ -50,8 +50,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from core import access_token
-from core.feedback_protocol import FEEDBACK_MODEL
+from patent_classifier_client import access_token
+from patent_classifier_client.feedback_protocol import FEEDBACK_MODEL
 from server.cpu_share import CPU_ENGINES_ENV, cpu_engines_of
 from server.model_watchdog import DeadStubWatchdog, answers_200, end_leftovers, process_group, process_tree
 from server.tls_front import TlsFront, server_tls_context
@@ -66,6 +66,12 @@ REMOTE_REPOSITORY_SCHEMES = ("s3://", "gs://", "as://")
 
 def is_remote_repository(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(REMOTE_REPOSITORY_SCHEMES)
+
+
+def source_paths(checkout: Path) -> list[Path]:
+    """Where a checkout's code is imported from: the server side at its root, the client
+    distribution (patent_classifier_client, which the server imports) in clients/."""
+    return [checkout, checkout / "clients"]
 
 
 class LaunchConfig(BaseModel):
@@ -307,7 +313,7 @@ def _environment(config: LaunchConfig) -> dict[str, str]:
     libdir = sysconfig.get_config_var("LIBDIR")
     if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and Path(libdir, sysconfig.get_config_var("LDLIBRARY")).exists():
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
-    env["PYTHONPATH"] = f"{PROJECT_ROOT}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(PROJECT_ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, source_paths(PROJECT_ROOT)), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 

@@ -57,8 +57,8 @@ from typing import Callable, Iterator, Sequence
 
 from core.engine import DocumentScores
 from core.labels import LabelSet
-from core.patent_document import PatentDocument
-from core.prediction_id import new_prediction_id
+from patent_classifier_client.patent_document import PatentDocument
+from patent_classifier_client.prediction_id import new_prediction_id
 from core.serving_config import ServingConfig
 
 log = logging.getLogger("patent_classifier.records")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from core.command_line import HelpFormatter
+from patent_classifier_client.command_line import HelpFormatter
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MONITORING = PROJECT_ROOT / "monitoring"

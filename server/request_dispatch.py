@@ -19,9 +19,9 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Protocol, Sequence
 
-from core import protocol
+from patent_classifier_client import protocol
 from core.engine import ClassificationEngine, DocumentScores
-from core.errors import EngineFailure, ErrorKind, ServingError
+from patent_classifier_client.errors import EngineFailure, ErrorKind, ServingError
 from core.labels import LabelSet
 from server.prediction_records import PredictionIds
 

@@ -3,7 +3,7 @@ refused before anything of it is decoded.
 
 tritonserver hands a request's ``authorization`` header (over gRPC, its metadata) to the model as
 a request parameter: the launcher's ``--http-header-forward-pattern`` and
-``--grpc-header-forward-pattern`` (``core.access_token.FORWARD_PATTERN``). The token itself comes
+``--grpc-header-forward-pattern`` (``patent_classifier_client.access_token.FORWARD_PATTERN``). The token itself comes
 from the stub's environment, ``$PATENT_CLASSIFIER_TOKEN``, which the stub inherits from
 tritonserver (the launcher puts it there from ``--token-file`` or its own environment): Triton's
 own restricted-API options would take it only as a command-line argument, which every user of
@@ -14,8 +14,8 @@ from __future__ import annotations
 import hmac
 import json
 
-from core import access_token
-from core.errors import AccessDenied
+from patent_classifier_client import access_token
+from patent_classifier_client.errors import AccessDenied
 
 _NAMES = frozenset(access_token.FORWARDED_HEADERS)
 

@@ -38,7 +38,7 @@ import torch
 
 from core import causal_flex_attention
 from core.engine import BatchStats, ClassificationEngine, DocumentScores, QueueDepth, caller_gave_up, complete, padded_width
-from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
+from patent_classifier_client.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.hf_classifier import (
     classifier_logits,
     device_name,

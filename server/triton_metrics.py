@@ -32,8 +32,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from core.engine import BatchStats, ClassificationEngine, DocumentScores
-from core.errors import ErrorKind
-from core.feedback_protocol import VERDICTS
+from patent_classifier_client.errors import ErrorKind
+from patent_classifier_client.feedback_protocol import VERDICTS
 from server.prediction_records import RecorderStats
 
 log = logging.getLogger("patent_classifier.metrics")

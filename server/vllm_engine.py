@@ -40,7 +40,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from core.engine import ClassificationEngine, DocumentScores, QueueDepth, caller_gave_up, complete
-from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable, ServingError
+from patent_classifier_client.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable, ServingError
 from core.hf_classifier import DocumentEncoder, EncodedText, device_name, dtype_name, softmax
 from core.served_precision import PrecisionReport, compute_dtype, served_precision
 from core.serving_config import ServingConfig

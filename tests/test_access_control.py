@@ -11,8 +11,8 @@ import sys
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from core import access_token
-from core.errors import AccessDenied
+from patent_classifier_client import access_token
+from patent_classifier_client.errors import AccessDenied
 from server.launcher import ADMIN_HEADER, LaunchConfig, _command, _environment, describe_command, is_loopback
 from server.token_check import TokenCheck
 from tests.conftest import PROJECT_ROOT

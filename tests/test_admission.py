@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from clients import AsyncPatentClassifier, PatentClassifier
-from core.errors import DeadlineExceeded, Overloaded
+from patent_classifier_client import AsyncPatentClassifier, PatentClassifier
+from patent_classifier_client.errors import DeadlineExceeded, Overloaded
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import TIGHT_MODEL_NAME, held_engines
 from tests.waiting import until

@@ -14,7 +14,7 @@ import pytest
 from benchmarks import peers
 from benchmarks.bench_report import Point, best_points, build_report, speedups, write_report
 from benchmarks.load_generator import LoadResult, classifier_sender, run_closed_loop, run_open_loop
-from core.errors import Overloaded
+from patent_classifier_client.errors import Overloaded
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MAX_LENGTH, MODEL_NAME, PROJECT_ROOT
 
@@ -248,7 +248,7 @@ def test_the_batching_baselines_answer_as_the_served_model_does(exported, tmp_pa
     execute(), beside the served model, in the real tritonserver: the same answers, and batch-1
     really computes one request per execute()."""
     from benchmarks.batching_comparison import MODES, requests_per_execute, write_compared_model
-    from clients import PatentClassifier
+    from patent_classifier_client import PatentClassifier
     from core.serving_config import ServingConfig
     from tests.conftest import start_tritonserver
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc
 
-from clients import PatentClassifier
-from clients.patent_classifier import typed_error
-from core.errors import Cancelled
+from patent_classifier_client import PatentClassifier
+from patent_classifier_client.patent_classifier import typed_error
+from patent_classifier_client.errors import Cancelled
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MODEL_NAME, held_engines
 from tests.test_monitoring import scrape, value

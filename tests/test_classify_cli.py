@@ -1,4 +1,4 @@
-"""`python -m clients classify` (the `patent-classify` command) against the real tritonserver, the
+"""`python -m patent_classifier_client classify` (the `patent-classify` command) against the real tritonserver, the
 way an office runs a backlog through it: errors that name the input line, one clear message when
 the server cannot be reached, and a run killed halfway that --resume finishes with every id once."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ OUTPUT_TIMEOUT_S = 120
 
 
 def classify_command(*arguments) -> list[str]:
-    return [sys.executable, "-m", "clients", "classify", *map(str, arguments)]
+    return [sys.executable, "-m", "patent_classifier_client", "classify", *map(str, arguments)]
 
 
 def run_classify(*arguments, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -167,8 +167,8 @@ def test_a_batch_run_leaves_no_connection_open_in_the_calling_process(server, pr
     """Each worker thread of a run opens its own client. A service that runs many batch jobs must
     not keep their connections, and a server being stopped waits out its exit timeout for open
     HTTP connections. Both when the run ends and when its caller stops reading early."""
-    from clients.batch_classification import ServerAddress, classify_in_batches
-    from core.protocol import Classification
+    from patent_classifier_client.batch_classification import ServerAddress, classify_in_batches
+    from patent_classifier_client.protocol import Classification
 
     url = server.grpc_url if protocol == "grpc" else server.http_url
     port = int(url.rsplit(":", 1)[1])

@@ -1,4 +1,4 @@
-"""Every mistake a user can make with `patent-classify` (`python -m clients`) is one line on standard
+"""Every mistake a user can make with `patent-classify` (`python -m patent_classifier_client`) is one line on standard
 error and the exit code docs/clients.md gives it: no traceback, no line per document or
 correction, no file created. One table of cases, each with its exit code and the words its one
 line must hold; the cases that need no server run in the fast tier, the others against the real
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.__main__ import EXIT_BAD_INPUT, EXIT_SOME_FAILED, EXIT_UNREACHABLE, main
+from patent_classifier_client.__main__ import EXIT_BAD_INPUT, EXIT_SOME_FAILED, EXIT_UNREACHABLE, main
 from tests.conftest import EXAMPLE_PATENTS, KOELECTRA_MODEL, MODEL_NAME, PROJECT_ROOT
 
 CLIENTS_DOC = PROJECT_ROOT / "docs" / "clients.md"
@@ -35,7 +35,7 @@ class CliError:
 PATENTS = str(EXAMPLE_PATENTS)
 CLI_ERRORS = [
     CliError("input file missing", ("classify", "--input", "{tmp}/patents.jsonl"), EXIT_BAD_INPUT,
-             r"^python -m clients: --input \S+/patents\.jsonl: no such file$"),
+             r"^python -m patent_classifier_client: --input \S+/patents\.jsonl: no such file$"),
     CliError("input is a folder", ("classify", "--input", "{tmp}"), EXIT_BAD_INPUT, r"--input \S+: is a folder, not a file$"),
     CliError("output in a missing folder", ("classify", "--input", PATENTS, "--output", "/nonexistent/dir/o.jsonl"),
              EXIT_BAD_INPUT, r"--output /nonexistent/dir/o\.jsonl: the folder /nonexistent/dir does not exist$"),
@@ -49,7 +49,7 @@ CLI_ERRORS = [
     CliError("an address without a port", ("classify", "--input", PATENTS, "--url", "localhost"), EXIT_BAD_INPUT,
              r"--url: 'localhost' is not host:port"),
     CliError("an unknown option", ("classify", "--input", PATENTS, "--format", "csv"), EXIT_BAD_INPUT,
-             r"^python -m clients: unrecognized arguments: --format csv$"),
+             r"^python -m patent_classifier_client: unrecognized arguments: --format csv$"),
     CliError("records database missing", ("feedback", "export", "--database", "sqlite:///{tmp}/records.db", "--out", "{tmp}/o.jsonl"),
              EXIT_BAD_INPUT, r"^cannot export: --database sqlite:///\S+/records\.db: no such database file \(this command reads "
              r"the records database the server writes and never creates one\)$"),
@@ -124,7 +124,7 @@ def test_each_user_error_against_a_server_is_one_line_and_its_exit_code(case, se
     (nobody,) = free_loopback_ports(1)
     places = {**user_files(tmp_path), "grpc": server.grpc_url, "http": server.http_url, "nobody": f"127.0.0.1:{nobody}",
               "metrics": server.metrics_url.removeprefix("http://").removesuffix("/metrics")}
-    result = subprocess.run([sys.executable, "-m", "clients", *filled(case, places)], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "patent_classifier_client", *filled(case, places)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert_one_line(case, result.returncode, result.stdout, result.stderr)
 
@@ -134,7 +134,7 @@ def test_an_address_with_its_scheme_is_taken_by_the_command(server, tmp_path):
     """`--url http://127.0.0.1:8000 --protocol http` was tritonclient's "url should not include the scheme"
     and an AttributeError from its __del__."""
     result = subprocess.run(  # a model that records nothing: the records tests count what is recorded
-        [sys.executable, "-m", "clients", "classify", "--input", PATENTS, "--url", f"http://{server.http_url}/",
+        [sys.executable, "-m", "patent_classifier_client", "classify", "--input", PATENTS, "--url", f"http://{server.http_url}/",
          "--protocol", "http", "--model", KOELECTRA_MODEL, "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert (result.returncode, result.stderr) == (0, "")
@@ -151,9 +151,9 @@ def test_the_help_names_the_command_the_user_ran():
     installed = Path(sys.executable).with_name("patent-classify")
     shown = subprocess.run([str(installed), "--help"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and shown.stdout.startswith("usage: patent-classify [-h]")
-    as_module = subprocess.run([sys.executable, "-m", "clients", "classify", "--help"], cwd=PROJECT_ROOT,
+    as_module = subprocess.run([sys.executable, "-m", "patent_classifier_client", "classify", "--help"], cwd=PROJECT_ROOT,
                                capture_output=True, text=True, timeout=120)
-    assert as_module.stdout.startswith("usage: python -m clients classify")
+    assert as_module.stdout.startswith("usage: python -m patent_classifier_client classify")
 
 
 def test_the_exit_codes_are_the_ones_docs_clients_md_tables():

@@ -14,7 +14,7 @@ from tests.conftest import PROJECT_ROOT
 # The modules a user runs with `python -m`, each with a main(argv) that builds its parser first.
 # The last three import torch to build their parsers: the slow tier.
 COMMAND_LINES = [
-    "server.__main__", "server.prometheus_monitor", "clients.__main__", "export.__main__",
+    "server.__main__", "server.prometheus_monitor", "patent_classifier_client.__main__", "export.__main__",
     "benchmarks.bench", "benchmarks.soak", "benchmarks.batching_comparison",
     *(pytest.param(name, marks=pytest.mark.model)
       for name in ("benchmarks.padding_simulation", "benchmarks.attention_parity", "benchmarks.gpu_gemma2_9b")),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.access_token import TOKEN_ENV, validate_token
+from patent_classifier_client.access_token import TOKEN_ENV, validate_token
 from core.serving_config import ServingConfig
 from deploy import manifest_check
 from export.triton_package import write_triton_model
@@ -154,12 +154,30 @@ def test_a_dockerfile_that_installs_other_sets_than_deploy_check_resolves_fails_
     dockerfile.write_text(text.replace("deploy/image_requirements.py", "deploy/other_requirements.py"), encoding="utf-8")
     problems = manifest_check.check_dockerfile(dockerfile, resolve=False).problems
     assert problems == [
+        "Dockerfile: COPY deploy/other_requirements.py: no such file in the build context",
         "Dockerfile: does not install the sets deploy/image_requirements.py writes, so what deploy-check resolves "
-        "is not what the image installs"
+        "is not what the image installs",
     ]
 
 
 @pytest.mark.tools
+def test_a_file_the_dockerfile_copies_that_dockerignore_leaves_out_fails_the_check(tmp_path):
+    """.dockerignore once left out the Makefile and deploy/image_requirements.py, which the Dockerfile
+    copies: `docker build` would fail at that COPY."""
+    context = tmp_path / "context"
+    for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", manifest_check.DOCKERFILE.read_text(encoding="utf-8"), re.MULTILINE):
+        for name in source.split():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            (context / name).touch()
+    shutil.copy(ROOT / ".dockerignore", context / ".dockerignore")
+    assert manifest_check.check_build_context(manifest_check.DOCKERFILE, context).problems == []
+    _replace(context / ".dockerignore", "!Makefile\n", "")
+    assert manifest_check.check_build_context(manifest_check.DOCKERFILE, context).problems == [
+        "Dockerfile: COPY Makefile: .dockerignore leaves it out of the build context"]
+    for path, left_out in (("core/engine.py", False), ("deploy/pod_check.py", True), ("server/__pycache__/x.pyc", True)):
+        assert manifest_check.excluded_from_context(path, ROOT / ".dockerignore") is left_out, path
+
+
 def test_the_image_dependency_set_does_not_resolve_on_the_python_of_the_old_base():
     """682b057's base, Triton 24.10, runs Python 3.10, for which vLLM 0.32 (and sqlalchemy 2.1.9,
     scikit-learn 1.9.1) publish nothing: pip's resolver, asked for that image's Python and platform,
@@ -271,7 +289,7 @@ def test_the_backlog_job_retries_each_shard_on_its_own_where_kubernetes_can():
     up a shard at once on exit 2, bad input), the one rendered for 1.25 a Job-wide backoffLimit.
     Each is valid on its own version; the 1.37 one would not be on 1.25, which is why
     `make deploy-check` renders for each version it validates against."""
-    from clients.__main__ import EXIT_BAD_INPUT
+    from patent_classifier_client.__main__ import EXIT_BAD_INPUT
 
     old, new = (_one(_rendered_for("values-backlog.yaml", version), "Job") for version in ("1.25.0", "1.37.0"))
     assert old["spec"]["completionMode"] == new["spec"]["completionMode"] == "Indexed"

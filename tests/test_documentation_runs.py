@@ -114,7 +114,7 @@ def served_namespace(reader_checkout, tmp_path_factory):
 def write_corrections(pid: int, checkout: Path) -> None:
     """corrections.jsonl as an examiner writes it: a class for each of a few answers of this server."""
     classified = subprocess.run(
-        [*in_namespace(pid), sys.executable, "-m", "clients", "classify", "--input", "patents.jsonl", "--quiet"],
+        [*in_namespace(pid), sys.executable, "-m", "patent_classifier_client", "classify", "--input", "patents.jsonl", "--quiet"],
         cwd=checkout, capture_output=True, text=True, timeout=300, check=True,
     )
     answers = [json.loads(line) for line in classified.stdout.splitlines()][:3]

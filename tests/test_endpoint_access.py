@@ -232,7 +232,7 @@ def restricted(status: int | grpc.StatusCode, message: str) -> bool:
 
 
 def refused_for_the_token(status: int | grpc.StatusCode, message: str) -> bool:
-    """The model's refusal (server/token_check.py, core/errors.py's AccessDenied row); a stream
+    """The model's refusal (server/token_check.py, clients/patent_classifier_client/errors.py's AccessDenied row); a stream
     carries it in its response, with the call's status OK."""
     return status in (400, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK) and "access_denied: " in message
 
@@ -327,7 +327,7 @@ def test_the_launch_key_opens_the_repository_index_to_the_launcher_alone(open_se
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_the_client_lists_the_served_models_from_statistics_on_one_address_and_on_a_replica_set(open_server, protocol):
     """The repository index is closed to clients: the client library's ready_models reads statistics."""
-    from clients import PatentClassifier
+    from patent_classifier_client import PatentClassifier
 
     url = open_server.server.grpc_url if protocol == "grpc" else open_server.server.http_url
     for urls in (url, [url, url]):

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from core.errors import Cancelled, DeadlineExceeded
+from patent_classifier_client.errors import Cancelled, DeadlineExceeded
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from server.torch_engine import TorchEngine

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from clients import AsyncPatentClassifier, PatentClassifier
-from core.errors import DeadlineExceeded, EngineFailure, ServingError
+from patent_classifier_client import AsyncPatentClassifier, PatentClassifier
+from patent_classifier_client.errors import DeadlineExceeded, EngineFailure, ServingError
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from export.triton_package import MODEL_VERSION, write_triton_model

@@ -1,4 +1,4 @@
-"""The one error table (core/errors.py): every kind survives the trip through both protocols'
+"""The one error table (clients/patent_classifier_client/errors.py): every kind survives the trip through both protocols'
 representations and back to the same typed error; the statuses it states are those the real
 tritonserver sends; tritonserver's own refusals and the transport's statuses decode as documented."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from clients.patent_classifier import typed_error
-from core.errors import (
+from patent_classifier_client.patent_classifier import typed_error
+from patent_classifier_client.errors import (
     WIRE, AccessDenied, Cancelled, DeadlineExceeded, ErrorKind, InvalidInput, ModelNotFound, ServerUnavailable,
     error_from_kind, error_from_status, triton_error,
 )

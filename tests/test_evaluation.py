@@ -1,4 +1,4 @@
-"""`python -m clients evaluate` (what `make eval` runs): metrics on labelled files whose answers are
+"""`python -m patent_classifier_client evaluate` (what `make eval` runs): metrics on labelled files whose answers are
 known by construction, through the real tritonserver."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import PatentClassifier
+from patent_classifier_client import PatentClassifier
 from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
@@ -28,7 +28,7 @@ def exported_labels(exported) -> LabelSet:
 
 def run_evaluate(*arguments, timeout: float = 300, python_options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *python_options, "-m", "clients", "evaluate", "--quiet", *map(str, arguments)],
+        [sys.executable, *python_options, "-m", "patent_classifier_client", "evaluate", "--quiet", *map(str, arguments)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
     )
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from clients import PatentClassifier
+from patent_classifier_client import PatentClassifier
 from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from export import repository_staging

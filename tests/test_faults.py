@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from clients import AsyncPatentClassifier, PatentClassifier
-from core.errors import DeadlineExceeded, EngineFailure, ModelNotFound, ServerUnavailable, ServingError
+from patent_classifier_client import AsyncPatentClassifier, PatentClassifier
+from patent_classifier_client.errors import DeadlineExceeded, EngineFailure, ModelNotFound, ServerUnavailable, ServingError
 from core.synthetic_patents import synthetic_patents
 from server.model_watchdog import stub_processes
 from tests.conftest import MODEL_NAME, held_engines

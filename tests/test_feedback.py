@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from clients import AsyncPatentClassifier, Correction, InvalidInput, PatentClassifier
-from clients.evaluation import read_labelled_patents
-from core import feedback_protocol
-from core.errors import ModelNotFound
-from core.prediction_id import new_prediction_id
+from patent_classifier_client import AsyncPatentClassifier, Correction, InvalidInput, PatentClassifier
+from patent_classifier_client.evaluation import read_labelled_patents
+from patent_classifier_client import feedback_protocol
+from patent_classifier_client.errors import ModelNotFound
+from patent_classifier_client.prediction_id import new_prediction_id
 from core.prediction_store import PredictionStore, feedback, predictions
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MODEL_NAME, PROJECT_ROOT, TIGHT_MODEL_NAME
@@ -59,7 +59,7 @@ def test_classify_correct_then_the_database_the_metrics_and_the_export_have_it(s
         encoding="utf-8",
     )
     submitted = subprocess.run(
-        [sys.executable, "-m", "clients", "feedback", "submit", "--input", str(corrections_file), "--url", server.grpc_url],
+        [sys.executable, "-m", "patent_classifier_client", "feedback", "submit", "--input", str(corrections_file), "--url", server.grpc_url],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
     )
     expected_verdicts = [
@@ -114,7 +114,7 @@ def test_classify_correct_then_the_database_the_metrics_and_the_export_have_it(s
     # The export: the corrected examples in the fine-tune's format, labelled by the examiners.
     out = tmp_path / "corrected.jsonl"
     exported_run = subprocess.run(
-        [sys.executable, "-m", "clients", "feedback", "export", "--database", exported.records_database, "--out", str(out),
+        [sys.executable, "-m", "patent_classifier_client", "feedback", "export", "--database", exported.records_database, "--out", str(out),
          "--model", MODEL_NAME],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
     )

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from clients import PatentClassifier
-from core.errors import AccessDenied, ServingError
+from patent_classifier_client import PatentClassifier
+from patent_classifier_client.errors import AccessDenied, ServingError
 from core.prediction_store import PredictionStore, feedback
 from core.serving_config import FeedbackConfig, ServingConfig
 from core.synthetic_patents import synthetic_patents

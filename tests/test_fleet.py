@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clients import PatentClassifier
-from clients.answers_file import id_key
-from clients.batch_classification import ServerAddress, classify_in_batches
-from clients.replicas import RETRY_TOKENS
-from clients.shards import shard_of
-from core.errors import Overloaded
-from core.protocol import Classification
+from patent_classifier_client import PatentClassifier
+from patent_classifier_client.answers_file import id_key
+from patent_classifier_client.batch_classification import ServerAddress, classify_in_batches
+from patent_classifier_client.replicas import RETRY_TOKENS
+from patent_classifier_client.shards import shard_of
+from patent_classifier_client.errors import Overloaded
+from patent_classifier_client.protocol import Classification
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from deploy import manifest_check
@@ -245,8 +245,8 @@ def backlog_job(values_overrides: dict) -> tuple[dict, dict, list[dict]]:
 def as_run_here(container: dict, data: Path, url: str, index: int | None = None) -> list[str]:
     """The container's command line as this machine runs it: the claim at ``data``, the Service at
     ``url``, $(JOB_COMPLETION_INDEX) expanded as the kubelet does, the image's python3 this one."""
-    assert container["command"] == ["python3", "-m", "clients"]
-    command = [sys.executable, "-m", "clients"]
+    assert container["command"] == ["python3", "-m", "patent_classifier_client"]
+    command = [sys.executable, "-m", "patent_classifier_client"]
     for argument in container["args"]:
         if index is not None:
             argument = argument.replace("$(JOB_COMPLETION_INDEX)", str(index))

@@ -12,7 +12,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import pytest
 
-from clients import PatentClassifier
+from patent_classifier_client import PatentClassifier
 from core.synthetic_patents import synthetic_patents
 from core.serving_config import ServingConfig
 from export.triton_package import write_triton_model

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core.engine import DocumentScores, QueueDepth
-from core.errors import ErrorKind
+from patent_classifier_client.errors import ErrorKind
 from server import triton_metrics
 from server.triton_metrics import TritonModelMetrics
 from tests.waiting import wait_until

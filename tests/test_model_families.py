@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from clients import PatentClassifier
-from core.feedback_protocol import FEEDBACK_MODEL
+from patent_classifier_client import PatentClassifier
+from patent_classifier_client.feedback_protocol import FEEDBACK_MODEL
 from core.models_file import ModelsFile, ModelsFileError
 from core.synthetic_patents import synthetic_patents
 from core.text_preprocessing import kcbert_clean

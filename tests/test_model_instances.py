@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from clients import PatentClassifier
+from patent_classifier_client import PatentClassifier
 from core.models_file import ModelsFile, ModelsFileError
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents

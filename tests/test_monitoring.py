@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from benchmarks.load_generator import closed_loop
-from clients import InvalidInput, PatentClassifier
-from core.errors import ErrorKind
+from patent_classifier_client import InvalidInput, PatentClassifier
+from patent_classifier_client.errors import ErrorKind
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
 from server.prometheus_monitor import MONITORING, Prometheus, write_config

@@ -19,8 +19,8 @@ import pytest
 
 from core.engine import DocumentScores
 from core.labels import Label, LabelSet
-from core.patent_document import PatentDocument
-from core.prediction_id import minted_at
+from patent_classifier_client.patent_document import PatentDocument
+from patent_classifier_client.prediction_id import minted_at
 from core.prediction_store import PredictionStore, predictions
 from server.prediction_records import PredictionJournal, PredictionRecorder
 from tests import waiting

@@ -11,13 +11,13 @@ from datetime import timedelta
 
 import pytest
 
-from clients.corrections import export_corrected_examples
-from clients.evaluation import read_labelled_patents
-from core.errors import InvalidInput
-from core.feedback_protocol import Correction
+from patent_classifier_client.corrections import export_corrected_examples
+from patent_classifier_client.evaluation import read_labelled_patents
+from patent_classifier_client.errors import InvalidInput
+from patent_classifier_client.feedback_protocol import Correction
 from core.labels import Label, LabelSet
-from core.patent_document import PatentDocument
-from core.prediction_id import new_prediction_id
+from patent_classifier_client.patent_document import PatentDocument
+from patent_classifier_client.prediction_id import new_prediction_id
 from core.prediction_store import PredictionRecord, PredictionStore, feedback, predictions, utc_now
 from tests.conftest import PROJECT_ROOT
 

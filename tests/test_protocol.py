@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from core import protocol
+from patent_classifier_client import protocol
 from core.engine import DocumentScores
-from core.errors import InvalidInput
+from patent_classifier_client.errors import InvalidInput
 from core.labels import Label, LabelSet
-from core.patent_document import MAX_DOCUMENT_BYTES, TEXT_TEMPLATE, PatentDocument, without_control_characters
-from core.prediction_id import new_prediction_id
+from patent_classifier_client.patent_document import MAX_DOCUMENT_BYTES, TEXT_TEMPLATE, PatentDocument, without_control_characters
+from patent_classifier_client.prediction_id import new_prediction_id
 
 
 def texts(*values: bytes) -> np.ndarray:

@@ -22,9 +22,9 @@ from sqlalchemy.exc import OperationalError
 
 from benchmarks.postgres_server import PostgresServer
 from core.engine import DocumentScores
-from core.errors import InvalidInput, ServerUnavailable
-from core.feedback_protocol import Correction, decode_corrections, encode_corrections
-from core.prediction_id import minted_at, new_prediction_id
+from patent_classifier_client.errors import InvalidInput, ServerUnavailable
+from patent_classifier_client.feedback_protocol import Correction, decode_corrections, encode_corrections
+from patent_classifier_client.prediction_id import minted_at, new_prediction_id
 from core.prediction_store import PredictionStore, feedback, predictions, served_models
 from core.serving_config import FeedbackConfig, ServingConfig
 from server.feedback_service import FeedbackService

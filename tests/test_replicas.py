@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from clients import AsyncPatentClassifier, PatentClassifier
-from clients.batch_classification import ServerAddress, classify_in_batches
-from clients.replicas import FIRST_PAUSE_S, MAX_ATTEMPTS, MAX_PAUSE_S, Attempts, Replica, RetryBudget
-from core.errors import (
+from patent_classifier_client import AsyncPatentClassifier, PatentClassifier
+from patent_classifier_client.batch_classification import ServerAddress, classify_in_batches
+from patent_classifier_client.replicas import FIRST_PAUSE_S, MAX_ATTEMPTS, MAX_PAUSE_S, Attempts, Replica, RetryBudget
+from patent_classifier_client.errors import (
     AccessDenied, DeadlineExceeded, EngineFailure, InvalidInput, ModelNotFound, Overloaded, ServerUnavailable,
 )
-from core.protocol import Classification
+from patent_classifier_client.protocol import Classification
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from export.triton_package import write_triton_model
@@ -360,7 +360,7 @@ def test_the_cli_with_one_dead_address_answers_every_line(replicas, protocol, tm
     dead = f"127.0.0.1:{free_loopback_ports(1)[0]}"
     output = tmp_path / "answers.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "clients", "classify", "--input", str(EXAMPLE_PATENTS), "--output", str(output),
+        [sys.executable, "-m", "patent_classifier_client", "classify", "--input", str(EXAMPLE_PATENTS), "--output", str(output),
          "--url", f"{dead},{live}", "--protocol", protocol, "--model", MODEL_NAME, "--batch-size", "1", "--quiet"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
     )

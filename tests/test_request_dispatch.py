@@ -10,9 +10,9 @@ from concurrent.futures import Future
 import numpy as np
 
 from core.engine import DocumentScores
-from core.errors import EngineFailure, InvalidInput, Overloaded, ServerUnavailable
+from patent_classifier_client.errors import EngineFailure, InvalidInput, Overloaded, ServerUnavailable
 from core.labels import Label, LabelSet
-from core.protocol import ClassifyRequest
+from patent_classifier_client.protocol import ClassifyRequest
 from server.dead_engine_exit import DeadEngineExit
 from server.request_dispatch import RequestDispatch
 

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from core import protocol
-from core.errors import InvalidInput
-from core.patent_document import MAX_DOCUMENT_BYTES, without_control_characters
+from patent_classifier_client import protocol
+from patent_classifier_client.errors import InvalidInput
+from patent_classifier_client.patent_document import MAX_DOCUMENT_BYTES, without_control_characters
 from tests.conftest import MODEL_NAME
 from tests.parity import probability_sum_slack
 

@@ -17,10 +17,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from benchmarks.postgres_server import PostgresServer
-from clients import PatentClassifier
-from core.access_token import TOKEN_ENV
-from core.errors import AccessDenied, ServerUnavailable
-from core.feedback_protocol import FEEDBACK_MODEL
+from patent_classifier_client import PatentClassifier
+from patent_classifier_client.access_token import TOKEN_ENV
+from patent_classifier_client.errors import AccessDenied, ServerUnavailable
+from patent_classifier_client.feedback_protocol import FEEDBACK_MODEL
 from core.serving_config import FeedbackConfig, ServingConfig
 from core.synthetic_patents import synthetic_patents
 from export.triton_package import write_feedback_model, write_triton_model
@@ -107,7 +107,7 @@ def without_ids(output: str) -> list[dict]:
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_cli_takes_the_ca_and_the_token_file(secure_server, protocol):
-    command = [sys.executable, "-m", "clients", "classify", "--input", str(EXAMPLE_PATENTS), "--quiet",
+    command = [sys.executable, "-m", "patent_classifier_client", "classify", "--input", str(EXAMPLE_PATENTS), "--quiet",
                "--url", url(secure_server, protocol), "--protocol", protocol, "--tls-ca", str(secure_server.certificates.ca)]
     environment = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
     with_token = subprocess.run(command + ["--token-file", str(secure_server.token_file)], cwd=PROJECT_ROOT,

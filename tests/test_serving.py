@@ -9,8 +9,8 @@ import pytest
 import tritonclient.grpc
 import tritonclient.http
 
-from clients import AsyncPatentClassifier, InvalidInput, PatentClassifier, PatentDocument
-from core.errors import ModelNotFound, ServerUnavailable
+from patent_classifier_client import AsyncPatentClassifier, InvalidInput, PatentClassifier, PatentDocument
+from patent_classifier_client.errors import ModelNotFound, ServerUnavailable
 from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports

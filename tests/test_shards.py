@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.answers_file import id_key
-from clients.shards import Shard, foreign_answers, shard_of
+from patent_classifier_client.answers_file import id_key
+from patent_classifier_client.shards import Shard, foreign_answers, shard_of
 from tests.conftest import PROJECT_ROOT
 
 
@@ -27,8 +27,8 @@ def test_shards_partition_the_ids_the_same_way_in_every_process():
     assert id_key(7) != id_key("7")
     # Python's own hash() differs between processes (PYTHONHASHSEED); the shard must not.
     other = subprocess.run(
-        [sys.executable, "-c", "from clients.shards import shard_of; print([shard_of(k, 7) for k in ('\"P00001\"', '42', '\"특허\"')])"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""},
+        [sys.executable, "-c", "from patent_classifier_client.shards import shard_of; print([shard_of(k, 7) for k in ('\"P00001\"', '42', '\"특허\"')])"],
+        cwd=PROJECT_ROOT / "clients", capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""},
     )
     assert other.stdout.strip() == str([shard_of(key, 7) for key in ('"P00001"', "42", '"특허"')])
 
@@ -59,7 +59,7 @@ def answer(identifier) -> dict:
 
 def run_check(tmp_path: Path, outputs: list[Path]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "clients", "shards", "check", "--input", str(tmp_path / "backlog.jsonl"), "--outputs", *map(str, outputs)],
+        [sys.executable, "-m", "patent_classifier_client", "shards", "check", "--input", str(tmp_path / "backlog.jsonl"), "--outputs", *map(str, outputs)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
     )
 

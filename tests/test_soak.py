@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks.soak import bad_cases, run_soak
-from core import protocol
+from patent_classifier_client import protocol
 from tests.conftest import MODEL_NAME, TIGHT_MODEL_NAME
 
 pytestmark = pytest.mark.server  # 10,000 requests against the real tritonserver

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core import causal_flex_attention
-from core.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
+from patent_classifier_client.errors import Cancelled, DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.synthetic_patents import synthetic_patents
 from tests.conftest import MAX_LENGTH, held_engines
 from tests.waiting import wait_until

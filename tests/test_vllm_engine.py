@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from benchmarks.peers import vllm_serve_command, vllm_serve_process
-from clients import AsyncPatentClassifier, InvalidInput, PatentClassifier
-from core.errors import Overloaded
-from core.patent_document import MAX_DOCUMENT_BYTES
+from patent_classifier_client import AsyncPatentClassifier, InvalidInput, PatentClassifier
+from patent_classifier_client.errors import Overloaded
+from patent_classifier_client.patent_document import MAX_DOCUMENT_BYTES
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
 from tests.conftest import (

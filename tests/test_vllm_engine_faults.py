@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clients import AsyncPatentClassifier, PatentClassifier
-from core.errors import DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
+from patent_classifier_client import AsyncPatentClassifier, PatentClassifier
+from patent_classifier_client.errors import DeadlineExceeded, EngineFailure, Overloaded, ServerUnavailable
 from core.hf_classifier import EncodedText
 from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents

@@ -23,8 +23,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
-from clients import PatentClassifier
-from core.patent_document import PatentDocument
+from patent_classifier_client import PatentClassifier
+from patent_classifier_client.patent_document import PatentDocument
 from core.prediction_store import PredictionStore, feedback, predictions
 from server.launcher import free_loopback_ports
 from tests.conftest import KOELECTRA_MODEL, MODEL_NAME, PROJECT_ROOT
@@ -55,12 +55,12 @@ PATENT = PatentDocument(
 
 @contextlib.contextmanager
 def running_page(classifier_url: str, log_path: Path, *options: str):
-    """`python -m clients web` on a free loopback port, stopped afterwards; ``options`` go to it
+    """`python -m patent_classifier_client web` on a free loopback port, stopped afterwards; ``options`` go to it
     as given (TLS, token file). Yields the page's address and its process."""
     (port,) = free_loopback_ports(1)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "clients", "web", "--url", classifier_url, "--model", MODEL_NAME, "--port", str(port),
+            [sys.executable, "-m", "patent_classifier_client", "web", "--url", classifier_url, "--model", MODEL_NAME, "--port", str(port),
              *options],
             cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
         )

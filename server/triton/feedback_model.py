@@ -1,5 +1,5 @@
 """Triton Python-backend adapter of the feedback model: corrections in, verdicts out, once committed.
-The work is in server/feedback_service.py; the tensors in core/feedback_protocol.py.
+The work is in server/feedback_service.py; the tensors in clients/patent_classifier_client/feedback_protocol.py.
 
 A plain (non-decoupled) model: corrections are few and each is acknowledged only after the
 database has committed it, so ``execute`` answers its requests in turn and returns. It loads
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from core import feedback_protocol
-from core.errors import EngineFailure, ServingError
+from patent_classifier_client import feedback_protocol
+from patent_classifier_client.errors import EngineFailure, ServingError
 from core.serving_config import FeedbackConfig
 from server.feedback_service import FeedbackService
 from server.token_check import TokenCheck

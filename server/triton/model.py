@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 # that way and the vLLM engine fails to import.
 locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
-from core import protocol
+from patent_classifier_client import protocol
 from core.serving_config import ServingConfig
 from server.dead_engine_exit import DeadEngineExit
 from server.engines import build_engine

@@ -10,7 +10,7 @@ import secrets
 import time
 import uuid
 
-from core.errors import InvalidInput
+from patent_classifier_client.errors import InvalidInput
 
 
 def new_prediction_id(now_ms: int | None = None) -> str:

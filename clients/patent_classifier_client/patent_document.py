@@ -33,7 +33,7 @@ from typing import Annotated, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.errors import InvalidInput
+from patent_classifier_client.errors import InvalidInput
 
 TEXT_TEMPLATE = "IPC: {ipc}\n발명의 명칭: {title}\n요약: {abstract}\n청구범위: {claims}"
 

@@ -1,7 +1,7 @@
 """Reading the JSON-lines files the CLI takes (``classify``, ``evaluate``): one patent per line,
 either its fields ({"ipc", "title", "abstract", "claims"}) or {"text": ...} already formatted, with
 an optional "id" (the line number otherwise). Documents are checked here, with the rules the
-server applies (``core.patent_document``), so an error names the file's line and the field
+server applies (``patent_classifier_client.patent_document``), so an error names the file's line and the field
 (``patents.jsonl line 7.title: must be a string, got int``) instead of a position in some request.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, TextIO, Union
 
-from core.errors import InvalidInput, ServingError
-from core.patent_document import PatentDocument, json_object, patent_document
+from patent_classifier_client.errors import InvalidInput, ServingError
+from patent_classifier_client.patent_document import PatentDocument, json_object, patent_document
 
 Identifier = Union[str, int]
 _REQUEST_FIELD = re.compile(r"^(DOCUMENT|TEXT)\[\d+\]")

@@ -8,8 +8,8 @@ and sends only its own lines, a re-run with the same N sends the same lines, and
 assignments has to be kept anywhere. (An id-less line's shard is its line number's: stable as
 long as the file is not edited; give lines ids for a file that changes.)
 
-    python -m clients classify --input backlog.jsonl --shard 0/3 --output answers-0.jsonl --resume
-    python -m clients shards check --input backlog.jsonl --outputs answers-0.jsonl answers-1.jsonl answers-2.jsonl
+    python -m patent_classifier_client classify --input backlog.jsonl --shard 0/3 --output answers-0.jsonl --resume
+    python -m patent_classifier_client shards check --input backlog.jsonl --outputs answers-0.jsonl answers-1.jsonl answers-2.jsonl
 
 The check prints one JSON line per id that is not answered exactly once, on standard output
 ({"id", "problem": "missing" | "failed" | "doubled" | "unknown", "where"}), and one line per
@@ -27,8 +27,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clients.answers_file import id_key, answer_line
-from clients.patent_lines import read_patent_lines
+from patent_classifier_client.answers_file import id_key, answer_line
+from patent_classifier_client.patent_lines import read_patent_lines
 
 EXIT_INCOMPLETE = 1
 EXIT_BAD_INPUT = 2

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.errors import InvalidInput
-from core.prediction_id import parse_prediction_id
+from patent_classifier_client.errors import InvalidInput
+from patent_classifier_client.prediction_id import parse_prediction_id
 
 FEEDBACK_MODEL = "feedback"
 

@@ -1,5 +1,5 @@
 """Many documents through the server: batched into requests, several requests in flight, answers
-in input order, streamed. Shared by ``python -m clients classify`` and ``python -m clients evaluate``.
+in input order, streamed. Shared by ``python -m patent_classifier_client classify`` and ``python -m patent_classifier_client evaluate``.
 
 A document that cannot be answered gets its typed error in its place; the others are answered.
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar, Union
 
-from core.errors import InvalidInput, ServingError
-from core.protocol import Classification
-from clients.patent_classifier import DEFAULT_MODEL, Document, PatentClassifier, Protocol
+from patent_classifier_client.errors import InvalidInput, ServingError
+from patent_classifier_client.protocol import Classification
+from patent_classifier_client.patent_classifier import DEFAULT_MODEL, Document, PatentClassifier, Protocol
 
 Answer = Union[Classification, ServingError]
 Key = TypeVar("Key")  # what the caller pairs each document with (its line, its index)
@@ -25,7 +25,7 @@ R = TypeVar("R")  # what comes back for it
 
 @dataclass(frozen=True)
 class ServerAddress:
-    url: str  # host:port, or several replicas: a:8001,b:8001 or dns:///name:port (clients/replicas.py)
+    url: str  # host:port, or several replicas: a:8001,b:8001 or dns:///name:port (clients/patent_classifier_client/replicas.py)
     protocol: Protocol = "grpc"
     model: str = DEFAULT_MODEL
     timeout_s: float = 120.0

@@ -1,6 +1,6 @@
 """Python client for the patent classifier: the same calls over gRPC and HTTP, sync and asyncio.
 
-    from clients import PatentClassifier
+    from patent_classifier_client import PatentClassifier
     with PatentClassifier("127.0.0.1:8001", protocol="grpc") as classifier:
         answer = classifier.classify({"ipc": "G06F 16/35", "title": "...", "abstract": "...", "claims": ["1. ..."]})
         print(answer.labels[0].code, answer.labels[0].probability, answer.token_count, answer.truncated)
@@ -10,20 +10,20 @@ template the model was trained on) or a ``str`` of already formatted text; a map
 line of the CLI's files as it is (its "id" is left out, {"text": ...} is formatted text). ``classify_batch``
 takes any number of them: it learns the model's limit per request from the model's configuration
 (``max_documents_per_request``) once, sends as many requests as needed and answers in order.
-Failures raise the typed errors of ``core.errors`` (``InvalidInput`` names the field and the
+Failures raise the typed errors of ``patent_classifier_client.errors`` (``InvalidInput`` names the field and the
 limit; ``ServerUnavailable`` says whether nothing listens at the address or it speaks the other
 protocol).
 
 Several replicas: ``PatentClassifier("a:8001,b:8001")`` (or a list, or ``dns:///name:8001`` for all
 addresses of a name) spreads the calls over them and tries a call that one replica could not
-take on another, within its timeout (``clients.replicas`` has the rules).
+take on another, within its timeout (``patent_classifier_client.replicas`` has the rules).
 
 An examiner's correction of an answer goes back through the same server (its ``feedback`` model,
 present when the served models record predictions): ``classifier.submit_feedback(answer.prediction_id,
 "KSCST-017", examiner_id="e-42")`` returns the verdict, "correct" or "wrong" (docs/feedback.md).
 
 A server with TLS and an access token: ``PatentClassifier(url, tls_ca="ca.pem", token=...)``
-(``tls=True`` alone trusts the system's CAs); ``core.access_token.read_token`` reads the token
+(``tls=True`` alone trusts the system's CAs); ``patent_classifier_client.access_token.read_token`` reads the token
 from a file or ``$PATENT_CLASSIFIER_TOKEN``.
 """
 from __future__ import annotations
@@ -38,14 +38,14 @@ from typing import Literal, Mapping, Sequence, Union
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from clients import replicas
-from core import access_token, feedback_protocol, protocol
-from core.errors import (
+from patent_classifier_client import replicas
+from patent_classifier_client import access_token, feedback_protocol, protocol
+from patent_classifier_client.errors import (
     RESTRICTED_API_REFUSAL, AccessDenied, DeadlineExceeded, InvalidInput, ModelNotFound, ServerUnavailable, ServingError,
     error_from_status,
 )
-from core.feedback_protocol import FEEDBACK_MODEL, Correction
-from core.patent_document import PatentDocument
+from patent_classifier_client.feedback_protocol import FEEDBACK_MODEL, Correction
+from patent_classifier_client.patent_document import PatentDocument
 
 Document = Union[PatentDocument, Mapping, str]
 Protocol = Literal["grpc", "http"]
@@ -121,7 +121,7 @@ def _wire_status(status: str) -> tuple[Protocol, int | str] | None:
 
 
 def typed_error(exc: InferenceServerException, url: str = "", protocol_name: Protocol = "grpc") -> ServingError:
-    """The typed error for what tritonclient raised, through the one table (``core.errors``)."""
+    """The typed error for what tritonclient raised, through the one table (``patent_classifier_client.errors``)."""
     message = exc.message() or str(exc)
     if any(sign in message for sign in _NOT_JSON):  # an error status whose body is no KServe JSON
         return unreachable(url, protocol_name, message)

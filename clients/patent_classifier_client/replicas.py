@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from core.errors import ModelNotFound, Overloaded, ServerUnavailable, ServingError
+from patent_classifier_client.errors import ModelNotFound, Overloaded, ServerUnavailable, ServingError
 
 # gRPC's name-resolver schemes: such a target goes to gRPC whole (its own syntax has commas).
 GRPC_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:")
@@ -59,7 +59,7 @@ RESOLVE_EVERY_S = 30.0
 RETRY_TOKENS = 100
 TOKEN_RATIO = 0.1
 
-# The retry rules above, keyed on the typed errors of core.errors.
+# The retry rules above, keyed on the typed errors of patent_classifier_client.errors.
 _ELSEWHERE_AT_ONCE = (ServerUnavailable, ModelNotFound)
 _ELSEWHERE_AFTER_A_PAUSE = (Overloaded,)
 

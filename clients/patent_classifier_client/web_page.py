@@ -4,9 +4,9 @@ the top class is right or pick the right one (an examiner's correction, docs/fee
 examiners, not programmers: every word on the page is Korean first, English second. It calls the
 classifier server through the client library, like any other client, and never loads a model itself.
 
-Started by ``python -m clients web`` (``make web``), which runs it with Streamlit as
+Started by ``python -m patent_classifier_client web`` (``make web``), which runs it with Streamlit as
 
-    streamlit run clients/web_page.py -- --url 127.0.0.1:8001 --protocol grpc --model kscst-gemma2
+    streamlit run clients/patent_classifier_client/web_page.py -- --url 127.0.0.1:8001 --protocol grpc --model kscst-gemma2
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import sys
 
 import streamlit as st
 
-from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS, PatentClassifier
-from core import access_token
-from core.errors import AccessDenied, InvalidInput, ServerUnavailable, ServingError
-from core.feedback_protocol import EXAMINER_ID, FEEDBACK_MODEL, MAX_CHARACTERS
-from core.protocol import Classification
+from patent_classifier_client.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS, PatentClassifier
+from patent_classifier_client import access_token
+from patent_classifier_client.errors import AccessDenied, InvalidInput, ServerUnavailable, ServingError
+from patent_classifier_client.feedback_protocol import EXAMINER_ID, FEEDBACK_MODEL, MAX_CHARACTERS
+from patent_classifier_client.protocol import Classification
 
 TOP_K = 5
 # The form's fields, by the name the server's errors use for them.
@@ -31,12 +31,12 @@ FIELD_LABELS = {
     "claims": "청구범위 · Claims (한 줄에 하나씩 · one per line)",
 }
 _DOCUMENT_FIELD = re.compile(r"DOCUMENT\[\d+\](?:\.(\w+))?")
-# The server's words for what is wrong with a field (core/patent_document.py), in Korean.
+# The server's words for what is wrong with a field (clients/patent_classifier_client/patent_document.py), in Korean.
 _PROBLEMS_IN_KOREAN = (
     ("holds none of title, abstract, claims", "발명의 명칭, 요약, 청구범위 가운데 하나 이상을 입력해 주세요"),
     ("bytes; the limit is", "너무 깁니다"),
 )
-# Why the feedback model refused a correction (core/prediction_store.py, core/feedback_protocol.py), as
+# Why the feedback model refused a correction (core/prediction_store.py, clients/patent_classifier_client/feedback_protocol.py), as
 # an examiner reads it: Korean, then English, without the prediction's id or the error's kind. The
 # first two mean the answer is corrected already, so the page's controls for it no longer apply.
 _ALREADY_CORRECTED = ("already has a correction", "corrected by another request")
@@ -62,7 +62,7 @@ def page_settings(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--tls-ca", default=None)
     settings = parser.parse_args(argv)
-    settings.token = access_token.read_token(None)  # from the environment `python -m clients web` set
+    settings.token = access_token.read_token(None)  # from the environment `python -m patent_classifier_client web` set
     return settings
 
 
@@ -210,7 +210,7 @@ def patent_form() -> dict | None:
         submitted = st.form_submit_button("분류하기 · Classify", type="primary")
     if not submitted:
         return None
-    # Boxes left empty are absent fields, and blank claim lines no claims (core/patent_document.py's rules).
+    # Boxes left empty are absent fields, and blank claim lines no claims (clients/patent_classifier_client/patent_document.py's rules).
     return {"ipc": ipc, "title": title, "abstract": abstract, "claims": claims.splitlines()}
 
 

@@ -19,11 +19,12 @@ from typing import Iterable, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-from clients.patent_lines import line_id
-from core.patent_document import json_object, patent_document
-from core.errors import InvalidInput, ServingError, error_from_kind
-from core.patent_document import PatentDocument
-from core.protocol import Classification
+from patent_classifier_client.patent_lines import line_id
+from patent_classifier_client.patent_document import json_object, patent_document
+from patent_classifier_client.errors import InvalidInput, ServingError, error_from_kind
+from patent_classifier_client.patent_document import PatentDocument
+from patent_classifier_client.protocol import Classification
+from patent_classifier_client.server_side import server_module
 
 LABEL_FIELD = "label"
 REPORT_FILE = "report.json"
@@ -228,10 +229,9 @@ def compare_with_offline(
     from sklearn.metrics import accuracy_score
     from tqdm import tqdm
 
+    loading = server_module("core.hf_classifier", "--model-dir")
+    LabelSet = server_module("core.labels", "--model-dir").LabelSet
     import torch
-
-    from core.hf_classifier import class_logits, load_sequence_classifier, load_tokenizer, resolve_device, softmax
-    from core.labels import LabelSet
 
     answered = [(sample, answer) for sample, answer in zip(samples, answers) if isinstance(answer, Classification)]
     labels = LabelSet.for_model_dir(model_dir)
@@ -240,17 +240,17 @@ def compare_with_offline(
     if unknown:
         raise InvalidInput("model_dir", f"{model_dir} has no class {unknown[0]} that the server returned: is it the served model?")
 
-    torch_device = resolve_device(device)
-    model = load_sequence_classifier(model_dir, dtype=torch.float32, device=torch_device)
-    tokenizer = load_tokenizer(model_dir)
+    torch_device = loading.resolve_device(device)
+    model = loading.load_sequence_classifier(model_dir, dtype=torch.float32, device=torch_device)
+    tokenizer = loading.load_tokenizer(model_dir)
     texts = [sample.model_input() for sample, _ in answered]
     chunk = 64  # progress granularity; class_logits batches inside each chunk
     rows = []
     with tqdm(total=len(texts), unit="doc", desc="offline transformers", disable=not progress) as bar:
         for start in range(0, len(texts), chunk):
-            rows.append(class_logits(model, tokenizer, texts[start : start + chunk], max_length, batch_size))
+            rows.append(loading.class_logits(model, tokenizer, texts[start : start + chunk], max_length, batch_size))
             bar.update(len(texts[start : start + chunk]))
-    probabilities = softmax(np.concatenate(rows))
+    probabilities = loading.softmax(np.concatenate(rows))
 
     offline_top1 = [labels.codes[int(index)] for index in probabilities.argmax(axis=1)]
     served_top1 = [answer.labels[0].code for _, answer in answered]

@@ -1,4 +1,4 @@
-"""patent-classify (also python -m clients): classify patents, evaluate a served model on a
+"""patent-classify (also python -m patent_classifier_client): classify patents, evaluate a served model on a
 labelled set, open the web page, or submit and export examiners' corrections.
 
     patent-classify classify --input clients/examples/patents.jsonl [--output answers.jsonl [--resume]]
@@ -20,8 +20,8 @@ answers. Lines are written in input order as their batches are answered; with --
 continues its output file, skipping the ids answered there and redoing its error lines, so an
 interrupted backlog loses nothing and repeats nothing. Several --url addresses (or a dns:/// name)
 spread the requests over the replicas, and a request one replica could not take goes to another
-(clients/replicas.py). --shard I/N answers only shard I of N of the input (each line's shard
-follows from its id; clients/shards.py), so N workers split a backlog, each with its own output
+(clients/patent_classifier_client/replicas.py). --shard I/N answers only shard I of N of the input (each line's shard
+follows from its id; clients/patent_classifier_client/shards.py), so N workers split a backlog, each with its own output
 file; `shards check` then verifies the N outputs answer every line exactly once.
 
 evaluate: the same lines plus the true class code in "label"; refuses a file whose labels are not
@@ -49,17 +49,18 @@ import sys
 import time
 from pathlib import Path
 
-from core import access_token
-from core.command_line import HelpFormatter
-from core.errors import AccessDenied, InvalidInput, ModelNotFound, ServerUnavailable, ServingError
-from clients.answers_file import AnswersFile, id_key
-from clients.batch_classification import ServerAddress, classify_in_batches
-from clients.replicas import parse_targets
-from clients import shards
-from clients.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS, without_scheme
-from clients.patent_lines import at_line, read_patent_lines
+from patent_classifier_client import access_token
+from patent_classifier_client.command_line import HelpFormatter
+from patent_classifier_client.errors import AccessDenied, InvalidInput, ModelNotFound, ServerUnavailable, ServingError
+from patent_classifier_client.answers_file import AnswersFile, id_key
+from patent_classifier_client.batch_classification import ServerAddress, classify_in_batches
+from patent_classifier_client.replicas import parse_targets
+from patent_classifier_client.server_side import server_module
+from patent_classifier_client import shards
+from patent_classifier_client.patent_classifier import DEFAULT_MODEL, DEFAULT_URLS, without_scheme
+from patent_classifier_client.patent_lines import at_line, read_patent_lines
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_FOLDER = Path(__file__).resolve().parent.parent  # what holds this package: site-packages, or clients/ in the checkout
 WEB_PAGE_SCRIPT = Path(__file__).resolve().parent / "web_page.py"
 
 
@@ -79,8 +80,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _program_name() -> str:
-    """The command as the user typed it: the installed `patent-classify`, or `python -m clients`."""
-    return "patent-classify" if Path(sys.argv[0]).name == "patent-classify" else "python -m clients"
+    """The command as the user typed it: the installed `patent-classify`, or `python -m patent_classifier_client`."""
+    return "patent-classify" if Path(sys.argv[0]).name == "patent-classify" else "python -m patent_classifier_client"
 
 
 def _error_json(error: ServingError) -> dict:
@@ -218,7 +219,7 @@ def classify_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from clients import evaluation
+    from patent_classifier_client import evaluation
 
     try:
         samples = evaluation.read_labelled_patents(args.input)
@@ -260,7 +261,9 @@ def _classify_on_own_server(args: argparse.Namespace, samples) -> tuple[ServerAd
 
     It is stopped as soon as the documents are answered, before the offline model loads: a 9B
     model on one GPU has no room for a second copy."""
-    from server.launcher import LaunchConfig, ServerNotReady, TritonServer, free_loopback_ports
+    launcher = server_module("server.launcher", "--start-server")
+    LaunchConfig, ServerNotReady, TritonServer = launcher.LaunchConfig, launcher.ServerNotReady, launcher.TritonServer
+    free_loopback_ports = launcher.free_loopback_ports
 
     http_port, grpc_port, metrics_port = free_loopback_ports(3)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +289,7 @@ def _classify_on_own_server(args: argparse.Namespace, samples) -> tuple[ServerAd
 def _classify_labelled(args: argparse.Namespace, samples, address: ServerAddress) -> tuple[list, float, dict] | int:
     """Every document's answer (or typed error) in input order, the seconds it took and the model's
     classes (code → name); or the exit code when the server cannot be used or the labels are not its classes."""
-    from clients.evaluation import unknown_labels
+    from patent_classifier_client.evaluation import unknown_labels
 
     try:
         with address.connect() as probe:
@@ -346,8 +349,8 @@ def web_command(args: argparse.Namespace) -> int:
     """Run the Streamlit page; it calls the server through this client library."""
     classifier = _server_address(args)
     env = dict(os.environ)
-    # Streamlit puts only the script's own folder on sys.path; the page imports `clients` and `core`.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    # Streamlit puts only the script's own folder on sys.path; the page imports this package.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_FOLDER), env.get("PYTHONPATH")]))
     command = [
         sys.executable, "-m", "streamlit", "run", str(WEB_PAGE_SCRIPT),
         "--server.address", args.address,
@@ -375,7 +378,7 @@ def web_command(args: argparse.Namespace) -> int:
 
 
 def feedback_submit_command(args: argparse.Namespace) -> int:
-    from clients.corrections import Correction, read_corrections, submit_in_batches
+    from patent_classifier_client.corrections import Correction, read_corrections, submit_in_batches
 
     address = _server_address(args)
     try:  # as classify does: a server that cannot take corrections is one message, not an error per line
@@ -411,7 +414,7 @@ def feedback_submit_command(args: argparse.Namespace) -> int:
 
 
 def feedback_export_command(args: argparse.Namespace) -> int:
-    from clients.corrections import export_corrected_examples
+    from patent_classifier_client.corrections import export_corrected_examples
 
     try:
         counts = export_corrected_examples(args.database, args.out, args.model)
@@ -474,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_security_arguments(classify)
     classify.add_argument("--top-k", type=int, default=None, help="classes per document (server default: 5)")
     classify.add_argument("--shard", type=shards.Shard.parse, default=None, metavar="I/N",
-                          help="answer only shard I (from 0) of N of the input, by each line's id (clients/shards.py)")
+                          help="answer only shard I (from 0) of N of the input, by each line's id (clients/patent_classifier_client/shards.py)")
     _add_batching_arguments(classify)
     classify.set_defaults(run=classify_command)
     shards.add_commands(commands, HelpFormatter)

@@ -1,4 +1,4 @@
-"""The output file of ``python -m clients classify``: one JSON line per input line, and what an
+"""The output file of ``python -m patent_classifier_client classify``: one JSON line per input line, and what an
 interrupted run already answered, so ``--resume`` continues it with nothing lost or done twice.
 
 Each batch's lines go to the file in one write and are flushed, so a run killed at any moment

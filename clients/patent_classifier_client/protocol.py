@@ -5,7 +5,7 @@ Request (give exactly one of TEXT or DOCUMENT; each holds one element per docume
   TEXT      BYTES [n]   pre-formatted text, UTF-8
   DOCUMENT  BYTES [n]   JSON object {"ipc", "title", "abstract", "claims"}, UTF-8 (ipc optional;
                         empty fields count as absent; at least one of title, abstract, claims
-                        holds text: core/patent_document.py)
+                        holds text: clients/patent_classifier_client/patent_document.py)
   TOP_K     INT32 [1]   optional, how many classes to return per document (default 5)
 Answer, per document i and rank j (most likely first):
   LABEL_CODE   BYTES [n, k]
@@ -13,20 +13,18 @@ Answer, per document i and rank j (most likely first):
   PROBABILITY  FP32  [n, k]
   TOKEN_COUNT  INT32 [n]    tokens the model read
   TRUNCATED    BOOL  [n]    the document was cut at the model's max length
-  PREDICTION_ID BYTES [n]   the server's id of this answer, for corrections (core/feedback_protocol.py)
+  PREDICTION_ID BYTES [n]   the server's id of this answer, for corrections (clients/patent_classifier_client/feedback_protocol.py)
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
-from core.engine import DocumentScores
-from core.errors import InvalidInput
-from core.labels import LabelSet
-from core.patent_document import MAX_DOCUMENT_BYTES, PatentDocument, without_control_characters
+from patent_classifier_client.errors import InvalidInput
+from patent_classifier_client.patent_document import MAX_DOCUMENT_BYTES, PatentDocument, without_control_characters
 
 TEXT = "TEXT"
 DOCUMENT = "DOCUMENT"
@@ -48,6 +46,25 @@ OUTPUT_TENSORS = (
     (TRUNCATED, "TYPE_BOOL", (-1,)),
     (PREDICTION_ID, "TYPE_STRING", (-1,)),
 )
+
+
+class ScoredDocument(Protocol):
+    """One document's scores as the server's engines give them (``core.engine.DocumentScores``)."""
+
+    token_count: int
+    truncated: bool
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class LabelTable(Protocol):
+    """The served model's classes in its score order (``core.labels.LabelSet``)."""
+
+    @property
+    def codes(self) -> Sequence[str]: ...
+
+    @property
+    def names(self) -> Sequence[str]: ...
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,7 @@ def _decode_element(field: str, index: int, element: object) -> str:
     except UnicodeDecodeError as exc:
         raise InvalidInput(where, f"is not valid UTF-8 (byte {exc.start})") from None
     if field == TEXT:
-        value = without_control_characters(value)  # as in every field of a DOCUMENT (core/patent_document.py)
+        value = without_control_characters(value)  # as in every field of a DOCUMENT (clients/patent_classifier_client/patent_document.py)
     if not value.strip():
         raise InvalidInput(where, "is empty; send at least 1 character other than spaces and control characters")
     return value
@@ -125,7 +142,7 @@ def _decode_top_k(top_k: np.ndarray | None, num_labels: int, default_top_k: int)
 
 
 def encode_answer(
-    scores: Sequence[DocumentScores], labels: LabelSet, top_k: int, prediction_ids: Sequence[str]
+    scores: Sequence[ScoredDocument], labels: LabelTable, top_k: int, prediction_ids: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """The output tensors for one request."""
     ranked = [document.top_k(top_k) for document in scores]

@@ -1,6 +1,6 @@
-"""Examiners' corrections in files: submitted to the server from JSON lines (``python -m clients
+"""Examiners' corrections in files: submitted to the server from JSON lines (``python -m patent_classifier_client
 feedback submit``), and the corrected examples exported from the records database as training
-data (``python -m clients feedback export``).
+data (``python -m patent_classifier_client feedback export``).
 
 A corrections file holds one correction per line:
     {"prediction_id": "<the answer's prediction_id>", "label": "KSCST-017", "examiner_id": "e-42", "comment": "..."}
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
-from core.errors import InvalidInput, ServingError
-from core.feedback_protocol import Correction
-from clients.batch_classification import ServerAddress, in_batches
+from patent_classifier_client.errors import InvalidInput, ServingError
+from patent_classifier_client.feedback_protocol import Correction
+from patent_classifier_client.batch_classification import ServerAddress, in_batches
+from patent_classifier_client.server_side import server_module
 
 CorrectionOrError = Union[Correction, ServingError]
 TRAINING_FIELDS = ("ipc", "title", "abstract", "claims")
@@ -75,10 +76,9 @@ class ExportCounts:
 def export_corrected_examples(database_url: str, out: Path, model: str | None = None) -> ExportCounts:
     """Write ``out``; ``InvalidInput`` for a database that is not there or holds no records (nothing is
     written), ``ServingError`` for one that cannot be read. The database is opened read-only."""
+    PredictionStore = server_module("core.prediction_store", "feedback export").PredictionStore
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
-
-    from core.prediction_store import PredictionStore
 
     store = PredictionStore(database_url, read_only=True)
     shown = make_url(store.url).render_as_string(hide_password=True)
