@@ -19,7 +19,7 @@ from core.synthetic_patents import synthetic_patents
 from export.triton_package import MODEL_VERSION, write_triton_model
 from server.model_watchdog import stub_processes
 from tests.conftest import MAX_LENGTH, start_tritonserver
-from tests.test_faults import timed_outcome
+from tests.test_faults import timed_outcome, until_answered_again
 from tests.test_monitoring import scrape
 
 pytestmark = pytest.mark.server  # stubs that end themselves in the real tritonserver
@@ -52,19 +52,6 @@ def engine_healthy_gauge(server) -> float | None:
     return found[0] if found else None
 
 
-async def until_the_model_answers_again(client, since: float) -> list[tuple[bool, object]]:
-    """(ready, outcome) of a probe every half second, until one is answered on a ready model."""
-    probes = []
-    while time.monotonic() - since < RECOVERY_LIMIT_S:
-        ready = await client.is_ready()
-        outcome, _ = await timed_outcome(client, PROBE)
-        probes.append((ready, outcome))
-        if outcome == "answered" and ready:
-            break
-        await asyncio.sleep(0.5)
-    return probes
-
-
 def assert_reloaded(server, stub, probes) -> None:
     assert probes[-1] == (True, "answered"), f"the model did not come back within {RECOVERY_LIMIT_S:.0f} s: {probes[-3:]}"
     assert any(not ready for ready, _ in probes), "the model never turned not-ready"
@@ -86,7 +73,7 @@ def test_a_device_that_stops_computing_ends_its_stub_and_the_model_comes_back(fa
         async with AsyncPatentClassifier(fault_server.grpc_url, model=MODEL, timeout_s=CLIENT_TIMEOUT_S) as client:
             fault_server.fault_file.write_text("sticky")
             failed, _ = await timed_outcome(client, PROBE)
-            return failed, await until_the_model_answers_again(client, time.monotonic())
+            return failed, await until_answered_again(client, PROBE, time.monotonic(), RECOVERY_LIMIT_S)
 
     failed, probes = asyncio.run(scenario())
     assert isinstance(failed, EngineFailure) and "illegal memory access" in failed.message, failed
@@ -108,7 +95,7 @@ def test_a_forward_pass_that_hangs_past_its_bound_is_answered_and_the_model_come
                 gauges.append(await asyncio.to_thread(engine_healthy_gauge, fault_server))
                 await asyncio.sleep(0.1)
             outcome, _ = await hung
-            return outcome, gauges, await until_the_model_answers_again(client, time.monotonic())
+            return outcome, gauges, await until_answered_again(client, PROBE, time.monotonic(), RECOVERY_LIMIT_S)
 
     outcome, gauges, probes = asyncio.run(scenario())
     # Failed by the server, which gave up on the pass, not left to the client's own deadline.

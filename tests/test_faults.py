@@ -36,6 +36,20 @@ async def timed_outcome(client, document) -> tuple[object, float]:
     return outcome, time.monotonic() - started
 
 
+async def until_answered_again(client, probe, since: float, limit_s: float) -> list[tuple[bool, object]]:
+    """(ready, outcome) of ``probe`` every half second, until one is answered on a ready model or
+    ``limit_s`` has passed since ``since``: how a model's way back after a fault looks to a client."""
+    probes = []
+    while time.monotonic() - since < limit_s:
+        ready = await client.is_ready()
+        outcome, _ = await timed_outcome(client, probe)
+        probes.append((ready, outcome))
+        if outcome == "answered" and ready:
+            break
+        await asyncio.sleep(0.5)
+    return probes
+
+
 def test_killing_the_stub_under_load_fails_requests_in_flight_and_the_model_comes_back(secure_server):
     secure = secure_server
     clients = {

@@ -24,7 +24,7 @@ from core.serving_config import ServingConfig
 from core.synthetic_patents import synthetic_patents
 from server.model_watchdog import process_tree, stub_processes
 from tests.conftest import MAX_LENGTH, VLLM_GEMMA2_MODEL, held_engines
-from tests.test_faults import timed_outcome
+from tests.test_faults import timed_outcome, until_answered_again
 from tests.test_monitoring import scrape, value
 from tests.test_serving import served_probabilities
 from tests.waiting import until, wait_until
@@ -173,14 +173,7 @@ def test_the_engine_core_dying_under_load_fails_requests_in_flight_and_the_model
                 killed_at = time.monotonic()
                 # The dead engine fails what it held (stopping overrides the hold), then its stub exits.
                 await asyncio.wait(in_flight, timeout=IN_FLIGHT_TIMEOUT_S + 5)
-            probes = []
-            while time.monotonic() - killed_at < RECOVERY_LIMIT_S:
-                ready = await client.is_ready()
-                outcome, _ = await timed_outcome(client, PROBE)
-                probes.append((ready, outcome))
-                if outcome == "answered" and ready:
-                    break
-                await asyncio.sleep(0.5)
+            probes = await until_answered_again(client, PROBE, killed_at, RECOVERY_LIMIT_S)
             return await asyncio.gather(*in_flight), probes
 
     outcomes, probes = asyncio.run(scenario())
