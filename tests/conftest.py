@@ -144,6 +144,12 @@ VLLM_KV_CACHE_MIB = 64
 VLLM_MAX_QUEUE_TOKENS = 24 * 512
 
 
+def shell_environment() -> dict[str, str]:
+    """This process's environment as a reader's shell has it: under `make test` the suite inherits
+    make's MAKELEVEL and MAKEFLAGS, and a make it starts would print `make[1]` where the reader's prints `make`."""
+    return {name: value for name, value in os.environ.items() if name not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}}
+
+
 # Every engine the tests start, in their servers or in this process, takes no batch while this file
 # exists (server/engine_hold.py): a test that needs requests to stay queued holds them with it.
 ENGINE_HOLD_FILE = Path(tempfile.mkdtemp(prefix="engine-hold-")) / "hold"

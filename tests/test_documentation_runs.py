@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL_NAME, PROJECT_ROOT
+from tests.conftest import MODEL_NAME, PROJECT_ROOT, shell_environment
 from tests.test_documentation import PYTHON_LANGUAGES, console_commands, run_documents, runnable_blocks
 
 pytestmark = pytest.mark.server  # the pages' commands against a real tritonserver
@@ -127,7 +127,7 @@ def write_corrections(pid: int, checkout: Path) -> None:
 def reader_environment() -> dict[str, str]:
     """This process's environment as a fresh terminal has it: no virtual environment active."""
     venv_bins = {str(Path(sys.executable).parent), str(PROJECT_ROOT / ".venv" / "bin")}
-    environment = {name: value for name, value in os.environ.items() if name not in {"VIRTUAL_ENV", "PYTHONHOME"}}
+    environment = {name: value for name, value in shell_environment().items() if name not in {"VIRTUAL_ENV", "PYTHONHOME"}}
     environment["PATH"] = os.pathsep.join(part for part in environment.get("PATH", "").split(os.pathsep) if part not in venv_bins)
     return environment
 

@@ -17,7 +17,7 @@ from patent_classifier_client import PatentClassifier
 from core.labels import LabelSet
 from core.synthetic_patents import synthetic_patents
 from server.launcher import free_loopback_ports
-from tests.conftest import LLAMA_MODEL, MODEL_NAME, PROJECT_ROOT
+from tests.conftest import LLAMA_MODEL, MODEL_NAME, PROJECT_ROOT, shell_environment
 
 SHIPPED_LABELLED_FILE = PROJECT_ROOT / "clients" / "examples" / "labelled_patents.jsonl"
 
@@ -164,7 +164,7 @@ def test_make_evals_gate_fails_as_docs_evaluation_md_says(server, ranked_answers
     gate = subprocess.run(  # -o: the environment is set up; make must not set it up again from a test
         ["make", "--no-print-directory", "-o", ".venv/.installed", "eval", f"EVAL_URL={server.grpc_url}",
          f"EVAL_INPUT={labelled}", f"EVAL_OUT={tmp_path / 'out'}", "EVAL_MIN_ACCURACY=0.71"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, env=shell_environment(),
     )
 
     assert gate.returncode == 2, gate.stderr
