@@ -23,7 +23,8 @@ Deployment's pod template is started the way the kubelet starts it:
 
 The image is not here, so its paths are mapped onto this machine, each printed at the start: its
 python3 with the project installed is this interpreter with the checkout on PYTHONPATH (read-only,
-like everything outside the pod's volumes), and /opt/tritonserver (NVIDIA's tritonserver and its
+like everything outside the pod's volumes, and bound back read-only where a volume such as /tmp
+covers it), and /opt/tritonserver (NVIDIA's tritonserver and its
 Python backend) is the nvidia-pytriton wheel's tritonserver with the launcher's backend folder.
 
 Then, through the pod's ports: classify and correct with prediction records on and PostgreSQL (a
@@ -406,7 +407,10 @@ def project_installation(app_pth: Path) -> dict[Path, Path]:
 
 
 def container_argv(pod: RenderedPod, image: ImageFacts, volumes: PodVolumes, env: dict, mapping: dict, name: str, backends: Path,
-                  app_pth: Path) -> tuple[list[str], list[Mount]]:
+                  app_pth: Path, image_sources: list[Path]) -> tuple[list[str], list[Mount]]:
+    """bwrap's arguments for the pod's container. ``image_sources``: the folders of this machine that
+    stand for the image's files (the app checkout, this environment, the work folder), read-only in the
+    pod wherever they lie."""
     container, context = pod.container, {**pod.spec.get("securityContext", {}), **pod.container.get("securityContext", {})}
     if not context.get("readOnlyRootFilesystem"):
         raise PodCheckFailed("the container's root filesystem is writable (readOnlyRootFilesystem is not true)")
@@ -429,6 +433,13 @@ def container_argv(pod: RenderedPod, image: ImageFacts, volumes: PodVolumes, env
     ]
     for mount in mounts:
         argv += ["--bind" if mount.writable else "--ro-bind", str(mount.source), mount.target]
+    # A checkout cloned into /tmp lies under the pod's writable /tmp volume, which hides it: it is bound
+    # back read-only over the volume, as the image's files are. A path of the export machine that
+    # config.pbtxt might carry stays unwritable there, as in a real pod.
+    covered = [path for path in image_sources if any(mount.writable and path.is_relative_to(mount.target) for mount in mounts)]
+    for path in sorted(path for path in covered if not any(path != other and path.is_relative_to(other) for other in covered)):
+        argv += ["--ro-bind", str(path), str(path)]
+        image_mounts.append(Mount(path, str(path), False, "this machine's files standing for the image's, under a folder the pod writes"))
     argv += ["--symlink", str(image_mounts[0].source), image_mounts[0].target, "--ro-bind", str(backends), image_mounts[1].target]
     installations = project_installation(app_pth)
     if not installations:
@@ -791,12 +802,7 @@ def run(args: argparse.Namespace) -> None:
         backends = build_python_backend_directory(work / "image-backends")
         app_pth = work / "project-installed.pth"
         app_pth.write_text("".join(f"{path}\n" for path in source_paths(app)), encoding="utf-8")
-        argv, mounts = container_argv(pod, image, volumes, env, mapping, name, backends, app_pth)
-        for mount in mounts:
-            if mount.writable and (work.is_relative_to(mount.target) or app.is_relative_to(mount.target)):
-                # The export writes this machine's paths where it writes any; under a folder the pod
-                # may write, a path that a real pod could not write would pass here.
-                raise PodCheckFailed(f"--work {work} and --app {app} must lie outside the pod's writable {mount.target}")
+        argv, mounts = container_argv(pod, image, volumes, env, mapping, name, backends, app_pth, [app, work, Path(sys.prefix).resolve()])
         context = {**pod.spec.get("securityContext", {}), **pod.container.get("securityContext", {})}
         say("ok", f"container: uid {context.get('runAsUser')} gid {context.get('runAsGroup')}, read-only root, no capabilities, "
                   f"PID 1 in its own PID namespace; command: {' '.join(pod.container.get('command', image.entrypoint) + pod.container.get('args', []))}")

@@ -534,16 +534,22 @@ def test_the_pod_carries_the_records_settings_and_the_platform_fields():
 @pytest.mark.server
 @pytest.mark.tools
 @pytest.mark.timeout(1800)
-def test_pod_check_runs_the_charts_pod_under_its_constraints(demo_models):
+def test_pod_check_runs_the_charts_pod_under_its_constraints(demo_models, tmp_path):
     """`make pod-check` itself (deploy/pod_check.py), on the session's demo weights: it exports
     models.yaml's Gemma-2 model, runs values-cpu-demo.yaml's pod under bubblewrap with its probes,
     records into PostgreSQL through an outage and a container restart, and stops it as the kubelet
-    does. Its work folder lies under build/: under /tmp, which the pod may write, the export
-    machine's paths in config.pbtxt would be writable in the pod too."""
-    work = ROOT / "build" / "pod-check-test"
-    shutil.rmtree(work, ignore_errors=True)
+    does. The app checkout and the work folder lie under /tmp, as a clone in /tmp does (the guide's
+    fresh-clone run), where the pod's own /tmp volume would hide them: the check binds them back
+    read-only (on 58ea26e it refused them, so `make test` failed in a fresh clone under /tmp)."""
+    app, work = tmp_path / "app", tmp_path / "work"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    for relative in filter(None, listed.split("\0")):
+        if (ROOT / relative).is_file():
+            (app / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / relative, app / relative)
     checked = subprocess.run(
-        [sys.executable, "-m", "deploy.pod_check", "--work", str(work), "--demo-models", str(demo_models.base.parent)],
+        [sys.executable, "-m", "deploy.pod_check", "--app", str(app), "--work", str(work), "--demo-models", str(demo_models.base.parent)],
         cwd=ROOT, capture_output=True, text=True, timeout=1700,
     )
     assert checked.returncode == 0, checked.stdout[-6000:] + checked.stderr[-3000:]
@@ -551,6 +557,7 @@ def test_pod_check_runs_the_charts_pod_under_its_constraints(demo_models):
     for step in ("startup probe passed", "the pod is Ready", "PostgreSQL stopped", "container restarted on the same volumes",
                  "the container exited with code 0"):
         assert step in checked.stdout, checked.stdout
+    assert re.search(rf"{re.escape(str(tmp_path))}\S* +<- {re.escape(str(tmp_path))}\S* \(read-only; this machine's files", checked.stdout), checked.stdout
 
 
 # --- docs/kubernetes.md's five commands ---------------------------------------------------------------
