@@ -10,7 +10,10 @@ loads the model with a new stub and a new engine, the same recovery as for a stu
 outside.
 
 Before exiting, the requests the engine still held are failed with a clear error and every
-answer already queued is sent, so no caller is left waiting for a stub that is gone.
+answer already queued is sent, so no caller is left waiting for a stub that is gone. Then every
+thread of ours that talks to tritonserver through the stub's shared memory (answers, metrics) is
+stopped and waited for: a process that exits while holding one of that memory's locks makes
+tritonserver abort (``boost::interprocess::lock_exception``), taking every model it serves down.
 """
 from __future__ import annotations
 
@@ -33,10 +36,12 @@ class DeadEngineExit:
     def __init__(
         self, engine: ClassificationEngine, send_queued_answers: Callable[[float], None],
         exit_process: Callable[[int], None] = os._exit, engine_dead: Callable[[], None] = lambda: None,
+        quiesce: Callable[[], None] = lambda: None,
     ):
-        """``engine_dead``: called first once the engine is found dead (the health gauge reads 0 at once)."""
+        """``engine_dead``: called first once the engine is found dead (the health gauge reads 0 at once).
+        ``quiesce``: called last before the exit; returns once no thread of ours talks to tritonserver."""
         self._engine, self._send_queued_answers, self._exit_process = engine, send_queued_answers, exit_process
-        self._engine_dead = engine_dead
+        self._engine_dead, self._quiesce = engine_dead, quiesce
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="dead-engine-exit", daemon=True)
         self._thread.start()
@@ -70,3 +75,7 @@ class DeadEngineExit:
             self._send_queued_answers(DRAIN_S)
         except Exception:
             log.exception("failing the dead engine's requests did not finish")
+        try:
+            self._quiesce()
+        except Exception:
+            log.exception("stopping the threads that talk to tritonserver did not finish")

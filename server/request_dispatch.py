@@ -66,6 +66,8 @@ class RequestDispatch:
         self.engine, self.labels, self.replies, self.metrics = engine, labels, replies, metrics
         self.records = records or PredictionIds()
         self._answers: queue.Queue = queue.Queue()
+        # Held while a reply goes out: close() returns only once none is on its way (server.dead_engine_exit).
+        self._replying, self._closed = threading.Lock(), False
         self._thread = threading.Thread(target=self._send_answers, name="triton-answers", daemon=True)
         self._thread.start()
 
@@ -99,10 +101,18 @@ class RequestDispatch:
         self._answers.put(_STOP)
         self._thread.join(timeout=timeout_s)
 
+    def close(self) -> None:
+        """Send no reply from now on, and return once the last one on its way has gone out: the stub is
+        about to exit, and a request it leaves unanswered is failed by tritonserver when it does."""
+        with self._replying:
+            self._closed = True
+
     def _refuse(self, sender: ResponseSender, error: ServingError, received: float) -> None:
         try:
             self.metrics.failed(error.kind, time.monotonic() - received)
-            self.replies.refuse(sender, error)
+            with self._replying:
+                if not self._closed:
+                    self.replies.refuse(sender, error)
         except Exception:
             log.exception("sending a refusal failed")
 
@@ -128,7 +138,10 @@ class RequestDispatch:
             self._refuse(sender, EngineFailure.internal(exc), received)
             return
         try:
-            self.replies.answer(sender, tensors)
+            with self._replying:
+                if self._closed:
+                    return
+                self.replies.answer(sender, tensors)
             self.metrics.answered(scores, time.monotonic() - received)
         except Exception:
             log.exception("sending an answer failed")

@@ -119,7 +119,7 @@ def test_a_dead_engine_fails_what_it_held_sends_the_answers_then_exits():
     engine, exits, order = DyingEngine(), [], []
     watch = DeadEngineExit(engine, lambda timeout_s: order.append("answers sent"),
                            exit_process=lambda code: (order.append("exit"), exits.append(code)),
-                           engine_dead=lambda: order.append("health gauge 0"))
+                           engine_dead=lambda: order.append("health gauge 0"), quiesce=lambda: order.append("quiet"))
     time.sleep(1.2)
     assert not exits  # healthy: nothing happens
     engine.healthy = False
@@ -127,7 +127,7 @@ def test_a_dead_engine_fails_what_it_held_sends_the_answers_then_exits():
     while not exits and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.stopped.is_set() and isinstance(engine.held.exception(), ServerUnavailable)
-    assert order == ["health gauge 0", "answers sent", "exit"] and exits == [70]
+    assert order == ["health gauge 0", "answers sent", "quiet", "exit"] and exits == [70]
     watch.stop()
 
 
@@ -138,3 +138,34 @@ def test_a_deliberate_stop_never_exits():
     engine.healthy = False
     time.sleep(1.2)
     assert not exits
+
+
+def test_closing_waits_for_the_reply_on_its_way_and_sends_none_after():
+    """Before a dead engine's stub exits: a stub that exits in the middle of a reply can leave a lock
+    of tritonserver's shared memory held, and tritonserver aborts (boost::interprocess::lock_exception)."""
+    in_reply, release = threading.Event(), threading.Event()
+
+    class SlowReplies(RecordingReplies):
+        def refuse(self, sender, error):
+            in_reply.set()
+            release.wait(10)
+            super().refuse(sender, error)
+
+    dispatch = RequestDispatch(FlakyEngine(), LABELS, SlowReplies(), NoMetrics())
+    on_its_way, after = Sender(), Sender()
+    replying = threading.Thread(target=dispatch.accept, args=(on_its_way, reader("bad")))
+    replying.start()
+    assert in_reply.wait(10)
+    closing = threading.Thread(target=dispatch.close)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive()  # the reply on its way holds it
+    release.set()
+    closing.join(10)
+    replying.join(10)
+    assert not closing.is_alive() and [kind for kind, _ in on_its_way.sent] == ["refuse"]
+    dispatch.accept(after, reader("bad"))
+    dispatch.accept(after, reader("fine"))
+    dispatch.send_queued(10)
+    assert after.sent == []
+    dispatch.stop()

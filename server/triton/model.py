@@ -50,7 +50,8 @@ class TritonPythonModel:
         )
         self.engine.observe_batches(self.metrics.batch)
         self.dispatch = RequestDispatch(self.engine, self.labels, _TritonReplies(), self.metrics, self.records)
-        self.dead_engine_exit = DeadEngineExit(self.engine, self.dispatch.send_queued, engine_dead=self.metrics.engine_dead)
+        self.dead_engine_exit = DeadEngineExit(self.engine, self.dispatch.send_queued, engine_dead=self.metrics.engine_dead,
+                                               quiesce=self._stop_talking_to_tritonserver)
 
     def execute(self, requests):
         for request in requests:
@@ -75,6 +76,10 @@ class TritonPythonModel:
         # KServe v2 "timeout" request parameter, in microseconds (tritonclient: infer(timeout=...)).
         timeout_us = request.timeout() or self.config.default_timeout_ms * 1000
         return time.monotonic() + timeout_us / 1e6 if timeout_us else None
+
+    def _stop_talking_to_tritonserver(self):
+        self.dispatch.close()
+        self.metrics.stop()
 
     def finalize(self):
         self.dead_engine_exit.stop()
