@@ -541,10 +541,12 @@ def test_pod_check_runs_the_charts_pod_under_its_constraints(demo_models, tmp_pa
     does. The app checkout and the work folder lie under /tmp, as a clone in /tmp does (the guide's
     fresh-clone run), where the pod's own /tmp volume would hide them: the check binds them back
     read-only (on 58ea26e it refused them, so `make test` failed in a fresh clone under /tmp)."""
+    from tests.test_documentation import repository_files
+
     app, work = tmp_path / "app", tmp_path / "work"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
-    for relative in filter(None, listed.split("\0")):
+    files = repository_files()
+    assert files, "the copy of the checkout needs git to list a fresh clone's files"
+    for relative in sorted(files):
         if (ROOT / relative).is_file():
             (app / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / relative, app / relative)
